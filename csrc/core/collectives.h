@@ -1,0 +1,42 @@
+// The algorithms behind each collective. Each one talks to the Transport only; the communicator
+// validates arguments and picks the algorithm.
+#pragma once
+
+#include <cstddef>
+
+#include "pycomm/pycomm.h"
+#include "transport/transport.h"
+
+namespace pycomm {
+
+// What every algorithm needs besides its buffers.
+struct CollectiveContext {
+  Transport& transport;
+  size_t chunk_bytes;  // pipeline granularity, at least kMinChunkBytes
+  double timeout_s;    // bound on every single wait
+  char* scratch;       // kPipelineDepth * chunk_bytes bytes that the algorithm may use
+};
+
+// Chunks in flight at once in each direction: enough to overlap receiving, reducing and sending.
+constexpr size_t kPipelineDepth = 4;
+// The smallest chunk holds one element of the widest dtype.
+constexpr size_t kMinChunkBytes = 8;
+
+// Ring allreduce: reduce-scatter then allgather, each of size-1 steps, chunked and pipelined.
+void AllreduceRing(const CollectiveContext& ctx, const void* send, void* recv, size_t count, DataType dtype,
+                   ReduceOp op);
+
+// Ring reduce-scatter of size * recv_count elements; this rank's block lands in recv.
+void ReduceScatterRing(const CollectiveContext& ctx, const void* send, void* recv, size_t recv_count,
+                       DataType dtype, ReduceOp op);
+
+// Ring allgather of send_count elements per rank.
+void AllgatherRing(const CollectiveContext& ctx, const void* send, void* recv, size_t send_count, DataType dtype);
+
+// Pipelined chain from root through every rank in ring order.
+void BroadcastChain(const CollectiveContext& ctx, void* buf, size_t bytes, int root);
+
+// Dissemination barrier: ceil(log2(size)) rounds of one-byte messages.
+void BarrierDissemination(const CollectiveContext& ctx);
+
+}  // namespace pycomm

@@ -1,0 +1,170 @@
+// The communicator: checks each call, then runs its algorithm through the executor so that
+// operations complete in the order they were issued.
+
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "core/collectives.h"
+#include "core/executor.h"
+#include "pycomm/pycomm.h"
+#include "transport/transport.h"
+
+namespace pycomm {
+
+namespace {
+
+class CommunicatorImpl : public Communicator {
+ public:
+  CommunicatorImpl(std::unique_ptr<Transport> transport, const Options& options)
+      : transport_(std::move(transport)), options_(options) {
+    if (options_.chunk_bytes < kMinChunkBytes) {
+      throw std::invalid_argument("pycomm: chunk_bytes must be at least " + std::to_string(kMinChunkBytes));
+    }
+    if (!(options_.timeout_s > 0)) throw std::invalid_argument("pycomm: timeout must be positive");
+    scratch_.resize(kPipelineDepth * options_.chunk_bytes);
+    executor_ = std::make_unique<Executor>();
+    Debug("created over %s transport, size %d, chunk %zu bytes", transport_->name(), size(), options_.chunk_bytes);
+  }
+
+  ~CommunicatorImpl() override {
+    try {
+      Close();
+    } catch (...) {
+      // Destructors must not throw; Close() reports errors to callers that ask for them.
+    }
+  }
+
+  int rank() const override { return transport_->rank(); }
+  int size() const override { return transport_->size(); }
+  int local_rank() const override { return transport_->local_rank(); }
+  int local_size() const override { return transport_->local_size(); }
+  const Options& options() const override { return options_; }
+
+  void Allreduce(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op) override {
+    CheckOp(dtype, op);
+    Execute([=] { DoAllreduce(send, recv, count, dtype, op); });
+  }
+
+  std::shared_ptr<Work> AllreduceAsync(const void* send, void* recv, size_t count, DataType dtype,
+                                       ReduceOp op) override {
+    CheckOp(dtype, op);
+    CheckUsable();
+    return executor_->Submit([=] { Guarded([&] { DoAllreduce(send, recv, count, dtype, op); }); });
+  }
+
+  void ReduceScatter(const void* send, void* recv, size_t recv_count, DataType dtype, ReduceOp op) override {
+    CheckOp(dtype, op);
+    Execute([=] {
+      if (size() == 1) return Copy(send, recv, recv_count * DataTypeSize(dtype));
+      ReduceScatterRing(Context(), send, recv, recv_count, dtype, op);
+    });
+  }
+
+  void Allgather(const void* send, void* recv, size_t send_count, DataType dtype) override {
+    DataTypeSize(dtype);  // rejects unknown dtypes
+    Execute([=] { AllgatherRing(Context(), send, recv, send_count, dtype); });
+  }
+
+  void Broadcast(void* buf, size_t count, DataType dtype, int root) override {
+    if (root < 0 || root >= size()) {
+      throw std::invalid_argument("pycomm: broadcast root " + std::to_string(root) + " is not a rank of a size-" +
+                                  std::to_string(size()) + " communicator");
+    }
+    const size_t bytes = count * DataTypeSize(dtype);
+    Execute([=] {
+      if (size() > 1 && bytes) BroadcastChain(Context(), buf, bytes, root);
+    });
+  }
+
+  void Barrier() override {
+    Execute([=] {
+      if (size() > 1) BarrierDissemination(Context());
+    });
+  }
+
+  void Close() override {
+    std::lock_guard<std::mutex> lock(close_mu_);
+    if (closed_) return;
+    closed_ = true;
+    // Finish queued work and any blocking call still running on another thread before the
+    // transport goes away.
+    executor_->Stop();
+    executor_->Run([] {});
+    transport_.reset();
+  }
+
+ private:
+  void CheckOp(DataType dtype, ReduceOp op) const {
+    DataTypeSize(dtype);  // rejects unknown dtypes
+    if (static_cast<int>(op) < 0 || static_cast<int>(op) >= kNumReduceOps) {
+      throw std::invalid_argument("pycomm: unknown reduce op " + std::to_string(static_cast<int>(op)));
+    }
+    if (op == ReduceOp::kAvg && !IsFloatingPoint(dtype)) {
+      throw std::invalid_argument(std::string("pycomm: avg is not defined for integer dtype ") + DataTypeName(dtype));
+    }
+  }
+
+  void CheckUsable() const {
+    if (closed_) throw CommError("pycomm: the communicator is closed");
+    if (broken_) throw CommError("pycomm: the communicator is unusable after an earlier error: " + broken_reason_);
+  }
+
+  // A failure inside a collective leaves peers at unknown points of the protocol: from then on
+  // the communicator refuses work rather than mis-matching messages.
+  void Guarded(const std::function<void()>& fn) {
+    CheckUsable();
+    try {
+      fn();
+    } catch (const std::exception& e) {
+      broken_reason_ = e.what();
+      broken_ = true;
+      throw;
+    }
+  }
+
+  void Execute(const std::function<void()>& fn) {
+    CheckUsable();
+    executor_->Run([&] { Guarded(fn); });
+  }
+
+  void DoAllreduce(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op) {
+    if (size() == 1) return Copy(send, recv, count * DataTypeSize(dtype));
+    AllreduceRing(Context(), send, recv, count, dtype, op);
+  }
+
+  static void Copy(const void* src, void* dst, size_t bytes) {
+    if (bytes && src != dst) std::memcpy(dst, src, bytes);
+  }
+
+  CollectiveContext Context() { return CollectiveContext{*transport_, options_.chunk_bytes, options_.timeout_s, scratch_.data()}; }
+
+  template <typename... Args>
+  void Debug(const char* fmt, Args... args) const {
+    if (!options_.debug) return;
+    std::fprintf(stderr, "r%d | ", transport_ ? transport_->rank() : -1);
+    std::fprintf(stderr, fmt, args...);
+    std::fputc('\n', stderr);
+  }
+
+  std::unique_ptr<Transport> transport_;
+  Options options_;
+  std::vector<char> scratch_;
+  std::unique_ptr<Executor> executor_;
+  std::mutex close_mu_;
+  std::atomic<bool> closed_{false};
+  std::atomic<bool> broken_{false};
+  std::string broken_reason_;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> Communicator::FromTransport(std::unique_ptr<Transport> transport,
+                                                          const Options& options) {
+  return std::make_unique<CommunicatorImpl>(std::move(transport), options);
+}
+
+}  // namespace pycomm

@@ -1,0 +1,103 @@
+#include "core/executor.h"
+
+#include <atomic>
+
+namespace pycomm {
+
+class Executor::Task : public Work {
+ public:
+  explicit Task(std::function<void()> fn) : fn_(std::move(fn)) {}
+
+  void Run() {
+    try {
+      fn_();
+    } catch (...) {
+      error_ = std::current_exception();
+    }
+    fn_ = nullptr;  // drop captured state as soon as possible
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_.store(true, std::memory_order_release);
+    }
+    cv_.notify_all();
+  }
+
+  void Wait() override {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return done_.load(std::memory_order_acquire); });
+    }
+    if (error_) std::rethrow_exception(error_);
+  }
+
+  bool Done() const override { return done_.load(std::memory_order_acquire); }
+
+ private:
+  std::function<void()> fn_;
+  std::exception_ptr error_;
+  std::atomic<bool> done_{false};
+  std::mutex mu_;
+  std::condition_variable cv_;
+};
+
+Executor::Executor() : thread_([this] { Loop(); }) {}
+
+Executor::~Executor() { Stop(); }
+
+std::shared_ptr<Work> Executor::Submit(std::function<void()> fn) {
+  auto task = std::make_shared<Task>(std::move(fn));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) throw CommError("pycomm: the communicator is closed");
+    queue_.push_back(task);
+  }
+  cv_.notify_all();
+  return task;
+}
+
+void Executor::Run(const std::function<void()>& fn) {
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return queue_.empty() && !busy_; });
+    busy_ = true;
+  }
+  struct Release {
+    Executor* self;
+    ~Release() {
+      {
+        std::lock_guard<std::mutex> lock(self->mu_);
+        self->busy_ = false;
+      }
+      self->cv_.notify_all();
+    }
+  } release{this};
+  fn();
+}
+
+void Executor::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_ && !thread_.joinable()) return;
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
+}
+
+void Executor::Loop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    cv_.wait(lock, [&] { return (!queue_.empty() && !busy_) || (stopping_ && queue_.empty()); });
+    if (queue_.empty()) return;  // stopping, and nothing left to run
+    auto task = std::move(queue_.front());
+    queue_.pop_front();
+    busy_ = true;
+    lock.unlock();
+    task->Run();
+    lock.lock();
+    busy_ = false;
+    cv_.notify_all();
+  }
+}
+
+}  // namespace pycomm

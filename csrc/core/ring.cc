@@ -1,0 +1,158 @@
+// Ring reduce-scatter, allgather and allreduce.
+//
+// The data is cut into `size` blocks. In the reduce-scatter phase each rank passes a running
+// partial sum of one block to its right neighbour at each of size-1 steps; after the last step
+// rank r holds the full reduction of block r. The allgather phase then passes finished blocks
+// around the ring for another size-1 steps. Each rank sends and receives 2(P-1)/P of the data,
+// the bandwidth optimum. Every block is reduced in one fixed order along the ring and then
+// copied, so all ranks end with bitwise identical results.
+//
+// Each block is split into chunks of ctx.chunk_bytes, and RunPipeline keeps several chunks in
+// flight, so that receiving, reducing and sending overlap.
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "core/collectives.h"
+#include "core/pipeline.h"
+#include "reduce/reduce.h"
+
+namespace pycomm {
+
+namespace {
+
+int Mod(int a, int n) { return ((a % n) + n) % n; }
+
+// `count` elements cut into `parts` blocks whose lengths differ by at most one.
+class BlockLayout {
+ public:
+  BlockLayout(size_t count, int parts) : base_(count / parts), extra_(count % parts) {}
+  size_t offset(int block) const { return block * base_ + std::min<size_t>(block, extra_); }
+  size_t length(int block) const { return base_ + (static_cast<size_t>(block) < extra_ ? 1 : 0); }
+  size_t max_length() const { return length(0); }
+
+ private:
+  size_t base_;
+  size_t extra_;
+};
+
+// Where unit u of a ring phase falls: its step, and the element range of its chunk in a block.
+class ChunkPlan {
+ public:
+  ChunkPlan(const BlockLayout& layout, size_t chunk_elems)
+      : layout_(layout), chunk_elems_(chunk_elems), chunks_((layout.max_length() + chunk_elems - 1) / chunk_elems) {}
+  size_t chunks_per_block() const { return chunks_; }
+  int step(size_t unit) const { return static_cast<int>(unit / chunks_); }
+  // First element of unit's chunk inside `block`, relative to the whole buffer.
+  size_t begin(size_t unit, int block) const { return layout_.offset(block) + (unit % chunks_) * chunk_elems_; }
+  // Elements in unit's chunk of `block`; 0 past the end of a shorter block.
+  size_t length(size_t unit, int block) const {
+    size_t start = (unit % chunks_) * chunk_elems_;
+    size_t len = layout_.length(block);
+    return start < len ? std::min(chunk_elems_, len - start) : 0;
+  }
+
+ private:
+  const BlockLayout& layout_;
+  size_t chunk_elems_;
+  size_t chunks_;
+};
+
+size_t ChunkElems(const CollectiveContext& ctx, size_t elem_size) { return ctx.chunk_bytes / elem_size; }
+
+// Reduce-scatter phase. Partial sums of other blocks go to `work` (same layout as `input`; may be
+// `input` itself for an in-place allreduce); the finished block of this rank goes to `own`.
+void ReduceScatterPhase(const CollectiveContext& ctx, const BlockLayout& layout, const char* input, char* work,
+                        char* own, DataType dtype, ReduceOp op) {
+  const int P = ctx.transport.size(), r = ctx.transport.rank();
+  const size_t es = DataTypeSize(dtype);
+  const size_t chunk_bytes = ChunkElems(ctx, es) * es;
+  const ChunkPlan plan(layout, ChunkElems(ctx, es));
+  const ReduceFn reduce = GetReduceFn(dtype, op);
+  // At step s rank r sends block r-s-1 and reduces block r-s-2 into its copy, so that the block
+  // reduced at the last step (s = P-2) is block r.
+  auto send_block = [&](int s) { return Mod(r - s - 1, P); };
+  auto recv_block = [&](int s) { return Mod(r - s - 2, P); };
+  auto slot = [&](size_t u) { return ctx.scratch + (u % kPipelineDepth) * chunk_bytes; };
+
+  auto send_of = [&](size_t u) {
+    int s = plan.step(u), b = send_block(s);
+    const char* base = s == 0 ? input : work;
+    return Span{const_cast<char*>(base) + plan.begin(u, b) * es, plan.length(u, b) * es};
+  };
+  auto recv_of = [&](size_t u) {
+    int b = recv_block(plan.step(u));
+    return Span{slot(u), plan.length(u, b) * es};
+  };
+  auto consume = [&](size_t u) {
+    int s = plan.step(u), b = recv_block(s);
+    size_t begin = plan.begin(u, b);
+    char* dst = s == P - 2 ? own + (begin - layout.offset(b)) * es : work + begin * es;
+    reduce(input + begin * es, slot(u), dst, plan.length(u, b));
+  };
+  RunPipeline(ctx, Mod(r - 1, P), Mod(r + 1, P), (P - 1) * plan.chunks_per_block(), send_of, recv_of, consume);
+}
+
+// Allgather phase: this rank's finished block is at `own`; every other block lands in `out`.
+void AllgatherPhase(const CollectiveContext& ctx, const BlockLayout& layout, const char* own, char* out,
+                    size_t es) {
+  const int P = ctx.transport.size(), r = ctx.transport.rank();
+  const ChunkPlan plan(layout, ChunkElems(ctx, es));
+  auto send_block = [&](int s) { return Mod(r - s, P); };
+  auto recv_block = [&](int s) { return Mod(r - s - 1, P); };
+
+  auto send_of = [&](size_t u) {
+    int s = plan.step(u), b = send_block(s);
+    size_t begin = plan.begin(u, b);
+    const char* src = s == 0 ? own + (begin - layout.offset(b)) * es : out + begin * es;
+    return Span{const_cast<char*>(src), plan.length(u, b) * es};
+  };
+  auto recv_of = [&](size_t u) {
+    int b = recv_block(plan.step(u));
+    return Span{out + plan.begin(u, b) * es, plan.length(u, b) * es};
+  };
+  RunPipeline(ctx, Mod(r - 1, P), Mod(r + 1, P), (P - 1) * plan.chunks_per_block(), send_of, recv_of,
+              [](size_t) {});
+}
+
+}  // namespace
+
+void AllreduceRing(const CollectiveContext& ctx, const void* send, void* recv, size_t count, DataType dtype,
+                   ReduceOp op) {
+  const int P = ctx.transport.size(), r = ctx.transport.rank();
+  const size_t es = DataTypeSize(dtype);
+  const BlockLayout layout(count, P);
+  char* out = static_cast<char*>(recv);
+  char* own = out + layout.offset(r) * es;
+  // Out of place, every block of `out` except this rank's own is written by the reduce-scatter's
+  // reductions or the allgather's receives, and the own block by the last reduction: the input
+  // is never copied.
+  ReduceScatterPhase(ctx, layout, static_cast<const char*>(send), out, own, dtype, op);
+  if (op == ReduceOp::kAvg) ScaleDown(own, layout.length(r), dtype, P);
+  AllgatherPhase(ctx, layout, own, out, es);
+}
+
+void ReduceScatterRing(const CollectiveContext& ctx, const void* send, void* recv, size_t recv_count,
+                       DataType dtype, ReduceOp op) {
+  const int P = ctx.transport.size();
+  const size_t es = DataTypeSize(dtype);
+  const BlockLayout layout(recv_count * P, P);
+  // Partial sums of the other blocks need somewhere to live until they are sent on; the input
+  // stays untouched.
+  std::vector<char> work(P > 2 ? recv_count * P * es : 0);
+  ReduceScatterPhase(ctx, layout, static_cast<const char*>(send), work.data(), static_cast<char*>(recv), dtype, op);
+  if (op == ReduceOp::kAvg) ScaleDown(recv, recv_count, dtype, P);
+}
+
+void AllgatherRing(const CollectiveContext& ctx, const void* send, void* recv, size_t send_count, DataType dtype) {
+  const int P = ctx.transport.size(), r = ctx.transport.rank();
+  const size_t es = DataTypeSize(dtype);
+  const BlockLayout layout(send_count * P, P);
+  char* out = static_cast<char*>(recv);
+  char* own = out + layout.offset(r) * es;
+  if (send_count && own != send) std::memcpy(own, send, send_count * es);
+  AllgatherPhase(ctx, layout, own, out, es);
+}
+
+}  // namespace pycomm

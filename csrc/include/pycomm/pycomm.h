@@ -1,0 +1,116 @@
+// pycomm: allreduce and its relatives for data-parallel training.
+//
+// The public C++ API is this one header. A Communicator is created over an MPI communicator and
+// runs collectives on raw host buffers. Every call is collective: all ranks of the communicator
+// must make the same calls, in the same order, with the same count, dtype, op and root.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+namespace pycomm {
+
+enum class DataType : int {
+  kFloat16 = 0,
+  kBFloat16,
+  kFloat32,
+  kFloat64,
+  kInt8,
+  kUInt8,
+  kInt32,
+  kInt64,
+  kUInt32,
+  kUInt64,
+};
+constexpr int kNumDataTypes = 10;
+
+// kAvg is a sum divided by the communicator size; it is defined for floating-point types only.
+enum class ReduceOp : int { kSum = 0, kProd, kMin, kMax, kAvg };
+constexpr int kNumReduceOps = 5;
+
+size_t DataTypeSize(DataType dtype);
+const char* DataTypeName(DataType dtype);
+const char* ReduceOpName(ReduceOp op);
+bool IsFloatingPoint(DataType dtype);
+
+// The MPI library this build was compiled against, e.g. "MPICH 5.0.2" or "Open MPI 5.0.6".
+const char* MpiBuildVersion();
+
+// Every error pycomm raises. After a CommError other than a bad argument the communicator is
+// unusable.
+class CommError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// A peer died, stopped participating, or did not answer within the timeout.
+class PeerError : public CommError {
+ public:
+  PeerError(const std::string& what, int peer) : CommError(what), peer_(peer) {}
+  int peer() const { return peer_; }  // -1 when unknown
+
+ private:
+  int peer_;
+};
+
+struct Options {
+  // Collectives move data in chunks of this many bytes so that sending, receiving and reducing
+  // overlap. Small values let tests reach multi-chunk paths with small arrays.
+  size_t chunk_bytes = size_t{1} << 20;
+  // A wait on a peer that lasts longer than this raises PeerError.
+  double timeout_s = 300.0;
+  // Prefix debug lines on stderr with the rank.
+  bool debug = false;
+};
+
+// The handle of one asynchronous operation.
+class Work {
+ public:
+  virtual ~Work() = default;
+  // Blocks until the operation has finished; rethrows its error.
+  virtual void Wait() = 0;
+  // True once the operation has finished (successfully or not); never blocks.
+  virtual bool Done() const = 0;
+};
+
+class Transport;
+
+class Communicator {
+ public:
+  // Creates a communicator over a private duplicate of an MPI intracommunicator. `mpi_comm` is
+  // the MPI_Comm handle converted to intptr_t (MPICH's handles are ints, Open MPI's pointers).
+  // Collective over `mpi_comm`. MPI must be initialised with at least MPI_THREAD_SERIALIZED.
+  static std::unique_ptr<Communicator> FromMpi(intptr_t mpi_comm, const Options& options = {});
+  // Creates a communicator over any transport (tests use an in-process loopback).
+  static std::unique_ptr<Communicator> FromTransport(std::unique_ptr<Transport> transport,
+                                                     const Options& options = {});
+
+  virtual ~Communicator() = default;
+
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual int local_rank() const = 0;  // rank among the ranks on this node
+  virtual int local_size() const = 0;
+  virtual const Options& options() const = 0;
+
+  // recv[i] = op over ranks of send[i], for i < count. In place when send == recv.
+  virtual void Allreduce(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op) = 0;
+  // As Allreduce, queued behind earlier operations and run on the communicator's progress thread.
+  // The buffers must stay valid until the returned Work is done.
+  virtual std::shared_ptr<Work> AllreduceAsync(const void* send, void* recv, size_t count, DataType dtype,
+                                               ReduceOp op) = 0;
+  // send holds size() * recv_count elements; recv gets block rank() of their reduction.
+  virtual void ReduceScatter(const void* send, void* recv, size_t recv_count, DataType dtype, ReduceOp op) = 0;
+  // recv (size() * send_count elements) gets every rank's send, in rank order.
+  virtual void Allgather(const void* send, void* recv, size_t send_count, DataType dtype) = 0;
+  // buf on every rank gets root's buf.
+  virtual void Broadcast(void* buf, size_t count, DataType dtype, int root) = 0;
+  virtual void Barrier() = 0;
+  // Waits for queued operations, then releases the transport. Idempotent; later calls throw.
+  virtual void Close() = 0;
+};
+
+}  // namespace pycomm

@@ -1,0 +1,87 @@
+// Communicator bindings. Buffers cross as addresses: the Python layer validates arrays of every
+// kind (numpy, later cupy and torch) and keeps them alive; this layer only releases the GIL.
+#include <pybind11/stl.h>
+
+#include <cstdint>
+
+#include "pycomm/pycomm.h"
+#include "python/bindings.h"
+
+namespace py = pybind11;
+
+namespace pycomm::python {
+
+namespace {
+
+void* Ptr(uintptr_t address) { return reinterpret_cast<void*>(address); }
+
+DataType ToDataType(int dtype) {
+  if (dtype < 0 || dtype >= kNumDataTypes) throw py::value_error("pycomm: unknown dtype code " + std::to_string(dtype));
+  return static_cast<DataType>(dtype);
+}
+
+ReduceOp ToReduceOp(int op) {
+  if (op < 0 || op >= kNumReduceOps) throw py::value_error("pycomm: unknown op code " + std::to_string(op));
+  return static_cast<ReduceOp>(op);
+}
+
+}  // namespace
+
+void RegisterCommunicator(py::module_& m) {
+  m.def("mpi_build_version", &MpiBuildVersion);
+
+  py::class_<Work, std::shared_ptr<Work>>(m, "Work")
+      .def("wait", &Work::Wait, py::call_guard<py::gil_scoped_release>())
+      .def("done", &Work::Done);
+
+  py::class_<Communicator>(m, "Communicator")
+      .def(py::init([](intptr_t mpi_comm, size_t chunk_bytes, double timeout_s, bool debug) {
+             Options options;
+             options.chunk_bytes = chunk_bytes;
+             options.timeout_s = timeout_s;
+             options.debug = debug;
+             py::gil_scoped_release release;
+             return Communicator::FromMpi(mpi_comm, options);
+           }),
+           py::arg("mpi_comm"), py::arg("chunk_bytes"), py::arg("timeout_s"), py::arg("debug"))
+      .def_property_readonly("rank", &Communicator::rank)
+      .def_property_readonly("size", &Communicator::size)
+      .def_property_readonly("local_rank", &Communicator::local_rank)
+      .def_property_readonly("local_size", &Communicator::local_size)
+      .def_property_readonly("chunk_bytes", [](const Communicator& c) { return c.options().chunk_bytes; })
+      .def_property_readonly("timeout", [](const Communicator& c) { return c.options().timeout_s; })
+      .def(
+          "allreduce",
+          [](Communicator& c, uintptr_t send, uintptr_t recv, size_t count, int dtype, int op) {
+            c.Allreduce(Ptr(send), Ptr(recv), count, ToDataType(dtype), ToReduceOp(op));
+          },
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "allreduce_async",
+          [](Communicator& c, uintptr_t send, uintptr_t recv, size_t count, int dtype, int op) {
+            return c.AllreduceAsync(Ptr(send), Ptr(recv), count, ToDataType(dtype), ToReduceOp(op));
+          },
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "reduce_scatter",
+          [](Communicator& c, uintptr_t send, uintptr_t recv, size_t recv_count, int dtype, int op) {
+            c.ReduceScatter(Ptr(send), Ptr(recv), recv_count, ToDataType(dtype), ToReduceOp(op));
+          },
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "allgather",
+          [](Communicator& c, uintptr_t send, uintptr_t recv, size_t send_count, int dtype) {
+            c.Allgather(Ptr(send), Ptr(recv), send_count, ToDataType(dtype));
+          },
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "broadcast",
+          [](Communicator& c, uintptr_t buf, size_t count, int dtype, int root) {
+            c.Broadcast(Ptr(buf), count, ToDataType(dtype), root);
+          },
+          py::call_guard<py::gil_scoped_release>())
+      .def("barrier", &Communicator::Barrier, py::call_guard<py::gil_scoped_release>())
+      .def("close", &Communicator::Close, py::call_guard<py::gil_scoped_release>());
+}
+
+}  // namespace pycomm::python

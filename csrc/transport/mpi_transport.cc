@@ -1,0 +1,144 @@
+#include "transport/mpi_transport.h"
+
+#include <mpi.h>
+
+#include <climits>
+#include <string>
+
+#include "pycomm/pycomm.h"
+
+namespace pycomm {
+
+namespace {
+
+// All of pycomm's traffic on its private communicator uses one tag, so that MPI's non-overtaking
+// rule gives the ordering the Transport contract promises.
+constexpr int kTag = 0x70c;
+
+void Check(int rc, const char* what) {
+  if (rc == MPI_SUCCESS) return;
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(rc, text, &len);
+  throw CommError(std::string("pycomm: ") + what + " failed: " + std::string(text, len));
+}
+
+class MpiRequest : public Request {
+ public:
+  MpiRequest(MPI_Request request, int peer, bool is_recv) : request_(request), peer_(peer), is_recv_(is_recv) {}
+
+  ~MpiRequest() override {
+    // Reached with an active request only when a collective is abandoned after an error.
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (request_ == MPI_REQUEST_NULL || finalized) return;
+    if (is_recv_) MPI_Cancel(&request_);
+    MPI_Request_free(&request_);
+  }
+
+  bool Test() override {
+    if (request_ == MPI_REQUEST_NULL) return true;
+    int done = 0;
+    Check(MPI_Test(&request_, &done, MPI_STATUS_IGNORE), is_recv_ ? "MPI_Test(recv)" : "MPI_Test(send)");
+    return done != 0;
+  }
+
+  int peer() const override { return peer_; }
+
+ private:
+  MPI_Request request_;
+  int peer_;
+  bool is_recv_;
+};
+
+class MpiTransport : public Transport {
+ public:
+  explicit MpiTransport(MPI_Comm parent) {
+    int initialized = 0;
+    MPI_Initialized(&initialized);
+    if (!initialized) throw CommError("pycomm: MPI is not initialised (import mpi4py.MPI first)");
+    int provided = 0;
+    MPI_Query_thread(&provided);
+    if (provided < MPI_THREAD_SERIALIZED) {
+      throw CommError("pycomm: MPI was initialised below MPI_THREAD_SERIALIZED; the progress thread needs it");
+    }
+    int inter = 0;
+    Check(MPI_Comm_test_inter(parent, &inter), "MPI_Comm_test_inter");
+    if (inter) throw CommError("pycomm: intercommunicators are not supported");
+    Check(MPI_Comm_dup(parent, &comm_), "MPI_Comm_dup");
+    MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
+    MPI_Comm_rank(comm_, &rank_);
+    MPI_Comm_size(comm_, &size_);
+    MPI_Comm node;
+    Check(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node), "MPI_Comm_split_type");
+    MPI_Comm_rank(node, &local_rank_);
+    MPI_Comm_size(node, &local_size_);
+    MPI_Comm_free(&node);
+  }
+
+  ~MpiTransport() override {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized) MPI_Comm_free(&comm_);
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  int local_rank() const override { return local_rank_; }
+  int local_size() const override { return local_size_; }
+  const char* name() const override { return "mpi"; }
+
+  std::unique_ptr<Request> Isend(int peer, const void* buf, size_t bytes) override {
+    MPI_Request request;
+#if MPI_VERSION >= 4
+    Check(MPI_Isend_c(buf, static_cast<MPI_Count>(bytes), MPI_BYTE, peer, kTag, comm_, &request), "MPI_Isend_c");
+#else
+    Check(MPI_Isend(buf, CheckedCount(bytes), MPI_BYTE, peer, kTag, comm_, &request), "MPI_Isend");
+#endif
+    return std::make_unique<MpiRequest>(request, peer, false);
+  }
+
+  std::unique_ptr<Request> Irecv(int peer, void* buf, size_t bytes) override {
+    MPI_Request request;
+#if MPI_VERSION >= 4
+    Check(MPI_Irecv_c(buf, static_cast<MPI_Count>(bytes), MPI_BYTE, peer, kTag, comm_, &request), "MPI_Irecv_c");
+#else
+    Check(MPI_Irecv(buf, CheckedCount(bytes), MPI_BYTE, peer, kTag, comm_, &request), "MPI_Irecv");
+#endif
+    return std::make_unique<MpiRequest>(request, peer, true);
+  }
+
+ private:
+#if MPI_VERSION < 4
+  static int CheckedCount(size_t bytes) {
+    if (bytes > static_cast<size_t>(INT_MAX)) throw CommError("pycomm: message over INT_MAX bytes on an MPI-3 library");
+    return static_cast<int>(bytes);
+  }
+#endif
+
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1;
+};
+
+}  // namespace
+
+const char* MpiBuildVersion() {
+#define PYCOMM_STR2(x) #x
+#define PYCOMM_STR(x) PYCOMM_STR2(x)
+#if defined(MPICH_VERSION)
+  return "MPICH " MPICH_VERSION;
+#elif defined(OMPI_MAJOR_VERSION)
+  return "Open MPI " PYCOMM_STR(OMPI_MAJOR_VERSION) "." PYCOMM_STR(OMPI_MINOR_VERSION) "." PYCOMM_STR(OMPI_RELEASE_VERSION);
+#else
+  return "MPI " PYCOMM_STR(MPI_VERSION) "." PYCOMM_STR(MPI_SUBVERSION);
+#endif
+#undef PYCOMM_STR
+#undef PYCOMM_STR2
+}
+
+std::unique_ptr<Transport> CreateMpiTransport(intptr_t mpi_comm) {
+  // MPICH's MPI_Comm is an int and Open MPI's a pointer; both round-trip through intptr_t.
+  return std::make_unique<MpiTransport>((MPI_Comm)mpi_comm);
+}
+
+}  // namespace pycomm

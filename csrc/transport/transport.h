@@ -1,0 +1,38 @@
+// The point-to-point interface that every algorithm talks to. An algorithm never knows whether
+// bytes move through MPI, shared memory or an in-process loopback; a transport never knows which
+// algorithm drives it.
+//
+// Ordering contract: messages between one (sender, receiver) pair match in the order they were
+// posted on both sides, as MPI's non-overtaking rule guarantees on a single tag.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+
+namespace pycomm {
+
+class Request {
+ public:
+  virtual ~Request() = default;
+  // Drives progress and returns true once the operation has completed. Must not block.
+  // Throws PeerError if the peer is known to be gone.
+  virtual bool Test() = 0;
+  virtual int peer() const = 0;
+};
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual int local_rank() const { return rank(); }
+  virtual int local_size() const { return size(); }
+  // Non-blocking send and receive of raw bytes. The buffer must stay valid, and a send buffer
+  // unmodified, until the request completes. A receive must be posted for exactly the bytes sent.
+  virtual std::unique_ptr<Request> Isend(int peer, const void* buf, size_t bytes) = 0;
+  virtual std::unique_ptr<Request> Irecv(int peer, void* buf, size_t bytes) = 0;
+  // Human-readable name for debug output ("mpi", "loopback").
+  virtual const char* name() const = 0;
+};
+
+}  // namespace pycomm

@@ -1,0 +1,204 @@
+"""The Communicator: pycomm's collectives over the ranks of an MPI communicator."""
+
+import atexit
+import weakref
+
+import numpy as np
+from mpi4py import MPI
+
+from . import settings
+from ._native import _core
+from .buffers import address, as_input, as_output, check_no_partial_overlap
+from .dtypes import dtype_code, is_floating
+from .errors import CommError
+from .ops import ReduceOp, parse_op
+
+# Communicators still open at interpreter exit are closed before mpi4py finalises MPI.
+_open_communicators = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for comm in list(_open_communicators):
+        comm.close()
+
+
+class Work:
+    """An asynchronous allreduce in flight. Keeps its arrays alive until it is done."""
+
+    def __init__(self, native_work, out: np.ndarray, keep_alive: tuple):
+        self._native = native_work
+        self._out = out
+        self._keep_alive = keep_alive
+
+    def wait(self) -> np.ndarray:
+        """Blocks until the operation has finished and returns its output array."""
+        self._native.wait()
+        self._keep_alive = ()
+        return self._out
+
+    def done(self) -> bool:
+        """True once the operation has finished; never blocks."""
+        return self._native.done()
+
+
+class Communicator:
+    """Collectives over every rank of an MPI intracommunicator (MPI.COMM_WORLD by default).
+
+    Creating one is collective. All ranks must then call the same collectives in the same order
+    with matching arguments. Works as a context manager; close() is idempotent.
+
+    Keyword settings override the environment: `timeout` (PYCOMM_TIMEOUT, seconds),
+    `chunk_bytes` (PYCOMM_CHUNK_BYTES), `debug` (PYCOMM_DEBUG).
+    """
+
+    def __init__(self, comm=None, *, timeout=None, chunk_bytes=None, debug=None):
+        if comm is None:
+            comm = MPI.COMM_WORLD
+        if not isinstance(comm, MPI.Intracomm):
+            raise TypeError(f"pycomm: expected an mpi4py intracommunicator, got {type(comm).__name__}")
+        if comm == MPI.COMM_NULL:
+            raise ValueError("pycomm: cannot build a communicator over MPI.COMM_NULL")
+        self._native = _core.Communicator(
+            comm.handle, settings.chunk_bytes(chunk_bytes), settings.timeout(timeout), settings.debug(debug)
+        )
+        self._closed = False
+        _open_communicators.add(self)
+
+    # -- introspection -------------------------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        return self._native.rank
+
+    @property
+    def size(self) -> int:
+        return self._native.size
+
+    @property
+    def local_rank(self) -> int:
+        """This rank's index among the ranks on its node."""
+        return self._native.local_rank
+
+    @property
+    def local_size(self) -> int:
+        """How many ranks of this communicator share this node."""
+        return self._native.local_size
+
+    @property
+    def timeout(self) -> float:
+        return self._native.timeout
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self._native.chunk_bytes
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"rank {self.rank} of {self.size}"
+        return f"<pycomm.Communicator {state}>"
+
+    # -- collectives ---------------------------------------------------------------------------
+
+    def allreduce(self, x, op="sum", out=None):
+        """Reduces `x` elementwise over all ranks.
+
+        Returns a new array unless `out` is given; `out=x` reduces in place. Every rank gets
+        bitwise identical results.
+        """
+        x, out, code, op = self._prepare_allreduce(x, op, out)
+        self._native.allreduce(address(x), address(out), x.size, code, int(op))
+        return out
+
+    def allreduce_async(self, x, op="sum", out=None) -> Work:
+        """Starts an allreduce on the communicator's progress thread and returns its Work.
+
+        Operations complete in the order they were issued. Do not touch `x` or `out` until
+        wait() returns.
+        """
+        x, out, code, op = self._prepare_allreduce(x, op, out)
+        native = self._native.allreduce_async(address(x), address(out), x.size, code, int(op))
+        return Work(native, out, (x, out))
+
+    def reduce_scatter(self, x, op="sum", out=None):
+        """Reduces `x` over all ranks and returns this rank's block of rows.
+
+        x.shape[0] must divide by the communicator size; the result has shape
+        (x.shape[0] // size, *x.shape[1:]).
+        """
+        self._check_open()
+        x = as_input(x)
+        op = self._check_op(x, op)
+        if x.ndim == 0 or x.shape[0] % self.size:
+            raise ValueError(
+                f"pycomm: reduce_scatter needs x.shape[0] divisible by the size {self.size}, got shape {x.shape}"
+            )
+        shape = (x.shape[0] // self.size,) + x.shape[1:]
+        out = np.empty(shape, x.dtype) if out is None else as_output(out, shape, x.dtype)
+        check_no_partial_overlap(x, out)
+        self._native.reduce_scatter(address(x), address(out), out.size, dtype_code(x.dtype), int(op))
+        return out
+
+    def allgather(self, x, out=None):
+        """Concatenates every rank's `x` along axis 0, in rank order.
+
+        The result has shape (size * x.shape[0], *x.shape[1:]), or (size,) for a 0-d x: the
+        inverse of reduce_scatter's split, as with NCCL's allgather.
+        """
+        self._check_open()
+        x = as_input(x)
+        shape = (self.size,) if x.ndim == 0 else (self.size * x.shape[0],) + x.shape[1:]
+        out = np.empty(shape, x.dtype) if out is None else as_output(out, shape, x.dtype)
+        check_no_partial_overlap(x, out)
+        self._native.allgather(address(x), address(out), x.size, dtype_code(x.dtype))
+        return out
+
+    def broadcast(self, x, root: int = 0):
+        """Overwrites `x` on every rank with root's `x`, in place, and returns it."""
+        self._check_open()
+        x = as_input(x)
+        if not x.flags.writeable:
+            raise ValueError("pycomm: broadcast writes into x, which is read-only")
+        if not isinstance(root, (int, np.integer)) or isinstance(root, bool):
+            raise TypeError(f"pycomm: root must be an int, got {type(root).__name__}")
+        if not 0 <= root < self.size:
+            raise ValueError(f"pycomm: root {root} is not a rank of a size-{self.size} communicator")
+        self._native.broadcast(address(x), x.size, dtype_code(x.dtype), int(root))
+        return x
+
+    def barrier(self) -> None:
+        """Returns once every rank has entered the barrier."""
+        self._check_open()
+        self._native.barrier()
+
+    def close(self) -> None:
+        """Finishes queued operations and releases the communicator's resources. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            _open_communicators.discard(self)
+            self._native.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CommError("pycomm: the communicator is closed")
+
+    def _check_op(self, x: np.ndarray, op) -> ReduceOp:
+        op = parse_op(op)
+        if op is ReduceOp.AVG and not is_floating(x.dtype):
+            raise ValueError(f"pycomm: avg is not defined for integer dtype {x.dtype}")
+        return op
+
+    def _prepare_allreduce(self, x, op, out):
+        self._check_open()
+        x = as_input(x)
+        op = self._check_op(x, op)
+        out = np.empty_like(x) if out is None else as_output(out, x.shape, x.dtype)
+        check_no_partial_overlap(x, out)
+        return x, out, dtype_code(x.dtype), op

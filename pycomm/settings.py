@@ -1,0 +1,60 @@
+"""Settings: keyword arguments first, then PYCOMM_* environment variables, then defaults."""
+
+import os
+
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_CHUNK_BYTES = 1 << 20
+MIN_CHUNK_BYTES = 8
+
+
+def _env(name: str):
+    value = os.environ.get(name)
+    return value if value not in (None, "") else None
+
+
+def timeout(value=None) -> float:
+    """Seconds any single wait on a peer may last before PeerError (PYCOMM_TIMEOUT)."""
+    raw = value if value is not None else _env("PYCOMM_TIMEOUT")
+    if raw is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ValueError(f"pycomm: timeout must be a number of seconds, got {raw!r}") from None
+    if not seconds > 0:
+        raise ValueError(f"pycomm: timeout must be positive, got {raw!r}")
+    return seconds
+
+
+def chunk_bytes(value=None) -> int:
+    """Pipeline chunk size in bytes (PYCOMM_CHUNK_BYTES); accepts suffixes K, M, G."""
+    raw = value if value is not None else _env("PYCOMM_CHUNK_BYTES")
+    if raw is None:
+        return DEFAULT_CHUNK_BYTES
+    size = parse_size(raw)
+    if size < MIN_CHUNK_BYTES:
+        raise ValueError(f"pycomm: chunk_bytes must be at least {MIN_CHUNK_BYTES}, got {raw!r}")
+    return size
+
+
+def debug(value=None) -> bool:
+    """Rank-prefixed debug lines on stderr (PYCOMM_DEBUG=1)."""
+    if value is not None:
+        return bool(value)
+    return (_env("PYCOMM_DEBUG") or "0").lower() not in ("0", "false", "no", "off")
+
+
+def parse_size(raw) -> int:
+    """'8', '64K', '1M', '2G' -> bytes (powers of 1024)."""
+    if isinstance(raw, int):
+        return raw
+    text = str(raw).strip().upper().removesuffix("B").removesuffix("I")
+    scale = 1
+    for suffix, factor in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
+        if text.endswith(suffix):
+            text, scale = text[:-1], factor
+            break
+    try:
+        return int(float(text) * scale)
+    except ValueError:
+        raise ValueError(f"pycomm: cannot read {raw!r} as a size in bytes") from None
