@@ -1,8 +1,8 @@
 """pycomm: a high-performance allreduce engine for data-parallel training.
 
-    import pycomm, numpy as np
-    comm = pycomm.Communicator()              # over MPI.COMM_WORLD
-    y = comm.allreduce(np.ones(10, np.float32))
+import pycomm, numpy as np
+comm = pycomm.Communicator()              # over MPI.COMM_WORLD
+y = comm.allreduce(np.ones(10, np.float32))
 """
 
 from ._native import BUILD_MPI, RUNTIME_MPI

@@ -1,6 +1,7 @@
 """The Communicator: pycomm's collectives over the ranks of an MPI communicator."""
 
 import atexit
+import collections
 import weakref
 
 import numpy as np
@@ -59,10 +60,16 @@ class Communicator:
             raise TypeError(f"pycomm: expected an mpi4py intracommunicator, got {type(comm).__name__}")
         if comm == MPI.COMM_NULL:
             raise ValueError("pycomm: cannot build a communicator over MPI.COMM_NULL")
+        # mpi4py may hand out MPICH's int handles sign-extended; the core takes the 64 bits as they are.
         self._native = _core.Communicator(
-            comm.handle, settings.chunk_bytes(chunk_bytes), settings.timeout(timeout), settings.debug(debug)
+            comm.handle & 0xFFFFFFFFFFFFFFFF,
+            settings.chunk_bytes(chunk_bytes),
+            settings.timeout(timeout),
+            settings.debug(debug),
         )
         self._closed = False
+        # Async work holds its arrays until it has run, even if the caller drops the Work.
+        self._in_flight = collections.deque()
         _open_communicators.add(self)
 
     # -- introspection -------------------------------------------------------------------------
@@ -117,7 +124,12 @@ class Communicator:
         """
         x, out, code, op = self._prepare_allreduce(x, op, out)
         native = self._native.allreduce_async(address(x), address(out), x.size, code, int(op))
-        return Work(native, out, (x, out))
+        work = Work(native, out, (x, out))
+        # Work completes in issue order, so finished entries are always at the left.
+        while self._in_flight and self._in_flight[0].done():
+            self._in_flight.popleft()
+        self._in_flight.append(work)
+        return work
 
     def reduce_scatter(self, x, op="sum", out=None):
         """Reduces `x` over all ranks and returns this rank's block of rows.
@@ -175,7 +187,8 @@ class Communicator:
         if not self._closed:
             self._closed = True
             _open_communicators.discard(self)
-            self._native.close()
+            self._native.close()  # runs every queued operation first
+            self._in_flight.clear()
 
     def __enter__(self):
         return self

@@ -18,7 +18,9 @@ void BroadcastChain(const CollectiveContext& ctx, void* buf, size_t bytes, int r
   const bool receives = position > 0, forwards = position < P - 1;
   const size_t chunks = (bytes + ctx.chunk_bytes - 1) / ctx.chunk_bytes;
   char* data = static_cast<char*>(buf);
-  auto chunk = [&](size_t c) { return Span{data + c * ctx.chunk_bytes, std::min(ctx.chunk_bytes, bytes - c * ctx.chunk_bytes)}; };
+  auto chunk = [&](size_t c) {
+    return Span{data + c * ctx.chunk_bytes, std::min(ctx.chunk_bytes, bytes - c * ctx.chunk_bytes)};
+  };
 
   std::vector<std::unique_ptr<Request>> recvs(kPipelineDepth);
   std::deque<std::unique_ptr<Request>> sends;

@@ -27,8 +27,8 @@ void AllreduceRing(const CollectiveContext& ctx, const void* send, void* recv, s
                    ReduceOp op);
 
 // Ring reduce-scatter of size * recv_count elements; this rank's block lands in recv.
-void ReduceScatterRing(const CollectiveContext& ctx, const void* send, void* recv, size_t recv_count,
-                       DataType dtype, ReduceOp op);
+void ReduceScatterRing(const CollectiveContext& ctx, const void* send, void* recv, size_t recv_count, DataType dtype,
+                       ReduceOp op);
 
 // Ring allgather of send_count elements per rank.
 void AllgatherRing(const CollectiveContext& ctx, const void* send, void* recv, size_t send_count, DataType dtype);

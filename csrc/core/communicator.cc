@@ -108,15 +108,22 @@ class CommunicatorImpl : public Communicator {
     }
   }
 
+  // At issue time: a closed communicator takes no new work.
   void CheckUsable() const {
     if (closed_) throw CommError("pycomm: the communicator is closed");
+    CheckNotBroken();
+  }
+
+  // At run time: work issued before close() still runs (close drains the queue), but nothing
+  // runs after a failure.
+  void CheckNotBroken() const {
     if (broken_) throw CommError("pycomm: the communicator is unusable after an earlier error: " + broken_reason_);
   }
 
   // A failure inside a collective leaves peers at unknown points of the protocol: from then on
   // the communicator refuses work rather than mis-matching messages.
   void Guarded(const std::function<void()>& fn) {
-    CheckUsable();
+    CheckNotBroken();
     try {
       fn();
     } catch (const std::exception& e) {
@@ -140,7 +147,9 @@ class CommunicatorImpl : public Communicator {
     if (bytes && src != dst) std::memcpy(dst, src, bytes);
   }
 
-  CollectiveContext Context() { return CollectiveContext{*transport_, options_.chunk_bytes, options_.timeout_s, scratch_.data()}; }
+  CollectiveContext Context() {
+    return CollectiveContext{*transport_, options_.chunk_bytes, options_.timeout_s, scratch_.data()};
+  }
 
   template <typename... Args>
   void Debug(const char* fmt, Args... args) const {

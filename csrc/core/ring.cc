@@ -95,8 +95,7 @@ void ReduceScatterPhase(const CollectiveContext& ctx, const BlockLayout& layout,
 }
 
 // Allgather phase: this rank's finished block is at `own`; every other block lands in `out`.
-void AllgatherPhase(const CollectiveContext& ctx, const BlockLayout& layout, const char* own, char* out,
-                    size_t es) {
+void AllgatherPhase(const CollectiveContext& ctx, const BlockLayout& layout, const char* own, char* out, size_t es) {
   const int P = ctx.transport.size(), r = ctx.transport.rank();
   const ChunkPlan plan(layout, ChunkElems(ctx, es));
   auto send_block = [&](int s) { return Mod(r - s, P); };
@@ -112,8 +111,7 @@ void AllgatherPhase(const CollectiveContext& ctx, const BlockLayout& layout, con
     int b = recv_block(plan.step(u));
     return Span{out + plan.begin(u, b) * es, plan.length(u, b) * es};
   };
-  RunPipeline(ctx, Mod(r - 1, P), Mod(r + 1, P), (P - 1) * plan.chunks_per_block(), send_of, recv_of,
-              [](size_t) {});
+  RunPipeline(ctx, Mod(r - 1, P), Mod(r + 1, P), (P - 1) * plan.chunks_per_block(), send_of, recv_of, [](size_t) {});
 }
 
 }  // namespace
@@ -133,8 +131,8 @@ void AllreduceRing(const CollectiveContext& ctx, const void* send, void* recv, s
   AllgatherPhase(ctx, layout, own, out, es);
 }
 
-void ReduceScatterRing(const CollectiveContext& ctx, const void* send, void* recv, size_t recv_count,
-                       DataType dtype, ReduceOp op) {
+void ReduceScatterRing(const CollectiveContext& ctx, const void* send, void* recv, size_t recv_count, DataType dtype,
+                       ReduceOp op) {
   const int P = ctx.transport.size();
   const size_t es = DataTypeSize(dtype);
   const BlockLayout layout(recv_count * P, P);

@@ -35,13 +35,13 @@ void RegisterCommunicator(py::module_& m) {
       .def("done", &Work::Done);
 
   py::class_<Communicator>(m, "Communicator")
-      .def(py::init([](intptr_t mpi_comm, size_t chunk_bytes, double timeout_s, bool debug) {
+      .def(py::init([](uint64_t mpi_comm, size_t chunk_bytes, double timeout_s, bool debug) {
              Options options;
              options.chunk_bytes = chunk_bytes;
              options.timeout_s = timeout_s;
              options.debug = debug;
              py::gil_scoped_release release;
-             return Communicator::FromMpi(mpi_comm, options);
+             return Communicator::FromMpi(static_cast<intptr_t>(mpi_comm), options);
            }),
            py::arg("mpi_comm"), py::arg("chunk_bytes"), py::arg("timeout_s"), py::arg("debug"))
       .def_property_readonly("rank", &Communicator::rank)

@@ -85,8 +85,7 @@ class Communicator {
   // Collective over `mpi_comm`. MPI must be initialised with at least MPI_THREAD_SERIALIZED.
   static std::unique_ptr<Communicator> FromMpi(intptr_t mpi_comm, const Options& options = {});
   // Creates a communicator over any transport (tests use an in-process loopback).
-  static std::unique_ptr<Communicator> FromTransport(std::unique_ptr<Transport> transport,
-                                                     const Options& options = {});
+  static std::unique_ptr<Communicator> FromTransport(std::unique_ptr<Transport> transport, const Options& options = {});
 
   virtual ~Communicator() = default;
 

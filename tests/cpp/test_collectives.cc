@@ -1,0 +1,201 @@
+// C++ tier: ranks as threads over the in-process loopback transport. Checks every collective
+// against a serial reference over many sizes, rank counts and chunk sizes, quickly and without
+// MPI. Prints "N passed, N failed" and exits non-zero on any failure.
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "pycomm/pycomm.h"
+#include "transport/loopback.h"
+
+namespace {
+
+using pycomm::Communicator;
+using pycomm::DataType;
+using pycomm::ReduceOp;
+
+int g_passed = 0, g_failed = 0;
+
+void Expect(bool ok, const std::string& what) {
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::printf("FAIL: %s\n", what.c_str());
+  }
+}
+
+// Runs body(comm) on `size` threads, one communicator each, all over one loopback hub.
+void RunRanks(int size, size_t chunk_bytes, const std::function<void(Communicator&)>& body) {
+  auto transports = pycomm::CreateLoopbackTransports(size);
+  pycomm::Options options;
+  options.chunk_bytes = chunk_bytes;
+  options.timeout_s = 30;
+  std::vector<std::unique_ptr<Communicator>> comms;
+  for (auto& t : transports) comms.push_back(Communicator::FromTransport(std::move(t), options));
+  std::vector<std::thread> threads;
+  for (auto& comm : comms) threads.emplace_back([&body, c = comm.get()] { body(*c); });
+  for (auto& t : threads) t.join();
+}
+
+std::vector<int64_t> Input(int rank, size_t n) {
+  std::vector<int64_t> v(n);
+  std::mt19937_64 rng(rank * 1000003 + n);
+  for (auto& x : v) x = static_cast<int64_t>(rng() % 2001) - 1000;
+  return v;
+}
+
+std::string Case(const char* what, int P, size_t n, size_t chunk) {
+  return std::string(what) + " P=" + std::to_string(P) + " n=" + std::to_string(n) + " chunk=" + std::to_string(chunk);
+}
+
+// int64 sums are exact, so results must equal the serial sum bit for bit.
+void TestAllreduce(int P, size_t n, size_t chunk, bool in_place) {
+  std::vector<int64_t> expected(n, 0);
+  for (int r = 0; r < P; ++r) {
+    auto in = Input(r, n);
+    for (size_t i = 0; i < n; ++i) expected[i] += in[i];
+  }
+  std::vector<std::vector<int64_t>> outs(P);
+  RunRanks(P, chunk, [&](Communicator& c) {
+    auto in = Input(c.rank(), n);
+    auto& out = outs[c.rank()];
+    if (in_place) {
+      out = in;
+      c.Allreduce(out.data(), out.data(), n, DataType::kInt64, ReduceOp::kSum);
+    } else {
+      out.assign(n, -1);
+      c.Allreduce(in.data(), out.data(), n, DataType::kInt64, ReduceOp::kSum);
+      Expect(in == Input(c.rank(), n), Case("allreduce modified its input", P, n, chunk));
+    }
+  });
+  for (int r = 0; r < P; ++r)
+    Expect(outs[r] == expected, Case(in_place ? "allreduce in place" : "allreduce", P, n, chunk));
+}
+
+void TestFloatBitwiseIdentical(int P, size_t n, size_t chunk) {
+  std::vector<std::vector<float>> outs(P);
+  RunRanks(P, chunk, [&](Communicator& c) {
+    std::vector<float> in(n);
+    std::mt19937 rng(c.rank());
+    std::normal_distribution<float> normal;
+    for (auto& x : in) x = normal(rng);
+    outs[c.rank()].resize(n);
+    c.Allreduce(in.data(), outs[c.rank()].data(), n, DataType::kFloat32, ReduceOp::kAvg);
+  });
+  for (int r = 1; r < P; ++r) {
+    Expect(std::memcmp(outs[r].data(), outs[0].data(), n * sizeof(float)) == 0, Case("float avg bitwise", P, n, chunk));
+  }
+}
+
+void TestReduceScatterAllgather(int P, size_t block, size_t chunk) {
+  std::vector<int64_t> sum(block * P, 0);
+  for (int r = 0; r < P; ++r) {
+    auto in = Input(r, block * P);
+    for (size_t i = 0; i < sum.size(); ++i) sum[i] += in[i];
+  }
+  RunRanks(P, chunk, [&](Communicator& c) {
+    auto in = Input(c.rank(), block * P);
+    std::vector<int64_t> mine(block, -1);
+    c.ReduceScatter(in.data(), mine.data(), block, DataType::kInt64, ReduceOp::kSum);
+    Expect(std::equal(mine.begin(), mine.end(), sum.begin() + c.rank() * block),
+           Case("reduce_scatter", P, block, chunk));
+    std::vector<int64_t> all(block * P, -1);
+    c.Allgather(mine.data(), all.data(), block, DataType::kInt64);
+    Expect(all == sum, Case("allgather", P, block, chunk));
+  });
+}
+
+void TestBroadcast(int P, size_t n, size_t chunk) {
+  for (int root = 0; root < P; ++root) {
+    RunRanks(P, chunk, [&](Communicator& c) {
+      auto buf = Input(c.rank(), n);
+      c.Broadcast(buf.data(), n, DataType::kInt64, root);
+      Expect(buf == Input(root, n), Case(("broadcast root " + std::to_string(root)).c_str(), P, n, chunk));
+      c.Barrier();
+    });
+  }
+}
+
+void TestAsyncOrder(int P) {
+  RunRanks(P, 16, [&](Communicator& c) {
+    std::vector<std::vector<int64_t>> bufs;
+    for (int i = 0; i < 6; ++i) bufs.push_back(std::vector<int64_t>(100 + i, c.rank() + i));
+    std::vector<std::shared_ptr<pycomm::Work>> works;
+    for (auto& b : bufs)
+      works.push_back(c.AllreduceAsync(b.data(), b.data(), b.size(), DataType::kInt64, ReduceOp::kMax));
+    for (int i = 5; i >= 0; --i) {
+      works[i]->Wait();
+      Expect(bufs[i] == std::vector<int64_t>(100 + i, P - 1 + i), "async max #" + std::to_string(i));
+    }
+  });
+}
+
+void TestCloseRunsQueuedWork(int P) {
+  // close() right after issuing: the queued allreduce must still run on every rank, whichever
+  // rank's progress thread gets to it first.
+  auto transports = pycomm::CreateLoopbackTransports(P);
+  std::vector<std::vector<int64_t>> bufs(P, std::vector<int64_t>(1000));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < P; ++r) {
+    threads.emplace_back([&, r, t = std::move(transports[r])]() mutable {
+      auto comm = Communicator::FromTransport(std::move(t));
+      bufs[r].assign(1000, r + 1);
+      comm->AllreduceAsync(bufs[r].data(), bufs[r].data(), 1000, DataType::kInt64, ReduceOp::kSum);
+      comm->Close();
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < P; ++r) Expect(bufs[r] == std::vector<int64_t>(1000, P * (P + 1) / 2), "close runs queued work");
+}
+
+void TestTimeout() {
+  // Rank 1 never joins: rank 0 must get PeerError naming rank 1, not hang.
+  auto transports = pycomm::CreateLoopbackTransports(2);
+  pycomm::Options options;
+  options.timeout_s = 0.2;
+  auto comm = Communicator::FromTransport(std::move(transports[0]), options);
+  int64_t x = 1;
+  bool peer_error = false;
+  try {
+    comm->Allreduce(&x, &x, 1, DataType::kInt64, ReduceOp::kSum);
+  } catch (const pycomm::PeerError& e) {
+    peer_error = e.peer() == 1;
+  }
+  Expect(peer_error, "a silent peer gives PeerError naming it");
+  bool refused = false;
+  try {
+    comm->Barrier();
+  } catch (const pycomm::CommError& e) {
+    refused = std::string(e.what()).find("unusable") != std::string::npos;
+  }
+  Expect(refused, "a communicator refuses calls after a peer error");
+}
+
+}  // namespace
+
+int main() {
+  const size_t chunks[] = {8, 24, 4096, size_t{1} << 20};
+  for (int P = 1; P <= 5; ++P) {
+    for (size_t chunk : chunks) {
+      for (size_t n : {size_t{0}, size_t{1}, size_t{2}, size_t{3}, size_t{5}, size_t{17}, size_t{1000}, size_t{4099}}) {
+        TestAllreduce(P, n, chunk, false);
+        TestAllreduce(P, n, chunk, true);
+      }
+      TestFloatBitwiseIdentical(P, 1001, chunk);
+      for (size_t block : {size_t{0}, size_t{1}, size_t{7}, size_t{300}}) TestReduceScatterAllgather(P, block, chunk);
+      for (size_t n : {size_t{0}, size_t{1}, size_t{333}}) TestBroadcast(P, n, chunk);
+    }
+    TestAsyncOrder(P);
+    TestCloseRunsQueuedWork(P);
+  }
+  TestTimeout();
+  std::printf("%d passed, %d failed\n", g_passed, g_failed);
+  return g_failed ? 1 : 0;
+}

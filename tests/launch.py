@@ -1,0 +1,42 @@
+"""Runs a worker script under `mpirun -n P`, bounded by a timeout, so a bug fails instead of hanging."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+WORKERS = Path(__file__).parent / "workers"
+DEFAULT_TIMEOUT_S = 120
+
+
+def mpirun_path() -> str:
+    # The mpich wheel installs mpirun next to the interpreter; prefer it over any other on PATH.
+    local = Path(sys.executable).parent / "mpirun"
+    return str(local) if local.exists() else (shutil.which("mpirun") or "mpirun")
+
+
+def run_mpi(nprocs: int, worker: str, *args, timeout: float = DEFAULT_TIMEOUT_S, env=None, check=True):
+    """Runs tests/workers/<worker> (or `python -c args[0]` for worker "-c") on `nprocs` ranks.
+
+    With check=True a non-zero exit or a timeout fails the calling test, showing every rank's
+    output (each line prefixed with its rank).
+    """
+    target = [worker] if worker == "-c" else [str(WORKERS / worker)]
+    cmd = [mpirun_path(), "-n", str(nprocs), "-prepend-rank", sys.executable, *target, *map(str, args)]
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    # A session of its own lets a timeout kill mpirun and every rank it started.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{output}") from None
+    result = subprocess.CompletedProcess(cmd, proc.returncode, output, "")
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit code {proc.returncode}: {' '.join(cmd)}\n{output}")
+    return result

@@ -1,0 +1,149 @@
+"""The Python API in one process (a size-1 communicator): results, argument checks, settings."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import pycomm
+from pycomm import settings
+
+
+@pytest.fixture
+def comm():
+    with pycomm.Communicator() as c:
+        yield c
+
+
+def test_attributes(comm):
+    assert (comm.rank, comm.size, comm.local_rank, comm.local_size) == (0, 1, 0, 1)
+    assert "rank 0 of 1" in repr(comm)
+
+
+@pytest.mark.parametrize("op", ["sum", "prod", "min", "max", "avg", pycomm.ReduceOp.MAX, "SUM"])
+def test_allreduce_single_rank_is_identity(comm, op):
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    y = comm.allreduce(x, op=op)
+    assert y is not x and y.shape == x.shape and y.dtype == x.dtype
+    assert np.array_equal(y, x)
+
+
+def test_allreduce_out_and_in_place(comm):
+    x = np.arange(5, dtype=np.int64)
+    out = np.zeros(5, np.int64)
+    assert comm.allreduce(x, out=out) is out and np.array_equal(out, x)
+    assert comm.allreduce(x, out=x) is x
+
+
+def test_bfloat16_and_empty(comm):
+    x = np.ones(3, ml_dtypes.bfloat16)
+    assert comm.allreduce(x).dtype == x.dtype
+    assert comm.allreduce(np.zeros((0, 4), np.float64)).shape == (0, 4)
+
+
+def test_async(comm):
+    x = np.ones(100, np.float32)
+    work = comm.allreduce_async(x, op="avg")
+    y = work.wait()
+    assert work.done() and np.array_equal(y, x)
+
+
+def test_reduce_scatter_allgather_broadcast_barrier(comm):
+    x = np.arange(6, dtype=np.int32).reshape(3, 2)
+    assert np.array_equal(comm.reduce_scatter(x), x)
+    assert np.array_equal(comm.allgather(x), x)
+    assert comm.allgather(np.array(5)).shape == (1,)
+    assert comm.broadcast(x) is x
+    comm.barrier()
+
+
+def test_close_is_idempotent_and_final():
+    comm = pycomm.Communicator()
+    comm.close()
+    comm.close()
+    assert "closed" in repr(comm)
+    for call in (
+        lambda: comm.allreduce(np.ones(2)),
+        lambda: comm.allreduce_async(np.ones(2)),
+        lambda: comm.reduce_scatter(np.ones(2)),
+        lambda: comm.allgather(np.ones(2)),
+        lambda: comm.broadcast(np.ones(2)),
+        comm.barrier,
+    ):
+        with pytest.raises(pycomm.CommError, match="closed"):
+            call()
+
+
+def _read_only(a):
+    a.setflags(write=False)
+    return a
+
+
+BAD_INPUTS = [
+    ("a list", lambda c: c.allreduce([1.0, 2.0]), TypeError),
+    ("object dtype", lambda c: c.allreduce(np.array([1, "a"], dtype=object)), TypeError),
+    ("structured dtype", lambda c: c.allreduce(np.zeros(3, dtype=[("a", "f4"), ("b", "i4")])), TypeError),
+    ("complex dtype", lambda c: c.allreduce(np.zeros(3, np.complex64)), TypeError),
+    ("bool dtype", lambda c: c.allreduce(np.zeros(3, bool)), TypeError),
+    ("byte-swapped dtype", lambda c: c.allreduce(np.zeros(3, ">f4")), TypeError),
+    ("non-contiguous x", lambda c: c.allreduce(np.zeros((4, 4), np.float32)[:, 1]), ValueError),
+    ("read-only out", lambda c: c.allreduce(np.zeros(3), out=_read_only(np.zeros(3))), ValueError),
+    ("out of another shape", lambda c: c.allreduce(np.zeros(3), out=np.zeros(4)), ValueError),
+    ("out of another dtype", lambda c: c.allreduce(np.zeros(3), out=np.zeros(3, np.float32)), TypeError),
+    ("non-contiguous out", lambda c: c.allreduce(np.zeros(2), out=np.zeros(4)[::2]), ValueError),
+    ("out overlapping x", lambda c: (lambda b: c.allreduce(b[:4], out=b[1:5]))(np.zeros(5)), ValueError),
+    ("unknown op", lambda c: c.allreduce(np.zeros(3), op="xor"), ValueError),
+    ("op of wrong type", lambda c: c.allreduce(np.zeros(3), op=7), ValueError),
+    ("avg of integers", lambda c: c.allreduce(np.zeros(3, np.int32), op="avg"), ValueError),
+    ("async avg of integers", lambda c: c.allreduce_async(np.zeros(3, np.int32), op="avg"), ValueError),
+    ("reduce_scatter of a 0-d array", lambda c: c.reduce_scatter(np.zeros(())), ValueError),
+    ("allgather into a wrong out", lambda c: c.allgather(np.zeros(3), out=np.zeros(2)), ValueError),
+    ("negative root", lambda c: c.broadcast(np.zeros(3), root=-1), ValueError),
+    ("root past the last rank", lambda c: c.broadcast(np.zeros(3), root=1), ValueError),
+    ("root of wrong type", lambda c: c.broadcast(np.zeros(3), root="0"), TypeError),
+    ("read-only broadcast buffer", lambda c: c.broadcast(np.frombuffer(b"12345678", np.uint8)), ValueError),
+]
+
+
+@pytest.mark.parametrize("what,call,error", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises_and_leaves_communicator_usable(comm, what, call, error):
+    with pytest.raises(error, match="pycomm"):
+        call(comm)
+    assert np.array_equal(comm.allreduce(np.ones(3)), np.ones(3))
+
+
+def test_not_a_communicator():
+    with pytest.raises(TypeError, match="intracommunicator"):
+        pycomm.Communicator("world")
+
+
+def test_settings_from_keywords_and_environment(monkeypatch):
+    monkeypatch.setenv("PYCOMM_TIMEOUT", "12.5")
+    monkeypatch.setenv("PYCOMM_CHUNK_BYTES", "64K")
+    with pycomm.Communicator() as c:
+        assert (c.timeout, c.chunk_bytes) == (12.5, 64 << 10)
+    with pycomm.Communicator(timeout=3, chunk_bytes=256) as c:
+        assert (c.timeout, c.chunk_bytes) == (3, 256)
+
+
+@pytest.mark.parametrize(
+    "name,value", [("PYCOMM_TIMEOUT", "soon"), ("PYCOMM_TIMEOUT", "-1"), ("PYCOMM_CHUNK_BYTES", "4")]
+)
+def test_bad_settings(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="pycomm"):
+        pycomm.Communicator()
+
+
+def test_parse_size():
+    assert [settings.parse_size(s) for s in ("8", "64K", "1M", "1MiB", "2G", 5)] == [
+        8,
+        65536,
+        1 << 20,
+        1 << 20,
+        2 << 30,
+        5,
+    ]
+
+
+def test_build_and_runtime_mpi_agree():
+    assert pycomm.BUILD_MPI.split()[0].lower() in pycomm.RUNTIME_MPI.lower()

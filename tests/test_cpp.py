@@ -1,0 +1,32 @@
+"""The C++ tier: ranks as threads over the loopback transport (tests/cpp), built with CMake."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cpp_tests(tmp_path_factory):
+    cmake = shutil.which("cmake")
+    assert cmake, "cmake is needed to build the C++ tests"
+    build = tmp_path_factory.mktemp("cpp-tests")
+    configure = [cmake, "-S", str(ROOT), "-B", str(build), "-DPYCOMM_BUILD_PYTHON=OFF", "-DPYCOMM_BUILD_TESTS=ON"]
+    if os.environ.get("PYCOMM_SANITIZE"):
+        configure.append("-DPYCOMM_SANITIZE=ON")
+    subprocess.run(configure, check=True, capture_output=True, timeout=300)
+    built = subprocess.run(
+        [cmake, "--build", str(build), "-j2"], capture_output=True, text=True, timeout=600, check=True
+    )
+    assert "warning" not in built.stdout + built.stderr, built.stdout + built.stderr
+    return build / "pycomm_cpp_tests"
+
+
+def test_collectives_over_loopback(cpp_tests):
+    result = subprocess.run([str(cpp_tests)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " 0 failed" in result.stdout

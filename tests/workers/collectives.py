@@ -1,0 +1,154 @@
+"""Correctness of every collective against a numpy reference; run under mpirun by the tests.
+
+usage: collectives.py MODE [DTYPE ...]
+"""
+
+import sys
+
+import numpy as np
+from common import OPS, Failures, make_input, matches, np_dtype, reference, same_on_all_ranks
+from mpi4py import MPI
+
+import pycomm
+
+world = MPI.COMM_WORLD
+P, RANK = world.size, world.rank
+# Sizes: empty, one element, fewer elements than ranks, primes, not divisible by P, and several
+# chunks of every chunk size used below.
+SIZES = sorted({0, 1, 2, 3, P - 1, P + 1, 7, 13, 97, 1000, 4099})
+# 8 bytes is one element of the widest type: the most chunks, the most pipeline edge cases.
+CHUNKS = (8, 64, 1 << 20)
+
+
+def check_allreduce(comm, dtypes, failures):
+    for name in dtypes:
+        dtype = np_dtype(name)
+        for op in OPS:
+            if op == "avg" and dtype.kind in "iu":
+                continue
+            for n in SIZES:
+                inputs = [make_input(q, n, dtype, op) for q in range(P)]
+                x = inputs[RANK].copy()
+                case = f"allreduce {name} {op} n={n} chunk={comm.chunk_bytes}"
+                y = comm.allreduce(x, op=op)
+                failures.check(matches(y, inputs, dtype, op), f"{case} out-of-place: {y[:4]}")
+                failures.check(np.array_equal(x.view(np.uint8), inputs[RANK].view(np.uint8)), f"{case}: x modified")
+                failures.check(same_on_all_ranks(y), f"{case}: ranks differ")
+                out = np.full_like(x, 7)
+                comm.allreduce(x, op=op, out=out)
+                failures.check(np.array_equal(out.view(np.uint8), y.view(np.uint8)), f"{case} out=: differs")
+                comm.allreduce(x, op=op, out=x)
+                failures.check(np.array_equal(x.view(np.uint8), y.view(np.uint8)), f"{case} in place: differs")
+                # Shapes other than 1-D reduce the same elements.
+                if n == 1000:
+                    z = comm.allreduce(inputs[RANK].reshape(10, 4, 25), op=op)
+                    failures.check(
+                        z.shape == (10, 4, 25) and np.array_equal(z.ravel().view(np.uint8), y.view(np.uint8)),
+                        f"{case}: 3-d differs",
+                    )
+
+
+def check_other_collectives(comm, dtypes, failures):
+    for name in dtypes:
+        dtype = np_dtype(name)
+        for rows in (0, 1, 5, 33):
+            # reduce_scatter: this rank gets block RANK of the reduction.
+            for op in ("sum", "max") + (("avg",) if dtype.kind == "f" or name == "bfloat16" else ()):
+                inputs = [make_input(q, rows * P * 3, dtype, op).reshape(rows * P, 3) for q in range(P)]
+                block = comm.reduce_scatter(inputs[RANK], op=op)
+                full = reference([x.ravel() for x in inputs], dtype, op).reshape(rows * P, 3)
+                want = full[RANK * rows : (RANK + 1) * rows]
+                ok = block.shape == (rows, 3) and matches_block(block, inputs, dtype, op, rows)
+                failures.check(ok, f"reduce_scatter {name} {op} rows={rows}: {block.ravel()[:4]} vs {want.ravel()[:4]}")
+            # allgather: every rank's block, in rank order.
+            x = make_input(RANK, rows * 2, dtype, "sum").reshape(rows, 2)
+            gathered = comm.allgather(x)
+            want = np.concatenate([make_input(q, rows * 2, dtype, "sum").reshape(rows, 2) for q in range(P)])
+            failures.check(
+                np.array_equal(gathered.view(np.uint8), want.view(np.uint8)), f"allgather {name} rows={rows}"
+            )
+        for root in range(P):
+            for n in (0, 1, 100, 5000):
+                buf = make_input(RANK + 10, n, dtype, "sum")
+                comm.broadcast(buf, root=root)
+                want = make_input(root + 10, n, dtype, "sum")
+                failures.check(
+                    np.array_equal(buf.view(np.uint8), want.view(np.uint8)), f"broadcast {name} root={root} n={n}"
+                )
+    g = comm.allgather(np.array(RANK, np.int64))
+    failures.check(g.tolist() == list(range(P)), f"allgather of 0-d: {g}")
+    comm.barrier()
+
+
+def matches_block(block, inputs, dtype, op, rows):
+    parts = [x[RANK * rows : (RANK + 1) * rows].ravel() for x in inputs]
+    return matches(block.ravel(), parts, dtype, op)
+
+
+def check_stress(comm, failures):
+    """200 back-to-back calls of mixed sizes, dtypes and ops, then async calls waited in reverse."""
+    rng = np.random.default_rng(1)
+    for i in range(200):
+        n = int(rng.choice([1, 3, 50, 1000, 20000, 300000]))
+        name = str(rng.choice(["float32", "int32", "float64", "bfloat16"]))
+        op = "sum" if i % 3 else "max"
+        dtype = np_dtype(name)
+        inputs = [make_input(q, n, dtype, op, seed=i) for q in range(P)]
+        y = comm.allreduce(inputs[RANK], op=op)
+        failures.check(matches(y, inputs, dtype, op), f"stress call {i}: {name} {op} n={n}")
+    works = []
+    for i in range(8):
+        n = 1000 * (i + 1) + i
+        inputs = [make_input(q, n, np.dtype(np.float32), "sum", seed=100 + i) for q in range(P)]
+        out = np.empty(n, np.float32)
+        works.append((comm.allreduce_async(inputs[RANK], op="sum", out=out), out, inputs))
+    # A blocking call issued behind the async ones must run after them.
+    y = comm.allreduce(np.full(5, RANK + 1.0))
+    failures.check(np.array_equal(y, np.full(5, P * (P + 1) / 2)), "blocking call after async ones")
+    for work, out, inputs in reversed(works):
+        failures.check(work.done(), "async work not done after a later blocking call returned")
+        failures.check(work.wait() is out and matches(out, inputs, np.dtype(np.float32), "sum"), "async result")
+    works = [comm.allreduce_async(np.full(100, float(RANK + i)), op="max") for i in range(6)]
+    for i, work in reversed(list(enumerate(works))):
+        failures.check(np.array_equal(work.wait(), np.full(100, float(P - 1 + i))), f"async max #{i}")
+
+
+def check_large_count(failures):
+    """More than 2**31 elements: neither MPI's int counts nor any int in the engine may truncate."""
+    n = 2**31 + 3
+    comm = pycomm.Communicator(chunk_bytes=64 << 20)
+    x = np.ones(n, np.int8)
+    x[-1] = RANK + 1
+    comm.allreduce(x, out=x)
+    failures.check(bool(x[0] == P and x[2**31] == P), f"large allreduce head {x[:2]} / past 2**31 {x[2**31]}")
+    failures.check(int(x[-1]) == P * (P + 1) // 2, f"large allreduce tail {x[-1]}")
+    # Checked in pieces: a full np.all over 2 GiB would double peak memory.
+    head = x[: n - 1]
+    bad = sum(int(np.count_nonzero(head[i : i + (1 << 28)] != P)) for i in range(0, n - 1, 1 << 28))
+    failures.check(bad == 0, f"large allreduce: {bad} wrong elements")
+    comm.close()
+
+
+def main():
+    mode, dtypes = sys.argv[1], sys.argv[2:] or list(pycomm.SUPPORTED_DTYPES)
+    failures = Failures()
+    if mode == "allreduce":
+        for chunk in CHUNKS:
+            with pycomm.Communicator(chunk_bytes=chunk) as comm:
+                check_allreduce(comm, dtypes, failures)
+    elif mode == "others":
+        for chunk in (8, 1 << 20):
+            with pycomm.Communicator(chunk_bytes=chunk) as comm:
+                check_other_collectives(comm, dtypes, failures)
+    elif mode == "stress":
+        with pycomm.Communicator(chunk_bytes=4096) as comm:
+            check_stress(comm, failures)
+    elif mode == "large":
+        check_large_count(failures)
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+    failures.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Bad input on one rank, exit without close, several communicators; run under mpirun by the tests.
+
+usage: lifecycle.py MODE
+"""
+
+import sys
+
+import numpy as np
+from common import Failures
+from mpi4py import MPI
+
+import pycomm
+
+world = MPI.COMM_WORLD
+P, RANK = world.size, world.rank
+
+
+def bad_input_on_one_rank(failures):
+    """Rank 0's bad calls raise before anything is sent, so the next good call still matches up."""
+    comm = pycomm.Communicator(chunk_bytes=64)
+    if RANK == 0:
+        for bad in (
+            lambda: comm.allreduce(np.zeros(10), out=np.zeros(11)),
+            lambda: comm.allreduce(np.zeros(10, np.int8), op="avg"),
+            lambda: comm.broadcast(np.zeros(10), root=P),
+            lambda: comm.reduce_scatter(np.zeros(P * 2 + 1)) if P > 1 else comm.reduce_scatter(np.zeros(())),
+        ):
+            try:
+                bad()
+                failures.check(False, "bad input did not raise")
+            except (TypeError, ValueError):
+                failures.check(True, "")
+    y = comm.allreduce(np.full(1000, RANK, np.int64))
+    failures.check(bool(np.all(y == P * (P - 1) // 2)), f"good call after bad input: {y[:3]}")
+    comm.close()
+
+
+def exit_with_work_in_flight(failures):
+    """Async work never waited and a communicator never closed: the interpreter still exits cleanly."""
+    comm = pycomm.Communicator()
+    x = np.ones(1 << 20, np.float32)
+    comm.allreduce_async(x, out=x)
+    failures.check(True, "")
+
+
+def communicators_on_sub_communicators(failures):
+    """A communicator per mpi4py sub-communicator (split, dup) beside one on the world."""
+    world_comm = pycomm.Communicator()
+    half = world.Split(RANK % 2, RANK)
+    sub = pycomm.Communicator(half)
+    dup = pycomm.Communicator(world.Dup())
+    y = sub.allreduce(np.array([RANK], np.int64))
+    failures.check(int(y[0]) == sum(r for r in range(P) if r % 2 == RANK % 2), f"split allreduce {y}")
+    failures.check(sub.size == half.size and sub.rank == half.rank, "split size/rank")
+    z = dup.allreduce(np.array([1.0]))
+    w = world_comm.allreduce(np.array([2.0]))
+    failures.check(z[0] == P and w[0] == 2 * P, f"dup {z} world {w}")
+    # The application's own MPI traffic on the parent communicator is not disturbed by pycomm's.
+    failures.check(world.allreduce(RANK) == P * (P - 1) // 2, "application MPI traffic")
+    for c in (world_comm, sub, dup):
+        c.close()
+
+
+def main():
+    failures = Failures()
+    {
+        "bad-input": bad_input_on_one_rank,
+        "exit-in-flight": exit_with_work_in_flight,
+        "sub-communicators": communicators_on_sub_communicators,
+    }[sys.argv[1]](failures)
+    failures.finish()
+
+
+if __name__ == "__main__":
+    main()
