@@ -32,11 +32,12 @@ def as_output(out, shape: tuple, dtype: np.dtype, what: str = "out") -> np.ndarr
 
 
 def address(a: np.ndarray) -> int:
-    return a.__array_interface__["data"][0]
+    return a.ctypes.data
 
 
 def check_no_partial_overlap(x: np.ndarray, out: np.ndarray) -> None:
     """In place (out is x's memory exactly) is fine; any other overlap would corrupt the result."""
+    if out is x or not np.may_share_memory(x, out):
+        return
     if address(x) != address(out) or x.nbytes != out.nbytes:
-        if x.nbytes and out.nbytes and np.may_share_memory(x, out):
-            raise ValueError("pycomm: out overlaps x without being the same memory")
+        raise ValueError("pycomm: out overlaps x without being the same memory")

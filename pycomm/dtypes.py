@@ -20,8 +20,19 @@ SUPPORTED = tuple(_CODES)
 FLOATING = ("float16", "bfloat16", "float32", "float64")
 
 
+# dtype objects seen before -> code; dtype.name costs microseconds, a dict hit does not.
+_CODE_CACHE = {}
+
+
 def dtype_code(dtype: np.dtype) -> int:
     """Returns the native code of `dtype`; TypeError if pycomm cannot reduce it."""
+    code = _CODE_CACHE.get(dtype)
+    if code is None:
+        code = _CODE_CACHE[dtype] = _lookup(dtype)
+    return code
+
+
+def _lookup(dtype: np.dtype) -> int:
     code = _CODES.get(dtype.name)
     if code is None or dtype.fields is not None:
         raise TypeError(f"pycomm: dtype {dtype} is not supported; use one of {', '.join(SUPPORTED)}")

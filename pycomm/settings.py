@@ -46,7 +46,11 @@ def debug(value=None) -> bool:
 
 def parse_size(raw) -> int:
     """'8', '64K', '1M', '2G' -> bytes (powers of 1024)."""
+    if isinstance(raw, bool):
+        raise ValueError(f"pycomm: cannot read {raw!r} as a size in bytes")
     if isinstance(raw, int):
+        if raw < 0:
+            raise ValueError(f"pycomm: a size in bytes cannot be negative, got {raw}")
         return raw
     text = str(raw).strip().upper().removesuffix("B").removesuffix("I")
     scale = 1
@@ -55,6 +59,9 @@ def parse_size(raw) -> int:
             text, scale = text[:-1], factor
             break
     try:
-        return int(float(text) * scale)
+        value = float(text) * scale
     except ValueError:
-        raise ValueError(f"pycomm: cannot read {raw!r} as a size in bytes") from None
+        value = float("nan")
+    if not (0 <= value < float("inf") and value == int(value)):
+        raise ValueError(f"pycomm: cannot read {raw!r} as a whole, non-negative size in bytes")
+    return int(value)

@@ -145,5 +145,17 @@ def test_parse_size():
     ]
 
 
+@pytest.mark.parametrize("bad", ["-1", "1.5", "inf", "nan", "lots", True, -3])
+def test_parse_size_rejects(bad):
+    with pytest.raises(ValueError, match="pycomm"):
+        settings.parse_size(bad)
+
+
+def test_debug_lines_are_rank_prefixed(capfd):
+    with pycomm.Communicator(debug=True) as c:
+        c.allreduce(np.ones(10, np.float32))
+    assert "r0 | allreduce #1 float32 x 10 sum" in capfd.readouterr().err
+
+
 def test_build_and_runtime_mpi_agree():
     assert pycomm.BUILD_MPI.split()[0].lower() in pycomm.RUNTIME_MPI.lower()

@@ -46,6 +46,7 @@ class CommunicatorImpl : public Communicator {
 
   void Allreduce(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op) override {
     CheckOp(dtype, op);
+    Trace("allreduce", count, dtype, ReduceOpName(op));
     Execute([=] { DoAllreduce(send, recv, count, dtype, op); });
   }
 
@@ -53,11 +54,13 @@ class CommunicatorImpl : public Communicator {
                                        ReduceOp op) override {
     CheckOp(dtype, op);
     CheckUsable();
+    Trace("allreduce_async", count, dtype, ReduceOpName(op));
     return executor_->Submit([=] { Guarded([&] { DoAllreduce(send, recv, count, dtype, op); }); });
   }
 
   void ReduceScatter(const void* send, void* recv, size_t recv_count, DataType dtype, ReduceOp op) override {
     CheckOp(dtype, op);
+    Trace("reduce_scatter", recv_count, dtype, ReduceOpName(op));
     Execute([=] {
       if (size() == 1) return Copy(send, recv, recv_count * DataTypeSize(dtype));
       ReduceScatterRing(Context(), send, recv, recv_count, dtype, op);
@@ -66,6 +69,7 @@ class CommunicatorImpl : public Communicator {
 
   void Allgather(const void* send, void* recv, size_t send_count, DataType dtype) override {
     DataTypeSize(dtype);  // rejects unknown dtypes
+    Trace("allgather", send_count, dtype, "-");
     Execute([=] { AllgatherRing(Context(), send, recv, send_count, dtype); });
   }
 
@@ -75,12 +79,14 @@ class CommunicatorImpl : public Communicator {
                                   std::to_string(size()) + " communicator");
     }
     const size_t bytes = count * DataTypeSize(dtype);
+    Trace("broadcast", count, dtype, ("root " + std::to_string(root)).c_str());
     Execute([=] {
       if (size() > 1 && bytes) BroadcastChain(Context(), buf, bytes, root);
     });
   }
 
   void Barrier() override {
+    Trace("barrier", 0, DataType::kUInt8, "-");
     Execute([=] {
       if (size() > 1) BarrierDissemination(Context());
     });
@@ -151,6 +157,12 @@ class CommunicatorImpl : public Communicator {
     return CollectiveContext{*transport_, options_.chunk_bytes, options_.timeout_s, scratch_.data()};
   }
 
+  // One debug line per call, numbered in issue order: "r1 | allreduce #3 float32 x 10 sum".
+  void Trace(const char* what, size_t count, DataType dtype, const char* detail) {
+    uint64_t seq = ++calls_;
+    Debug("%s #%llu %s x %zu %s", what, static_cast<unsigned long long>(seq), DataTypeName(dtype), count, detail);
+  }
+
   template <typename... Args>
   void Debug(const char* fmt, Args... args) const {
     if (!options_.debug) return;
@@ -164,6 +176,7 @@ class CommunicatorImpl : public Communicator {
   std::vector<char> scratch_;
   std::unique_ptr<Executor> executor_;
   std::mutex close_mu_;
+  std::atomic<uint64_t> calls_{0};
   std::atomic<bool> closed_{false};
   std::atomic<bool> broken_{false};
   std::string broken_reason_;

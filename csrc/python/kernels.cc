@@ -23,9 +23,12 @@ void RegisterKernels(py::module_& m) {
   m.def(
       "scale_down_kernel",
       [](uintptr_t buf, size_t n, int dtype, int divisor) {
+        if (dtype < 0 || dtype >= kNumDataTypes || divisor <= 0) {
+          throw py::value_error("pycomm: unknown dtype code or non-positive divisor");
+        }
         ScaleDown(reinterpret_cast<void*>(buf), n, static_cast<DataType>(dtype), divisor);
       },
-      "buf /= divisor over n elements (testing hook)");
+      py::call_guard<py::gil_scoped_release>(), "buf /= divisor over n elements (testing hook)");
 }
 
 }  // namespace pycomm::python

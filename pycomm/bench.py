@@ -1,0 +1,530 @@
+"""Allreduce benchmark in the manner of nccl-tests' all_reduce_perf.
+
+    mpirun -n 2 python -m pycomm.bench -b 8 -e 256M -f 2 --vs mpi
+
+Every rank runs the same sweep; rank 0 prints the table. Each size is checked against the exact
+expected result before it is timed, so a fast but wrong engine cannot pass unnoticed (#wrong), and
+`--vs mpi` times MPI_Allreduce on the same buffers in the same run, because a speed-up only means
+something against a baseline measured side by side. See bench/README.md.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import socket
+import statistics
+import sys
+import time
+from fractions import Fraction
+
+import ml_dtypes
+import numpy as np
+from mpi4py import MPI
+from mpi4py.util.dtlib import from_numpy_dtype
+
+import pycomm
+from pycomm.dtypes import is_floating
+from pycomm.ops import ReduceOp, parse_op
+from pycomm.settings import parse_size
+
+# Adaptive iteration counts aim at this much timed work per size and repeat.
+TARGET_SECONDS = 0.25
+PROBE_SECONDS = 0.02
+MIN_ITERS = 5
+MAX_ITERS = 1000
+
+# Inputs repeat with this period along the array. 7 is prime, so a block of data landing at a
+# wrong offset (chunks and ring segments are mostly powers of two long) almost never matches.
+PERIOD = 7
+# Fill and check in blocks of whole periods, so checking needs no full-size temporary arrays.
+BLOCK_ELEMS = PERIOD * (1 << 15)
+
+_MPI_OPS = {
+    ReduceOp.SUM: MPI.SUM,
+    ReduceOp.PROD: MPI.PROD,
+    ReduceOp.MIN: MPI.MIN,
+    ReduceOp.MAX: MPI.MAX,
+    ReduceOp.AVG: MPI.SUM,  # MPI has no average; its sum does the same communication
+}
+
+
+# -- expected values ---------------------------------------------------------------------------
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def _exact_bound(dtype: np.dtype) -> int:
+    """Largest B such that every integer of magnitude up to B is exact in dtype."""
+    if is_floating(dtype):
+        return 2 ** (ml_dtypes.finfo(dtype).nmant + 1)
+    info = np.iinfo(dtype)
+    return int(info.max) if info.min == 0 else min(int(info.max), -int(info.min))
+
+
+def _is_exact(value, dtype: np.dtype) -> bool:
+    stored = np.array([float(value)]).astype(dtype)[0]
+    return Fraction(value) == Fraction(float(stored) if is_floating(dtype) else int(stored))
+
+
+def _candidates(op: ReduceOp, signed: bool, size: int):
+    """Input rules value(rank, phase), richest first; the first whose result is exact is used.
+
+    Values are small integers that depend on the rank and on the position along the array, so
+    every partial result of any reduction order is exact and a wrong rank, offset or operator
+    shows up as a wrong element.
+    """
+    if op in (ReduceOp.MIN, ReduceOp.MAX):
+        yield lambda r, a: (a + 3 * r) % PERIOD - (3 if signed else 0)
+    elif op == ReduceOp.PROD:
+        yield lambda r, a: 2 if (a + r) % 3 == 0 else (-1 if signed and (a + 2 * r) % 5 == 0 else 1)
+        yield lambda r, a: 2 if r == a else 1
+    elif op == ReduceOp.AVG:
+        yield lambda r, a: a + (a + r) % size - 3  # sums to size * (a - 3) + size * (size - 1) / 2
+        yield lambda r, a: a - 3
+    else:
+        for m in range(PERIOD, 1, -1):
+            yield lambda r, a, m=m: (a + r) % m - (m // 2 if signed else 0)
+    yield lambda r, a: 1 if op == ReduceOp.PROD else 0
+
+
+def _reduce_exact(op: ReduceOp, values: list):
+    if op == ReduceOp.PROD:
+        return math.prod(values)
+    if op == ReduceOp.MIN:
+        return min(values)
+    if op == ReduceOp.MAX:
+        return max(values)
+    if op == ReduceOp.AVG:
+        return Fraction(sum(values), len(values))
+    return sum(values)
+
+
+def input_tables(op: ReduceOp, dtype: np.dtype, size: int, rank: int):
+    """Returns (this rank's input over one period, the exact result over one period)."""
+    bound = _exact_bound(dtype)
+    signed = not dtype.name.startswith("uint")
+    for rule in _candidates(op, signed, size):
+        ok = True
+        mine, expected = [], []
+        for a in range(PERIOD):
+            values = [rule(r, a) for r in range(size)]
+            # Magnitudes bound every partial result, whatever order the engine reduces in.
+            magnitudes = [abs(v) for v in values]
+            if op == ReduceOp.PROD:
+                worst = math.prod(magnitudes)
+            elif op in (ReduceOp.MIN, ReduceOp.MAX):
+                worst = max(magnitudes)
+            else:
+                worst = sum(magnitudes)
+            result = _reduce_exact(op, values)
+            if worst > bound or not _is_exact(result, dtype):
+                ok = False
+                break
+            mine.append(values[rank])
+            expected.append(float(result) if is_floating(dtype) else int(result))
+        if ok:
+            return np.array(mine, dtype=dtype), np.array(expected, dtype=dtype)
+    raise AssertionError("unreachable: the last candidate is constant")
+
+
+def fill_periodic(buf: np.ndarray, table: np.ndarray) -> None:
+    block = np.resize(table, min(BLOCK_ELEMS, buf.size))
+    for start in range(0, buf.size, BLOCK_ELEMS):
+        part = buf[start : start + BLOCK_ELEMS]
+        part[...] = block[: part.size]
+
+
+def count_wrong(buf: np.ndarray, table: np.ndarray) -> int:
+    block = np.resize(table, min(BLOCK_ELEMS, buf.size))
+    wrong = 0
+    for start in range(0, buf.size, BLOCK_ELEMS):
+        part = buf[start : start + BLOCK_ELEMS]
+        wrong += int(np.count_nonzero(part != block[: part.size]))
+    return wrong
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+
+def time_calls(call, iters: int, world) -> float:
+    """Seconds per call of the slowest rank: a collective is only done when its last rank is."""
+    world.Barrier()
+    start = time.perf_counter()
+    for _ in range(iters):
+        call()
+    per_call = (time.perf_counter() - start) / iters
+    return world.allreduce(per_call, op=MPI.MAX)
+
+
+def choose_iters(call, world) -> int:
+    """Extrapolates from a short probe. Rank 0 decides and broadcasts, because every rank must
+    make the same number of calls or the collectives stop matching."""
+    n = 1
+    while True:
+        per_call = time_calls(call, n, world)
+        if per_call * n >= PROBE_SECONDS or n >= MAX_ITERS:
+            break
+        n *= 4
+    iters = None
+    if world.rank == 0:
+        iters = int(min(MAX_ITERS, max(MIN_ITERS, TARGET_SECONDS / max(per_call, 1e-9))))
+    return world.bcast(iters, root=0)
+
+
+def default_warmup(iters: int) -> int:
+    return max(1, iters // 10)
+
+
+class Measurement:
+    """One engine's calls on one size: iteration count, warm-up, and the per-repeat times."""
+
+    def __init__(self, call, args, world):
+        self.call = call
+        self.iters = args.iters or choose_iters(call, world)
+        self.warmup = args.warmup if args.warmup is not None else default_warmup(self.iters)
+        self.times = []
+
+    def warm(self) -> None:
+        for _ in range(self.warmup):
+            self.call()
+
+    def repeat(self, world) -> None:
+        self.times.append(time_calls(self.call, self.iters, world))
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.times)
+
+
+def mpi_has_dtype(dtype: np.dtype) -> bool:
+    try:
+        from_numpy_dtype(dtype)
+    except (ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def bus_factor(size: int) -> float:
+    # nccl-tests' convention: a ring moves 2(P-1)/P of the data over each link, 0 at P=1.
+    return 2.0 * (size - 1) / size
+
+
+# -- the sweep ---------------------------------------------------------------------------------
+
+
+def sizes_in_elements(args, itemsize: int) -> list:
+    counts, size = [], args.min_bytes
+    while size <= args.max_bytes:
+        count = size // itemsize
+        if count and (not counts or count != counts[-1]):  # smaller than one element: skip
+            counts.append(count)
+        size = max(size + 1, int(size * args.factor))
+    return counts
+
+
+def run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok) -> dict:
+    # Buffers live for one size only, so at most two max-size arrays exist per rank.
+    x = np.empty(count, dtype)
+    y = x if args.in_place else np.empty(count, dtype)
+    fill_periodic(x, mine)
+
+    def pycomm_call():
+        comm.allreduce(x, op=op, out=y)
+
+    mpi_op = _MPI_OPS[op]
+    send = MPI.IN_PLACE if args.in_place else x
+
+    def mpi_call():
+        world.Allreduce(send, y, op=mpi_op)
+
+    # Correctness first, on freshly filled inputs; in place, the timed loops overwrite them.
+    pycomm_call()
+    wrong = world.allreduce(count_wrong(y, expected), op=MPI.SUM) if args.check else None
+    engines = {"pycomm": Measurement(pycomm_call, args, world)}
+
+    mpi_wrong = None
+    if mpi_ok:
+        fill_periodic(x, mine)
+        mpi_call()
+        if args.check and op != ReduceOp.AVG:
+            mpi_wrong = world.allreduce(count_wrong(y, expected), op=MPI.SUM)
+        engines["mpi"] = Measurement(mpi_call, args, world)
+
+    for engine in engines.values():
+        engine.warm()
+    # Alternating the engines within each repeat spreads any drift of the machine over both.
+    for _ in range(args.repeats):
+        for engine in engines.values():
+            engine.repeat(world)
+
+    nbytes = count * dtype.itemsize
+    factor = bus_factor(world.size)
+    seconds = engines["pycomm"].seconds
+    row = {
+        "size": nbytes,
+        "count": count,
+        "type": args.dtype,
+        "redop": op.name.lower(),
+        "time_us": seconds * 1e6,
+        "algbw": nbytes / seconds / 1e9,
+        "busbw": nbytes / seconds / 1e9 * factor,
+        "wrong": wrong,
+        "iters": engines["pycomm"].iters,
+        "warmup": engines["pycomm"].warmup,
+        "times_us": [t * 1e6 for t in engines["pycomm"].times],
+    }
+    if "mpi" in engines:
+        mpi_seconds = engines["mpi"].seconds
+        row.update(
+            mpi_time_us=mpi_seconds * 1e6,
+            mpi_algbw=nbytes / mpi_seconds / 1e9,
+            mpi_busbw=nbytes / mpi_seconds / 1e9 * factor,
+            # Equals busbw / mpi_busbw, and stays defined at P=1 where both busbw are 0.
+            ratio=mpi_seconds / seconds,
+            mpi_wrong=mpi_wrong,
+            mpi_iters=engines["mpi"].iters,
+            mpi_times_us=[t * 1e6 for t in engines["mpi"].times],
+        )
+    if world.rank == 0:
+        print(format_row(row, args), flush=True)
+    return row
+
+
+# -- output ------------------------------------------------------------------------------------
+
+_COLUMNS = "{:>12} {:>12} {:>8} {:>6} {:>10} {:>11} {:>11} {:>7}"
+_MPI_COLUMNS = " {:>12} {:>10} {:>7}"
+
+
+def format_header(args) -> str:
+    names = ["size(B)", "count", "type", "redop", "time(us)", "algbw(GB/s)", "busbw(GB/s)", "#wrong"]
+    line = "#" + _COLUMNS.format(*names)[1:]
+    if args.vs == "mpi":
+        line += _MPI_COLUMNS.format("mpi_time(us)", "mpi_busbw", "ratio")
+    return line
+
+
+def format_row(row: dict, args) -> str:
+    wrong = "N/A" if row["wrong"] is None else str(row["wrong"])
+    line = _COLUMNS.format(
+        row["size"],
+        row["count"],
+        row["type"],
+        row["redop"],
+        f"{row['time_us']:.2f}",
+        f"{row['algbw']:.3f}",
+        f"{row['busbw']:.3f}",
+        wrong,
+    )
+    if args.vs == "mpi":
+        if "mpi_time_us" in row:
+            line += _MPI_COLUMNS.format(f"{row['mpi_time_us']:.2f}", f"{row['mpi_busbw']:.3f}", f"{row['ratio']:.2f}")
+        else:
+            line += _MPI_COLUMNS.format("N/A", "N/A", "N/A")
+    return line
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "cpu model"):
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def metadata(args, argv, comm, world) -> dict:
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "hostname": socket.gethostname(),
+        "P": world.size,
+        "command": f"mpirun -n {world.size} python -m pycomm.bench {shlex.join(argv)}".rstrip(),
+        "argv": sys.argv,
+        "build_mpi": pycomm.BUILD_MPI,
+        "runtime_mpi": pycomm.RUNTIME_MPI,
+        "pycomm_version": pycomm.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "cpu_model": cpu_model(),
+        "nproc": len(affinity) if affinity is not None else os.cpu_count(),
+        "cpu_count": os.cpu_count(),
+        "chunk_bytes": comm.chunk_bytes,
+        "dtype": args.dtype,
+        "op": args.op,
+        "in_place": args.in_place,
+        "check": args.check,
+        "vs": args.vs,
+        "repeats": args.repeats,
+    }
+
+
+def write_plot(path: str, rows: list, meta: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on compute nodes
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"# --plot: matplotlib is not installed, so {path} was not written (pip install matplotlib)")
+        return
+    # At P=1 busbw is 0 by definition; algbw is the only informative curve there.
+    key = "busbw" if meta["P"] > 1 else "algbw"
+    fig, ax = plt.subplots(figsize=(8, 5))
+    sizes = [row["size"] for row in rows]
+    ax.plot(sizes, [row[key] for row in rows], marker="o", label="pycomm")
+    mpi_rows = [row for row in rows if f"mpi_{key}" in row]
+    if mpi_rows:
+        ax.plot([row["size"] for row in mpi_rows], [row[f"mpi_{key}"] for row in mpi_rows], marker="s", label="MPI")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("size (bytes)")
+    ax.set_ylabel(f"{key} (GB/s)")
+    ax.set_title(f"allreduce {meta['dtype']} {meta['op']}, P={meta['P']}, {meta['hostname']}, {meta['date'][:10]}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"# plot written to {path}")
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """Prints help and errors on rank 0 only, so P ranks do not print P copies."""
+
+    def _print_message(self, message, file=None):
+        if MPI.COMM_WORLD.rank == 0:
+            super()._print_message(message, file)
+
+
+def _size_arg(text: str) -> int:
+    try:
+        size = parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"size must be at least 1 byte, got {text!r}")
+    return size
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m pycomm.bench",
+        description="Times pycomm's allreduce over a range of sizes (run under mpirun -n P).",
+    )
+    parser.add_argument("-b", "--min-bytes", type=_size_arg, default=8, help="smallest size (default 8; K/M/G)")
+    parser.add_argument("-e", "--max-bytes", type=_size_arg, default=256 << 20, help="largest size (default 256M)")
+    parser.add_argument("-f", "--factor", type=float, default=2.0, help="size multiplier between steps (default 2)")
+    parser.add_argument("--dtype", default="float32", choices=pycomm.SUPPORTED_DTYPES, help="default float32")
+    parser.add_argument("--op", default="sum", choices=[o.name.lower() for o in ReduceOp], help="default sum")
+    parser.add_argument("--iters", type=_positive_int, help="timed calls per size (default: adaptive, 5 to 1000)")
+    parser.add_argument("--warmup", type=_nonnegative_int, help="untimed calls per size (default: iters/10)")
+    parser.add_argument("--repeats", type=_positive_int, default=1, help="timed loops per size; the median is shown")
+    parser.add_argument("--in-place", action="store_true", help="reduce into the input buffer")
+    parser.add_argument(
+        "--check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="count elements differing from the exact result (default on)",
+    )
+    parser.add_argument("--vs", choices=["mpi"], help="also time MPI_Allreduce (mpi4py) and show the ratio")
+    parser.add_argument("--json", metavar="PATH", help="write every row and the run's metadata as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG of busbw against size (needs matplotlib)")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Runs the sweep; returns 0, or 1 if any element was wrong (the exit status under mpirun)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.factor <= 1:
+        parser.error("--factor must be greater than 1")
+    if args.min_bytes > args.max_bytes:
+        parser.error("--min-bytes is larger than --max-bytes")
+    dtype = numpy_dtype(args.dtype)
+    op = parse_op(args.op)
+    if op == ReduceOp.AVG and not is_floating(dtype):
+        parser.error(f"avg is only defined for floating-point dtypes, not {args.dtype}")
+
+    world = MPI.COMM_WORLD
+    lead = world.rank == 0
+    with pycomm.Communicator() as comm:
+        mine, expected = input_tables(op, dtype, world.size, world.rank)
+        mpi_ok = args.vs == "mpi" and mpi_has_dtype(dtype)
+        meta = metadata(args, argv, comm, world)
+        if lead:
+            print(
+                f"# pycomm allreduce benchmark: P={world.size} dtype={args.dtype} op={op.name.lower()} "
+                f"in_place={'yes' if args.in_place else 'no'} chunk_bytes={comm.chunk_bytes}\n"
+                f"# BUILD_MPI: {pycomm.BUILD_MPI}\n"
+                f"# {meta['hostname']}, {meta['cpu_model']}, nproc={meta['nproc']}, {meta['date']}"
+            )
+            if args.vs == "mpi" and not mpi_ok:
+                print(f"# --vs mpi: this MPI has no {args.dtype} datatype, so the MPI columns are N/A")
+            elif mpi_ok and op == ReduceOp.AVG:
+                print("# --vs mpi: MPI has no avg, so the MPI columns time MPI_SUM")
+            print(format_header(args), flush=True)
+
+        rows = [
+            run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok)
+            for count in sizes_in_elements(args, dtype.itemsize)
+        ]
+
+    total_wrong = sum(row["wrong"] or 0 for row in rows)
+    if lead:
+        summarize(rows, args, meta, total_wrong)
+    return 1 if total_wrong else 0
+
+
+def summarize(rows: list, args, meta: dict, total_wrong: int) -> None:
+    if rows:
+        line = f"# Avg bus bandwidth: {statistics.mean(r['busbw'] for r in rows):.3f} GB/s"
+        ratios = [r["ratio"] for r in rows if "ratio" in r]
+        if ratios:
+            mpi_avg = statistics.mean(r["mpi_busbw"] for r in rows if "mpi_busbw" in r)
+            line += f" (MPI {mpi_avg:.3f} GB/s); geometric mean of ratio {statistics.geometric_mean(ratios):.3f}"
+        print(line)
+    if args.check:
+        print(f"# Wrong elements: {total_wrong} {'OK' if not total_wrong else 'FAILED'}")
+        mpi_wrong = sum(r.get("mpi_wrong") or 0 for r in rows)
+        if mpi_wrong:
+            # MPI is the reference: its errors mean this benchmark's expected values are wrong.
+            print(f"# MPI_Allreduce also got {mpi_wrong} elements wrong: the expected values are suspect")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"metadata": meta, "rows": rows}, f, indent=2)
+            f.write("\n")
+        print(f"# JSON written to {args.json}")
+    if args.plot:
+        write_plot(args.plot, rows, meta)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
