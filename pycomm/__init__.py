@@ -5,11 +5,17 @@ comm = pycomm.Communicator()              # over MPI.COMM_WORLD
 y = comm.allreduce(np.ones(10, np.float32))
 """
 
-from ._native import BUILD_MPI, RUNTIME_MPI
-from .communicator import Communicator, Work
-from .dtypes import SUPPORTED as SUPPORTED_DTYPES
-from .errors import CommError, PeerError
-from .ops import ReduceOp
+import pkgutil
+
+# Run from a source checkout (`python -m pycomm.bench` in the repository root), this directory
+# shadows the installed package, which alone holds the compiled _core: search both.
+__path__ = pkgutil.extend_path(__path__, __name__)
+
+from ._native import BUILD_MPI, RUNTIME_MPI  # noqa: E402
+from .communicator import Communicator, Work  # noqa: E402
+from .dtypes import SUPPORTED as SUPPORTED_DTYPES  # noqa: E402
+from .errors import CommError, PeerError  # noqa: E402
+from .ops import ReduceOp  # noqa: E402
 
 __version__ = "0.1.0"
 
