@@ -1,35 +1,67 @@
 #!/usr/bin/env bash
-# The device check: one prepared command for a lent GPU machine (H100/H200). Builds the CUDA
-# parts, checks the GPU reduction kernels against a host reference for every dtype x op, measures
-# the fused N-way reduce against a device-to-device copy, writes logs under $OUT and prints a
-# short table last. Needs only cmake and nvcc (no MPI, no network).
-#
-#   bash bench/gpu_check.sh            # OUT defaults to build/gpu-check-out
+# The device check: one prepared command for a lent GPU machine (H100/H200; no network there).
+#   1. MPI: installs the mpich and mpi4py wheels carried in .whl/ (see bench/README.md) into /tmp/mpi;
+#   2. builds the CUDA kernels, their benchmark and the Python module (in place, into pycomm/);
+#   3. checks the GPU reduction kernels against a host reference and measures them against a
+#      device-to-device copy (bench/gpu/reduce_bench.cu);
+#   4. runs the GPU tests: torch and cupy arrays at P = 1, 2, 4 ranks sharing the GPU;
+#   5. runs the GPU allreduce benchmark at P = 2 and 4 (bench/gpu_allreduce.py).
+# Logs and JSON go to $OUT (default build/gpu-check-out); a short summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/build/gpu-check-out}
 mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+summary=()
+step() { summary+=("$(printf '%-34s %s' "$1" "$2")"); }
 
+# 1. MPI
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --prefix /tmp/mpi .whl/*.whl >"$OUT/setup.log" 2>&1
+  site=$(ls -d /tmp/mpi/lib/python3*/site-packages 2>/dev/null | head -1)
+  export PATH=/tmp/mpi/bin:$PATH LD_LIBRARY_PATH=/tmp/mpi/lib:${LD_LIBRARY_PATH:-} PYTHONPATH=$site:${PYTHONPATH:-}
+fi
 {
   date -u +%Y-%m-%dT%H:%M:%SZ
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-  nvcc --version | tail -2
-  cmake -S . -B build/gpu-check -DPYCOMM_BUILD_PYTHON=OFF -DPYCOMM_CUDA=ON -DPYCOMM_BUILD_GPU_BENCH=ON \
-    -DCMAKE_BUILD_TYPE=Release &&
-    cmake --build build/gpu-check -j 8
-} >"$OUT/build.log" 2>&1
-status=$?
-if [ $status -ne 0 ]; then
-  tail -40 "$OUT/build.log"
-  echo "gpu_check: build failed (log: $OUT/build.log)"
-  exit $status
-fi
-head -3 "$OUT/build.log"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  nvcc --version | tail -1
+  $PY -c "import mpi4py.MPI as M, torch, cupy; print(M.Get_library_version().splitlines()[0], torch.__version__, cupy.__version__)"
+  which mpirun
+} >"$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
 
-./build/gpu-check/reduce_bench >"$OUT/reduce_bench.txt" 2>&1
+# 2. Build
+cmake -S . -B build/gpu-check -DCMAKE_BUILD_TYPE=Release -DPYCOMM_BUILD_PYTHON=ON -DPYCOMM_CUDA=ON -DPYCOMM_BUILD_GPU_BENCH=ON \
+  -DPython_EXECUTABLE="$(command -v $PY)" -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" >"$OUT/build.log" 2>&1 &&
+  cmake --build build/gpu-check -j 16 >>"$OUT/build.log" 2>&1 &&
+  cp build/gpu-check/_core*.so pycomm/
 status=$?
-grep -E "^FAIL" "$OUT/reduce_bench.txt" | head -20
+step "build (CUDA, module)" "$([ $status -eq 0 ] && echo ok || echo FAILED)"
+if [ $status -ne 0 ]; then
+  tail -30 "$OUT/build.log"
+  printf '%s\n' "${summary[@]}"
+  exit 1
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+
+# 3. Kernels
+timeout 120 ./build/gpu-check/reduce_bench >"$OUT/reduce_bench.txt" 2>&1
+step "kernel check + bandwidth" "exit $? ($(grep -o 'correctness: .*' "$OUT/reduce_bench.txt"))"
+
+# 4. GPU tests
+timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_gpu_mpi.py >"$OUT/gpu_tests.txt" 2>&1
+step "GPU tests (torch, cupy; P=1,2,4)" "exit $? ($(tail -1 "$OUT/gpu_tests.txt"))"
+
+# 5. GPU allreduce benchmark
+for p in 2 4; do
+  timeout 120 mpirun -n $p $PY bench/gpu_allreduce.py --json "$OUT/gpu_allreduce_p$p.json" >"$OUT/gpu_allreduce_p$p.txt" 2>&1
+  step "GPU allreduce bench P=$p" "exit $?"
+done
+
 echo
-cat "$OUT/reduce_bench.txt" | grep -vE "^FAIL"
-echo "gpu_check: reduce_bench exit $status (logs in $OUT)"
-exit $status
+grep -vE "^FAIL" "$OUT/reduce_bench.txt" | tail -12
+grep -E "^FAIL" "$OUT/reduce_bench.txt" | head -5
+for p in 2 4; do echo; cat "$OUT/gpu_allreduce_p$p.txt" | tail -22; done
+grep -E "FAIL|Error|error" "$OUT/gpu_tests.txt" | head -20
+echo
+printf '%s\n' "${summary[@]}"

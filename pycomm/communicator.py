@@ -7,7 +7,7 @@ import weakref
 import numpy as np
 from mpi4py import MPI
 
-from . import settings
+from . import device_arrays, settings
 from ._native import _core
 from .buffers import address, as_input, as_output, check_no_partial_overlap
 from .dtypes import dtype_code, is_floating
@@ -32,15 +32,16 @@ class Work:
         self._out = out
         self._keep_alive = keep_alive
 
-    def wait(self) -> np.ndarray:
+    def wait(self):
         """Blocks until the operation has finished and returns its output array."""
-        self._native.wait()
+        if self._native is not None:
+            self._native.wait()
         self._keep_alive = ()
         return self._out
 
     def done(self) -> bool:
-        """True once the operation has finished; never blocks."""
-        return self._native.done()
+        """True once the operation has finished (for device arrays: once it is queued); never blocks."""
+        return self._native is None or self._native.done()
 
 
 class Communicator:
@@ -106,22 +107,32 @@ class Communicator:
 
     # -- collectives ---------------------------------------------------------------------------
 
-    def allreduce(self, x, op="sum", out=None):
+    def allreduce(self, x, op="sum", out=None, *, stream=None):
         """Reduces `x` elementwise over all ranks.
 
-        Returns a new array unless `out` is given; `out=x` reduces in place. Every rank gets
-        bitwise identical results.
+        Returns a new array of x's kind unless `out` is given; `out=x` reduces in place. Every
+        rank gets bitwise identical results. For device arrays (torch, cupy) the work is queued on
+        `stream` (default: the library's current stream) and the call returns without waiting
+        for the GPU.
         """
+        if device_arrays.is_device_array(x):
+            return self._allreduce_device(x, op, out, stream)
+        self._check_host_stream(stream)
         x, out, code, op = self._prepare_allreduce(x, op, out)
         self._native.allreduce(address(x), address(out), x.size, code, int(op))
         return out
 
-    def allreduce_async(self, x, op="sum", out=None) -> Work:
+    def allreduce_async(self, x, op="sum", out=None, *, stream=None) -> Work:
         """Starts an allreduce on the communicator's progress thread and returns its Work.
 
         Operations complete in the order they were issued. Do not touch `x` or `out` until
-        wait() returns.
+        wait() returns. Device arrays are queued on `stream` at once, as with allreduce: the
+        returned Work is already done, and the stream orders everything after it.
         """
+        if device_arrays.is_device_array(x):
+            out = self._allreduce_device(x, op, out, stream)
+            return Work(None, out, ())
+        self._check_host_stream(stream)
         x, out, code, op = self._prepare_allreduce(x, op, out)
         native = self._native.allreduce_async(address(x), address(out), x.size, code, int(op))
         work = Work(native, out, (x, out))
@@ -131,49 +142,67 @@ class Communicator:
         self._in_flight.append(work)
         return work
 
-    def reduce_scatter(self, x, op="sum", out=None):
+    def reduce_scatter(self, x, op="sum", out=None, *, stream=None):
         """Reduces `x` over all ranks and returns this rank's block of rows.
 
         x.shape[0] must divide by the communicator size; the result has shape
         (x.shape[0] // size, *x.shape[1:]).
         """
         self._check_open()
+        if device_arrays.is_device_array(x):
+            d = device_arrays.describe(x)
+            op = self._check_op(d.dtype, op)
+            shape = self._reduce_scatter_shape(d.shape)
+            o = self._device_output(d, out, shape)
+            stream = device_arrays.stream_handle(d, stream)
+            code = dtype_code(d.dtype)
+            self._native.reduce_scatter_device(d.ptr, o.ptr, _count(shape), code, int(op), d.device, stream)
+            return o.obj
+        self._check_host_stream(stream)
         x = as_input(x)
-        op = self._check_op(x, op)
-        if x.ndim == 0 or x.shape[0] % self.size:
-            raise ValueError(
-                f"pycomm: reduce_scatter needs x.shape[0] divisible by the size {self.size}, got shape {x.shape}"
-            )
-        shape = (x.shape[0] // self.size,) + x.shape[1:]
+        op = self._check_op(x.dtype, op)
+        shape = self._reduce_scatter_shape(x.shape)
         out = np.empty(shape, x.dtype) if out is None else as_output(out, shape, x.dtype)
         check_no_partial_overlap(x, out)
         self._native.reduce_scatter(address(x), address(out), out.size, dtype_code(x.dtype), int(op))
         return out
 
-    def allgather(self, x, out=None):
+    def allgather(self, x, out=None, *, stream=None):
         """Concatenates every rank's `x` along axis 0, in rank order.
 
         The result has shape (size * x.shape[0], *x.shape[1:]), or (size,) for a 0-d x: the
         inverse of reduce_scatter's split, as with NCCL's allgather.
         """
         self._check_open()
+        if device_arrays.is_device_array(x):
+            d = device_arrays.describe(x)
+            shape = self._allgather_shape(d.shape)
+            o = self._device_output(d, out, shape)
+            self._native.allgather_device(
+                d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), d.device, device_arrays.stream_handle(d, stream)
+            )
+            return o.obj
+        self._check_host_stream(stream)
         x = as_input(x)
-        shape = (self.size,) if x.ndim == 0 else (self.size * x.shape[0],) + x.shape[1:]
+        shape = self._allgather_shape(x.shape)
         out = np.empty(shape, x.dtype) if out is None else as_output(out, shape, x.dtype)
         check_no_partial_overlap(x, out)
         self._native.allgather(address(x), address(out), x.size, dtype_code(x.dtype))
         return out
 
-    def broadcast(self, x, root: int = 0):
+    def broadcast(self, x, root: int = 0, *, stream=None):
         """Overwrites `x` on every rank with root's `x`, in place, and returns it."""
         self._check_open()
+        self._check_root(root)
+        if device_arrays.is_device_array(x):
+            d = device_arrays.describe(x)
+            stream = device_arrays.stream_handle(d, stream)
+            self._native.broadcast_device(d.ptr, _count(d.shape), dtype_code(d.dtype), int(root), d.device, stream)
+            return x
+        self._check_host_stream(stream)
         x = as_input(x)
         if not x.flags.writeable:
             raise ValueError("pycomm: broadcast writes into x, which is read-only")
-        if not isinstance(root, (int, np.integer)) or isinstance(root, bool):
-            raise TypeError(f"pycomm: root must be an int, got {type(root).__name__}")
-        if not 0 <= root < self.size:
-            raise ValueError(f"pycomm: root {root} is not a rank of a size-{self.size} communicator")
         self._native.broadcast(address(x), x.size, dtype_code(x.dtype), int(root))
         return x
 
@@ -202,16 +231,68 @@ class Communicator:
         if self._closed:
             raise CommError("pycomm: the communicator is closed")
 
-    def _check_op(self, x: np.ndarray, op) -> ReduceOp:
+    def _check_op(self, dtype: np.dtype, op) -> ReduceOp:
         op = parse_op(op)
-        if op is ReduceOp.AVG and not is_floating(x.dtype):
-            raise ValueError(f"pycomm: avg is not defined for integer dtype {x.dtype}")
+        if op is ReduceOp.AVG and not is_floating(dtype):
+            raise ValueError(f"pycomm: avg is not defined for integer dtype {dtype}")
         return op
+
+    def _check_root(self, root) -> None:
+        if not isinstance(root, (int, np.integer)) or isinstance(root, bool):
+            raise TypeError(f"pycomm: root must be an int, got {type(root).__name__}")
+        if not 0 <= root < self.size:
+            raise ValueError(f"pycomm: root {root} is not a rank of a size-{self.size} communicator")
+
+    @staticmethod
+    def _check_host_stream(stream) -> None:
+        if stream is not None:
+            raise ValueError("pycomm: stream= applies to device arrays only")
+
+    def _reduce_scatter_shape(self, shape: tuple) -> tuple:
+        if len(shape) == 0 or shape[0] % self.size:
+            raise ValueError(
+                f"pycomm: reduce_scatter needs x.shape[0] divisible by the size {self.size}, got shape {shape}"
+            )
+        return (shape[0] // self.size,) + tuple(shape[1:])
+
+    def _allgather_shape(self, shape: tuple) -> tuple:
+        return (self.size,) if len(shape) == 0 else (self.size * shape[0],) + tuple(shape[1:])
+
+    @staticmethod
+    def _device_output(d, out, shape):
+        if out is None:
+            return device_arrays.new_array(d, shape)
+        o = device_arrays.check_output(out, d, shape)
+        if o.ptr != d.ptr and _overlap(d, o):
+            raise ValueError("pycomm: out overlaps x without being the same memory")
+        return o
+
+    def _allreduce_device(self, x, op, out, stream):
+        self._check_open()
+        d = device_arrays.describe(x)
+        op = self._check_op(d.dtype, op)
+        o = self._device_output(d, out, d.shape)
+        stream = device_arrays.stream_handle(d, stream)
+        self._native.allreduce_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), int(op), d.device, stream)
+        return o.obj
 
     def _prepare_allreduce(self, x, op, out):
         self._check_open()
         x = as_input(x)
-        op = self._check_op(x, op)
+        op = self._check_op(x.dtype, op)
         out = np.empty_like(x) if out is None else as_output(out, x.shape, x.dtype)
         check_no_partial_overlap(x, out)
         return x, out, dtype_code(x.dtype), op
+
+
+def _count(shape: tuple) -> int:
+    count = 1
+    for extent in shape:
+        count *= extent
+    return count
+
+
+def _overlap(a, b) -> bool:
+    a_end = a.ptr + _count(a.shape) * a.dtype.itemsize
+    b_end = b.ptr + _count(b.shape) * b.dtype.itemsize
+    return a.ptr < b_end and b.ptr < a_end

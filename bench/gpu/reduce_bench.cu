@@ -150,8 +150,8 @@ int CheckCorrectness() {
             CHECK_CUDA(cudaMalloc(&dev_out, (n + offset) * es));
             std::vector<char> expected(n * es), got(n * es);
             HostReduceAny(dtype, host_ptrs, expected.data(), n, op, inputs);
-            CHECK_CUDA(pycomm::cuda::LaunchReduce(dev_ptrs.data(), inputs, static_cast<char*>(dev_out) + offset * es, n,
-                                                  dtype, op, inputs, nullptr));
+            void* out_ptr = static_cast<char*>(dev_out) + offset * es;
+            CHECK_CUDA(pycomm::cuda::LaunchReduce(dev_ptrs.data(), inputs, &out_ptr, 1, n, dtype, op, inputs, nullptr));
             CHECK_CUDA(
                 cudaMemcpy(got.data(), static_cast<char*>(dev_out) + offset * es, n * es, cudaMemcpyDeviceToHost));
             ++checks;
@@ -209,19 +209,34 @@ void Bandwidth(size_t bytes) {
     std::vector<const void*> in(bufs.begin(), bufs.begin() + inputs);
     float ms = MedianMs(
         [&] {
-          CHECK_CUDA(pycomm::cuda::LaunchReduce(in.data(), inputs, bufs[inputs], n, DataType::kFloat32, ReduceOp::kSum,
-                                                1, nullptr));
+          CHECK_CUDA(pycomm::cuda::LaunchReduce(in.data(), inputs, &bufs[inputs], 1, n, DataType::kFloat32,
+                                                ReduceOp::kSum, 1, nullptr));
         },
         20);
     double gbs = (inputs + 1.0) * bytes / (ms * 1e6);
     std::string name = "reduce " + std::to_string(inputs) + " inputs, sum";
     std::printf("%-28s %12.0f %12.1f %14.1f %10.2f\n", name.c_str(), bytes / 1048576.0, ms * 1e3, gbs, gbs / copy_gbs);
   }
+  // The leader pattern: P ranks' inputs reduced into P outputs in one pass, against the floor of
+  // reading every input and writing every output once at copy bandwidth.
+  for (int ranks : {2, 4}) {
+    std::vector<const void*> in(bufs.begin(), bufs.begin() + ranks);
+    std::vector<void*> out(bufs.begin() + ranks, bufs.begin() + 2 * ranks);
+    float ms = MedianMs(
+        [&] {
+          CHECK_CUDA(pycomm::cuda::LaunchReduce(in.data(), ranks, out.data(), ranks, n, DataType::kFloat32,
+                                                ReduceOp::kSum, 1, nullptr));
+        },
+        20);
+    double gbs = 2.0 * ranks * bytes / (ms * 1e6);
+    std::string name = "reduce " + std::to_string(ranks) + " in -> " + std::to_string(ranks) + " out";
+    std::printf("%-28s %12.0f %12.1f %14.1f %10.2f\n", name.c_str(), bytes / 1048576.0, ms * 1e3, gbs, gbs / copy_gbs);
+  }
   for (size_t small : {size_t{8}, size_t{64 << 10}}) {
     std::vector<const void*> in(bufs.begin(), bufs.begin() + 2);
     float ms = MedianMs(
         [&] {
-          CHECK_CUDA(pycomm::cuda::LaunchReduce(in.data(), 2, bufs[2], small / sizeof(float), DataType::kFloat32,
+          CHECK_CUDA(pycomm::cuda::LaunchReduce(in.data(), 2, &bufs[2], 1, small / sizeof(float), DataType::kFloat32,
                                                 ReduceOp::kSum, 1, nullptr));
         },
         50);

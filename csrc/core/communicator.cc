@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/collectives.h"
+#include "core/device.h"
 #include "core/executor.h"
 #include "pycomm/pycomm.h"
 #include "transport/transport.h"
@@ -74,10 +75,7 @@ class CommunicatorImpl : public Communicator {
   }
 
   void Broadcast(void* buf, size_t count, DataType dtype, int root) override {
-    if (root < 0 || root >= size()) {
-      throw std::invalid_argument("pycomm: broadcast root " + std::to_string(root) + " is not a rank of a size-" +
-                                  std::to_string(size()) + " communicator");
-    }
+    CheckRoot(root);
     const size_t bytes = count * DataTypeSize(dtype);
     Trace("broadcast", count, dtype, ("root " + std::to_string(root)).c_str());
     Execute([=] {
@@ -92,6 +90,33 @@ class CommunicatorImpl : public Communicator {
     });
   }
 
+  void AllreduceDevice(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op, int device,
+                       void* stream) override {
+    CheckOp(dtype, op);
+    Trace("allreduce(device)", count, dtype, ReduceOpName(op));
+    Execute([=] { Device(device).Allreduce(send, recv, count, dtype, op, stream); });
+  }
+
+  void ReduceScatterDevice(const void* send, void* recv, size_t recv_count, DataType dtype, ReduceOp op, int device,
+                           void* stream) override {
+    CheckOp(dtype, op);
+    Trace("reduce_scatter(device)", recv_count, dtype, ReduceOpName(op));
+    Execute([=] { Device(device).ReduceScatter(send, recv, recv_count, dtype, op, stream); });
+  }
+
+  void AllgatherDevice(const void* send, void* recv, size_t send_count, DataType dtype, int device,
+                       void* stream) override {
+    DataTypeSize(dtype);  // rejects unknown dtypes
+    Trace("allgather(device)", send_count, dtype, "-");
+    Execute([=] { Device(device).Allgather(send, recv, send_count, dtype, stream); });
+  }
+
+  void BroadcastDevice(void* buf, size_t count, DataType dtype, int root, int device, void* stream) override {
+    CheckRoot(root);
+    Trace("broadcast(device)", count, dtype, ("root " + std::to_string(root)).c_str());
+    Execute([=] { Device(device).Broadcast(buf, count, dtype, root, stream); });
+  }
+
   void Close() override {
     std::lock_guard<std::mutex> lock(close_mu_);
     if (closed_) return;
@@ -100,6 +125,7 @@ class CommunicatorImpl : public Communicator {
     // transport goes away.
     executor_->Stop();
     executor_->Run([] {});
+    device_.reset();  // it talks through the transport
     transport_.reset();
   }
 
@@ -112,6 +138,24 @@ class CommunicatorImpl : public Communicator {
     if (op == ReduceOp::kAvg && !IsFloatingPoint(dtype)) {
       throw std::invalid_argument(std::string("pycomm: avg is not defined for integer dtype ") + DataTypeName(dtype));
     }
+  }
+
+  void CheckRoot(int root) const {
+    if (root < 0 || root >= size()) {
+      throw std::invalid_argument("pycomm: broadcast root " + std::to_string(root) + " is not a rank of a size-" +
+                                  std::to_string(size()) + " communicator");
+    }
+  }
+
+  // The device collectives start with the first device call (collective, like every call) and
+  // stay bound to that GPU.
+  DeviceCollectives& Device(int device) {
+    if (!device_) device_ = CreateDeviceCollectives(*transport_, device, options_.timeout_s);
+    if (device_->device() != device) {
+      throw std::invalid_argument("pycomm: this communicator's device arrays live on GPU " +
+                                  std::to_string(device_->device()) + ", not GPU " + std::to_string(device));
+    }
+    return *device_;
   }
 
   // At issue time: a closed communicator takes no new work.
@@ -175,6 +219,7 @@ class CommunicatorImpl : public Communicator {
   Options options_;
   std::vector<char> scratch_;
   std::unique_ptr<Executor> executor_;
+  std::unique_ptr<DeviceCollectives> device_;
   std::mutex close_mu_;
   std::atomic<uint64_t> calls_{0};
   std::atomic<bool> closed_{false};

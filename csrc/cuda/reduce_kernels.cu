@@ -12,6 +12,9 @@ namespace {
 struct Inputs {
   const void* ptr[kMaxReduceInputs];
 };
+struct Outputs {
+  void* ptr[kMaxReduceOutputs];
+};
 
 // How one dtype is loaded into, and stored from, the type its arithmetic runs in.
 template <typename T>
@@ -77,7 +80,8 @@ __device__ typename Type::Storage ReduceOne(const Inputs& in, int num_inputs, si
 
 // Each thread handles 16-byte vectors: one 16-byte load per input, then the elements inside it.
 template <typename Type, ReduceOp Op>
-__global__ void ReduceVectorKernel(Inputs in, int num_inputs, void* out, size_t vectors, int divisor) {
+__global__ void ReduceVectorKernel(Inputs in, int num_inputs, Outputs out, int num_outputs, size_t vectors,
+                                   int divisor) {
   using S = typename Type::Storage;
   using C = typename Type::Compute;
   constexpr int kPerVector = 16 / sizeof(S);
@@ -103,16 +107,22 @@ __global__ void ReduceVectorKernel(Inputs in, int num_inputs, void* out, size_t 
       if constexpr (Op == ReduceOp::kAvg) acc = acc / static_cast<C>(divisor);
       result.elem[e] = Type::Store(acc);
     }
-    static_cast<uint4*>(out)[v] = result.raw;
+#pragma unroll
+    for (int k = 0; k < kMaxReduceOutputs; ++k) {
+      if (k < num_outputs) static_cast<uint4*>(out.ptr[k])[v] = result.raw;
+    }
   }
 }
 
 // Elements before the first 16-byte boundary, or after the last: one element per thread.
 template <typename Type, ReduceOp Op>
-__global__ void ReduceScalarKernel(Inputs in, int num_inputs, void* out, size_t begin, size_t end, int divisor) {
+__global__ void ReduceScalarKernel(Inputs in, int num_inputs, Outputs out, int num_outputs, size_t begin, size_t end,
+                                   int divisor) {
   using S = typename Type::Storage;
   size_t i = begin + static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < end) static_cast<S*>(out)[i] = ReduceOne<Type, Op>(in, num_inputs, i, divisor);
+  if (i >= end) return;
+  S r = ReduceOne<Type, Op>(in, num_inputs, i, divisor);
+  for (int k = 0; k < num_outputs; ++k) static_cast<S*>(out.ptr[k])[i] = r;
 }
 
 int GridFor(size_t work, int threads) {
@@ -128,41 +138,43 @@ int GridFor(size_t work, int threads) {
 }
 
 template <typename Type, ReduceOp Op>
-cudaError_t Launch(const Inputs& in, int num_inputs, void* out, size_t n, int divisor, cudaStream_t stream) {
+cudaError_t Launch(const Inputs& in, int num_inputs, const Outputs& out, int num_outputs, size_t n, int divisor,
+                   cudaStream_t stream) {
   using S = typename Type::Storage;
   constexpr int kThreads = 256;
-  bool aligned = reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  bool aligned = true;
   for (int k = 0; k < num_inputs; ++k) aligned = aligned && reinterpret_cast<uintptr_t>(in.ptr[k]) % 16 == 0;
+  for (int k = 0; k < num_outputs; ++k) aligned = aligned && reinterpret_cast<uintptr_t>(out.ptr[k]) % 16 == 0;
   const size_t per_vector = 16 / sizeof(S);
   const size_t vectors = aligned ? n / per_vector : 0;
   if (vectors) {
     ReduceVectorKernel<Type, Op>
-        <<<GridFor(vectors, kThreads), kThreads, 0, stream>>>(in, num_inputs, out, vectors, divisor);
+        <<<GridFor(vectors, kThreads), kThreads, 0, stream>>>(in, num_inputs, out, num_outputs, vectors, divisor);
   }
   const size_t tail = vectors * per_vector;
   if (tail < n) {
     size_t count = n - tail;
     ReduceScalarKernel<Type, Op><<<static_cast<unsigned>((count + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-        in, num_inputs, out, tail, n, divisor);
+        in, num_inputs, out, num_outputs, tail, n, divisor);
   }
   return cudaGetLastError();
 }
 
 template <typename Type>
-cudaError_t ForOp(ReduceOp op, const Inputs& in, int num_inputs, void* out, size_t n, int divisor,
-                  cudaStream_t stream) {
+cudaError_t ForOp(ReduceOp op, const Inputs& in, int num_inputs, const Outputs& out, int num_outputs, size_t n,
+                  int divisor, cudaStream_t stream) {
   switch (op) {
     case ReduceOp::kSum:
-      return Launch<Type, ReduceOp::kSum>(in, num_inputs, out, n, divisor, stream);
+      return Launch<Type, ReduceOp::kSum>(in, num_inputs, out, num_outputs, n, divisor, stream);
     case ReduceOp::kProd:
-      return Launch<Type, ReduceOp::kProd>(in, num_inputs, out, n, divisor, stream);
+      return Launch<Type, ReduceOp::kProd>(in, num_inputs, out, num_outputs, n, divisor, stream);
     case ReduceOp::kMin:
-      return Launch<Type, ReduceOp::kMin>(in, num_inputs, out, n, divisor, stream);
+      return Launch<Type, ReduceOp::kMin>(in, num_inputs, out, num_outputs, n, divisor, stream);
     case ReduceOp::kMax:
-      return Launch<Type, ReduceOp::kMax>(in, num_inputs, out, n, divisor, stream);
+      return Launch<Type, ReduceOp::kMax>(in, num_inputs, out, num_outputs, n, divisor, stream);
     case ReduceOp::kAvg:
       if constexpr (std::is_floating_point_v<typename Type::Compute>) {
-        return Launch<Type, ReduceOp::kAvg>(in, num_inputs, out, n, divisor, stream);
+        return Launch<Type, ReduceOp::kAvg>(in, num_inputs, out, num_outputs, n, divisor, stream);
       }
       return cudaErrorInvalidValue;  // avg of integers
   }
@@ -171,33 +183,38 @@ cudaError_t ForOp(ReduceOp op, const Inputs& in, int num_inputs, void* out, size
 
 }  // namespace
 
-cudaError_t LaunchReduce(const void* const* inputs, int num_inputs, void* out, size_t n, DataType dtype, ReduceOp op,
-                         int avg_divisor, cudaStream_t stream) {
-  if (num_inputs < 1 || num_inputs > kMaxReduceInputs || avg_divisor < 1) return cudaErrorInvalidValue;
+cudaError_t LaunchReduce(const void* const* inputs, int num_inputs, void* const* outputs, int num_outputs, size_t n,
+                         DataType dtype, ReduceOp op, int avg_divisor, cudaStream_t stream) {
+  if (num_inputs < 1 || num_inputs > kMaxReduceInputs || num_outputs < 1 || num_outputs > kMaxReduceOutputs ||
+      avg_divisor < 1) {
+    return cudaErrorInvalidValue;
+  }
   if (n == 0) return cudaSuccess;
   Inputs in{};
   for (int k = 0; k < num_inputs; ++k) in.ptr[k] = inputs[k];
+  Outputs out{};
+  for (int k = 0; k < num_outputs; ++k) out.ptr[k] = outputs[k];
   switch (dtype) {
     case DataType::kFloat16:
-      return ForOp<Half>(op, in, num_inputs, out, n, avg_divisor, stream);
+      return ForOp<Half>(op, in, num_inputs, out, num_outputs, n, avg_divisor, stream);
     case DataType::kBFloat16:
-      return ForOp<BFloat16>(op, in, num_inputs, out, n, avg_divisor, stream);
+      return ForOp<BFloat16>(op, in, num_inputs, out, num_outputs, n, avg_divisor, stream);
     case DataType::kFloat32:
-      return ForOp<Native<float>>(op, in, num_inputs, out, n, avg_divisor, stream);
+      return ForOp<Native<float>>(op, in, num_inputs, out, num_outputs, n, avg_divisor, stream);
     case DataType::kFloat64:
-      return ForOp<Native<double>>(op, in, num_inputs, out, n, avg_divisor, stream);
+      return ForOp<Native<double>>(op, in, num_inputs, out, num_outputs, n, avg_divisor, stream);
     case DataType::kInt8:
-      return ForOp<Native<int8_t>>(op, in, num_inputs, out, n, avg_divisor, stream);
+      return ForOp<Native<int8_t>>(op, in, num_inputs, out, num_outputs, n, avg_divisor, stream);
     case DataType::kUInt8:
-      return ForOp<Native<uint8_t>>(op, in, num_inputs, out, n, avg_divisor, stream);
+      return ForOp<Native<uint8_t>>(op, in, num_inputs, out, num_outputs, n, avg_divisor, stream);
     case DataType::kInt32:
-      return ForOp<Native<int32_t>>(op, in, num_inputs, out, n, avg_divisor, stream);
+      return ForOp<Native<int32_t>>(op, in, num_inputs, out, num_outputs, n, avg_divisor, stream);
     case DataType::kInt64:
-      return ForOp<Native<int64_t>>(op, in, num_inputs, out, n, avg_divisor, stream);
+      return ForOp<Native<int64_t>>(op, in, num_inputs, out, num_outputs, n, avg_divisor, stream);
     case DataType::kUInt32:
-      return ForOp<Native<uint32_t>>(op, in, num_inputs, out, n, avg_divisor, stream);
+      return ForOp<Native<uint32_t>>(op, in, num_inputs, out, num_outputs, n, avg_divisor, stream);
     case DataType::kUInt64:
-      return ForOp<Native<uint64_t>>(op, in, num_inputs, out, n, avg_divisor, stream);
+      return ForOp<Native<uint64_t>>(op, in, num_inputs, out, num_outputs, n, avg_divisor, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -29,6 +29,7 @@ ReduceOp ToReduceOp(int op) {
 
 void RegisterCommunicator(py::module_& m) {
   m.def("mpi_build_version", &MpiBuildVersion);
+  m.def("built_with_cuda", &BuiltWithCuda);
 
   py::class_<Work, std::shared_ptr<Work>>(m, "Work")
       .def("wait", &Work::Wait, py::call_guard<py::gil_scoped_release>())
@@ -78,6 +79,34 @@ void RegisterCommunicator(py::module_& m) {
           "broadcast",
           [](Communicator& c, uintptr_t buf, size_t count, int dtype, int root) {
             c.Broadcast(Ptr(buf), count, ToDataType(dtype), root);
+          },
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "allreduce_device",
+          [](Communicator& c, uintptr_t send, uintptr_t recv, size_t count, int dtype, int op, int device,
+             uintptr_t stream) {
+            c.AllreduceDevice(Ptr(send), Ptr(recv), count, ToDataType(dtype), ToReduceOp(op), device, Ptr(stream));
+          },
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "reduce_scatter_device",
+          [](Communicator& c, uintptr_t send, uintptr_t recv, size_t recv_count, int dtype, int op, int device,
+             uintptr_t stream) {
+            c.ReduceScatterDevice(Ptr(send), Ptr(recv), recv_count, ToDataType(dtype), ToReduceOp(op), device,
+                                  Ptr(stream));
+          },
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "allgather_device",
+          [](Communicator& c, uintptr_t send, uintptr_t recv, size_t send_count, int dtype, int device,
+             uintptr_t stream) {
+            c.AllgatherDevice(Ptr(send), Ptr(recv), send_count, ToDataType(dtype), device, Ptr(stream));
+          },
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "broadcast_device",
+          [](Communicator& c, uintptr_t buf, size_t count, int dtype, int root, int device, uintptr_t stream) {
+            c.BroadcastDevice(Ptr(buf), count, ToDataType(dtype), root, device, Ptr(stream));
           },
           py::call_guard<py::gil_scoped_release>())
       .def("barrier", &Communicator::Barrier, py::call_guard<py::gil_scoped_release>())

@@ -36,6 +36,9 @@ const char* DataTypeName(DataType dtype);
 const char* ReduceOpName(ReduceOp op);
 bool IsFloatingPoint(DataType dtype);
 
+// True when this build has the CUDA parts (device collectives).
+bool BuiltWithCuda();
+
 // The MPI library this build was compiled against, e.g. "MPICH 5.0.2" or "Open MPI 5.0.6".
 const char* MpiBuildVersion();
 
@@ -108,6 +111,18 @@ class Communicator {
   // buf on every rank gets root's buf.
   virtual void Broadcast(void* buf, size_t count, DataType dtype, int root) = 0;
   virtual void Barrier() = 0;
+
+  // The same collectives on device (CUDA) buffers of GPU `device`. Every rank must be on one node.
+  // Work is enqueued on `stream` (a cudaStream_t; nullptr is the legacy default stream) and each
+  // call returns without waiting for the GPU, as NCCL's do: work queued on `stream` afterwards
+  // sees the result.
+  virtual void AllreduceDevice(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op, int device,
+                               void* stream) = 0;
+  virtual void ReduceScatterDevice(const void* send, void* recv, size_t recv_count, DataType dtype, ReduceOp op,
+                                   int device, void* stream) = 0;
+  virtual void AllgatherDevice(const void* send, void* recv, size_t send_count, DataType dtype, int device,
+                               void* stream) = 0;
+  virtual void BroadcastDevice(void* buf, size_t count, DataType dtype, int root, int device, void* stream) = 0;
   // Waits for queued operations, then releases the transport. Idempotent; later calls throw.
   virtual void Close() = 0;
 };

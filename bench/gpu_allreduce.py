@@ -1,0 +1,107 @@
+"""GPU allreduce benchmark: ranks sharing one GPU, torch CUDA tensors, float32 sum.
+
+    mpirun -n 2 python bench/gpu_allreduce.py [--json PATH]
+
+For each size it prints the time per call (slowest rank, median of repeats), busbw, and the
+efficiency against the HBM floor: every rank's input read once and output written once at the
+device-to-device copy bandwidth measured in the same run. At 64 MiB it also times the way a
+GPU-unaware code would do it (copy to host, MPI_Allreduce, copy back) for the ratio.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+import pycomm
+
+world = MPI.COMM_WORLD
+
+
+def timed(call, iters: int) -> float:
+    """Seconds per call on the slowest rank, GPU work included."""
+    torch.cuda.synchronize()
+    world.Barrier()
+    start = time.perf_counter()
+    for _ in range(iters):
+        call()
+    torch.cuda.synchronize()
+    return world.allreduce((time.perf_counter() - start) / iters, op=MPI.MAX)
+
+
+def median_time(call, iters: int, repeats: int = 5) -> float:
+    call()
+    return statistics.median(timed(call, iters) for _ in range(repeats))
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 256 MiB device-to-device copy, every rank copying at once
+    as the ranks of an allreduce do."""
+    a = torch.empty(64 << 20, dtype=torch.float32, device="cuda")
+    b = torch.empty_like(a)
+    t = median_time(lambda: b.copy_(a), 20)
+    return world.size * 2 * a.numel() * 4 / t
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--max-bytes", type=int, default=256 << 20)
+    args = parser.parse_args()
+    torch.cuda.set_device(0)
+    P = world.size
+    comm = pycomm.Communicator()
+    hbm = copy_bandwidth()
+    rows = []
+    if world.rank == 0:
+        print(f"# pycomm GPU allreduce: P={P} ranks on {torch.cuda.get_device_name(0)}, float32 sum, in place")
+        print(f"# device-to-device copy, all ranks at once: {hbm / 1e9:.0f} GB/s (bytes read + written)")
+        print(f"{'size(B)':>12} {'time(us)':>10} {'algbw(GB/s)':>12} {'busbw(GB/s)':>12} {'floor(us)':>10} {'eff':>6}")
+    size = 8
+    while size <= args.max_bytes:
+        x = torch.full((size // 4,), float(world.rank + 1), device="cuda")
+        iters = 200 if size <= (1 << 20) else 20
+        t = median_time(lambda x=x: comm.allreduce(x, out=x), iters)
+        torch.cuda.synchronize()
+        floor = 2 * P * size / hbm
+        row = {"bytes": size, "time_us": t * 1e6, "algbw": size / t / 1e9, "busbw": size / t / 1e9 * 2 * (P - 1) / P}
+        row.update(floor_us=floor * 1e6, efficiency=floor / t)
+        rows.append(row)
+        if world.rank == 0:
+            print(
+                f"{size:>12} {row['time_us']:>10.1f} {row['algbw']:>12.2f} {row['busbw']:>12.2f} "
+                f"{row['floor_us']:>10.1f} {row['efficiency']:>6.2f}"
+            )
+        size *= 4 if size < (1 << 20) else 2
+    staged = None
+    if args.max_bytes >= 64 << 20:
+        x = torch.ones(16 << 20, device="cuda")
+        host = np.empty(16 << 20, np.float32)
+
+        def through_host():
+            host[...] = x.cpu().numpy()
+            world.Allreduce(MPI.IN_PLACE, host, op=MPI.SUM)
+            x.copy_(torch.from_numpy(host))
+
+        t_host = median_time(through_host, 5, 3)
+        t_pycomm = median_time(lambda: comm.allreduce(x, out=x), 20)
+        staged = {"bytes": 64 << 20, "host_mpi_us": t_host * 1e6, "pycomm_us": t_pycomm * 1e6}
+        staged["ratio"] = t_host / t_pycomm
+        if world.rank == 0:
+            print(
+                f"# 64 MiB: host staging + MPI_Allreduce {t_host * 1e6:.0f} us, pycomm {t_pycomm * 1e6:.0f} us, "
+                f"ratio {t_host / t_pycomm:.1f}x"
+            )
+    comm.close()
+    if world.rank == 0 and args.json:
+        meta = {"P": P, "device": torch.cuda.get_device_name(0), "copy_GBps": hbm / 1e9, "date": time.strftime("%F")}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows, "host_staging_64MiB": staged}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

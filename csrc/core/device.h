@@ -1,0 +1,31 @@
+// Collectives on device (GPU) buffers. The communicator talks to this interface only; the CUDA
+// implementation lives in csrc/cuda and is linked in when pycomm is built with CUDA.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+
+#include "pycomm/pycomm.h"
+#include "transport/transport.h"
+
+namespace pycomm {
+
+class DeviceCollectives {
+ public:
+  virtual ~DeviceCollectives() = default;
+  virtual int device() const = 0;
+  // `stream` is a cudaStream_t. Each call enqueues its work there and returns without waiting for
+  // the GPU; work queued on `stream` afterwards sees the result.
+  virtual void Allreduce(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op, void* stream) = 0;
+  virtual void ReduceScatter(const void* send, void* recv, size_t recv_count, DataType dtype, ReduceOp op,
+                             void* stream) = 0;
+  virtual void Allgather(const void* send, void* recv, size_t send_count, DataType dtype, void* stream) = 0;
+  virtual void Broadcast(void* buf, size_t count, DataType dtype, int root, void* stream) = 0;
+};
+
+bool BuiltWithCuda();
+
+// Collective over `transport`. Throws CommError when pycomm was built without CUDA.
+std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport, int device, double timeout_s);
+
+}  // namespace pycomm

@@ -1,0 +1,12 @@
+// Linked instead of csrc/cuda when pycomm is built without CUDA.
+#include "core/device.h"
+
+namespace pycomm {
+
+bool BuiltWithCuda() { return false; }
+
+std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport&, int, double) {
+  throw CommError("pycomm: this build has no CUDA support (rebuild with a CUDA compiler and PYCOMM_CUDA=ON)");
+}
+
+}  // namespace pycomm

@@ -1,0 +1,152 @@
+#include "cuda/device_group.h"
+
+#include <cstring>
+
+#include "cuda/cuda_check.h"
+#include "transport/wait.h"
+
+namespace pycomm::cuda {
+
+namespace {
+
+constexpr size_t kStagingAlign = 256;
+
+size_t AlignUp(size_t n) { return (n + kStagingAlign - 1) / kStagingAlign * kStagingAlign; }
+
+void Exchange(Transport& transport, int peer, const void* send, size_t send_bytes, void* recv, size_t recv_bytes,
+              double timeout_s) {
+  std::unique_ptr<Request> r, s;
+  if (recv_bytes) r = transport.Irecv(peer, recv, recv_bytes);
+  if (send_bytes) s = transport.Isend(peer, send, send_bytes);
+  if (s) Wait(*s, timeout_s);
+  if (r) Wait(*r, timeout_s);
+}
+
+}  // namespace
+
+DeviceGroup::DeviceGroup(Transport& transport, int device, double timeout_s)
+    : transport_(transport), device_(device), timeout_s_(timeout_s) {
+  DeviceGuard guard(device_);
+  const int rank = transport_.rank(), size = transport_.size();
+  constexpr unsigned kFlags = cudaEventDisableTiming | cudaEventInterprocess;
+  Check(cudaEventCreateWithFlags(&ready_, kFlags), "cudaEventCreateWithFlags");
+  cudaIpcEventHandle_t handle;
+  if (rank == kLeader) {
+    Check(cudaEventCreateWithFlags(&done_, kFlags), "cudaEventCreateWithFlags");
+    Check(cudaIpcGetEventHandle(&handle, done_), "cudaIpcGetEventHandle");
+    peer_ready_.assign(size, nullptr);
+    peer_ready_[kLeader] = ready_;
+    for (int peer = 1; peer < size; ++peer) {
+      cudaIpcEventHandle_t theirs;
+      Exchange(transport_, peer, &handle, sizeof handle, &theirs, sizeof theirs, timeout_s_);
+      Check(cudaIpcOpenEventHandle(&peer_ready_[peer], theirs), "cudaIpcOpenEventHandle");
+    }
+  } else {
+    Check(cudaIpcGetEventHandle(&handle, ready_), "cudaIpcGetEventHandle");
+    cudaIpcEventHandle_t leaders;
+    Exchange(transport_, kLeader, &handle, sizeof handle, &leaders, sizeof leaders, timeout_s_);
+    Check(cudaIpcOpenEventHandle(&done_, leaders), "cudaIpcOpenEventHandle");
+  }
+}
+
+DeviceGroup::~DeviceGroup() {
+  DeviceGuard guard(device_);
+  if (staging_) cudaFree(staging_);
+  for (int peer = 0; peer < static_cast<int>(peer_ready_.size()); ++peer) {
+    if (peer != kLeader && peer_ready_[peer]) cudaEventDestroy(peer_ready_[peer]);
+  }
+  if (done_) cudaEventDestroy(done_);
+  if (ready_) cudaEventDestroy(ready_);
+}
+
+void DeviceGroup::EnsureStaging(size_t bytes) {
+  if (bytes <= staging_bytes_) return;
+  // The old staging buffer may still be read by queued work: free it once the device is idle.
+  if (staging_) {
+    Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    Check(cudaFree(staging_), "cudaFree");
+    staging_ = nullptr;
+  }
+  size_t grown = AlignUp(bytes + bytes / 2);
+  Check(cudaMalloc(&staging_, grown), "cudaMalloc(staging)");
+  staging_bytes_ = grown;
+}
+
+void DeviceGroup::Describe(const std::vector<BufferRef>& buffers, cudaStream_t stream, std::vector<IpcBuffer>* out,
+                           std::vector<size_t>* staged_at) {
+  out->resize(buffers.size());
+  staged_at->assign(buffers.size(), SIZE_MAX);
+  size_t staged = 0;
+  std::vector<bool> direct(buffers.size());
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    direct[i] = buffers[i].bytes == 0 || exporter_.Export(buffers[i].ptr, &(*out)[i]);
+    if (!direct[i]) {
+      (*staged_at)[i] = staged;
+      staged += AlignUp(buffers[i].bytes);
+    }
+  }
+  if (!staged) return;
+  EnsureStaging(staged);
+  IpcBuffer staging;
+  if (!exporter_.Export(staging_, &staging)) throw CommError("pycomm: cannot export the CUDA staging buffer");
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    if (direct[i]) continue;
+    (*out)[i] = staging;
+    (*out)[i].offset += (*staged_at)[i];
+    if (buffers[i].read) {
+      Check(cudaMemcpyAsync(static_cast<char*>(staging_) + (*staged_at)[i], buffers[i].ptr, buffers[i].bytes,
+                            cudaMemcpyDeviceToDevice, stream),
+            "cudaMemcpyAsync(stage in)");
+    }
+  }
+}
+
+void DeviceGroup::Run(const std::vector<BufferRef>& buffers, cudaStream_t stream, const LeaderWork& work) {
+  DeviceGuard guard(device_);
+  const int rank = transport_.rank(), size = transport_.size();
+  const size_t record_bytes = buffers.size() * sizeof(IpcBuffer);
+
+  if (rank != kLeader) {
+    std::vector<IpcBuffer> mine;
+    std::vector<size_t> staged_at;
+    Describe(buffers, stream, &mine, &staged_at);
+    Check(cudaEventRecord(ready_, stream), "cudaEventRecord(ready)");
+    char done_token = 0;
+    Exchange(transport_, kLeader, mine.data(), record_bytes, &done_token, 1, timeout_s_);
+    // The leader recorded `done` before telling us, so this waits for this call's work.
+    Check(cudaStreamWaitEvent(stream, done_, 0), "cudaStreamWaitEvent(done)");
+    for (size_t i = 0; i < buffers.size(); ++i) {
+      if (staged_at[i] != SIZE_MAX && buffers[i].written) {
+        Check(cudaMemcpyAsync(buffers[i].ptr, static_cast<char*>(staging_) + staged_at[i], buffers[i].bytes,
+                              cudaMemcpyDeviceToDevice, stream),
+              "cudaMemcpyAsync(stage out)");
+      }
+    }
+    return;
+  }
+
+  // The leader: its own buffers need no IPC; every peer's arrive as handles.
+  std::vector<std::vector<void*>> mapped(size, std::vector<void*>(buffers.size()));
+  for (size_t i = 0; i < buffers.size(); ++i) mapped[kLeader][i] = buffers[i].ptr;
+  std::vector<std::vector<IpcBuffer>> records(size, std::vector<IpcBuffer>(buffers.size()));
+  std::vector<std::unique_ptr<Request>> recvs;
+  for (int peer = 1; peer < size; ++peer) {
+    if (record_bytes) recvs.push_back(transport_.Irecv(peer, records[peer].data(), record_bytes));
+  }
+  WaitAll(recvs, timeout_s_);
+  for (int peer = 1; peer < size; ++peer) {
+    for (size_t i = 0; i < buffers.size(); ++i) {
+      mapped[peer][i] = buffers[i].bytes ? importer_.Open(records[peer][i]) : nullptr;
+    }
+    // The peer recorded `ready` before sending its handles, so this waits for its inputs.
+    Check(cudaStreamWaitEvent(stream, peer_ready_[peer], 0), "cudaStreamWaitEvent(ready)");
+  }
+  work(mapped, stream);
+  Check(cudaEventRecord(done_, stream), "cudaEventRecord(done)");
+  static const char kToken = 1;
+  std::vector<std::unique_ptr<Request>> sends;
+  for (int peer = 1; peer < size; ++peer) sends.push_back(transport_.Isend(peer, &kToken, 1));
+  WaitAll(sends, timeout_s_);
+}
+
+}  // namespace pycomm::cuda

@@ -1,0 +1,71 @@
+// Ranks of one node that hand their device buffers to a leader rank for each collective.
+//
+// Several ranks may share one GPU, and processes on one GPU do not run kernels concurrently, so
+// splitting a collective's work across them gains nothing: one kernel on the leader that reads
+// every rank's input once and writes every rank's output once moves the fewest bytes through the
+// GPU's memory. Order across processes comes from CUDA IPC events and host messages, never from
+// spinning on the device:
+//   1. every rank records `ready` on its stream (its input is written), then sends the leader the
+//      IPC handles of its buffers;
+//   2. the leader makes its stream wait for every `ready`, enqueues the work, records `done`, and
+//      tells every rank;
+//   3. every rank makes its stream wait for `done`.
+// No call waits for the GPU: each returns once its stream holds the right dependencies, as NCCL's do.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "cuda/ipc_memory.h"
+#include "transport/transport.h"
+
+namespace pycomm::cuda {
+
+// One buffer of a collective, on the calling rank.
+struct BufferRef {
+  void* ptr;
+  size_t bytes;
+  bool read;     // the leader reads it (an input)
+  bool written;  // the leader writes it (an output)
+};
+
+// The leader's view of one call: buffers[rank][i] is rank's i-th BufferRef, mapped into the
+// leader's address space.
+using LeaderWork = std::function<void(const std::vector<std::vector<void*>>& buffers, cudaStream_t stream)>;
+
+class DeviceGroup {
+ public:
+  // Collective over `transport`, whose ranks must all be on this node. `device` is this rank's GPU.
+  DeviceGroup(Transport& transport, int device, double timeout_s);
+  ~DeviceGroup();
+
+  int device() const { return device_; }
+
+  // Runs one collective: every rank passes the same number of buffers, in the same roles.
+  void Run(const std::vector<BufferRef>& buffers, cudaStream_t stream, const LeaderWork& work);
+
+ private:
+  static constexpr int kLeader = 0;
+  struct Message;
+
+  // Returns where the leader can reach buffers[i], staging buffers that cannot be exported.
+  void Describe(const std::vector<BufferRef>& buffers, cudaStream_t stream, std::vector<IpcBuffer>* out,
+                std::vector<size_t>* staged_at);
+  void EnsureStaging(size_t bytes);
+
+  Transport& transport_;
+  int device_;
+  double timeout_s_;
+  cudaEvent_t ready_ = nullptr;          // this rank's: its inputs are written
+  cudaEvent_t done_ = nullptr;           // the leader's (opened through IPC on other ranks)
+  std::vector<cudaEvent_t> peer_ready_;  // on the leader: every rank's ready event
+  IpcExporter exporter_;
+  IpcImporter importer_;
+  void* staging_ = nullptr;  // exportable memory for buffers from stream-ordered pools
+  size_t staging_bytes_ = 0;
+};
+
+}  // namespace pycomm::cuda

@@ -1,0 +1,90 @@
+#include "cuda/ipc_memory.h"
+
+#include <cuda.h>
+
+#include <cstring>
+
+#include "cuda/cuda_check.h"
+
+namespace pycomm::cuda {
+
+namespace {
+
+// The driver API calls we need, fetched through the runtime so that pycomm never links
+// libcuda.so: `import pycomm` must work on machines with no driver.
+struct Driver {
+  decltype(&cuMemGetAddressRange) get_address_range = nullptr;
+  decltype(&cuPointerGetAttribute) get_attribute = nullptr;
+
+  static const Driver& Get() {
+    static Driver driver = [] {
+      Driver d;
+      cudaDriverEntryPointQueryResult found;
+      void* fn = nullptr;
+      if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 12000, cudaEnableDefault, &found) ==
+              cudaSuccess &&
+          found == cudaDriverEntryPointSuccess) {
+        d.get_address_range = reinterpret_cast<decltype(&cuMemGetAddressRange)>(fn);
+      }
+      if (cudaGetDriverEntryPointByVersion("cuPointerGetAttribute", &fn, 12000, cudaEnableDefault, &found) ==
+              cudaSuccess &&
+          found == cudaDriverEntryPointSuccess) {
+        d.get_attribute = reinterpret_cast<decltype(&cuPointerGetAttribute)>(fn);
+      }
+      return d;
+    }();
+    return driver;
+  }
+};
+
+}  // namespace
+
+bool IpcExporter::Export(const void* ptr, IpcBuffer* out) {
+  const Driver& driver = Driver::Get();
+  if (!driver.get_address_range || !driver.get_attribute) throw CommError("pycomm: CUDA driver entry points missing");
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  if (driver.get_address_range(&base, &size, reinterpret_cast<CUdeviceptr>(ptr)) != CUDA_SUCCESS) return false;
+  unsigned long long buffer_id = 0;
+  if (driver.get_attribute(&buffer_id, CU_POINTER_ATTRIBUTE_BUFFER_ID, reinterpret_cast<CUdeviceptr>(ptr)) !=
+      CUDA_SUCCESS) {
+    return false;
+  }
+  out->offset = reinterpret_cast<uintptr_t>(ptr) - static_cast<uintptr_t>(base);
+  auto it = by_base_.find(static_cast<uintptr_t>(base));
+  if (it != by_base_.end() && it->second.buffer_id == buffer_id && it->second.size == size) {
+    out->handle = it->second.handle;
+    return true;
+  }
+  cudaIpcMemHandle_t handle;
+  if (cudaIpcGetMemHandle(&handle, reinterpret_cast<void*>(base)) != cudaSuccess) {
+    cudaGetLastError();  // pool memory cannot be exported: not an error for the caller
+    return false;
+  }
+  by_base_[static_cast<uintptr_t>(base)] = Entry{buffer_id, size, handle};
+  out->handle = handle;
+  return true;
+}
+
+IpcImporter::~IpcImporter() {
+  for (auto& entry : mapped_) cudaIpcCloseMemHandle(entry.second);
+}
+
+void* IpcImporter::Open(const IpcBuffer& buffer) {
+  std::string key(reinterpret_cast<const char*>(&buffer.handle), sizeof buffer.handle);
+  auto it = mapped_.find(key);
+  if (it == mapped_.end()) {
+    if (mapped_.size() >= kMaxMappings) {
+      cudaIpcCloseMemHandle(mapped_[order_.front()]);
+      mapped_.erase(order_.front());
+      order_.pop_front();
+    }
+    void* base = nullptr;
+    Check(cudaIpcOpenMemHandle(&base, buffer.handle, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
+    it = mapped_.emplace(key, base).first;
+    order_.push_back(key);
+  }
+  return static_cast<char*>(it->second) + buffer.offset;
+}
+
+}  // namespace pycomm::cuda

@@ -1,0 +1,174 @@
+"""Device arrays on one GPU shared by every rank: run under mpirun by tests/test_gpu_mpi.py.
+
+usage: gpu.py torch|cupy
+"""
+
+import sys
+
+import ml_dtypes
+import numpy as np
+from common import OPS, Failures, make_input, matches, np_dtype, same_on_all_ranks
+from mpi4py import MPI
+
+import pycomm
+
+world = MPI.COMM_WORLD
+P, RANK = world.size, world.rank
+LIBRARY = sys.argv[1]
+SIZES = (0, 1, 7, 1000, 4099, (1 << 20) + 3)
+
+
+class Torch:
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        torch.cuda.set_device(0)
+
+    def to_device(self, a: np.ndarray):
+        torch = self.torch
+        if a.dtype == np.dtype(ml_dtypes.bfloat16):
+            return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).cuda()
+        return torch.from_numpy(a.copy()).cuda()
+
+    def to_host(self, t) -> np.ndarray:
+        torch = self.torch
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).cpu().numpy().view(ml_dtypes.bfloat16)
+        return t.cpu().numpy()
+
+    def empty_like(self, t):
+        return self.torch.empty_like(t)
+
+    def sync(self):
+        self.torch.cuda.synchronize()
+
+
+class Cupy:
+    def __init__(self):
+        import cupy
+
+        self.cupy = cupy
+        cupy.cuda.Device(0).use()
+
+    def to_device(self, a):
+        return self.cupy.asarray(a)
+
+    def to_host(self, x):
+        return self.cupy.asnumpy(x)
+
+    def empty_like(self, x):
+        return self.cupy.empty_like(x)
+
+    def sync(self):
+        self.cupy.cuda.runtime.deviceSynchronize()
+
+
+def supported(lib, name) -> bool:
+    try:
+        lib.to_host(lib.to_device(np.zeros(2, np_dtype(name))))
+        return True
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
+def check_allreduce(comm, lib, failures):
+    for name in pycomm.SUPPORTED_DTYPES:
+        if not supported(lib, name):
+            if RANK == 0:
+                print(f"note: {LIBRARY} has no {name}; skipped")
+            continue
+        dtype = np_dtype(name)
+        for op in OPS:
+            if op == "avg" and dtype.kind in "iu":
+                continue
+            for n in SIZES:
+                inputs = [make_input(q, n, dtype, op) for q in range(P)]
+                x = lib.to_device(inputs[RANK])
+                case = f"{LIBRARY} allreduce {name} {op} n={n}"
+                y = comm.allreduce(x, op=op)
+                got = lib.to_host(y)
+                failures.check(type(y) is type(x), f"{case}: result type {type(y)}")
+                failures.check(matches(got, inputs, dtype, op), f"{case}: {got[:4]}")
+                failures.check(same_on_all_ranks(got), f"{case}: ranks differ")
+                out = lib.empty_like(x)
+                comm.allreduce(x, op=op, out=out)
+                failures.check(np.array_equal(lib.to_host(out).view(np.uint8), got.view(np.uint8)), f"{case} out=")
+                comm.allreduce(x, op=op, out=x)
+                failures.check(np.array_equal(lib.to_host(x).view(np.uint8), got.view(np.uint8)), f"{case} in place")
+
+
+def check_other_collectives(comm, lib, failures):
+    dtype = np.dtype(np.float32)
+    for rows in (0, 1, 33):
+        inputs = [make_input(q, rows * P * 4, dtype, "sum").reshape(rows * P, 4) for q in range(P)]
+        block = lib.to_host(comm.reduce_scatter(lib.to_device(inputs[RANK])))
+        want = sum(x.astype(np.float64) for x in inputs)[RANK * rows : (RANK + 1) * rows]
+        failures.check(block.shape == (rows, 4) and np.allclose(block, want, rtol=1e-5), f"reduce_scatter rows={rows}")
+        gathered = lib.to_host(comm.allgather(lib.to_device(inputs[RANK][:rows])))
+        want = np.concatenate([x[:rows] for x in inputs])
+        failures.check(np.array_equal(gathered, want), f"allgather rows={rows}")
+    for root in range(P):
+        buf = lib.to_device(make_input(RANK + 10, 5000, dtype, "sum"))
+        comm.broadcast(buf, root=root)
+        failures.check(np.array_equal(lib.to_host(buf), make_input(root + 10, 5000, dtype, "sum")), f"broadcast {root}")
+
+
+def check_stream_order(comm, lib, failures):
+    """Work queued after the allreduce on the same (non-default) stream sees its result, without
+    any host synchronisation in between."""
+    n = 1 << 22
+    if LIBRARY == "torch":
+        torch = lib.torch
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            x = torch.full((n,), float(RANK + 1), device="cuda")
+            for _ in range(3):
+                comm.allreduce(x, out=x)
+            z = x * 2
+        stream.synchronize()
+    else:
+        cupy = lib.cupy
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            x = cupy.full((n,), float(RANK + 1), dtype=cupy.float32)
+            for _ in range(3):
+                comm.allreduce(x, out=x)
+            z = x * 2
+        stream.synchronize()
+    # After the first call every rank holds S = P(P+1)/2; each later call multiplies by P.
+    expected = 2 * (P * (P + 1) / 2) * P * P
+    got = lib.to_host(z)
+    failures.check(bool(np.all(got == expected)), f"stream order: {got[:3]} != {expected}")
+
+
+def check_pool_memory(comm, lib, failures):
+    """Stream-ordered pool memory cannot be exported through CUDA IPC: it goes through staging."""
+    if LIBRARY != "cupy":
+        return
+    cupy = lib.cupy
+    cupy.cuda.set_allocator(cupy.cuda.MemoryAsyncPool().malloc)
+    try:
+        x = cupy.full((100003,), RANK + 1, dtype=cupy.int32)
+        y = comm.allreduce(x)
+        failures.check(bool((y == P * (P + 1) // 2).all()), "allreduce of pool memory")
+        comm.allreduce(x, out=x)
+        failures.check(bool((x == P * (P + 1) // 2).all()), "in-place allreduce of pool memory")
+    finally:
+        cupy.cuda.set_allocator(cupy.cuda.MemoryPool().malloc)
+
+
+def main():
+    lib = Torch() if LIBRARY == "torch" else Cupy()
+    failures = Failures()
+    with pycomm.Communicator() as comm:
+        check_allreduce(comm, lib, failures)
+        check_other_collectives(comm, lib, failures)
+        check_stream_order(comm, lib, failures)
+        check_pool_memory(comm, lib, failures)
+        lib.sync()
+    failures.finish()
+
+
+if __name__ == "__main__":
+    main()
