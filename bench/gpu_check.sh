@@ -52,16 +52,29 @@ step "kernel check + bandwidth" "exit $? ($(grep -o 'correctness: .*' "$OUT/redu
 timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_gpu_mpi.py >"$OUT/gpu_tests.txt" 2>&1
 step "GPU tests (torch, cupy; P=1,2,4)" "exit $? ($(tail -1 "$OUT/gpu_tests.txt"))"
 
-# 5. GPU allreduce benchmark
-for p in 2 4; do
-  timeout 120 mpirun -n $p $PY bench/gpu_allreduce.py --json "$OUT/gpu_allreduce_p$p.json" >"$OUT/gpu_allreduce_p$p.txt" 2>&1
-  step "GPU allreduce bench P=$p" "exit $?"
+# 5. GPU allreduce benchmark, with each way of ordering the ranks' GPU work
+for sync in stream host; do
+  for p in 2 4; do
+    PYCOMM_GPU_SYNC=$sync timeout 120 mpirun -n $p $PY bench/gpu_allreduce.py --json "$OUT/part_${sync}_p$p.json" \
+      >>"$OUT/gpu_allreduce.txt" 2>&1
+    step "GPU allreduce bench $sync P=$p" "exit $?"
+  done
 done
+# One JSON for all runs: the device tool brings back few files.
+$PY - "$OUT" <<'PYEOF'
+import glob, json, os, sys
+runs = {}
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "part_*.json"))):
+    runs[os.path.basename(path)[5:-5]] = json.load(open(path))
+    os.remove(path)
+json.dump(runs, open(os.path.join(sys.argv[1], "gpu_allreduce.json"), "w"), indent=1)
+PYEOF
 
 echo
 grep -vE "^FAIL" "$OUT/reduce_bench.txt" | tail -12
 grep -E "^FAIL" "$OUT/reduce_bench.txt" | head -5
-for p in 2 4; do echo; cat "$OUT/gpu_allreduce_p$p.txt" | tail -22; done
+echo
+cat "$OUT/gpu_allreduce.txt"
 grep -E "FAIL|Error|error" "$OUT/gpu_tests.txt" | head -20
 echo
 printf '%s\n' "${summary[@]}"

@@ -23,9 +23,10 @@ pytestmark = [
 ]
 
 
+@pytest.mark.parametrize("sync", ["stream", "host"])
 @pytest.mark.parametrize("library", ["torch", "cupy"])
 @pytest.mark.parametrize("nprocs", [1, 2, 4])
-def test_device_arrays(nprocs, library):
+def test_device_arrays(nprocs, library, sync):
     if importlib.util.find_spec(library) is None:
         pytest.skip(f"{library} is not installed")
-    run_mpi(nprocs, "gpu.py", library, timeout=600)
+    run_mpi(nprocs, "gpu.py", library, timeout=600, env={"PYCOMM_GPU_SYNC": sync})

@@ -4,6 +4,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <stdexcept>
 #include <string>
 
 #include "core/device.h"
@@ -19,10 +21,18 @@ namespace {
 
 char* At(void* base, size_t offset) { return static_cast<char*>(base) + offset; }
 
+// PYCOMM_GPU_SYNC=stream|host chooses how ranks order their GPU work (see DeviceSync).
+cuda::DeviceSync SyncFromEnvironment() {
+  const char* value = std::getenv("PYCOMM_GPU_SYNC");
+  if (!value || !*value || std::string(value) == "stream") return cuda::DeviceSync::kStream;
+  if (std::string(value) == "host") return cuda::DeviceSync::kHost;
+  throw std::invalid_argument(std::string("pycomm: PYCOMM_GPU_SYNC must be stream or host, got ") + value);
+}
+
 class LeaderCollectives : public DeviceCollectives {
  public:
   LeaderCollectives(Transport& transport, int device, double timeout_s)
-      : size_(transport.size()), rank_(transport.rank()), group_(transport, device, timeout_s) {}
+      : size_(transport.size()), rank_(transport.rank()), group_(transport, device, timeout_s, SyncFromEnvironment()) {}
 
   int device() const override { return group_.device(); }
 

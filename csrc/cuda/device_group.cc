@@ -24,8 +24,8 @@ void Exchange(Transport& transport, int peer, const void* send, size_t send_byte
 
 }  // namespace
 
-DeviceGroup::DeviceGroup(Transport& transport, int device, double timeout_s)
-    : transport_(transport), device_(device), timeout_s_(timeout_s) {
+DeviceGroup::DeviceGroup(Transport& transport, int device, double timeout_s, DeviceSync sync)
+    : transport_(transport), device_(device), timeout_s_(timeout_s), sync_(sync) {
   DeviceGuard guard(device_);
   const int rank = transport_.rank(), size = transport_.size();
   constexpr unsigned kFlags = cudaEventDisableTiming | cudaEventInterprocess;
@@ -101,6 +101,37 @@ void DeviceGroup::Describe(const std::vector<BufferRef>& buffers, cudaStream_t s
   }
 }
 
+namespace {
+
+// An IPC event seen as a transport request, so that the host waits on it with the usual backoff
+// and timeout.
+class EventRequest : public Request {
+ public:
+  EventRequest(cudaEvent_t event, int peer) : event_(event), peer_(peer) {}
+  bool Test() override {
+    cudaError_t err = cudaEventQuery(event_);
+    if (err == cudaErrorNotReady) return false;
+    Check(err, "cudaEventQuery");
+    return true;
+  }
+  int peer() const override { return peer_; }
+
+ private:
+  cudaEvent_t event_;
+  int peer_;
+};
+
+}  // namespace
+
+void DeviceGroup::After(cudaEvent_t event, cudaStream_t stream, int peer) {
+  if (sync_ == DeviceSync::kStream) {
+    Check(cudaStreamWaitEvent(stream, event, 0), "cudaStreamWaitEvent");
+  } else {
+    EventRequest request(event, peer);
+    Wait(request, timeout_s_);
+  }
+}
+
 void DeviceGroup::Run(const std::vector<BufferRef>& buffers, cudaStream_t stream, const LeaderWork& work) {
   DeviceGuard guard(device_);
   const int rank = transport_.rank(), size = transport_.size();
@@ -114,7 +145,7 @@ void DeviceGroup::Run(const std::vector<BufferRef>& buffers, cudaStream_t stream
     char done_token = 0;
     Exchange(transport_, kLeader, mine.data(), record_bytes, &done_token, 1, timeout_s_);
     // The leader recorded `done` before telling us, so this waits for this call's work.
-    Check(cudaStreamWaitEvent(stream, done_, 0), "cudaStreamWaitEvent(done)");
+    After(done_, stream, kLeader);
     for (size_t i = 0; i < buffers.size(); ++i) {
       if (staged_at[i] != SIZE_MAX && buffers[i].written) {
         Check(cudaMemcpyAsync(buffers[i].ptr, static_cast<char*>(staging_) + staged_at[i], buffers[i].bytes,
@@ -139,7 +170,7 @@ void DeviceGroup::Run(const std::vector<BufferRef>& buffers, cudaStream_t stream
       mapped[peer][i] = buffers[i].bytes ? importer_.Open(records[peer][i]) : nullptr;
     }
     // The peer recorded `ready` before sending its handles, so this waits for its inputs.
-    Check(cudaStreamWaitEvent(stream, peer_ready_[peer], 0), "cudaStreamWaitEvent(ready)");
+    After(peer_ready_[peer], stream, peer);
   }
   work(mapped, stream);
   Check(cudaEventRecord(done_, stream), "cudaEventRecord(done)");

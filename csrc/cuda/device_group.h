@@ -36,10 +36,20 @@ struct BufferRef {
 // leader's address space.
 using LeaderWork = std::function<void(const std::vector<std::vector<void*>>& buffers, cudaStream_t stream)>;
 
+// How ranks wait for each other's GPU work.
+enum class DeviceSync {
+  // cudaStreamWaitEvent on the IPC events: no call waits for the GPU, but on a GPU shared by
+  // several processes every dependency between their contexts costs a context switch.
+  kStream,
+  // The host polls the IPC events (cudaEventQuery) instead: the leader waits for its peers'
+  // inputs, each peer for the leader's work, and the GPU never waits across contexts.
+  kHost,
+};
+
 class DeviceGroup {
  public:
   // Collective over `transport`, whose ranks must all be on this node. `device` is this rank's GPU.
-  DeviceGroup(Transport& transport, int device, double timeout_s);
+  DeviceGroup(Transport& transport, int device, double timeout_s, DeviceSync sync);
   ~DeviceGroup();
 
   int device() const { return device_; }
@@ -55,10 +65,13 @@ class DeviceGroup {
   void Describe(const std::vector<BufferRef>& buffers, cudaStream_t stream, std::vector<IpcBuffer>* out,
                 std::vector<size_t>* staged_at);
   void EnsureStaging(size_t bytes);
+  // Orders `stream` after `event`'s last record: on the device or on the host, as sync_ says.
+  void After(cudaEvent_t event, cudaStream_t stream, int peer);
 
   Transport& transport_;
   int device_;
   double timeout_s_;
+  DeviceSync sync_;
   cudaEvent_t ready_ = nullptr;          // this rank's: its inputs are written
   cudaEvent_t done_ = nullptr;           // the leader's (opened through IPC on other ranks)
   std::vector<cudaEvent_t> peer_ready_;  // on the leader: every rank's ready event
