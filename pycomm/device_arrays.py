@@ -56,7 +56,9 @@ def describe(x, what: str = "x") -> DeviceArray:
             raise ValueError(f"pycomm: {what} must be contiguous (use .contiguous())")
         return DeviceArray(x, x.data_ptr(), tuple(x.shape), dtype, x.device.index, "torch")
     iface = x.__cuda_array_interface__
-    dtype = np.dtype(iface["typestr"])
+    library = "cupy" if type(x).__module__.startswith("cupy") else "cai"
+    # cupy keeps ml_dtypes' bfloat16 as its dtype but reports it as raw bytes ("|V2") here.
+    dtype = np.dtype(x.dtype) if library == "cupy" else np.dtype(iface["typestr"])
     dtype_code(dtype)
     shape = tuple(iface["shape"])
     strides = iface.get("strides")
@@ -66,7 +68,6 @@ def describe(x, what: str = "x") -> DeviceArray:
     if readonly:
         raise ValueError(f"pycomm: {what} is read-only")
     device = getattr(getattr(x, "device", None), "id", 0)
-    library = "cupy" if type(x).__module__.startswith("cupy") else "cai"
     return DeviceArray(x, ptr, shape, dtype, device, library)
 
 

@@ -141,7 +141,11 @@ void DeviceGroup::Run(const std::vector<BufferRef>& buffers, cudaStream_t stream
     std::vector<IpcBuffer> mine;
     std::vector<size_t> staged_at;
     Describe(buffers, stream, &mine, &staged_at);
-    Check(cudaEventRecord(ready_, stream), "cudaEventRecord(ready)");
+    if (sync_ == DeviceSync::kStream) {
+      Check(cudaEventRecord(ready_, stream), "cudaEventRecord(ready)");
+    } else {
+      Check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    }
     char done_token = 0;
     Exchange(transport_, kLeader, mine.data(), record_bytes, &done_token, 1, timeout_s_);
     // The leader recorded `done` before telling us, so this waits for this call's work.
@@ -169,8 +173,9 @@ void DeviceGroup::Run(const std::vector<BufferRef>& buffers, cudaStream_t stream
     for (size_t i = 0; i < buffers.size(); ++i) {
       mapped[peer][i] = buffers[i].bytes ? importer_.Open(records[peer][i]) : nullptr;
     }
-    // The peer recorded `ready` before sending its handles, so this waits for its inputs.
-    After(peer_ready_[peer], stream, peer);
+    // The peer recorded `ready` before sending its handles, so this waits for its inputs (with
+    // host sync the peer's inputs were complete before it sent them).
+    if (sync_ == DeviceSync::kStream) After(peer_ready_[peer], stream, peer);
   }
   work(mapped, stream);
   Check(cudaEventRecord(done_, stream), "cudaEventRecord(done)");

@@ -41,8 +41,10 @@ enum class DeviceSync {
   // cudaStreamWaitEvent on the IPC events: no call waits for the GPU, but on a GPU shared by
   // several processes every dependency between their contexts costs a context switch.
   kStream,
-  // The host polls the IPC events (cudaEventQuery) instead: the leader waits for its peers'
-  // inputs, each peer for the leader's work, and the GPU never waits across contexts.
+  // Peers submit no GPU work of their own: each waits on the host for its stream (its inputs
+  // are written) before handing its buffers over, and polls the leader's `done` event before
+  // returning. Only the leader's context runs, so there is no context switch, at the price of
+  // peers' calls waiting for the GPU (as MPI_Allreduce would).
   kHost,
 };
 
