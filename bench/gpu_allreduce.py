@@ -72,7 +72,7 @@ def main():
     hbm = copy_bandwidth()
     rows = []
     if world.rank == 0:
-        sync = os.environ.get("PYCOMM_GPU_SYNC") or "stream"
+        sync = os.environ.get("PYCOMM_GPU_SYNC") or "host"
         name = torch.cuda.get_device_name(0)
         print(f"# pycomm GPU allreduce: P={P} ranks on {name}, float32 sum, in place, sync={sync}")
         print(f"# device-to-device copy, all ranks at once: {hbm / 1e9:.0f} GB/s (bytes read + written)")
@@ -118,7 +118,7 @@ def main():
     comm.close()
     if world.rank == 0 and args.json:
         meta = {"P": P, "device": torch.cuda.get_device_name(0), "copy_GBps": hbm / 1e9, "date": time.strftime("%F")}
-        meta["sync"] = os.environ.get("PYCOMM_GPU_SYNC") or "stream"
+        meta["sync"] = os.environ.get("PYCOMM_GPU_SYNC") or "host"
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows, "host_staging_64MiB": staged}, f, indent=1)
 

@@ -21,11 +21,14 @@ namespace {
 
 char* At(void* base, size_t offset) { return static_cast<char*>(base) + offset; }
 
-// PYCOMM_GPU_SYNC=stream|host chooses how ranks order their GPU work (see DeviceSync).
+// PYCOMM_GPU_SYNC=host|stream chooses how ranks order their GPU work (see DeviceSync). Host is
+// the default: measured on an H200 shared by 2 ranks, stream waits across processes cost a
+// context switch (~140 us) per rank and call, host sync 35 us per call in all
+// (bench/results/2026-11-27-h200-gpu.md).
 cuda::DeviceSync SyncFromEnvironment() {
   const char* value = std::getenv("PYCOMM_GPU_SYNC");
-  if (!value || !*value || std::string(value) == "stream") return cuda::DeviceSync::kStream;
-  if (std::string(value) == "host") return cuda::DeviceSync::kHost;
+  if (!value || !*value || std::string(value) == "host") return cuda::DeviceSync::kHost;
+  if (std::string(value) == "stream") return cuda::DeviceSync::kStream;
   throw std::invalid_argument(std::string("pycomm: PYCOMM_GPU_SYNC must be stream or host, got ") + value);
 }
 
