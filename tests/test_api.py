@@ -78,6 +78,36 @@ def _read_only(a):
     return a
 
 
+def test_close_while_other_threads_call():
+    """close() from one thread while others are inside collectives: each of them either finishes
+    its call or gets CommError; none crashes or hangs. The race is narrow, so try it many times."""
+    import threading
+
+    x = np.ones(8)
+    for _ in range(2000):
+        comm = pycomm.Communicator()
+        outcomes = []
+        started = threading.Event()
+
+        def loop(comm=comm, outcomes=outcomes, started=started):
+            started.set()
+            try:
+                while True:
+                    comm.allreduce(x)
+            except pycomm.CommError as error:
+                outcomes.append(str(error))
+
+        threads = [threading.Thread(target=loop) for _ in range(3)]
+        for t in threads:
+            t.start()
+        started.wait()
+        comm.close()
+        for t in threads:
+            t.join(timeout=30)
+        assert not any(t.is_alive() for t in threads)
+        assert len(outcomes) == 3 and all("closed" in o for o in outcomes), outcomes
+
+
 BAD_INPUTS = [
     ("a list", lambda c: c.allreduce([1.0, 2.0]), TypeError),
     ("object dtype", lambda c: c.allreduce(np.array([1, "a"], dtype=object)), TypeError),

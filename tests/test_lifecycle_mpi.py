@@ -19,3 +19,7 @@ def test_exit_with_async_work_in_flight(nprocs):
 @pytest.mark.parametrize("nprocs", [2, 4])
 def test_sub_communicators(nprocs):
     run_mpi(nprocs, "lifecycle.py", "sub-communicators")
+
+
+def test_infinite_timeout_waits_for_a_late_rank():
+    run_mpi(2, "lifecycle.py", "no-deadline", timeout=60)

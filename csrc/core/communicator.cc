@@ -21,7 +21,12 @@ namespace {
 class CommunicatorImpl : public Communicator {
  public:
   CommunicatorImpl(std::unique_ptr<Transport> transport, const Options& options)
-      : transport_(std::move(transport)), options_(options) {
+      : transport_(std::move(transport)),
+        options_(options),
+        rank_(transport_->rank()),
+        size_(transport_->size()),
+        local_rank_(transport_->local_rank()),
+        local_size_(transport_->local_size()) {
     if (options_.chunk_bytes < kMinChunkBytes) {
       throw std::invalid_argument("pycomm: chunk_bytes must be at least " + std::to_string(kMinChunkBytes));
     }
@@ -39,10 +44,11 @@ class CommunicatorImpl : public Communicator {
     }
   }
 
-  int rank() const override { return transport_->rank(); }
-  int size() const override { return transport_->size(); }
-  int local_rank() const override { return transport_->local_rank(); }
-  int local_size() const override { return transport_->local_size(); }
+  // Fixed at creation: still answered after close().
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  int local_rank() const override { return local_rank_; }
+  int local_size() const override { return local_size_; }
   const Options& options() const override { return options_; }
 
   void Allreduce(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op) override {
@@ -93,6 +99,7 @@ class CommunicatorImpl : public Communicator {
   void AllreduceDevice(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op, int device,
                        void* stream) override {
     CheckOp(dtype, op);
+    CheckDevice(device);
     Trace("allreduce(device)", count, dtype, ReduceOpName(op));
     Execute([=] { Device(device).Allreduce(send, recv, count, dtype, op, stream); });
   }
@@ -100,6 +107,7 @@ class CommunicatorImpl : public Communicator {
   void ReduceScatterDevice(const void* send, void* recv, size_t recv_count, DataType dtype, ReduceOp op, int device,
                            void* stream) override {
     CheckOp(dtype, op);
+    CheckDevice(device);
     Trace("reduce_scatter(device)", recv_count, dtype, ReduceOpName(op));
     Execute([=] { Device(device).ReduceScatter(send, recv, recv_count, dtype, op, stream); });
   }
@@ -107,26 +115,31 @@ class CommunicatorImpl : public Communicator {
   void AllgatherDevice(const void* send, void* recv, size_t send_count, DataType dtype, int device,
                        void* stream) override {
     DataTypeSize(dtype);  // rejects unknown dtypes
+    CheckDevice(device);
     Trace("allgather(device)", send_count, dtype, "-");
     Execute([=] { Device(device).Allgather(send, recv, send_count, dtype, stream); });
   }
 
   void BroadcastDevice(void* buf, size_t count, DataType dtype, int root, int device, void* stream) override {
     CheckRoot(root);
+    CheckDevice(device);
     Trace("broadcast(device)", count, dtype, ("root " + std::to_string(root)).c_str());
     Execute([=] { Device(device).Broadcast(buf, count, dtype, root, stream); });
   }
 
   void Close() override {
-    std::lock_guard<std::mutex> lock(close_mu_);
-    if (closed_) return;
-    closed_ = true;
-    // Finish queued work and any blocking call still running on another thread before the
-    // transport goes away.
-    executor_->Stop();
-    executor_->Run([] {});
-    device_.reset();  // it talks through the transport
-    transport_.reset();
+    closed_ = true;  // new calls fail fast; the executor refuses those already past this check
+    executor_->Close([this] {
+      if (device_) {
+        try {
+          device_->Quiesce();
+        } catch (const std::exception& e) {
+          Debug("closing: %s", e.what());  // peers gone or timed out: tear down regardless
+        }
+      }
+      device_.reset();  // it talks through the transport
+      transport_.reset();
+    });
   }
 
  private:
@@ -147,13 +160,21 @@ class CommunicatorImpl : public Communicator {
     }
   }
 
+  // A bad argument, checked before anything is sent: the communicator stays usable.
+  void CheckDevice(int device) const {
+    int bound = device_id_.load();
+    if (bound >= 0 && bound != device) {
+      throw std::invalid_argument("pycomm: this communicator's device arrays live on GPU " + std::to_string(bound) +
+                                  ", not GPU " + std::to_string(device));
+    }
+  }
+
   // The device collectives start with the first device call (collective, like every call) and
   // stay bound to that GPU.
   DeviceCollectives& Device(int device) {
-    if (!device_) device_ = CreateDeviceCollectives(*transport_, device, options_.timeout_s);
-    if (device_->device() != device) {
-      throw std::invalid_argument("pycomm: this communicator's device arrays live on GPU " +
-                                  std::to_string(device_->device()) + ", not GPU " + std::to_string(device));
+    if (!device_) {
+      device_ = CreateDeviceCollectives(*transport_, device, options_.timeout_s);
+      device_id_ = device;
     }
     return *device_;
   }
@@ -210,17 +231,18 @@ class CommunicatorImpl : public Communicator {
   template <typename... Args>
   void Debug(const char* fmt, Args... args) const {
     if (!options_.debug) return;
-    std::fprintf(stderr, "r%d | ", transport_ ? transport_->rank() : -1);
+    std::fprintf(stderr, "r%d | ", rank_);
     std::fprintf(stderr, fmt, args...);
     std::fputc('\n', stderr);
   }
 
   std::unique_ptr<Transport> transport_;
   Options options_;
+  const int rank_, size_, local_rank_, local_size_;
   std::vector<char> scratch_;
   std::unique_ptr<Executor> executor_;
   std::unique_ptr<DeviceCollectives> device_;
-  std::mutex close_mu_;
+  std::atomic<int> device_id_{-1};  // device_'s GPU, readable outside the executor
   std::atomic<uint64_t> calls_{0};
   std::atomic<bool> closed_{false};
   std::atomic<bool> broken_{false};

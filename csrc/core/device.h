@@ -21,6 +21,9 @@ class DeviceCollectives {
                              void* stream) = 0;
   virtual void Allgather(const void* send, void* recv, size_t send_count, DataType dtype, void* stream) = 0;
   virtual void Broadcast(void* buf, size_t count, DataType dtype, int root, void* stream) = 0;
+  // Collective, before teardown: waits until no rank's queued GPU work can still use another
+  // rank's buffers or events.
+  virtual void Quiesce() = 0;
 };
 
 bool BuiltWithCuda();

@@ -42,7 +42,9 @@ class Executor::Task : public Work {
 
 Executor::Executor() : thread_([this] { Loop(); }) {}
 
-Executor::~Executor() { Stop(); }
+Executor::~Executor() {
+  Close([] {});
+}
 
 std::shared_ptr<Work> Executor::Submit(std::function<void()> fn) {
   auto task = std::make_shared<Task>(std::move(fn));
@@ -59,6 +61,7 @@ void Executor::Run(const std::function<void()>& fn) {
   {
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait(lock, [&] { return queue_.empty() && !busy_; });
+    if (closed_) throw CommError("pycomm: the communicator is closed");
     busy_ = true;
   }
   struct Release {
@@ -74,14 +77,23 @@ void Executor::Run(const std::function<void()>& fn) {
   fn();
 }
 
-void Executor::Stop() {
+void Executor::Close(const std::function<void()>& teardown) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (stopping_ && !thread_.joinable()) return;
+    if (stopping_) return;
     stopping_ = true;
   }
   cv_.notify_all();
-  if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
+  if (thread_.joinable()) thread_.join();
+  {
+    // A blocking call that got past its checks before close still runs to its end; any other
+    // caller waiting in Run() then finds the executor closed.
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return !busy_; });
+    closed_ = true;
+  }
+  cv_.notify_all();
+  teardown();
 }
 
 void Executor::Loop() {

@@ -18,14 +18,16 @@ namespace pycomm {
 class Executor {
  public:
   Executor();
-  ~Executor();  // finishes queued work, then joins the thread
+  ~Executor();  // Close() without teardown
 
   // Queues `fn`; the returned Work completes when it has run.
   std::shared_ptr<Work> Submit(std::function<void()> fn);
   // Runs `fn` on this thread after all previously submitted work, and before any submitted later.
+  // Throws CommError once Close() has begun.
   void Run(const std::function<void()>& fn);
-  // Finishes queued work and stops the thread. Idempotent.
-  void Stop();
+  // Finishes queued work and any Run() in progress, stops the thread, refuses all later work, and
+  // then runs `teardown` on this thread. Later calls do nothing.
+  void Close(const std::function<void()>& teardown);
 
  private:
   class Task;
@@ -34,8 +36,9 @@ class Executor {
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::shared_ptr<Task>> queue_;
-  bool busy_ = false;  // an operation is running, on either thread
-  bool stopping_ = false;
+  bool busy_ = false;      // an operation is running, on either thread
+  bool stopping_ = false;  // no more Submit(); the thread exits once the queue is empty
+  bool closed_ = false;    // no more Run() either
   std::thread thread_;
 };
 

@@ -39,6 +39,8 @@ class LeaderCollectives : public DeviceCollectives {
 
   int device() const override { return group_.device(); }
 
+  void Quiesce() override { group_.Quiesce(); }
+
   void Allreduce(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op, void* stream) override {
     const size_t bytes = count * DataTypeSize(dtype);
     // In place the two refs name the same memory; they stay two so that every rank passes the
@@ -105,9 +107,6 @@ class LeaderCollectives : public DeviceCollectives {
 
   void Reduce(const std::vector<const void*>& inputs, const std::vector<void*>& outputs, size_t count, DataType dtype,
               ReduceOp op, cudaStream_t s) {
-    if (static_cast<int>(inputs.size()) > cuda::kMaxReduceInputs) {
-      throw CommError("pycomm: at most " + std::to_string(cuda::kMaxReduceInputs) + " ranks may share a node's GPUs");
-    }
     cuda::Check(cuda::LaunchReduce(inputs.data(), static_cast<int>(inputs.size()), outputs.data(),
                                    static_cast<int>(outputs.size()), count, dtype, op, size_, s),
                 "reduction kernel launch");
@@ -121,6 +120,11 @@ class LeaderCollectives : public DeviceCollectives {
 }  // namespace
 
 std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport, int device, double timeout_s) {
+  // Checked on every rank, before any exchange, so that all fail alike.
+  if (transport.size() > cuda::kMaxReduceInputs) {
+    throw CommError("pycomm: device arrays support at most " + std::to_string(cuda::kMaxReduceInputs) +
+                    " ranks for now, not " + std::to_string(transport.size()));
+  }
   if (transport.local_size() != transport.size()) {
     throw CommError("pycomm: device arrays need every rank on one node for now (" +
                     std::to_string(transport.local_size()) + " of " + std::to_string(transport.size()) +

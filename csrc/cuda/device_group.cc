@@ -1,6 +1,8 @@
 #include "cuda/device_group.h"
 
 #include <cstring>
+#include <exception>
+#include <string>
 
 #include "cuda/cuda_check.h"
 #include "transport/wait.h"
@@ -10,6 +12,7 @@ namespace pycomm::cuda {
 namespace {
 
 constexpr size_t kStagingAlign = 256;
+constexpr size_t kStatusBytes = 8;  // keeps the IPC records that follow 8-byte aligned
 
 size_t AlignUp(size_t n) { return (n + kStagingAlign - 1) / kStagingAlign * kStagingAlign; }
 
@@ -30,6 +33,7 @@ DeviceGroup::DeviceGroup(Transport& transport, int device, double timeout_s, Dev
   const int rank = transport_.rank(), size = transport_.size();
   constexpr unsigned kFlags = cudaEventDisableTiming | cudaEventInterprocess;
   Check(cudaEventCreateWithFlags(&ready_, kFlags), "cudaEventCreateWithFlags");
+  Check(cudaEventCreateWithFlags(&staging_free_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
   cudaIpcEventHandle_t handle;
   if (rank == kLeader) {
     Check(cudaEventCreateWithFlags(&done_, kFlags), "cudaEventCreateWithFlags");
@@ -57,6 +61,7 @@ DeviceGroup::~DeviceGroup() {
   }
   if (done_) cudaEventDestroy(done_);
   if (ready_) cudaEventDestroy(ready_);
+  if (staging_free_) cudaEventDestroy(staging_free_);
 }
 
 void DeviceGroup::EnsureStaging(size_t bytes) {
@@ -87,6 +92,8 @@ void DeviceGroup::Describe(const std::vector<BufferRef>& buffers, cudaStream_t s
   }
   if (!staged) return;
   EnsureStaging(staged);
+  // The previous call's stage-out, possibly on another stream, must finish before this stage-in.
+  Check(cudaStreamWaitEvent(stream, staging_free_, 0), "cudaStreamWaitEvent(staging free)");
   IpcBuffer staging;
   if (!exporter_.Export(staging_, &staging)) throw CommError("pycomm: cannot export the CUDA staging buffer");
   for (size_t i = 0; i < buffers.size(); ++i) {
@@ -135,54 +142,101 @@ void DeviceGroup::After(cudaEvent_t event, cudaStream_t stream, int peer) {
 void DeviceGroup::Run(const std::vector<BufferRef>& buffers, cudaStream_t stream, const LeaderWork& work) {
   DeviceGuard guard(device_);
   const int rank = transport_.rank(), size = transport_.size();
-  const size_t record_bytes = buffers.size() * sizeof(IpcBuffer);
+  // Every message to the leader starts with a status word, so that a rank that failed to prepare
+  // its buffers fails the call on every rank at once instead of leaving them to time out.
+  const size_t message_bytes = kStatusBytes + buffers.size() * sizeof(IpcBuffer);
 
   if (rank != kLeader) {
-    std::vector<IpcBuffer> mine;
+    std::vector<char> message(message_bytes, 0);
     std::vector<size_t> staged_at;
-    Describe(buffers, stream, &mine, &staged_at);
-    if (sync_ == DeviceSync::kStream) {
-      Check(cudaEventRecord(ready_, stream), "cudaEventRecord(ready)");
-    } else {
-      Check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    std::exception_ptr failure;
+    try {
+      std::vector<IpcBuffer> mine;
+      Describe(buffers, stream, &mine, &staged_at);
+      if (sync_ == DeviceSync::kStream) {
+        Check(cudaEventRecord(ready_, stream), "cudaEventRecord(ready)");
+      } else {
+        Check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+      }
+      message[0] = 1;
+      std::memcpy(message.data() + kStatusBytes, mine.data(), mine.size() * sizeof(IpcBuffer));
+    } catch (...) {
+      failure = std::current_exception();
     }
-    char done_token = 0;
-    Exchange(transport_, kLeader, mine.data(), record_bytes, &done_token, 1, timeout_s_);
+    char token = 0;
+    Exchange(transport_, kLeader, message.data(), message_bytes, &token, 1, timeout_s_);
+    if (failure) std::rethrow_exception(failure);
+    if (token != 1) throw CommError("pycomm: the collective failed on another rank (see its error)");
     // The leader recorded `done` before telling us, so this waits for this call's work.
     After(done_, stream, kLeader);
+    bool staged = false;
     for (size_t i = 0; i < buffers.size(); ++i) {
-      if (staged_at[i] != SIZE_MAX && buffers[i].written) {
+      if (staged_at[i] == SIZE_MAX) continue;
+      staged = true;
+      if (buffers[i].written) {
         Check(cudaMemcpyAsync(buffers[i].ptr, static_cast<char*>(staging_) + staged_at[i], buffers[i].bytes,
                               cudaMemcpyDeviceToDevice, stream),
               "cudaMemcpyAsync(stage out)");
       }
     }
+    if (staged) Check(cudaEventRecord(staging_free_, stream), "cudaEventRecord(staging free)");
     return;
   }
 
   // The leader: its own buffers need no IPC; every peer's arrive as handles.
-  std::vector<std::vector<void*>> mapped(size, std::vector<void*>(buffers.size()));
-  for (size_t i = 0; i < buffers.size(); ++i) mapped[kLeader][i] = buffers[i].ptr;
-  std::vector<std::vector<IpcBuffer>> records(size, std::vector<IpcBuffer>(buffers.size()));
+  std::vector<std::vector<char>> messages(size, std::vector<char>(message_bytes));
   std::vector<std::unique_ptr<Request>> recvs;
-  for (int peer = 1; peer < size; ++peer) {
-    if (record_bytes) recvs.push_back(transport_.Irecv(peer, records[peer].data(), record_bytes));
-  }
+  for (int peer = 1; peer < size; ++peer) recvs.push_back(transport_.Irecv(peer, messages[peer].data(), message_bytes));
   WaitAll(recvs, timeout_s_);
-  for (int peer = 1; peer < size; ++peer) {
-    for (size_t i = 0; i < buffers.size(); ++i) {
-      mapped[peer][i] = buffers[i].bytes ? importer_.Open(records[peer][i]) : nullptr;
+  std::exception_ptr failure;
+  try {
+    std::vector<std::vector<void*>> mapped(size, std::vector<void*>(buffers.size()));
+    for (size_t i = 0; i < buffers.size(); ++i) mapped[kLeader][i] = buffers[i].ptr;
+    for (int peer = 1; peer < size; ++peer) {
+      if (messages[peer][0] != 1) {
+        throw CommError("pycomm: rank " + std::to_string(peer) +
+                        " could not prepare its device buffers (see its error)");
+      }
     }
-    // The peer recorded `ready` before sending its handles, so this waits for its inputs (with
-    // host sync the peer's inputs were complete before it sent them).
-    if (sync_ == DeviceSync::kStream) After(peer_ready_[peer], stream, peer);
+    for (int peer = 1; peer < size; ++peer) {
+      const auto* records = reinterpret_cast<const IpcBuffer*>(messages[peer].data() + kStatusBytes);
+      for (size_t i = 0; i < buffers.size(); ++i) {
+        IpcBuffer record;
+        std::memcpy(&record, records + i, sizeof record);
+        mapped[peer][i] = buffers[i].bytes ? importer_.Open(record) : nullptr;
+      }
+      // With stream sync the peer recorded `ready` before sending its handles, so this waits for
+      // its inputs; with host sync they were complete before it sent them.
+      if (sync_ == DeviceSync::kStream) After(peer_ready_[peer], stream, peer);
+    }
+    work(mapped, stream);
+    Check(cudaEventRecord(done_, stream), "cudaEventRecord(done)");
+  } catch (...) {
+    failure = std::current_exception();
   }
-  work(mapped, stream);
-  Check(cudaEventRecord(done_, stream), "cudaEventRecord(done)");
-  static const char kToken = 1;
+  const char token = failure ? 0 : 1;
   std::vector<std::unique_ptr<Request>> sends;
-  for (int peer = 1; peer < size; ++peer) sends.push_back(transport_.Isend(peer, &kToken, 1));
+  for (int peer = 1; peer < size; ++peer) sends.push_back(transport_.Isend(peer, &token, 1));
   WaitAll(sends, timeout_s_);
+  if (failure) std::rethrow_exception(failure);
+}
+
+void DeviceGroup::Quiesce() {
+  DeviceGuard guard(device_);
+  Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  // A barrier through the leader: nobody destroys events or unmaps buffers that a peer's queued
+  // work may still use.
+  char token = 1, reply = 0;
+  if (transport_.rank() != kLeader) {
+    Exchange(transport_, kLeader, &token, 1, &reply, 1, timeout_s_);
+    return;
+  }
+  std::vector<char> arrived(transport_.size());
+  std::vector<std::unique_ptr<Request>> requests;
+  for (int peer = 1; peer < transport_.size(); ++peer) requests.push_back(transport_.Irecv(peer, &arrived[peer], 1));
+  WaitAll(requests, timeout_s_);
+  for (int peer = 1; peer < transport_.size(); ++peer) requests.push_back(transport_.Isend(peer, &token, 1));
+  WaitAll(requests, timeout_s_);
 }
 
 }  // namespace pycomm::cuda

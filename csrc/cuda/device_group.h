@@ -57,7 +57,11 @@ class DeviceGroup {
   int device() const { return device_; }
 
   // Runs one collective: every rank passes the same number of buffers, in the same roles.
+  // A failure on any rank fails the call on every rank.
   void Run(const std::vector<BufferRef>& buffers, cudaStream_t stream, const LeaderWork& work);
+  // Collective: waits until no rank's queued GPU work can still use the group's events or another
+  // rank's buffers, so that teardown is safe.
+  void Quiesce();
 
  private:
   static constexpr int kLeader = 0;
@@ -75,6 +79,7 @@ class DeviceGroup {
   double timeout_s_;
   DeviceSync sync_;
   cudaEvent_t ready_ = nullptr;          // this rank's: its inputs are written
+  cudaEvent_t staging_free_ = nullptr;   // this rank's: the last stage-out has read staging_
   cudaEvent_t done_ = nullptr;           // the leader's (opened through IPC on other ranks)
   std::vector<cudaEvent_t> peer_ready_;  // on the leader: every rank's ready event
   IpcExporter exporter_;

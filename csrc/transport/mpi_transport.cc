@@ -59,8 +59,9 @@ class MpiTransport : public Transport {
     if (!initialized) throw CommError("pycomm: MPI is not initialised (import mpi4py.MPI first)");
     int provided = 0;
     MPI_Query_thread(&provided);
-    if (provided < MPI_THREAD_SERIALIZED) {
-      throw CommError("pycomm: MPI was initialised below MPI_THREAD_SERIALIZED; the progress thread needs it");
+    // The progress thread calls MPI while the application may too.
+    if (provided < MPI_THREAD_MULTIPLE) {
+      throw CommError("pycomm: MPI was initialised below MPI_THREAD_MULTIPLE (mpi4py's default); pycomm needs it");
     }
     int inter = 0;
     Check(MPI_Comm_test_inter(parent, &inter), "MPI_Comm_test_inter");

@@ -17,6 +17,9 @@ namespace {
 constexpr unsigned kSpinPolls = 64;
 constexpr unsigned kYieldPolls = kSpinPolls + 256;
 constexpr auto kMaxSleep = std::chrono::microseconds(200);
+// Timeouts beyond this (about 30 years, or infinity) mean "no deadline": converting them to clock
+// ticks would overflow.
+constexpr double kNoDeadline = 1e9;
 
 inline void CpuRelax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -48,7 +51,7 @@ void Wait(Request& request, double timeout_s) {
   while (!request.Test()) {
     // Reading the clock costs more than a poll: start it only once the wait is not short, and
     // look at it every few polls.
-    if ((++polls & 63) == 0) {
+    if ((++polls & 63) == 0 && timeout_s < kNoDeadline) {
       auto now = Clock::now();
       if (deadline == Clock::time_point{}) {
         deadline = now + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));

@@ -179,7 +179,12 @@ def main():
         check_stream_order(comm, lib, failures)
         check_pool_memory(comm, lib, failures)
         check_unsupported_dtype(comm, lib, failures)
-        lib.sync()
+        # Closing right after queuing work: close() waits for every rank's GPU work before it
+        # tears down events and IPC mappings that the queued work still uses.
+        last = comm.allreduce(lib.to_device(np.full(1 << 22, RANK + 1.0, np.float32)))
+    lib.sync()
+    got = lib.to_host(last)
+    failures.check(bool(np.all(got == P * (P + 1) / 2)), f"allreduce queued before close: {got[:3]}")
     failures.finish()
 
 

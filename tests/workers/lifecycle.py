@@ -61,12 +61,26 @@ def communicators_on_sub_communicators(failures):
         c.close()
 
 
+def no_deadline(failures):
+    """An infinite (or absurdly long) timeout means no deadline, not an instant one."""
+    import time
+
+    for timeout in (float("inf"), 1e12):
+        comm = pycomm.Communicator(timeout=timeout)
+        if RANK == 1:
+            time.sleep(0.3)
+        y = comm.allreduce(np.ones(4))
+        failures.check(bool(np.all(y == P)), f"timeout={timeout}: {y}")
+        comm.close()
+
+
 def main():
     failures = Failures()
     {
         "bad-input": bad_input_on_one_rank,
         "exit-in-flight": exit_with_work_in_flight,
         "sub-communicators": communicators_on_sub_communicators,
+        "no-deadline": no_deadline,
     }[sys.argv[1]](failures)
     failures.finish()
 

@@ -85,7 +85,7 @@ class Communicator {
  public:
   // Creates a communicator over a private duplicate of an MPI intracommunicator. `mpi_comm` is
   // the MPI_Comm handle converted to intptr_t (MPICH's handles are ints, Open MPI's pointers).
-  // Collective over `mpi_comm`. MPI must be initialised with at least MPI_THREAD_SERIALIZED.
+  // Collective over `mpi_comm`. MPI must be initialised with MPI_THREAD_MULTIPLE.
   static std::unique_ptr<Communicator> FromMpi(intptr_t mpi_comm, const Options& options = {});
   // Creates a communicator over any transport (tests use an in-process loopback).
   static std::unique_ptr<Communicator> FromTransport(std::unique_ptr<Transport> transport, const Options& options = {});
