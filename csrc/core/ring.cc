@@ -12,7 +12,7 @@
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
+#include <memory>
 
 #include "core/collectives.h"
 #include "core/pipeline.h"
@@ -137,9 +137,9 @@ void ReduceScatterRing(const CollectiveContext& ctx, const void* send, void* rec
   const size_t es = DataTypeSize(dtype);
   const BlockLayout layout(recv_count * P, P);
   // Partial sums of the other blocks need somewhere to live until they are sent on; the input
-  // stays untouched.
-  std::vector<char> work(P > 2 ? recv_count * P * es : 0);
-  ReduceScatterPhase(ctx, layout, static_cast<const char*>(send), work.data(), static_cast<char*>(recv), dtype, op);
+  // stays untouched. Left uninitialised: every byte read is written first.
+  std::unique_ptr<char[]> work(P > 2 ? new char[recv_count * P * es] : nullptr);
+  ReduceScatterPhase(ctx, layout, static_cast<const char*>(send), work.get(), static_cast<char*>(recv), dtype, op);
   if (op == ReduceOp::kAvg) ScaleDown(recv, recv_count, dtype, P);
 }
 
