@@ -14,8 +14,17 @@ def np_dtype(name):
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
-def run_kernel(a, b, out, op):
-    _core.reduce_kernel(address(a), address(b), address(out), a.size, dtype_code(a.dtype), int(op))
+# Every compiled kernel set this CPU can run; each must give numpy's bits.
+ISAS = sorted({"generic", _core.kernel_isa("avx2")})
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    return request.param
+
+
+def run_kernel(a, b, out, op, isa="auto"):
+    _core.reduce_kernel(address(a), address(b), address(out), a.size, dtype_code(a.dtype), int(op), isa)
     return out
 
 
@@ -45,49 +54,53 @@ def inputs(dtype, n, seed):
 @pytest.mark.parametrize("op", list(ReduceOp))
 @pytest.mark.parametrize("name", SUPPORTED)
 @pytest.mark.parametrize("n", [0, 1, 7, 64, 1000, 100_003])
-def test_kernel_matches_numpy(name, op, n):
+def test_kernel_matches_numpy(name, op, n, isa):
     dtype = np_dtype(name)
     a, b = inputs(dtype, n, 1), inputs(dtype, n, 2)
-    out = run_kernel(a, b, np.empty_like(a), op)
+    out = run_kernel(a, b, np.empty_like(a), op, isa)
     # Bitwise: the kernels round exactly as numpy's casts do (to nearest, ties to even), and
     # integers wrap as numpy's do.
     assert_same(out, numpy_reduce(a, b, op))
 
 
 def assert_same(out, expected):
-    """Bitwise equal, except that any NaN matches any NaN (their sign bits are not specified)."""
+    """Bitwise equal, except that any NaN matches any NaN and +0 matches -0 (IEEE leaves the sign
+    of NaNs, and which zero min/max return, unspecified)."""
     if out.dtype.kind in "iu":
         assert np.array_equal(out, expected)
         return
-    nan = np.isnan(expected.astype(np.float64))
-    assert np.array_equal(np.isnan(out.astype(np.float64)), nan)
-    assert np.array_equal(out[~nan].view(np.uint8), expected[~nan].view(np.uint8))
+    wide_out, wide_expected = out.astype(np.float64), expected.astype(np.float64)
+    nan = np.isnan(wide_expected)
+    assert np.array_equal(np.isnan(wide_out), nan)
+    exact = ~nan & ~((wide_expected == 0) & (wide_out == 0))
+    assert np.array_equal(out[exact].view(np.uint8), expected[exact].view(np.uint8))
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
-def test_kernel_in_place(name):
+def test_kernel_in_place(name, isa):
     dtype = np_dtype(name)
     a, b = inputs(dtype, 999, 3), inputs(dtype, 999, 4)
     expected = numpy_reduce(a, b, ReduceOp.SUM)
-    run_kernel(a, b, a, ReduceOp.SUM)
+    run_kernel(a, b, a, ReduceOp.SUM, isa)
     assert_same(a, expected)
 
 
 @pytest.mark.parametrize("name", ["float16", "bfloat16"])
-def test_half_conversions_cover_every_value(name):
+def test_half_conversions_cover_every_value(name, isa):
     """All 65536 bit patterns go through the float32 round trip as numpy/ml_dtypes would:
     subnormals, infinities, overflow to infinity and NaNs included."""
     dtype = np_dtype(name)
     a = np.arange(1 << 16, dtype=np.uint16).view(dtype)
     for b_value in (0.0, 1.0, -3.5, 60000.0, 2.0**-20):
         b = np.full(a.shape, b_value, dtype)
-        assert_same(run_kernel(a, b, np.empty_like(a), ReduceOp.SUM), numpy_reduce(a, b, ReduceOp.SUM))
+        for op in (ReduceOp.SUM, ReduceOp.PROD, ReduceOp.MIN, ReduceOp.MAX):
+            assert_same(run_kernel(a, b, np.empty_like(a), op, isa), numpy_reduce(a, b, op))
 
 
 @pytest.mark.parametrize("name", ["float16", "bfloat16", "float32", "float64"])
-def test_scale_down(name):
+def test_scale_down(name, isa):
     dtype = np_dtype(name)
     x = inputs(dtype, 1001, 5)
     expected = (x.astype(np.float64 if name == "float64" else np.float32) / 3).astype(dtype)
-    _core.scale_down_kernel(address(x), x.size, dtype_code(dtype), 3)
+    _core.scale_down_kernel(address(x), x.size, dtype_code(dtype), 3, isa)
     assert np.array_equal(x.view(np.uint8), expected.view(np.uint8))
