@@ -9,7 +9,7 @@ from mpi4py import MPI
 
 from . import device_arrays, settings
 from ._native import _core
-from .buffers import address, as_input, as_output, check_no_partial_overlap
+from .buffers import as_input, as_output, check_no_partial_overlap
 from .dtypes import dtype_code, is_floating
 from .errors import CommError
 from .ops import ReduceOp, parse_op
@@ -51,10 +51,11 @@ class Communicator:
     with matching arguments. Works as a context manager; close() is idempotent.
 
     Keyword settings override the environment: `timeout` (PYCOMM_TIMEOUT, seconds),
-    `chunk_bytes` (PYCOMM_CHUNK_BYTES), `debug` (PYCOMM_DEBUG).
+    `chunk_bytes` (PYCOMM_CHUNK_BYTES), `algorithm` (PYCOMM_ALGO: auto, ring, oneshot),
+    `debug` (PYCOMM_DEBUG).
     """
 
-    def __init__(self, comm=None, *, timeout=None, chunk_bytes=None, debug=None):
+    def __init__(self, comm=None, *, timeout=None, chunk_bytes=None, algorithm=None, debug=None):
         if comm is None:
             comm = MPI.COMM_WORLD
         if not isinstance(comm, MPI.Intracomm):
@@ -67,6 +68,7 @@ class Communicator:
             settings.chunk_bytes(chunk_bytes),
             settings.timeout(timeout),
             settings.debug(debug),
+            settings.ALGORITHMS.index(settings.algorithm(algorithm)),
         )
         self._closed = False
         # Async work holds its arrays until it has run, even if the caller drops the Work.
@@ -101,6 +103,10 @@ class Communicator:
     def chunk_bytes(self) -> int:
         return self._native.chunk_bytes
 
+    @property
+    def algorithm(self) -> str:
+        return settings.ALGORITHMS[self._native.algorithm]
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"rank {self.rank} of {self.size}"
         return f"<pycomm.Communicator {state}>"
@@ -115,11 +121,11 @@ class Communicator:
         `stream` (default: the library's current stream) and the call returns without waiting
         for the GPU.
         """
-        if device_arrays.is_device_array(x):
+        if type(x) is not np.ndarray and device_arrays.is_device_array(x):
             return self._allreduce_device(x, op, out, stream)
         self._check_host_stream(stream)
         x, out, code, op = self._prepare_allreduce(x, op, out)
-        self._native.allreduce(address(x), address(out), x.size, code, int(op))
+        self._native.allreduce(x, out, x.size, code, int(op))
         return out
 
     def allreduce_async(self, x, op="sum", out=None, *, stream=None) -> Work:
@@ -129,12 +135,12 @@ class Communicator:
         wait() returns. Device arrays are queued on `stream` at once, as with allreduce: the
         returned Work is already done, and the stream orders everything after it.
         """
-        if device_arrays.is_device_array(x):
+        if type(x) is not np.ndarray and device_arrays.is_device_array(x):
             out = self._allreduce_device(x, op, out, stream)
             return Work(None, out, ())
         self._check_host_stream(stream)
         x, out, code, op = self._prepare_allreduce(x, op, out)
-        native = self._native.allreduce_async(address(x), address(out), x.size, code, int(op))
+        native = self._native.allreduce_async(x, out, x.size, code, int(op))
         work = Work(native, out, (x, out))
         # Work completes in issue order, so finished entries are always at the left.
         while self._in_flight and self._in_flight[0].done():
@@ -149,7 +155,7 @@ class Communicator:
         (x.shape[0] // size, *x.shape[1:]).
         """
         self._check_open()
-        if device_arrays.is_device_array(x):
+        if type(x) is not np.ndarray and device_arrays.is_device_array(x):
             d = device_arrays.describe(x)
             op = self._check_op(d.dtype, op)
             shape = self._reduce_scatter_shape(d.shape)
@@ -164,7 +170,7 @@ class Communicator:
         shape = self._reduce_scatter_shape(x.shape)
         out = np.empty(shape, x.dtype) if out is None else as_output(out, shape, x.dtype)
         check_no_partial_overlap(x, out)
-        self._native.reduce_scatter(address(x), address(out), out.size, dtype_code(x.dtype), int(op))
+        self._native.reduce_scatter(x, out, out.size, dtype_code(x.dtype), int(op))
         return out
 
     def allgather(self, x, out=None, *, stream=None):
@@ -174,7 +180,7 @@ class Communicator:
         inverse of reduce_scatter's split, as with NCCL's allgather.
         """
         self._check_open()
-        if device_arrays.is_device_array(x):
+        if type(x) is not np.ndarray and device_arrays.is_device_array(x):
             d = device_arrays.describe(x)
             shape = self._allgather_shape(d.shape)
             o = self._device_output(d, out, shape)
@@ -187,14 +193,14 @@ class Communicator:
         shape = self._allgather_shape(x.shape)
         out = np.empty(shape, x.dtype) if out is None else as_output(out, shape, x.dtype)
         check_no_partial_overlap(x, out)
-        self._native.allgather(address(x), address(out), x.size, dtype_code(x.dtype))
+        self._native.allgather(x, out, x.size, dtype_code(x.dtype))
         return out
 
     def broadcast(self, x, root: int = 0, *, stream=None):
         """Overwrites `x` on every rank with root's `x`, in place, and returns it."""
         self._check_open()
         self._check_root(root)
-        if device_arrays.is_device_array(x):
+        if type(x) is not np.ndarray and device_arrays.is_device_array(x):
             d = device_arrays.describe(x)
             stream = device_arrays.stream_handle(d, stream)
             self._native.broadcast_device(d.ptr, _count(d.shape), dtype_code(d.dtype), int(root), d.device, stream)
@@ -203,7 +209,7 @@ class Communicator:
         x = as_input(x)
         if not x.flags.writeable:
             raise ValueError("pycomm: broadcast writes into x, which is read-only")
-        self._native.broadcast(address(x), x.size, dtype_code(x.dtype), int(root))
+        self._native.broadcast(x, x.size, dtype_code(x.dtype), int(root))
         return x
 
     def barrier(self) -> None:

@@ -37,6 +37,19 @@ def chunk_bytes(value=None) -> int:
     return size
 
 
+# Same order as pycomm::Algorithm in csrc/include/pycomm/pycomm.h.
+ALGORITHMS = ("auto", "ring", "oneshot")
+
+
+def algorithm(value=None) -> str:
+    """The allreduce algorithm (PYCOMM_ALGO): auto, or ring / oneshot to force one."""
+    raw = value if value is not None else _env("PYCOMM_ALGO")
+    name = (raw or "auto").lower()
+    if name not in ALGORITHMS:
+        raise ValueError(f"pycomm: algorithm must be one of {', '.join(ALGORITHMS)}, got {raw!r}")
+    return name
+
+
 def debug(value=None) -> bool:
     """Rank-prefixed debug lines on stderr (PYCOMM_DEBUG=1)."""
     if value is not None:

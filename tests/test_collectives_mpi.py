@@ -1,5 +1,7 @@
 """Every collective at P = 1..4 ranks under mpirun, against a numpy reference."""
 
+import os
+
 import pytest
 from launch import run_mpi
 
@@ -13,11 +15,13 @@ DTYPE_GROUPS = {
 }
 
 
+@pytest.mark.parametrize("algorithm", ["ring", "oneshot"])
 @pytest.mark.parametrize("group", DTYPE_GROUPS)
 @pytest.mark.parametrize("nprocs", [1, 2, 3, 4])
-def test_allreduce_matrix(nprocs, group):
-    """dtypes x ops x sizes x chunk sizes, out of place, out= and in place; bitwise equal across ranks."""
-    run_mpi(nprocs, "collectives.py", "allreduce", *DTYPE_GROUPS[group])
+def test_allreduce_matrix(nprocs, group, algorithm):
+    """dtypes x ops x sizes x chunk sizes, out of place, out= and in place; bitwise equal across
+    ranks; with each algorithm forced."""
+    run_mpi(nprocs, "collectives.py", "allreduce", *DTYPE_GROUPS[group], env={"PYCOMM_ALGO": algorithm})
 
 
 @pytest.mark.parametrize("nprocs", [1, 2, 3, 4])
@@ -25,10 +29,30 @@ def test_reduce_scatter_allgather_broadcast_barrier(nprocs):
     run_mpi(nprocs, "collectives.py", "others")
 
 
+@pytest.mark.parametrize("algorithm", ["auto", "ring", "oneshot"])
 @pytest.mark.parametrize("nprocs", [2, 4])
-def test_back_to_back_and_async(nprocs):
+def test_back_to_back_and_async(nprocs, algorithm):
     """200 mixed calls back to back; async calls complete in issue order and can be waited in reverse."""
-    run_mpi(nprocs, "collectives.py", "stress")
+    run_mpi(nprocs, "collectives.py", "stress", env={"PYCOMM_ALGO": algorithm})
+
+
+def _pycomm_segments() -> set:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("pycomm-")}
+
+
+def test_no_shared_memory_left_behind():
+    """The segment is unlinked as soon as every rank has mapped it: nothing is in /dev/shm even
+    while the job runs, so a killed job cannot leave it behind. (Not killed here: MPICH's own
+    segments would stay.)"""
+    before = _pycomm_segments()
+    code = (
+        "import os, numpy as np, pycomm; c = pycomm.Communicator(); "
+        "print(f\"segments={len([n for n in os.listdir('/dev/shm') if n.startswith('pycomm-')])}\"); "
+        "c.allreduce(np.ones(10))"
+    )
+    result = run_mpi(3, "-c", code)
+    assert result.stdout.count("segments=0") == 3, result.stdout
+    assert _pycomm_segments() == before
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 #include "pycomm/pycomm.h"
 #include "transport/transport.h"
@@ -12,9 +13,10 @@ namespace pycomm {
 // What every algorithm needs besides its buffers.
 struct CollectiveContext {
   Transport& transport;
-  size_t chunk_bytes;  // pipeline granularity, at least kMinChunkBytes
-  double timeout_s;    // bound on every single wait
-  char* scratch;       // kPipelineDepth * chunk_bytes bytes that the algorithm may use
+  size_t chunk_bytes;   // pipeline granularity, at least kMinChunkBytes
+  double timeout_s;     // bound on every single wait
+  char* scratch;        // kPipelineDepth * chunk_bytes bytes that the algorithm may use
+  uint64_t* arena_seq;  // calls made through transport.arena() so far, the same on every rank
 };
 
 // Chunks in flight at once in each direction: enough to overlap receiving, reducing and sending.
@@ -25,6 +27,12 @@ constexpr size_t kMinChunkBytes = 8;
 // Ring allreduce: reduce-scatter then allgather, each of size-1 steps, chunked and pipelined.
 void AllreduceRing(const CollectiveContext& ctx, const void* send, void* recv, size_t count, DataType dtype,
                    ReduceOp op);
+
+// One-shot allreduce through transport.arena(): every rank posts its data to its slot, then every
+// rank reduces all slots in rank order, so results are bitwise identical. One synchronisation per
+// piece of at most arena slot_bytes; each rank reads P times the data. For small messages.
+void AllreduceOneShot(const CollectiveContext& ctx, const void* send, void* recv, size_t count, DataType dtype,
+                      ReduceOp op);
 
 // Ring reduce-scatter of size * recv_count elements; this rank's block lands in recv.
 void ReduceScatterRing(const CollectiveContext& ctx, const void* send, void* recv, size_t recv_count, DataType dtype,

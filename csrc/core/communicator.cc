@@ -4,7 +4,6 @@
 #include <atomic>
 #include <cstdio>
 #include <cstring>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -17,6 +16,9 @@
 namespace pycomm {
 
 namespace {
+
+// Above this the ring's 2(P-1)/P bytes per rank beat the one-shot's P reads of everything.
+constexpr size_t kOneShotMaxBytes = size_t{64} << 10;
 
 class CommunicatorImpl : public Communicator {
  public:
@@ -33,6 +35,10 @@ class CommunicatorImpl : public Communicator {
     if (!(options_.timeout_s > 0)) throw std::invalid_argument("pycomm: timeout must be positive");
     scratch_.resize(kPipelineDepth * options_.chunk_bytes);
     executor_ = std::make_unique<Executor>();
+    if (static_cast<int>(options_.algorithm) < 0 || static_cast<int>(options_.algorithm) > 2) {
+      throw std::invalid_argument("pycomm: unknown algorithm code " +
+                                  std::to_string(static_cast<int>(options_.algorithm)));
+    }
     Debug("created over %s transport, size %d, chunk %zu bytes", transport_->name(), size(), options_.chunk_bytes);
   }
 
@@ -210,8 +216,25 @@ class CommunicatorImpl : public Communicator {
   }
 
   void DoAllreduce(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op) {
-    if (size() == 1) return Copy(send, recv, count * DataTypeSize(dtype));
+    const size_t bytes = count * DataTypeSize(dtype);
+    if (size() == 1) return Copy(send, recv, bytes);
+    if (UseOneShot(bytes)) return AllreduceOneShot(Context(), send, recv, count, dtype, op);
     AllreduceRing(Context(), send, recv, count, dtype, op);
+  }
+
+  // One-shot below kOneShotMaxBytes, where all ranks share a node (docs/algorithms.md has the
+  // measurements behind the cut-over).
+  bool UseOneShot(size_t bytes) const {
+    if (!transport_->arena()) return false;
+    switch (options_.algorithm) {
+      case Algorithm::kOneShot:
+        return true;
+      case Algorithm::kRing:
+        return false;
+      case Algorithm::kAuto:
+        return bytes <= kOneShotMaxBytes;
+    }
+    return false;
   }
 
   static void Copy(const void* src, void* dst, size_t bytes) {
@@ -219,7 +242,7 @@ class CommunicatorImpl : public Communicator {
   }
 
   CollectiveContext Context() {
-    return CollectiveContext{*transport_, options_.chunk_bytes, options_.timeout_s, scratch_.data()};
+    return CollectiveContext{*transport_, options_.chunk_bytes, options_.timeout_s, scratch_.data(), &arena_seq_};
   }
 
   // One debug line per call, numbered in issue order: "r1 | allreduce #3 float32 x 10 sum".
@@ -244,6 +267,7 @@ class CommunicatorImpl : public Communicator {
   std::unique_ptr<DeviceCollectives> device_;
   std::atomic<int> device_id_{-1};  // device_'s GPU, readable outside the executor
   std::atomic<uint64_t> calls_{0};
+  uint64_t arena_seq_ = 0;  // only touched inside the executor
   std::atomic<bool> closed_{false};
   std::atomic<bool> broken_{false};
   std::string broken_reason_;

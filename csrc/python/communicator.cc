@@ -1,5 +1,6 @@
 // Communicator bindings. Buffers cross as addresses: the Python layer validates arrays of every
 // kind (numpy, later cupy and torch) and keeps them alive; this layer only releases the GIL.
+#include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
 #include <cstdint>
@@ -14,6 +15,11 @@ namespace pycomm::python {
 namespace {
 
 void* Ptr(uintptr_t address) { return reinterpret_cast<void*>(address); }
+
+// numpy arrays cross as themselves: reading their data pointer here costs far less than
+// `a.ctypes.data` in Python. The Python layer has already checked them (contiguous, writeable
+// outputs, dtype and size).
+void* Data(const py::array& a) { return const_cast<void*>(a.data()); }
 
 DataType ToDataType(int dtype) {
   if (dtype < 0 || dtype >= kNumDataTypes) throw py::value_error("pycomm: unknown dtype code " + std::to_string(dtype));
@@ -36,49 +42,51 @@ void RegisterCommunicator(py::module_& m) {
       .def("done", &Work::Done);
 
   py::class_<Communicator>(m, "Communicator")
-      .def(py::init([](uint64_t mpi_comm, size_t chunk_bytes, double timeout_s, bool debug) {
+      .def(py::init([](uint64_t mpi_comm, size_t chunk_bytes, double timeout_s, bool debug, int algorithm) {
              Options options;
              options.chunk_bytes = chunk_bytes;
              options.timeout_s = timeout_s;
              options.debug = debug;
+             options.algorithm = static_cast<Algorithm>(algorithm);
              py::gil_scoped_release release;
              return Communicator::FromMpi(static_cast<intptr_t>(mpi_comm), options);
            }),
-           py::arg("mpi_comm"), py::arg("chunk_bytes"), py::arg("timeout_s"), py::arg("debug"))
+           py::arg("mpi_comm"), py::arg("chunk_bytes"), py::arg("timeout_s"), py::arg("debug"), py::arg("algorithm"))
       .def_property_readonly("rank", &Communicator::rank)
       .def_property_readonly("size", &Communicator::size)
       .def_property_readonly("local_rank", &Communicator::local_rank)
       .def_property_readonly("local_size", &Communicator::local_size)
       .def_property_readonly("chunk_bytes", [](const Communicator& c) { return c.options().chunk_bytes; })
       .def_property_readonly("timeout", [](const Communicator& c) { return c.options().timeout_s; })
+      .def_property_readonly("algorithm", [](const Communicator& c) { return static_cast<int>(c.options().algorithm); })
       .def(
           "allreduce",
-          [](Communicator& c, uintptr_t send, uintptr_t recv, size_t count, int dtype, int op) {
-            c.Allreduce(Ptr(send), Ptr(recv), count, ToDataType(dtype), ToReduceOp(op));
+          [](Communicator& c, const py::array& send, const py::array& recv, size_t count, int dtype, int op) {
+            c.Allreduce(Data(send), Data(recv), count, ToDataType(dtype), ToReduceOp(op));
           },
           py::call_guard<py::gil_scoped_release>())
       .def(
           "allreduce_async",
-          [](Communicator& c, uintptr_t send, uintptr_t recv, size_t count, int dtype, int op) {
-            return c.AllreduceAsync(Ptr(send), Ptr(recv), count, ToDataType(dtype), ToReduceOp(op));
+          [](Communicator& c, const py::array& send, const py::array& recv, size_t count, int dtype, int op) {
+            return c.AllreduceAsync(Data(send), Data(recv), count, ToDataType(dtype), ToReduceOp(op));
           },
           py::call_guard<py::gil_scoped_release>())
       .def(
           "reduce_scatter",
-          [](Communicator& c, uintptr_t send, uintptr_t recv, size_t recv_count, int dtype, int op) {
-            c.ReduceScatter(Ptr(send), Ptr(recv), recv_count, ToDataType(dtype), ToReduceOp(op));
+          [](Communicator& c, const py::array& send, const py::array& recv, size_t recv_count, int dtype, int op) {
+            c.ReduceScatter(Data(send), Data(recv), recv_count, ToDataType(dtype), ToReduceOp(op));
           },
           py::call_guard<py::gil_scoped_release>())
       .def(
           "allgather",
-          [](Communicator& c, uintptr_t send, uintptr_t recv, size_t send_count, int dtype) {
-            c.Allgather(Ptr(send), Ptr(recv), send_count, ToDataType(dtype));
+          [](Communicator& c, const py::array& send, const py::array& recv, size_t send_count, int dtype) {
+            c.Allgather(Data(send), Data(recv), send_count, ToDataType(dtype));
           },
           py::call_guard<py::gil_scoped_release>())
       .def(
           "broadcast",
-          [](Communicator& c, uintptr_t buf, size_t count, int dtype, int root) {
-            c.Broadcast(Ptr(buf), count, ToDataType(dtype), root);
+          [](Communicator& c, const py::array& buf, size_t count, int dtype, int root) {
+            c.Broadcast(Data(buf), count, ToDataType(dtype), root);
           },
           py::call_guard<py::gil_scoped_release>())
       .def(

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "pycomm/pycomm.h"
+#include "transport/shared_arena.h"
 
 namespace pycomm {
 
@@ -27,12 +28,17 @@ struct Channel {
 
 class Hub {
  public:
-  explicit Hub(int size) : size_(size), channels_(static_cast<size_t>(size) * size) {}
+  explicit Hub(int size)
+      : size_(size),
+        channels_(static_cast<size_t>(size) * size),
+        arena_memory_(AllocateLocalArenaMemory(size, kArenaSlotBytes)) {}
   Channel& channel(int from, int to) { return channels_[static_cast<size_t>(from) * size_ + to]; }
+  const std::shared_ptr<void>& arena_memory() const { return arena_memory_; }
 
  private:
   int size_;
   std::vector<Channel> channels_;
+  std::shared_ptr<void> arena_memory_;  // the ranks are threads: ordinary memory is shared
 };
 
 class LoopbackRequest : public Request {
@@ -58,11 +64,16 @@ void Deliver(const Pending& send, const Pending& recv) {
 
 class LoopbackTransport : public Transport {
  public:
-  LoopbackTransport(std::shared_ptr<Hub> hub, int rank, int size) : hub_(std::move(hub)), rank_(rank), size_(size) {}
+  LoopbackTransport(std::shared_ptr<Hub> hub, int rank, int size)
+      : hub_(std::move(hub)),
+        rank_(rank),
+        size_(size),
+        arena_(hub_->arena_memory().get(), rank, size, kArenaSlotBytes, hub_->arena_memory()) {}
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   const char* name() const override { return "loopback"; }
+  SharedArena* arena() override { return &arena_; }
 
   std::unique_ptr<Request> Isend(int peer, const void* buf, size_t bytes) override {
     Pending send{const_cast<void*>(buf), bytes, std::make_shared<std::atomic<bool>>(false)};
@@ -94,6 +105,7 @@ class LoopbackTransport : public Transport {
   std::shared_ptr<Hub> hub_;
   int rank_;
   int size_;
+  SharedArena arena_;
 };
 
 }  // namespace

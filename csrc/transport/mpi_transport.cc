@@ -3,9 +3,11 @@
 #include <mpi.h>
 
 #include <climits>
+#include <cstdio>
 #include <string>
 
 #include "pycomm/pycomm.h"
+#include "transport/shared_arena.h"
 
 namespace pycomm {
 
@@ -75,6 +77,7 @@ class MpiTransport : public Transport {
     MPI_Comm_rank(node, &local_rank_);
     MPI_Comm_size(node, &local_size_);
     MPI_Comm_free(&node);
+    if (local_size_ == size_ && size_ > 1) arena_ = CreateArena();
   }
 
   ~MpiTransport() override {
@@ -87,7 +90,8 @@ class MpiTransport : public Transport {
   int size() const override { return size_; }
   int local_rank() const override { return local_rank_; }
   int local_size() const override { return local_size_; }
-  const char* name() const override { return "mpi"; }
+  const char* name() const override { return arena_ ? "mpi+shm" : "mpi"; }
+  SharedArena* arena() override { return arena_.get(); }
 
   std::unique_ptr<Request> Isend(int peer, const void* buf, size_t bytes) override {
     MPI_Request request;
@@ -117,8 +121,25 @@ class MpiTransport : public Transport {
   }
 #endif
 
+  // Every rank is on this node: a shared segment carries the small-message algorithms.
+  std::unique_ptr<SharedArena> CreateArena() {
+    auto name_from_root = [this](const std::string& name) {
+      char buffer[256] = {0};
+      if (rank_ == 0) std::snprintf(buffer, sizeof buffer, "%s", name.c_str());
+      Check(MPI_Bcast(buffer, sizeof buffer, MPI_CHAR, 0, comm_), "MPI_Bcast");
+      return std::string(buffer);
+    };
+    auto all_agree = [this](bool ok) {
+      int mine = ok ? 1 : 0, all = 0;
+      Check(MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_LAND, comm_), "MPI_Allreduce");
+      return all != 0;
+    };
+    return CreateShmArena(rank_, size_, kArenaSlotBytes, name_from_root, all_agree);
+  }
+
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1;
+  std::unique_ptr<SharedArena> arena_;
 };
 
 }  // namespace

@@ -11,6 +11,8 @@
 
 namespace pycomm {
 
+class SharedArena;
+
 class Request {
  public:
   virtual ~Request() = default;
@@ -33,6 +35,9 @@ class Transport {
   virtual std::unique_ptr<Request> Irecv(int peer, void* buf, size_t bytes) = 0;
   // Human-readable name for debug output ("mpi", "loopback").
   virtual const char* name() const = 0;
+  // Memory shared by all ranks, for the intra-node algorithms; null when the ranks do not share
+  // a node (or the memory could not be set up).
+  virtual SharedArena* arena() { return nullptr; }
 };
 
 }  // namespace pycomm

@@ -32,11 +32,13 @@ void Expect(bool ok, const std::string& what) {
 }
 
 // Runs body(comm) on `size` threads, one communicator each, all over one loopback hub.
-void RunRanks(int size, size_t chunk_bytes, const std::function<void(Communicator&)>& body) {
+void RunRanks(int size, size_t chunk_bytes, const std::function<void(Communicator&)>& body,
+              pycomm::Algorithm algorithm = pycomm::Algorithm::kAuto) {
   auto transports = pycomm::CreateLoopbackTransports(size);
   pycomm::Options options;
   options.chunk_bytes = chunk_bytes;
   options.timeout_s = 30;
+  options.algorithm = algorithm;
   std::vector<std::unique_ptr<Communicator>> comms;
   for (auto& t : transports) comms.push_back(Communicator::FromTransport(std::move(t), options));
   std::vector<std::thread> threads;
@@ -55,40 +57,50 @@ std::string Case(const char* what, int P, size_t n, size_t chunk) {
   return std::string(what) + " P=" + std::to_string(P) + " n=" + std::to_string(n) + " chunk=" + std::to_string(chunk);
 }
 
+const char* AlgorithmName(pycomm::Algorithm a) {
+  return a == pycomm::Algorithm::kRing ? "ring" : a == pycomm::Algorithm::kOneShot ? "oneshot" : "auto";
+}
+
 // int64 sums are exact, so results must equal the serial sum bit for bit.
-void TestAllreduce(int P, size_t n, size_t chunk, bool in_place) {
+void TestAllreduce(int P, size_t n, size_t chunk, bool in_place, pycomm::Algorithm algorithm) {
   std::vector<int64_t> expected(n, 0);
   for (int r = 0; r < P; ++r) {
     auto in = Input(r, n);
     for (size_t i = 0; i < n; ++i) expected[i] += in[i];
   }
   std::vector<std::vector<int64_t>> outs(P);
-  RunRanks(P, chunk, [&](Communicator& c) {
-    auto in = Input(c.rank(), n);
-    auto& out = outs[c.rank()];
-    if (in_place) {
-      out = in;
-      c.Allreduce(out.data(), out.data(), n, DataType::kInt64, ReduceOp::kSum);
-    } else {
-      out.assign(n, -1);
-      c.Allreduce(in.data(), out.data(), n, DataType::kInt64, ReduceOp::kSum);
-      Expect(in == Input(c.rank(), n), Case("allreduce modified its input", P, n, chunk));
-    }
-  });
-  for (int r = 0; r < P; ++r)
-    Expect(outs[r] == expected, Case(in_place ? "allreduce in place" : "allreduce", P, n, chunk));
+  RunRanks(
+      P, chunk,
+      [&](Communicator& c) {
+        auto in = Input(c.rank(), n);
+        auto& out = outs[c.rank()];
+        if (in_place) {
+          out = in;
+          c.Allreduce(out.data(), out.data(), n, DataType::kInt64, ReduceOp::kSum);
+        } else {
+          out.assign(n, -1);
+          c.Allreduce(in.data(), out.data(), n, DataType::kInt64, ReduceOp::kSum);
+          Expect(in == Input(c.rank(), n), Case("allreduce modified its input", P, n, chunk));
+        }
+      },
+      algorithm);
+  std::string what = std::string(in_place ? "allreduce in place " : "allreduce ") + AlgorithmName(algorithm);
+  for (int r = 0; r < P; ++r) Expect(outs[r] == expected, Case(what.c_str(), P, n, chunk));
 }
 
-void TestFloatBitwiseIdentical(int P, size_t n, size_t chunk) {
+void TestFloatBitwiseIdentical(int P, size_t n, size_t chunk, pycomm::Algorithm algorithm) {
   std::vector<std::vector<float>> outs(P);
-  RunRanks(P, chunk, [&](Communicator& c) {
-    std::vector<float> in(n);
-    std::mt19937 rng(c.rank());
-    std::normal_distribution<float> normal;
-    for (auto& x : in) x = normal(rng);
-    outs[c.rank()].resize(n);
-    c.Allreduce(in.data(), outs[c.rank()].data(), n, DataType::kFloat32, ReduceOp::kAvg);
-  });
+  RunRanks(
+      P, chunk,
+      [&](Communicator& c) {
+        std::vector<float> in(n);
+        std::mt19937 rng(c.rank());
+        std::normal_distribution<float> normal;
+        for (auto& x : in) x = normal(rng);
+        outs[c.rank()].resize(n);
+        c.Allreduce(in.data(), outs[c.rank()].data(), n, DataType::kFloat32, ReduceOp::kAvg);
+      },
+      algorithm);
   for (int r = 1; r < P; ++r) {
     Expect(std::memcmp(outs[r].data(), outs[0].data(), n * sizeof(float)) == 0, Case("float avg bitwise", P, n, chunk));
   }
@@ -184,14 +196,20 @@ int main() {
   const size_t chunks[] = {8, 24, 4096, size_t{1} << 20};
   for (int P = 1; P <= 5; ++P) {
     for (size_t chunk : chunks) {
-      for (size_t n : {size_t{0}, size_t{1}, size_t{2}, size_t{3}, size_t{5}, size_t{17}, size_t{1000}, size_t{4099}}) {
-        TestAllreduce(P, n, chunk, false);
-        TestAllreduce(P, n, chunk, true);
+      for (auto algorithm : {pycomm::Algorithm::kRing, pycomm::Algorithm::kOneShot}) {
+        for (size_t n :
+             {size_t{0}, size_t{1}, size_t{2}, size_t{3}, size_t{5}, size_t{17}, size_t{1000}, size_t{4099}}) {
+          TestAllreduce(P, n, chunk, false, algorithm);
+          TestAllreduce(P, n, chunk, true, algorithm);
+        }
+        TestFloatBitwiseIdentical(P, 1001, chunk, algorithm);
       }
-      TestFloatBitwiseIdentical(P, 1001, chunk);
       for (size_t block : {size_t{0}, size_t{1}, size_t{7}, size_t{300}}) TestReduceScatterAllgather(P, block, chunk);
       for (size_t n : {size_t{0}, size_t{1}, size_t{333}}) TestBroadcast(P, n, chunk);
     }
+    // Larger than one arena slot: the one-shot goes piece by piece, alternating slots.
+    TestAllreduce(P, 100003, 1 << 20, false, pycomm::Algorithm::kOneShot);
+    TestAllreduce(P, 100003, 1 << 20, true, pycomm::Algorithm::kOneShot);
     TestAsyncOrder(P);
     TestCloseRunsQueuedWork(P);
   }

@@ -59,6 +59,14 @@ class PeerError : public CommError {
   int peer_;
 };
 
+// Which allreduce algorithm to run. kAuto picks by size and by what the ranks share; the others
+// force one (for tests and benchmarks).
+enum class Algorithm : int {
+  kAuto = 0,
+  kRing,     // chunked, pipelined ring over point-to-point messages: any size, any placement
+  kOneShot,  // every rank reduces everyone's data from shared memory: small messages, one node
+};
+
 struct Options {
   // Collectives move data in chunks of this many bytes so that sending, receiving and reducing
   // overlap. Small values let tests reach multi-chunk paths with small arrays.
@@ -67,6 +75,8 @@ struct Options {
   double timeout_s = 300.0;
   // Prefix debug lines on stderr with the rank.
   bool debug = false;
+  // kOneShot runs only where all ranks share a node (elsewhere the ring does).
+  Algorithm algorithm = Algorithm::kAuto;
 };
 
 // The handle of one asynchronous operation.

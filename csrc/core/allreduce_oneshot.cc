@@ -1,0 +1,40 @@
+// One-shot allreduce through shared memory. For each piece of the message:
+//   1. copy this rank's input into its arena slot and post the call's sequence number;
+//   2. wait until every rank has posted;
+//   3. reduce every rank's slot, in rank order, into the output.
+// No message is sent and no rank waits more than once per piece, which makes it the latency
+// algorithm; it reads P times the data, so the ring takes over for large messages.
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/collectives.h"
+#include "reduce/reduce.h"
+#include "transport/shared_arena.h"
+
+namespace pycomm {
+
+void AllreduceOneShot(const CollectiveContext& ctx, const void* send, void* recv, size_t count, DataType dtype,
+                      ReduceOp op) {
+  SharedArena& arena = *ctx.transport.arena();
+  const int P = arena.size(), r = arena.rank();
+  const size_t es = DataTypeSize(dtype);
+  const size_t piece = arena.slot_bytes() / es;
+  const ReduceFn reduce = GetReduceFn(dtype, op);
+  const char* in = static_cast<const char*>(send);
+  char* out = static_cast<char*>(recv);
+  for (size_t begin = 0; begin < count; begin += piece) {
+    const size_t n = std::min(piece, count - begin);
+    const uint64_t seq = ++*ctx.arena_seq;
+    // The input is copied before the output is written, so send == recv is fine.
+    std::memcpy(arena.slot(r, seq), in + begin * es, n * es);
+    arena.Post(seq);
+    arena.WaitAll(seq, ctx.timeout_s);
+    char* dst = out + begin * es;
+    reduce(arena.slot(0, seq), arena.slot(1, seq), dst, n);
+    for (int q = 2; q < P; ++q) reduce(dst, arena.slot(q, seq), dst, n);
+    if (op == ReduceOp::kAvg) ScaleDown(dst, n, dtype, P);
+  }
+}
+
+}  // namespace pycomm

@@ -1,0 +1,109 @@
+#include "transport/shared_arena.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <new>
+#include <random>
+
+#include "pycomm/pycomm.h"
+#include "transport/wait.h"
+
+namespace pycomm {
+
+size_t SharedArena::BytesFor(int size, size_t slot_bytes) {
+  return static_cast<size_t>(size) * kLine + static_cast<size_t>(size) * 2 * slot_bytes;
+}
+
+SharedArena::SharedArena(void* base, int rank, int size, size_t slot_bytes, std::shared_ptr<void> keep_alive)
+    : base_(static_cast<char*>(base)),
+      rank_(rank),
+      size_(size),
+      slot_bytes_(slot_bytes),
+      keep_alive_(std::move(keep_alive)) {
+  static_assert(std::atomic<uint64_t>::is_always_lock_free, "flags in shared memory must be lock-free");
+}
+
+std::atomic<uint64_t>* SharedArena::flag(int rank) const {
+  return reinterpret_cast<std::atomic<uint64_t>*>(base_ + static_cast<size_t>(rank) * kLine);
+}
+
+char* SharedArena::slot(int rank, uint64_t seq) const {
+  size_t index = static_cast<size_t>(rank) * 2 + (seq & 1);
+  return base_ + static_cast<size_t>(size_) * kLine + index * slot_bytes_;
+}
+
+void SharedArena::Post(uint64_t seq) { flag(rank_)->store(seq, std::memory_order_release); }
+
+namespace {
+
+// The flags seen as requests, so that waiting shares the spin-yield-sleep schedule and timeout.
+class FlagRequest : public Request {
+ public:
+  FlagRequest(const std::atomic<uint64_t>* flag, uint64_t seq, int peer) : flag_(flag), seq_(seq), peer_(peer) {}
+  bool Test() override { return flag_->load(std::memory_order_acquire) >= seq_; }
+  int peer() const override { return peer_; }
+
+ private:
+  const std::atomic<uint64_t>* flag_;
+  uint64_t seq_;
+  int peer_;
+};
+
+}  // namespace
+
+void SharedArena::WaitAll(uint64_t seq, double timeout_s) const {
+  for (int r = 0; r < size_; ++r) {
+    if (r == rank_) continue;
+    FlagRequest request(flag(r), seq, r);
+    Wait(request, timeout_s);
+  }
+}
+
+std::shared_ptr<void> AllocateLocalArenaMemory(int size, size_t slot_bytes) {
+  size_t bytes = SharedArena::BytesFor(size, slot_bytes);
+  void* memory = std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096);
+  if (!memory) throw std::bad_alloc();
+  std::memset(memory, 0, bytes);
+  return std::shared_ptr<void>(memory, [](void* p) { std::free(p); });
+}
+
+std::unique_ptr<SharedArena> CreateShmArena(int rank, int size, size_t slot_bytes,
+                                            const std::function<std::string(const std::string&)>& name_from_root,
+                                            const std::function<bool(bool)>& all_agree) {
+  const size_t bytes = SharedArena::BytesFor(size, slot_bytes);
+  std::string name;
+  int fd = -1;
+  if (rank == 0) {
+    std::random_device random;
+    name = "/pycomm-" + std::to_string(getpid()) + "-" + std::to_string(random());
+    fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd >= 0 && ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+      close(fd);
+      shm_unlink(name.c_str());
+      fd = -1;
+    }
+    if (fd < 0) name.clear();  // tells the others there is no segment
+  }
+  name = name_from_root(name);
+  if (name.empty()) return nullptr;  // rank 0 could not create it: nobody has an arena
+  if (rank != 0) fd = shm_open(name.c_str(), O_RDWR, 0600);
+  void* base = fd >= 0 ? mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
+  if (fd >= 0) close(fd);
+  // Everyone has mapped it (or failed) past this point: the name can go.
+  const bool everyone = all_agree(base != MAP_FAILED);
+  if (rank == 0) shm_unlink(name.c_str());
+  all_agree(true);  // nobody goes on (or could be killed) while the name still exists
+  if (!everyone) {
+    if (base != MAP_FAILED) munmap(base, bytes);
+    return nullptr;
+  }
+  std::shared_ptr<void> mapping(base, [bytes](void* p) { munmap(p, bytes); });
+  return std::make_unique<SharedArena>(base, rank, size, slot_bytes, std::move(mapping));
+}
+
+}  // namespace pycomm

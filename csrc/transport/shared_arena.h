@@ -1,0 +1,65 @@
+// Memory that every rank of one node maps, with a sequence-numbered flag per rank: what the
+// intra-node algorithms (one-shot allreduce) exchange data through, instead of messages.
+//
+// Layout: a flag per rank on its own cache lines, then 2 slots per rank (double buffering: a
+// slot written at call k was last read at call k-2, which every rank has left before any rank
+// can finish call k-1).
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+namespace pycomm {
+
+// Bytes per rank per slot of the arenas that transports create: the largest message (or piece
+// of one) that the one-shot allreduce moves in one call.
+constexpr size_t kArenaSlotBytes = size_t{256} << 10;
+
+class SharedArena {
+ public:
+  // Bytes of shared memory an arena of `size` ranks with `slot_bytes` slots needs.
+  static size_t BytesFor(int size, size_t slot_bytes);
+
+  // `base` must hold BytesFor(size, slot_bytes) zeroed bytes mapped by every rank; `keep_alive`
+  // owns the mapping (unmaps it when the arena goes).
+  SharedArena(void* base, int rank, int size, size_t slot_bytes, std::shared_ptr<void> keep_alive);
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  size_t slot_bytes() const { return slot_bytes_; }
+  char* slot(int rank, uint64_t seq) const;
+
+  // Publishes this rank's slot for call `seq` (release).
+  void Post(uint64_t seq);
+  // Waits until every rank has posted `seq` (acquire); PeerError naming a late rank after
+  // timeout_s.
+  void WaitAll(uint64_t seq, double timeout_s) const;
+
+ private:
+  static constexpr size_t kLine = 128;  // two cache lines: no false sharing with adjacent prefetch
+  std::atomic<uint64_t>* flag(int rank) const;
+
+  char* base_;
+  int rank_;
+  int size_;
+  size_t slot_bytes_;
+  std::shared_ptr<void> keep_alive_;
+};
+
+// Creates an arena in POSIX shared memory: rank 0 creates and sizes the segment, every rank maps
+// it, and rank 0 unlinks it as soon as all have mapped it, so nothing is left in /dev/shm even if
+// every rank is killed. Collective, through two callbacks: `name_from_root` (rank 0 passes the
+// segment's name, every rank gets it back) and `all_agree` (true on every rank iff true on all).
+// Returns null on every rank if any rank could not map the segment.
+std::unique_ptr<SharedArena> CreateShmArena(int rank, int size, size_t slot_bytes,
+                                            const std::function<std::string(const std::string&)>& name_from_root,
+                                            const std::function<bool(bool)>& all_agree);
+
+// An arena in ordinary memory for ranks that are threads of one process (tests).
+std::shared_ptr<void> AllocateLocalArenaMemory(int size, size_t slot_bytes);
+
+}  // namespace pycomm
