@@ -17,8 +17,10 @@ namespace pycomm {
 
 namespace {
 
-// Above this the ring's 2(P-1)/P bytes per rank beat the one-shot's P reads of everything.
-constexpr size_t kOneShotMaxBytes = size_t{64} << 10;
+// Above these the ring's 2(P-1)/P bytes per rank beat the one-shot's P reads of everything
+// (measured, docs/algorithms.md): the ring's 2(P-1) dependent steps cost more as P grows.
+constexpr size_t kOneShotMaxBytesTwoRanks = size_t{128} << 10;
+constexpr size_t kOneShotMaxBytesMoreRanks = size_t{512} << 10;
 
 class CommunicatorImpl : public Communicator {
  public:
@@ -222,8 +224,7 @@ class CommunicatorImpl : public Communicator {
     AllreduceRing(Context(), send, recv, count, dtype, op);
   }
 
-  // One-shot below kOneShotMaxBytes, where all ranks share a node (docs/algorithms.md has the
-  // measurements behind the cut-over).
+  // One-shot for small messages where all ranks share a node.
   bool UseOneShot(size_t bytes) const {
     if (!transport_->arena()) return false;
     switch (options_.algorithm) {
@@ -232,7 +233,7 @@ class CommunicatorImpl : public Communicator {
       case Algorithm::kRing:
         return false;
       case Algorithm::kAuto:
-        return bytes <= kOneShotMaxBytes;
+        return bytes <= (size() == 2 ? kOneShotMaxBytesTwoRanks : kOneShotMaxBytesMoreRanks);
     }
     return false;
   }
