@@ -14,7 +14,7 @@ __path__ = pkgutil.extend_path(__path__, __name__)
 from ._native import BUILD_MPI, RUNTIME_MPI  # noqa: E402
 from .communicator import Communicator, Work  # noqa: E402
 from .dtypes import SUPPORTED as SUPPORTED_DTYPES  # noqa: E402
-from .errors import CommError, PeerError  # noqa: E402
+from .errors import CommError, MismatchError, PeerError  # noqa: E402
 from .ops import ReduceOp  # noqa: E402
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "CommError",
     "Communicator",
+    "MismatchError",
     "PeerError",
     "ReduceOp",
     "Work",

@@ -9,4 +9,8 @@ CommError = _core.CommError
 #: A peer died, stopped participating, or did not answer within the timeout (PYCOMM_TIMEOUT).
 PeerError = _core.PeerError
 
-__all__ = ["CommError", "PeerError"]
+#: Ranks made different calls (count, dtype or op) at the same point; raised on every rank.
+#: Detected by the shared-memory algorithms so far; the ring over MPI does not check yet.
+MismatchError = _core.MismatchError
+
+__all__ = ["CommError", "MismatchError", "PeerError"]

@@ -23,3 +23,8 @@ def test_sub_communicators(nprocs):
 
 def test_infinite_timeout_waits_for_a_late_rank():
     run_mpi(2, "lifecycle.py", "no-deadline", timeout=60)
+
+
+@pytest.mark.parametrize("nprocs", [2, 3])
+def test_mismatched_calls_raise_on_every_rank(nprocs):
+    run_mpi(nprocs, "lifecycle.py", "mismatch", timeout=60)

@@ -42,6 +42,9 @@ class CommunicatorImpl : public Communicator {
                                   std::to_string(static_cast<int>(options_.algorithm)));
     }
     Debug("created over %s transport, size %d, chunk %zu bytes", transport_->name(), size(), options_.chunk_bytes);
+    if (options_.algorithm == Algorithm::kOneShot && !transport_->arena() && size_ > 1) {
+      Debug("algorithm oneshot needs ranks that share memory; the ring runs instead");
+    }
   }
 
   ~CommunicatorImpl() override {

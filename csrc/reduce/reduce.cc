@@ -8,13 +8,13 @@ namespace pycomm {
 
 namespace generic {
 ReduceFn GetReduceFn(DataType dtype, ReduceOp op);
-void ScaleDown(void* buf, size_t n, DataType dtype, int divisor);
+ScaleFn GetScaleFn(DataType dtype);
 }  // namespace generic
 
 #if defined(PYCOMM_HAVE_AVX2_KERNELS)
 namespace avx2 {
 ReduceFn GetReduceFn(DataType dtype, ReduceOp op);
-void ScaleDown(void* buf, size_t n, DataType dtype, int divisor);
+ScaleFn GetScaleFn(DataType dtype);
 }  // namespace avx2
 #endif
 
@@ -51,10 +51,12 @@ ReduceFn GetReduceFn(DataType dtype, ReduceOp op, KernelIsa isa) {
 }
 
 void ScaleDown(void* buf, size_t n, DataType dtype, int divisor, KernelIsa isa) {
+  ScaleFn scale = generic::GetScaleFn(dtype);
 #if defined(PYCOMM_HAVE_AVX2_KERNELS)
-  if (Resolve(isa) == KernelIsa::kAvx2) return avx2::ScaleDown(buf, n, dtype, divisor);
+  if (Resolve(isa) == KernelIsa::kAvx2) scale = avx2::GetScaleFn(dtype);
 #endif
-  generic::ScaleDown(buf, n, dtype, divisor);
+  if (!scale) throw CommError(std::string("pycomm: avg is not defined for ") + DataTypeName(dtype));
+  scale(buf, n, divisor);
 }
 
 }  // namespace pycomm

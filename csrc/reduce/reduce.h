@@ -12,6 +12,8 @@ namespace pycomm {
 // must not partially overlap them. float16 and bfloat16 are computed in float32 and rounded once.
 // ReduceOp::kAvg reduces as kSum; ScaleDown finishes the average.
 using ReduceFn = void (*)(const void* a, const void* b, void* out, size_t n);
+// buf[i] /= divisor over n elements.
+using ScaleFn = void (*)(void* buf, size_t n, int divisor);
 
 // Which compiled set of kernels to use. kAuto: the best this CPU runs (AVX2 + F16C on x86-64
 // where present), unless PYCOMM_KERNELS=generic. Every set gives the same bits.

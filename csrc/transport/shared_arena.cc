@@ -37,7 +37,16 @@ char* SharedArena::slot(int rank, uint64_t seq) const {
   return base_ + static_cast<size_t>(size_) * kLine + index * slot_bytes_;
 }
 
-void SharedArena::Post(uint64_t seq) { flag(rank_)->store(seq, std::memory_order_release); }
+SharedArena::CallInfo* SharedArena::info_slot(int rank, uint64_t seq) const {
+  return reinterpret_cast<CallInfo*>(base_ + static_cast<size_t>(rank) * kLine + kInfoOffset) + (seq & 1);
+}
+
+void SharedArena::Post(uint64_t seq, const CallInfo& info) {
+  *info_slot(rank_, seq) = info;
+  flag(rank_)->store(seq, std::memory_order_release);
+}
+
+SharedArena::CallInfo SharedArena::info(int rank, uint64_t seq) const { return *info_slot(rank, seq); }
 
 namespace {
 
@@ -82,7 +91,9 @@ std::unique_ptr<SharedArena> CreateShmArena(int rank, int size, size_t slot_byte
     std::random_device random;
     name = "/pycomm-" + std::to_string(getpid()) + "-" + std::to_string(random());
     fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
-    if (fd >= 0 && ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+    // Reserve the pages now: on a /dev/shm too small for them ftruncate alone succeeds, and the
+    // first write into a slot would kill the rank with SIGBUS.
+    if (fd >= 0 && posix_fallocate(fd, 0, static_cast<off_t>(bytes)) != 0) {
       close(fd);
       shm_unlink(name.c_str());
       fd = -1;

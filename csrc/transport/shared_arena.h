@@ -1,7 +1,7 @@
 // Memory that every rank of one node maps, with a sequence-numbered flag per rank: what the
 // intra-node algorithms (one-shot allreduce) exchange data through, instead of messages.
 //
-// Layout: a flag per rank on its own cache lines, then 2 slots per rank (double buffering: a
+// Layout: a flag (and what the call is) per rank on its own cache lines, then 2 slots per rank (double buffering: a
 // slot written at call k was last read at call k-2, which every rank has left before any rank
 // can finish call k-1).
 #pragma once
@@ -33,15 +33,28 @@ class SharedArena {
   size_t slot_bytes() const { return slot_bytes_; }
   char* slot(int rank, uint64_t seq) const;
 
-  // Publishes this rank's slot for call `seq` (release).
-  void Post(uint64_t seq);
+  // What a rank says about the call it is making, so that ranks can check they agree.
+  struct CallInfo {
+    uint64_t count;
+    int32_t dtype;
+    int32_t op;
+  };
+
+  // Publishes this rank's slot and `info` for call `seq` (release).
+  void Post(uint64_t seq, const CallInfo& info);
+  // Rank `rank`'s info for call `seq`; valid once WaitAll(seq) has returned, until call seq + 2.
+  CallInfo info(int rank, uint64_t seq) const;
   // Waits until every rank has posted `seq` (acquire); PeerError naming a late rank after
   // timeout_s.
   void WaitAll(uint64_t seq, double timeout_s) const;
 
  private:
-  static constexpr size_t kLine = 128;  // two cache lines: no false sharing with adjacent prefetch
+  // Per rank: its flag, then two CallInfo (double-buffered like the slots), on two cache lines of
+  // their own: no false sharing, adjacent-line prefetch included.
+  static constexpr size_t kLine = 128;
+  static constexpr size_t kInfoOffset = 16;
   std::atomic<uint64_t>* flag(int rank) const;
+  CallInfo* info_slot(int rank, uint64_t seq) const;
 
   char* base_;
   int rank_;

@@ -74,6 +74,34 @@ def no_deadline(failures):
         comm.close()
 
 
+def mismatched_calls(failures):
+    """Ranks that call with different counts or dtypes all get MismatchError naming both sides,
+    instead of reducing each other's unrelated data (shared-memory algorithm)."""
+    comm = pycomm.Communicator(algorithm="oneshot")
+    n = 10 if RANK == 0 else 100000
+    try:
+        comm.allreduce(np.ones(n, np.float32))
+        failures.check(False, "mismatched counts were not detected")
+    except pycomm.MismatchError as error:
+        want = "rank 0 called allreduce(float32, 10, sum), rank 1 called allreduce(float32, 100000, sum)"
+        failures.check(want in str(error), f"message: {error}")
+    # The communicator refuses further work rather than guessing where the peers are.
+    try:
+        comm.allreduce(np.ones(4))
+        failures.check(False, "a communicator was usable after a mismatch")
+    except pycomm.CommError as error:
+        failures.check("unusable" in str(error), f"after mismatch: {error}")
+    comm.close()
+    comm = pycomm.Communicator(algorithm="oneshot")
+    x = np.ones(8, np.float32 if RANK == 0 else np.int32)
+    try:
+        comm.allreduce(x)
+        failures.check(False, "mismatched dtypes were not detected")
+    except pycomm.MismatchError as error:
+        failures.check("float32" in str(error) and "int32" in str(error), f"message: {error}")
+    comm.close()
+
+
 def main():
     failures = Failures()
     {
@@ -81,6 +109,7 @@ def main():
         "exit-in-flight": exit_with_work_in_flight,
         "sub-communicators": communicators_on_sub_communicators,
         "no-deadline": no_deadline,
+        "mismatch": mismatched_calls,
     }[sys.argv[1]](failures)
     failures.finish()
 

@@ -49,6 +49,12 @@ class CommError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Ranks made different calls (count, dtype or op) at the same point. Raised on every rank.
+class MismatchError : public CommError {
+ public:
+  using CommError::CommError;
+};
+
 // A peer died, stopped participating, or did not answer within the timeout.
 class PeerError : public CommError {
  public:
