@@ -230,7 +230,9 @@ def sizes_in_elements(args, itemsize: int) -> list:
 
 def run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok) -> dict:
     # Buffers live for one size only, so at most two max-size arrays exist per rank.
-    x = np.empty(count, dtype)
+    # --shared: the input lives in comm.empty memory (in place), as a training loop's gradient
+    # buckets would; MPI then reduces the same array.
+    x = comm.empty(count, dtype) if args.shared else np.empty(count, dtype)
     y = x if args.in_place else np.empty(count, dtype)
     fill_periodic(x, mine)
 
@@ -447,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=_positive_int, default=1, help="timed loops per size; the median is shown")
     parser.add_argument("--in-place", action="store_true", help="reduce into the input buffer")
     parser.add_argument(
+        "--shared", action="store_true", help="allocate the buffer with comm.empty (shared memory; implies --in-place)"
+    )
+    parser.add_argument(
         "--check",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -465,6 +470,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.factor <= 1:
         parser.error("--factor must be greater than 1")
+    args.in_place = args.in_place or args.shared
     if args.min_bytes > args.max_bytes:
         parser.error("--min-bytes is larger than --max-bytes")
     dtype = numpy_dtype(args.dtype)
@@ -481,7 +487,8 @@ def main(argv=None) -> int:
         if lead:
             print(
                 f"# pycomm allreduce benchmark: P={world.size} dtype={args.dtype} op={op.name.lower()} "
-                f"in_place={'yes' if args.in_place else 'no'} chunk_bytes={comm.chunk_bytes}\n"
+                f"in_place={'yes' if args.in_place else 'no'} shared={'yes' if args.shared else 'no'} "
+                f"chunk_bytes={comm.chunk_bytes}\n"
                 f"# BUILD_MPI: {pycomm.BUILD_MPI}\n"
                 f"# {meta['hostname']}, {meta['cpu_model']}, nproc={meta['nproc']}, {meta['date']}"
             )

@@ -212,6 +212,30 @@ class Communicator:
         self._native.broadcast(x, x.size, dtype_code(x.dtype), int(root))
         return x
 
+    def empty(self, shape, dtype=np.float32) -> np.ndarray:
+        """A numpy array inside memory that every rank of this node maps (collective: every rank
+        calls it with the same shape and dtype, in the same order).
+
+        allreduce(buf, out=buf) on such arrays, at the same place on every rank, reduces straight
+        from and into the peers' copies: nothing is copied in or out. Where the ranks do not all
+        share a node this returns an ordinary array, and allreduce works on it as usual.
+        """
+        self._check_open()
+        dtype = np.dtype(dtype)
+        dtype_code(dtype)
+        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        count = _count(shape)
+        raw = self._native.allocate_shared(count * dtype.itemsize) if count else None
+        if raw is None:
+            return np.empty(shape, dtype)
+        return raw.view(dtype).reshape(shape)
+
+    def zeros(self, shape, dtype=np.float32) -> np.ndarray:
+        """As empty(), filled with zeros."""
+        array = self.empty(shape, dtype)
+        array[...] = 0
+        return array
+
     def barrier(self) -> None:
         """Returns once every rank has entered the barrier."""
         self._check_open()

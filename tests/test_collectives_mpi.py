@@ -65,3 +65,18 @@ def test_readme_example_prints_on_every_rank():
     result = run_mpi(4, "-c", code)
     # mpirun may interleave the ranks' lines, so count the arrays rather than parse lines.
     assert result.stdout.count("[4. 4. 4. 4. 4. 4. 4. 4. 4. 4.]") == 4, result.stdout
+
+
+@pytest.mark.parametrize("nprocs", [1, 2, 3, 4])
+def test_shared_buffers(nprocs):
+    """comm.empty arrays reduced in place (every dtype and op), and the cases that must fall back."""
+    run_mpi(nprocs, "collectives.py", "shared", timeout=300)
+
+
+def test_shared_buffers_copy_nothing():
+    code = (
+        "import numpy as np, pycomm; c = pycomm.Communicator(debug=True); a = c.empty(1 << 20, np.float32); "
+        "a[:] = 1; c.allreduce(a, out=a); assert (a == 2).all()"
+    )
+    result = run_mpi(2, "-c", code)
+    assert result.stdout.count("in place in a shared buffer: no copies") == 2, result.stdout

@@ -34,6 +34,24 @@ void AllreduceRing(const CollectiveContext& ctx, const void* send, void* recv, s
 void AllreduceOneShot(const CollectiveContext& ctx, const void* send, void* recv, size_t count, DataType dtype,
                       ReduceOp op);
 
+// Where a call's buffer sits when it lives in a SharedBuffer (comm.empty): rank q's copy is at
+// base + q * stride + offset.
+struct SharedPlacement {
+  uint32_t id = 0;  // 0: not in a shared buffer
+  char* base = nullptr;
+  size_t stride = 0;
+  size_t offset = 0;
+};
+
+// Allreduce in place on data that every rank holds in the same SharedBuffer at the same offset:
+// rank r reduces block r straight from every rank's copy and writes the result into every copy,
+// so each rank reads and writes each byte once (the memory-traffic floor) and nothing is copied
+// in or out. First checks, through the arena, that all ranks make the same call (MismatchError
+// otherwise) and that all of them qualify; returns false on every rank if any does not, and the
+// caller runs another algorithm.
+bool AllreduceInSharedBuffer(const CollectiveContext& ctx, const SharedPlacement& placement, bool in_place,
+                             size_t count, DataType dtype, ReduceOp op);
+
 // Ring reduce-scatter of size * recv_count elements; this rank's block lands in recv.
 void ReduceScatterRing(const CollectiveContext& ctx, const void* send, void* recv, size_t recv_count, DataType dtype,
                        ReduceOp op);

@@ -1,6 +1,7 @@
 // The communicator: checks each call, then runs its algorithm through the executor so that
 // operations complete in the order they were issued.
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstring>
@@ -98,6 +99,26 @@ class CommunicatorImpl : public Communicator {
     Execute([=] {
       if (size() > 1 && bytes) BroadcastChain(Context(), buf, bytes, root);
     });
+  }
+
+  std::shared_ptr<void> AllocateShared(size_t bytes, void** data) override {
+    Trace("allocate_shared", bytes, DataType::kUInt8, "-");
+    std::shared_ptr<void> mapping;
+    *data = nullptr;
+    Execute([&] {
+      constexpr size_t kPage = 4096;
+      const size_t stride = std::max<size_t>(kPage, (bytes + kPage - 1) / kPage * kPage);
+      mapping = transport_->MapShared(stride * size());
+      if (!mapping) return;
+      // Expired entries go first: their ids are never reused, so a stale id cannot match.
+      shared_.erase(
+          std::remove_if(shared_.begin(), shared_.end(), [](const Registered& b) { return b.alive.expired(); }),
+          shared_.end());
+      char* base = static_cast<char*>(mapping.get());
+      shared_.push_back(Registered{base, stride, ++last_shared_id_, mapping});
+      *data = base + static_cast<size_t>(rank()) * stride;
+    });
+    return mapping;
   }
 
   void Barrier() override {
@@ -224,7 +245,26 @@ class CommunicatorImpl : public Communicator {
     const size_t bytes = count * DataTypeSize(dtype);
     if (size() == 1) return Copy(send, recv, bytes);
     if (UseOneShot(bytes)) return AllreduceOneShot(Context(), send, recv, count, dtype, op);
+    // Above the one-shot's range, where the ranks share memory, data in a shared buffer is
+    // reduced in place without copies; the ranks first agree that all of them can.
+    if (transport_->arena() && options_.algorithm == Algorithm::kAuto &&
+        AllreduceInSharedBuffer(Context(), Placement(recv, bytes), send == recv, count, dtype, op)) {
+      Debug("allreduce in place in a shared buffer: no copies");
+      return;
+    }
     AllreduceRing(Context(), send, recv, count, dtype, op);
+  }
+
+  // Where `data` lies in a live shared buffer of this rank, if it does.
+  SharedPlacement Placement(const void* data, size_t bytes) const {
+    const char* p = static_cast<const char*>(data);
+    for (const Registered& b : shared_) {
+      const char* mine = b.base + static_cast<size_t>(rank()) * b.stride;
+      if (p >= mine && p + bytes <= mine + b.stride && !b.alive.expired()) {
+        return SharedPlacement{b.id, b.base, b.stride, static_cast<size_t>(p - mine)};
+      }
+    }
+    return SharedPlacement{};
   }
 
   // One-shot for small messages where all ranks share a node.
@@ -272,6 +312,15 @@ class CommunicatorImpl : public Communicator {
   std::atomic<int> device_id_{-1};  // device_'s GPU, readable outside the executor
   std::atomic<uint64_t> calls_{0};
   uint64_t arena_seq_ = 0;  // only touched inside the executor
+  // Shared buffers handed out by AllocateShared (only touched inside the executor).
+  struct Registered {
+    char* base;
+    size_t stride;
+    uint32_t id;
+    std::weak_ptr<void> alive;
+  };
+  std::vector<Registered> shared_;
+  uint32_t last_shared_id_ = 0;
   std::atomic<bool> closed_{false};
   std::atomic<bool> broken_{false};
   std::string broken_reason_;

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <memory>
 
+#include "core/blocks.h"
 #include "core/collectives.h"
 #include "core/pipeline.h"
 #include "reduce/reduce.h"
@@ -23,19 +24,6 @@ namespace pycomm {
 namespace {
 
 int Mod(int a, int n) { return ((a % n) + n) % n; }
-
-// `count` elements cut into `parts` blocks whose lengths differ by at most one.
-class BlockLayout {
- public:
-  BlockLayout(size_t count, int parts) : base_(count / parts), extra_(count % parts) {}
-  size_t offset(int block) const { return block * base_ + std::min<size_t>(block, extra_); }
-  size_t length(int block) const { return base_ + (static_cast<size_t>(block) < extra_ ? 1 : 0); }
-  size_t max_length() const { return length(0); }
-
- private:
-  size_t base_;
-  size_t extra_;
-};
 
 // Where unit u of a ring phase falls: its step, and the element range of its chunk in a block.
 class ChunkPlan {

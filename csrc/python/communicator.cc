@@ -117,6 +117,22 @@ void RegisterCommunicator(py::module_& m) {
             c.BroadcastDevice(Ptr(buf), count, ToDataType(dtype), root, device, Ptr(stream));
           },
           py::call_guard<py::gil_scoped_release>())
+      .def(
+          "allocate_shared",
+          [](Communicator& c, size_t bytes) -> py::object {
+            void* data = nullptr;
+            std::shared_ptr<void> mapping;
+            {
+              py::gil_scoped_release release;
+              mapping = c.AllocateShared(bytes, &data);
+            }
+            if (!mapping) return py::none();
+            // The array owns a reference to the mapping: the memory lives as long as any view.
+            auto* owner = new std::shared_ptr<void>(std::move(mapping));
+            py::capsule keep(owner, [](void* p) { delete static_cast<std::shared_ptr<void>*>(p); });
+            return py::array_t<uint8_t>({bytes}, {size_t{1}}, static_cast<uint8_t*>(data), keep);
+          },
+          py::arg("bytes"))
       .def("barrier", &Communicator::Barrier, py::call_guard<py::gil_scoped_release>())
       .def("close", &Communicator::Close, py::call_guard<py::gil_scoped_release>());
 }

@@ -4,6 +4,7 @@
 
 #include <climits>
 #include <cstdio>
+#include <functional>
 #include <string>
 
 #include "pycomm/pycomm.h"
@@ -113,6 +114,11 @@ class MpiTransport : public Transport {
     return std::make_unique<MpiRequest>(request, peer, true);
   }
 
+  std::shared_ptr<void> MapShared(size_t total_bytes) override {
+    if (!arena_) return nullptr;  // the ranks do not all share this node
+    return MapSharedSegment(rank_, total_bytes, NameFromRoot(), AllAgree());
+  }
+
  private:
 #if MPI_VERSION < 4
   static int CheckedCount(size_t bytes) {
@@ -121,20 +127,26 @@ class MpiTransport : public Transport {
   }
 #endif
 
-  // Every rank is on this node: a shared segment carries the small-message algorithms.
-  std::unique_ptr<SharedArena> CreateArena() {
-    auto name_from_root = [this](const std::string& name) {
+  std::function<std::string(const std::string&)> NameFromRoot() {
+    return [this](const std::string& name) {
       char buffer[256] = {0};
       if (rank_ == 0) std::snprintf(buffer, sizeof buffer, "%s", name.c_str());
       Check(MPI_Bcast(buffer, sizeof buffer, MPI_CHAR, 0, comm_), "MPI_Bcast");
       return std::string(buffer);
     };
-    auto all_agree = [this](bool ok) {
+  }
+
+  std::function<bool(bool)> AllAgree() {
+    return [this](bool ok) {
       int mine = ok ? 1 : 0, all = 0;
       Check(MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_LAND, comm_), "MPI_Allreduce");
       return all != 0;
     };
-    return CreateShmArena(rank_, size_, kArenaSlotBytes, name_from_root, all_agree);
+  }
+
+  // Every rank is on this node: a shared segment carries the small-message algorithms.
+  std::unique_ptr<SharedArena> CreateArena() {
+    return CreateShmArena(rank_, size_, kArenaSlotBytes, NameFromRoot(), AllAgree());
   }
 
   MPI_Comm comm_ = MPI_COMM_NULL;

@@ -81,10 +81,9 @@ std::shared_ptr<void> AllocateLocalArenaMemory(int size, size_t slot_bytes) {
   return std::shared_ptr<void>(memory, [](void* p) { std::free(p); });
 }
 
-std::unique_ptr<SharedArena> CreateShmArena(int rank, int size, size_t slot_bytes,
-                                            const std::function<std::string(const std::string&)>& name_from_root,
-                                            const std::function<bool(bool)>& all_agree) {
-  const size_t bytes = SharedArena::BytesFor(size, slot_bytes);
+std::shared_ptr<void> MapSharedSegment(int rank, size_t bytes,
+                                       const std::function<std::string(const std::string&)>& name_from_root,
+                                       const std::function<bool(bool)>& all_agree) {
   std::string name;
   int fd = -1;
   if (rank == 0) {
@@ -92,7 +91,7 @@ std::unique_ptr<SharedArena> CreateShmArena(int rank, int size, size_t slot_byte
     name = "/pycomm-" + std::to_string(getpid()) + "-" + std::to_string(random());
     fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
     // Reserve the pages now: on a /dev/shm too small for them ftruncate alone succeeds, and the
-    // first write into a slot would kill the rank with SIGBUS.
+    // first write into the segment would kill the rank with SIGBUS.
     if (fd >= 0 && posix_fallocate(fd, 0, static_cast<off_t>(bytes)) != 0) {
       close(fd);
       shm_unlink(name.c_str());
@@ -101,7 +100,7 @@ std::unique_ptr<SharedArena> CreateShmArena(int rank, int size, size_t slot_byte
     if (fd < 0) name.clear();  // tells the others there is no segment
   }
   name = name_from_root(name);
-  if (name.empty()) return nullptr;  // rank 0 could not create it: nobody has an arena
+  if (name.empty()) return nullptr;  // rank 0 could not create it: nobody maps anything
   if (rank != 0) fd = shm_open(name.c_str(), O_RDWR, 0600);
   void* base = fd >= 0 ? mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
   if (fd >= 0) close(fd);
@@ -113,8 +112,15 @@ std::unique_ptr<SharedArena> CreateShmArena(int rank, int size, size_t slot_byte
     if (base != MAP_FAILED) munmap(base, bytes);
     return nullptr;
   }
-  std::shared_ptr<void> mapping(base, [bytes](void* p) { munmap(p, bytes); });
-  return std::make_unique<SharedArena>(base, rank, size, slot_bytes, std::move(mapping));
+  return std::shared_ptr<void>(base, [bytes](void* p) { munmap(p, bytes); });
+}
+
+std::unique_ptr<SharedArena> CreateShmArena(int rank, int size, size_t slot_bytes,
+                                            const std::function<std::string(const std::string&)>& name_from_root,
+                                            const std::function<bool(bool)>& all_agree) {
+  auto mapping = MapSharedSegment(rank, SharedArena::BytesFor(size, slot_bytes), name_from_root, all_agree);
+  if (!mapping) return nullptr;
+  return std::make_unique<SharedArena>(mapping.get(), rank, size, slot_bytes, std::move(mapping));
 }
 
 }  // namespace pycomm

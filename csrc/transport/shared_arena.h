@@ -38,6 +38,10 @@ class SharedArena {
     uint64_t count;
     int32_t dtype;
     int32_t op;
+    // Where the call's data lives when it is in a SharedBuffer (id 0: it is not).
+    uint32_t shared_id;
+    uint32_t in_place;
+    uint64_t shared_offset;  // from the start of the rank's region
   };
 
   // Publishes this rank's slot and `info` for call `seq` (release).
@@ -71,6 +75,21 @@ class SharedArena {
 std::unique_ptr<SharedArena> CreateShmArena(int rank, int size, size_t slot_bytes,
                                             const std::function<std::string(const std::string&)>& name_from_root,
                                             const std::function<bool(bool)>& all_agree);
+
+// Maps a new POSIX shared-memory segment of `bytes` on every rank (the same protocol as
+// CreateShmArena); null on every rank if any rank could not map it.
+std::shared_ptr<void> MapSharedSegment(int rank, size_t bytes,
+                                       const std::function<std::string(const std::string&)>& name_from_root,
+                                       const std::function<bool(bool)>& all_agree);
+
+// Memory that every rank of a node maps: rank q's region starts at base + q * stride. Users'
+// arrays live there (comm.empty) so that collectives can read and write peers' data directly.
+struct SharedBuffer {
+  char* base;
+  size_t stride;  // bytes per rank, page-aligned
+  uint32_t id;    // the same on every rank: the buffers are created collectively, in one order
+  std::shared_ptr<void> mapping;
+};
 
 // An arena in ordinary memory for ranks that are threads of one process (tests).
 std::shared_ptr<void> AllocateLocalArenaMemory(int size, size_t slot_bytes);

@@ -38,6 +38,12 @@ class Transport {
   // Memory shared by all ranks, for the intra-node algorithms; null when the ranks do not share
   // a node (or the memory could not be set up).
   virtual SharedArena* arena() { return nullptr; }
+  // Collective: maps one new segment of `total_bytes` that every rank shares. Null (on every
+  // rank) where the ranks do not all share a node.
+  virtual std::shared_ptr<void> MapShared(size_t total_bytes) {
+    (void)total_bytes;
+    return nullptr;
+  }
 };
 
 }  // namespace pycomm

@@ -129,6 +129,45 @@ def check_large_count(failures):
     comm.close()
 
 
+def check_shared_buffers(failures):
+    """Arrays from comm.empty, reduced in place above the one-shot's range (no copies), and every
+    case where a rank does not qualify (plain array, out of place, another offset): all ranks must
+    then agree to take another algorithm, with the same results."""
+    comm = pycomm.Communicator()
+    for name in pycomm.SUPPORTED_DTYPES:
+        dtype = np_dtype(name)
+        for op in OPS:
+            if op == "avg" and dtype.kind in "iu":
+                continue
+            for n in (200_003, 1_000_000):
+                inputs = [make_input(q, n, dtype, op) for q in range(P)]
+                case = f"shared {name} {op} n={n}"
+                buf = comm.empty(n, dtype)
+                buf[...] = inputs[RANK]
+                comm.allreduce(buf, op=op, out=buf)
+                failures.check(matches(buf, inputs, dtype, op), f"{case}: {buf[:4]}")
+                failures.check(same_on_all_ranks(buf), f"{case}: ranks differ")
+    n = 300_000
+    dtype = np.dtype(np.float32)
+    inputs = [make_input(q, n, dtype, "sum", seed=7) for q in range(P)]
+    last = P - 1
+    for label in ("rank 0 passes a plain array", f"rank {last} uses another offset"):
+        buf = comm.empty(n + 8, dtype)
+        offset = 8 if label.startswith(f"rank {last}") and RANK == last else 0
+        x = buf[offset : offset + n]
+        if label.startswith("rank 0") and RANK == 0:
+            x = np.empty(n, dtype)
+        x[...] = inputs[RANK]
+        comm.allreduce(x, out=x)
+        failures.check(matches(x, inputs, dtype, "sum"), f"{label}: {x[:4]}")
+        failures.check(same_on_all_ranks(x), f"{label}: ranks differ")
+    buf = comm.empty(n, np.float32)
+    buf[...] = RANK + 1
+    y = comm.allreduce(buf)  # out of place: copies as usual, buf untouched
+    failures.check(bool(np.all(y == P * (P + 1) / 2)) and bool(np.all(buf == RANK + 1)), "shared, out of place")
+    comm.close()
+
+
 def main():
     mode, dtypes = sys.argv[1], sys.argv[2:] or list(pycomm.SUPPORTED_DTYPES)
     failures = Failures()
@@ -143,6 +182,8 @@ def main():
     elif mode == "stress":
         with pycomm.Communicator(chunk_bytes=4096) as comm:
             check_stress(comm, failures)
+    elif mode == "shared":
+        check_shared_buffers(failures)
     elif mode == "large":
         check_large_count(failures)
     else:

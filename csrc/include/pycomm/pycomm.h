@@ -128,6 +128,12 @@ class Communicator {
   virtual void Broadcast(void* buf, size_t count, DataType dtype, int root) = 0;
   virtual void Barrier() = 0;
 
+  // Collective. Memory for `bytes` of this rank's data inside a segment that every rank of the
+  // node maps (`*data` points to it). Allreduce in place on data there, at the same offset on
+  // every rank, copies nothing in or out. Returns the owner of the mapping, to keep while the
+  // memory is used; null (and *data null) where the ranks do not all share a node.
+  virtual std::shared_ptr<void> AllocateShared(size_t bytes, void** data) = 0;
+
   // The same collectives on device (CUDA) buffers of GPU `device`. Every rank must be on one node.
   // Work is enqueued on `stream` (a cudaStream_t; nullptr is the legacy default stream) and each
   // call returns without waiting for the GPU, as NCCL's do: work queued on `stream` afterwards
