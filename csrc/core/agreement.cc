@@ -9,12 +9,14 @@ namespace pycomm {
 namespace {
 
 std::string Describe(const SharedArena::CallInfo& info) {
-  return std::string("allreduce(") + DataTypeName(static_cast<DataType>(info.dtype)) + ", " +
-         std::to_string(info.count) + ", " + ReduceOpName(static_cast<ReduceOp>(info.op)) + ")";
+  if (info.kind == SharedArena::kAllocate) return "empty(" + std::to_string(info.count) + " bytes)";
+  std::string call = std::string("allreduce(") + DataTypeName(static_cast<DataType>(info.dtype)) + ", " +
+                     std::to_string(info.count) + ", " + ReduceOpName(static_cast<ReduceOp>(info.op)) + ")";
+  return call + (info.kind == SharedArena::kOneShot ? " [one-shot]" : " [large]");
 }
 
 bool Same(const SharedArena::CallInfo& a, const SharedArena::CallInfo& b) {
-  return a.count == b.count && a.dtype == b.dtype && a.op == b.op;
+  return a.kind == b.kind && a.count == b.count && a.dtype == b.dtype && a.op == b.op;
 }
 
 }  // namespace

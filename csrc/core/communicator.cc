@@ -5,13 +5,16 @@
 #include <atomic>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
+#include "core/agreement.h"
 #include "core/collectives.h"
 #include "core/device.h"
 #include "core/executor.h"
 #include "pycomm/pycomm.h"
+#include "transport/shared_arena.h"
 #include "transport/transport.h"
 
 namespace pycomm {
@@ -106,7 +109,18 @@ class CommunicatorImpl : public Communicator {
     std::shared_ptr<void> mapping;
     *data = nullptr;
     Execute([&] {
+      SharedArena* arena = transport_->arena();
+      if (!arena) return;  // the ranks do not all share this node: no segment, on every rank
+      // A timed round first: ranks that ask for different sizes all get MismatchError, and a rank
+      // that never comes gives PeerError, before any segment exists.
+      const uint64_t seq = ++arena_seq_;
+      const SharedArena::CallInfo mine{bytes, -1, -1, 0, 0, SharedArena::kAllocate, 0};
+      arena->Post(seq, mine);
+      arena->WaitAll(seq, options_.timeout_s);
+      CheckCallsAgree(*arena, seq, mine);
       constexpr size_t kPage = 4096;
+      const size_t limit = std::numeric_limits<size_t>::max() / 2 / static_cast<size_t>(size());
+      if (bytes > limit) return;  // no segment that large (the same answer on every rank)
       const size_t stride = std::max<size_t>(kPage, (bytes + kPage - 1) / kPage * kPage);
       mapping = transport_->MapShared(stride * size());
       if (!mapping) return;

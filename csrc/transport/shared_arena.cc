@@ -90,9 +90,7 @@ std::shared_ptr<void> MapSharedSegment(int rank, size_t bytes,
     std::random_device random;
     name = "/pycomm-" + std::to_string(getpid()) + "-" + std::to_string(random());
     fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
-    // Reserve the pages now: on a /dev/shm too small for them ftruncate alone succeeds, and the
-    // first write into the segment would kill the rank with SIGBUS.
-    if (fd >= 0 && posix_fallocate(fd, 0, static_cast<off_t>(bytes)) != 0) {
+    if (fd >= 0 && ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
       close(fd);
       shm_unlink(name.c_str());
       fd = -1;
@@ -103,12 +101,21 @@ std::shared_ptr<void> MapSharedSegment(int rank, size_t bytes,
   if (name.empty()) return nullptr;  // rank 0 could not create it: nobody maps anything
   if (rank != 0) fd = shm_open(name.c_str(), O_RDWR, 0600);
   void* base = fd >= 0 ? mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
-  if (fd >= 0) close(fd);
-  // Everyone has mapped it (or failed) past this point: the name can go.
-  const bool everyone = all_agree(base != MAP_FAILED);
+  if (rank != 0 && fd >= 0) close(fd);
+  // Everyone has mapped it (or failed) past this point: the name can go. The window in which a
+  // killed job would leave the name behind is kept to these few steps.
+  bool ok = all_agree(base != MAP_FAILED);
   if (rank == 0) shm_unlink(name.c_str());
-  all_agree(true);  // nobody goes on (or could be killed) while the name still exists
-  if (!everyone) {
+  // Reserve the pages only now, after the unlink (rank 0 still holds the file open): on a
+  // /dev/shm too small for them, the mapping alone succeeds and the first write would kill the
+  // rank with SIGBUS.
+  bool reserved = true;
+  if (rank == 0) {
+    reserved = ok && posix_fallocate(fd, 0, static_cast<off_t>(bytes)) == 0;
+    close(fd);
+  }
+  ok = all_agree(ok && reserved);
+  if (!ok) {
     if (base != MAP_FAILED) munmap(base, bytes);
     return nullptr;
   }

@@ -34,13 +34,18 @@ class SharedArena {
   char* slot(int rank, uint64_t seq) const;
 
   // What a rank says about the call it is making, so that ranks can check they agree.
+  // Which step posts: ranks on different steps (say, configured with different algorithms)
+  // must see a mismatch, not read each other's unrelated data.
+  enum Kind : uint16_t { kOneShot = 1, kLargeAllreduce = 2, kAllocate = 3 };
+
   struct CallInfo {
-    uint64_t count;
+    uint64_t count;  // elements (bytes for kAllocate)
     int32_t dtype;
     int32_t op;
     // Where the call's data lives when it is in a SharedBuffer (id 0: it is not).
     uint32_t shared_id;
-    uint32_t in_place;
+    uint16_t in_place;
+    uint16_t kind;
     uint64_t shared_offset;  // from the start of the rank's region
   };
 

@@ -83,8 +83,10 @@ def mismatched_calls(failures):
         comm.allreduce(np.ones(n, np.float32))
         failures.check(False, "mismatched counts were not detected")
     except pycomm.MismatchError as error:
-        want = "rank 0 called allreduce(float32, 10, sum), rank 1 called allreduce(float32, 100000, sum)"
-        failures.check(want in str(error), f"message: {error}")
+        text = str(error)
+        ok = "rank 0 called allreduce(float32, 10, sum)" in text
+        ok = ok and "rank 1 called allreduce(float32, 100000, sum)" in text
+        failures.check(ok, f"message: {error}")
     # The communicator refuses further work rather than guessing where the peers are.
     try:
         comm.allreduce(np.ones(4))
@@ -99,6 +101,22 @@ def mismatched_calls(failures):
         failures.check(False, "mismatched dtypes were not detected")
     except pycomm.MismatchError as error:
         failures.check("float32" in str(error) and "int32" in str(error), f"message: {error}")
+    comm.close()
+    # comm.empty with different sizes: a mismatch before any segment exists.
+    comm = pycomm.Communicator()
+    try:
+        comm.empty(1000 if RANK == 0 else 100000, np.uint8)
+        failures.check(P == 1, "comm.empty of different sizes was not detected")
+    except pycomm.MismatchError as error:
+        failures.check("empty(1000 bytes)" in str(error), f"message: {error}")
+    comm.close()
+    # Ranks configured with different algorithms: a mismatch, not one rank reading stale data.
+    comm = pycomm.Communicator(algorithm="oneshot" if RANK == 0 else "auto")
+    try:
+        comm.allreduce(np.ones(50_000, np.float32))  # 200 KB: above auto's one-shot range at P=2
+        failures.check(P > 2, "different algorithms were not detected")
+    except pycomm.MismatchError as error:
+        failures.check("[one-shot]" in str(error) and "[large]" in str(error), f"message: {error}")
     comm.close()
 
 
