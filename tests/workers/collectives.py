@@ -6,7 +6,7 @@ usage: collectives.py MODE [DTYPE ...]
 import sys
 
 import numpy as np
-from common import OPS, Failures, make_input, matches, np_dtype, reference, same_on_all_ranks
+from common import Failures, dtype_op_cases, make_input, matches, np_dtype, reference, same_on_all_ranks
 from mpi4py import MPI
 
 import pycomm
@@ -21,31 +21,27 @@ CHUNKS = (8, 64, 1 << 20)
 
 
 def check_allreduce(comm, dtypes, failures):
-    for name in dtypes:
-        dtype = np_dtype(name)
-        for op in OPS:
-            if op == "avg" and dtype.kind in "iu":
-                continue
-            for n in SIZES:
-                inputs = [make_input(q, n, dtype, op) for q in range(P)]
-                x = inputs[RANK].copy()
-                case = f"allreduce {name} {op} n={n} chunk={comm.chunk_bytes}"
-                y = comm.allreduce(x, op=op)
-                failures.check(matches(y, inputs, dtype, op), f"{case} out-of-place: {y[:4]}")
-                failures.check(np.array_equal(x.view(np.uint8), inputs[RANK].view(np.uint8)), f"{case}: x modified")
-                failures.check(same_on_all_ranks(y), f"{case}: ranks differ")
-                out = np.full_like(x, 7)
-                comm.allreduce(x, op=op, out=out)
-                failures.check(np.array_equal(out.view(np.uint8), y.view(np.uint8)), f"{case} out=: differs")
-                comm.allreduce(x, op=op, out=x)
-                failures.check(np.array_equal(x.view(np.uint8), y.view(np.uint8)), f"{case} in place: differs")
-                # Shapes other than 1-D reduce the same elements.
-                if n == 1000:
-                    z = comm.allreduce(inputs[RANK].reshape(10, 4, 25), op=op)
-                    failures.check(
-                        z.shape == (10, 4, 25) and np.array_equal(z.ravel().view(np.uint8), y.view(np.uint8)),
-                        f"{case}: 3-d differs",
-                    )
+    for name, dtype, op in dtype_op_cases(dtypes):
+        for n in SIZES:
+            inputs = [make_input(q, n, dtype, op) for q in range(P)]
+            x = inputs[RANK].copy()
+            case = f"allreduce {name} {op} n={n} chunk={comm.chunk_bytes}"
+            y = comm.allreduce(x, op=op)
+            failures.check(matches(y, inputs, dtype, op), f"{case} out-of-place: {y[:4]}")
+            failures.check(np.array_equal(x.view(np.uint8), inputs[RANK].view(np.uint8)), f"{case}: x modified")
+            failures.check(same_on_all_ranks(y), f"{case}: ranks differ")
+            out = np.full_like(x, 7)
+            comm.allreduce(x, op=op, out=out)
+            failures.check(np.array_equal(out.view(np.uint8), y.view(np.uint8)), f"{case} out=: differs")
+            comm.allreduce(x, op=op, out=x)
+            failures.check(np.array_equal(x.view(np.uint8), y.view(np.uint8)), f"{case} in place: differs")
+            # Shapes other than 1-D reduce the same elements.
+            if n == 1000:
+                z = comm.allreduce(inputs[RANK].reshape(10, 4, 25), op=op)
+                failures.check(
+                    z.shape == (10, 4, 25) and np.array_equal(z.ravel().view(np.uint8), y.view(np.uint8)),
+                    f"{case}: 3-d differs",
+                )
 
 
 def check_other_collectives(comm, dtypes, failures):
@@ -134,19 +130,15 @@ def check_shared_buffers(failures):
     case where a rank does not qualify (plain array, out of place, another offset): all ranks must
     then agree to take another algorithm, with the same results."""
     comm = pycomm.Communicator()
-    for name in pycomm.SUPPORTED_DTYPES:
-        dtype = np_dtype(name)
-        for op in OPS:
-            if op == "avg" and dtype.kind in "iu":
-                continue
-            for n in (200_003, 1_000_000):
-                inputs = [make_input(q, n, dtype, op) for q in range(P)]
-                case = f"shared {name} {op} n={n}"
-                buf = comm.empty(n, dtype)
-                buf[...] = inputs[RANK]
-                comm.allreduce(buf, op=op, out=buf)
-                failures.check(matches(buf, inputs, dtype, op), f"{case}: {buf[:4]}")
-                failures.check(same_on_all_ranks(buf), f"{case}: ranks differ")
+    for name, dtype, op in dtype_op_cases(pycomm.SUPPORTED_DTYPES):
+        for n in (200_003, 1_000_000):
+            inputs = [make_input(q, n, dtype, op) for q in range(P)]
+            case = f"shared {name} {op} n={n}"
+            buf = comm.empty(n, dtype)
+            buf[...] = inputs[RANK]
+            comm.allreduce(buf, op=op, out=buf)
+            failures.check(matches(buf, inputs, dtype, op), f"{case}: {buf[:4]}")
+            failures.check(same_on_all_ranks(buf), f"{case}: ranks differ")
     n = 300_000
     dtype = np.dtype(np.float32)
     inputs = [make_input(q, n, dtype, "sum", seed=7) for q in range(P)]

@@ -21,6 +21,15 @@ def is_float(dtype: np.dtype) -> bool:
     return dtype.name in ("float16", "bfloat16", "float32", "float64")
 
 
+def dtype_op_cases(names):
+    """(name, dtype, op) for every dtype in `names` and every op defined for it (no avg of integers)."""
+    for name in names:
+        dtype = np_dtype(name)
+        for op in OPS:
+            if not (op == "avg" and dtype.kind in "iu"):
+                yield name, dtype, op
+
+
 def make_input(rank: int, n: int, dtype: np.dtype, op: str, seed: int = 0) -> np.ndarray:
     """Rank `rank`'s deterministic input, chosen so that `op` over a few ranks stays in range."""
     rng = np.random.default_rng([seed, rank, n])

@@ -7,7 +7,7 @@ import sys
 
 import ml_dtypes
 import numpy as np
-from common import OPS, Failures, make_input, matches, np_dtype, same_on_all_ranks
+from common import Failures, dtype_op_cases, make_input, matches, np_dtype, same_on_all_ranks
 from mpi4py import MPI
 
 import pycomm
@@ -79,10 +79,7 @@ def check_allreduce(comm, lib, failures):
             if RANK == 0:
                 print(f"note: {LIBRARY} has no {name}; skipped")
             continue
-        dtype = np_dtype(name)
-        for op in OPS:
-            if op == "avg" and dtype.kind in "iu":
-                continue
+        for _, dtype, op in dtype_op_cases([name]):
             for n in SIZES:
                 inputs = [make_input(q, n, dtype, op) for q in range(P)]
                 x = lib.to_device(inputs[RANK])
