@@ -121,7 +121,7 @@ class Communicator:
         `stream` (default: the library's current stream) and the call returns without waiting
         for the GPU.
         """
-        if type(x) is not np.ndarray and device_arrays.is_device_array(x):
+        if _is_device(x):
             return self._allreduce_device(x, op, out, stream)
         self._check_host_stream(stream)
         x, out, code, op = self._prepare_allreduce(x, op, out)
@@ -135,7 +135,7 @@ class Communicator:
         wait() returns. Device arrays are queued on `stream` at once, as with allreduce: the
         returned Work is already done, and the stream orders everything after it.
         """
-        if type(x) is not np.ndarray and device_arrays.is_device_array(x):
+        if _is_device(x):
             out = self._allreduce_device(x, op, out, stream)
             return Work(None, out, ())
         self._check_host_stream(stream)
@@ -155,7 +155,7 @@ class Communicator:
         (x.shape[0] // size, *x.shape[1:]).
         """
         self._check_open()
-        if type(x) is not np.ndarray and device_arrays.is_device_array(x):
+        if _is_device(x):
             d = device_arrays.describe(x)
             op = self._check_op(d.dtype, op)
             shape = self._reduce_scatter_shape(d.shape)
@@ -180,7 +180,7 @@ class Communicator:
         inverse of reduce_scatter's split, as with NCCL's allgather.
         """
         self._check_open()
-        if type(x) is not np.ndarray and device_arrays.is_device_array(x):
+        if _is_device(x):
             d = device_arrays.describe(x)
             shape = self._allgather_shape(d.shape)
             o = self._device_output(d, out, shape)
@@ -200,7 +200,7 @@ class Communicator:
         """Overwrites `x` on every rank with root's `x`, in place, and returns it."""
         self._check_open()
         self._check_root(root)
-        if type(x) is not np.ndarray and device_arrays.is_device_array(x):
+        if _is_device(x):
             d = device_arrays.describe(x)
             stream = device_arrays.stream_handle(d, stream)
             self._native.broadcast_device(d.ptr, _count(d.shape), dtype_code(d.dtype), int(root), d.device, stream)
@@ -326,3 +326,8 @@ def _overlap(a, b) -> bool:
     a_end = a.ptr + _count(a.shape) * a.dtype.itemsize
     b_end = b.ptr + _count(b.shape) * b.dtype.itemsize
     return a.ptr < b_end and b.ptr < a_end
+
+
+def _is_device(x) -> bool:
+    # numpy arrays, the common case, skip the device probe.
+    return type(x) is not np.ndarray and device_arrays.is_device_array(x)
