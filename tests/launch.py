@@ -18,12 +18,13 @@ def mpirun_path() -> str:
 
 
 def run_mpi(nprocs: int, worker: str, *args, timeout: float = DEFAULT_TIMEOUT_S, env=None, check=True):
-    """Runs tests/workers/<worker> (or `python -c args[0]` for worker "-c") on `nprocs` ranks.
+    """Runs tests/workers/<worker> (or `python -c args[0]` / `python -m args[0]` for worker "-c" /
+    "-m") on `nprocs` ranks.
 
     With check=True a non-zero exit or a timeout fails the calling test, showing every rank's
     output (each line prefixed with its rank).
     """
-    target = [worker] if worker == "-c" else [str(WORKERS / worker)]
+    target = [worker] if worker in ("-c", "-m") else [str(WORKERS / worker)]
     cmd = [mpirun_path(), "-n", str(nprocs), "-prepend-rank", sys.executable, *target, *map(str, args)]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     # A session of its own lets a timeout kill mpirun and every rank it started.
