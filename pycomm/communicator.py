@@ -9,7 +9,7 @@ from mpi4py import MPI
 
 from . import device_arrays, settings
 from ._native import _core
-from .buffers import as_input, as_output, check_no_partial_overlap
+from .buffers import as_input, check_no_partial_overlap, output_for
 from .dtypes import dtype_code, is_floating
 from .errors import CommError
 from .ops import ReduceOp, parse_op
@@ -42,6 +42,11 @@ class Work:
     def done(self) -> bool:
         """True once the operation has finished (for device arrays: once it is queued); never blocks."""
         return self._native is None or self._native.done()
+
+    @property
+    def seconds(self) -> float:
+        """How long the operation ran on the progress thread once started; 0 until done."""
+        return 0.0 if self._native is None else self._native.seconds()
 
 
 class Communicator:
@@ -124,9 +129,9 @@ class Communicator:
         if _is_device(x):
             return self._allreduce_device(x, op, out, stream)
         self._check_host_stream(stream)
-        x, out, code, op = self._prepare_allreduce(x, op, out)
-        self._native.allreduce(x, out, x.size, code, int(op))
-        return out
+        xa, outa, code, op, result = self._prepare_allreduce(x, op, out)
+        self._native.allreduce(xa, outa, xa.size, code, int(op))
+        return result
 
     def allreduce_async(self, x, op="sum", out=None, *, stream=None) -> Work:
         """Starts an allreduce on the communicator's progress thread and returns its Work.
@@ -139,9 +144,9 @@ class Communicator:
             out = self._allreduce_device(x, op, out, stream)
             return Work(None, out, ())
         self._check_host_stream(stream)
-        x, out, code, op = self._prepare_allreduce(x, op, out)
-        native = self._native.allreduce_async(x, out, x.size, code, int(op))
-        work = Work(native, out, (x, out))
+        xa, outa, code, op, result = self._prepare_allreduce(x, op, out)
+        native = self._native.allreduce_async(xa, outa, xa.size, code, int(op))
+        work = Work(native, result, (x, xa, outa))
         # Work completes in issue order, so finished entries are always at the left.
         while self._in_flight and self._in_flight[0].done():
             self._in_flight.popleft()
@@ -165,13 +170,13 @@ class Communicator:
             self._native.reduce_scatter_device(d.ptr, o.ptr, _count(shape), code, int(op), d.device, stream)
             return o.obj
         self._check_host_stream(stream)
-        x = as_input(x)
-        op = self._check_op(x.dtype, op)
-        shape = self._reduce_scatter_shape(x.shape)
-        out = np.empty(shape, x.dtype) if out is None else as_output(out, shape, x.dtype)
-        check_no_partial_overlap(x, out)
-        self._native.reduce_scatter(x, out, out.size, dtype_code(x.dtype), int(op))
-        return out
+        xa = as_input(x)
+        op = self._check_op(xa.dtype, op)
+        shape = self._reduce_scatter_shape(xa.shape)
+        result, outa = output_for(x, xa, out, shape)
+        check_no_partial_overlap(xa, outa)
+        self._native.reduce_scatter(xa, outa, outa.size, dtype_code(xa.dtype), int(op))
+        return result
 
     def allgather(self, x, out=None, *, stream=None):
         """Concatenates every rank's `x` along axis 0, in rank order.
@@ -189,12 +194,12 @@ class Communicator:
             )
             return o.obj
         self._check_host_stream(stream)
-        x = as_input(x)
-        shape = self._allgather_shape(x.shape)
-        out = np.empty(shape, x.dtype) if out is None else as_output(out, shape, x.dtype)
-        check_no_partial_overlap(x, out)
-        self._native.allgather(x, out, x.size, dtype_code(x.dtype))
-        return out
+        xa = as_input(x)
+        shape = self._allgather_shape(xa.shape)
+        result, outa = output_for(x, xa, out, shape)
+        check_no_partial_overlap(xa, outa)
+        self._native.allgather(xa, outa, xa.size, dtype_code(xa.dtype))
+        return result
 
     def broadcast(self, x, root: int = 0, *, stream=None):
         """Overwrites `x` on every rank with root's `x`, in place, and returns it."""
@@ -206,10 +211,10 @@ class Communicator:
             self._native.broadcast_device(d.ptr, _count(d.shape), dtype_code(d.dtype), int(root), d.device, stream)
             return x
         self._check_host_stream(stream)
-        x = as_input(x)
-        if not x.flags.writeable:
+        xa = as_input(x)
+        if not xa.flags.writeable:
             raise ValueError("pycomm: broadcast writes into x, which is read-only")
-        self._native.broadcast(x, x.size, dtype_code(x.dtype), int(root))
+        self._native.broadcast(xa, xa.size, dtype_code(xa.dtype), int(root))
         return x
 
     def empty(self, shape, dtype=np.float32) -> np.ndarray:
@@ -308,11 +313,11 @@ class Communicator:
 
     def _prepare_allreduce(self, x, op, out):
         self._check_open()
-        x = as_input(x)
-        op = self._check_op(x.dtype, op)
-        out = np.empty_like(x) if out is None else as_output(out, x.shape, x.dtype)
-        check_no_partial_overlap(x, out)
-        return x, out, dtype_code(x.dtype), op
+        xa = as_input(x)
+        op = self._check_op(xa.dtype, op)
+        result, outa = output_for(x, xa, out, xa.shape)
+        check_no_partial_overlap(xa, outa)
+        return xa, outa, dtype_code(xa.dtype), op, result
 
 
 def _count(shape: tuple) -> int:

@@ -1,6 +1,7 @@
 #include "core/executor.h"
 
 #include <atomic>
+#include <chrono>
 
 namespace pycomm {
 
@@ -9,12 +10,14 @@ class Executor::Task : public Work {
   explicit Task(std::function<void()> fn) : fn_(std::move(fn)) {}
 
   void Run() {
+    auto start = std::chrono::steady_clock::now();
     try {
       fn_();
     } catch (...) {
       error_ = std::current_exception();
     }
     fn_ = nullptr;  // drop captured state as soon as possible
+    seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     {
       std::lock_guard<std::mutex> lock(mu_);
       done_.store(true, std::memory_order_release);
@@ -32,9 +35,13 @@ class Executor::Task : public Work {
 
   bool Done() const override { return done_.load(std::memory_order_acquire); }
 
+  // Written before done_ is released, so a reader that saw Done() sees it.
+  double Seconds() const override { return Done() ? seconds_ : 0.0; }
+
  private:
   std::function<void()> fn_;
   std::exception_ptr error_;
+  double seconds_ = 0.0;
   std::atomic<bool> done_{false};
   std::mutex mu_;
   std::condition_variable cv_;

@@ -39,7 +39,8 @@ void RegisterCommunicator(py::module_& m) {
 
   py::class_<Work, std::shared_ptr<Work>>(m, "Work")
       .def("wait", &Work::Wait, py::call_guard<py::gil_scoped_release>())
-      .def("done", &Work::Done);
+      .def("done", &Work::Done)
+      .def("seconds", &Work::Seconds);
 
   py::class_<Communicator>(m, "Communicator")
       .def(py::init([](uint64_t mpi_comm, size_t chunk_bytes, double timeout_s, bool debug, int algorithm) {

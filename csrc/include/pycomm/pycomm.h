@@ -93,6 +93,9 @@ class Work {
   virtual void Wait() = 0;
   // True once the operation has finished (successfully or not); never blocks.
   virtual bool Done() const = 0;
+  // How long the operation ran once it started (seconds); 0 until it has finished. Lets a
+  // caller tell the time spent communicating from the time it spent waiting for it.
+  virtual double Seconds() const = 0;
 };
 
 class Transport;
