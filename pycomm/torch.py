@@ -1,0 +1,167 @@
+"""pycomm for PyTorch, in the shape Horovod users know.
+
+    import pycomm.torch as pt
+    pt.init()                                            # over MPI.COMM_WORLD
+    pt.broadcast_parameters(model.state_dict(), root_rank=0)
+    optimizer = pt.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    loss.backward(); optimizer.step()                    # gradients averaged over the ranks
+
+CPU tensors go through the engine as zero-copy views (CUDA tensors through the device path).
+DistributedOptimizer copies each gradient into a fused bucket as soon as autograd has
+accumulated it; a bucket's averaging allreduce starts once all its gradients are in, so
+communication overlaps the rest of backward. Buckets live in the communicator's shared segment
+where the node has one, and start in the same order on every rank.
+"""
+
+import torch
+
+from .communicator import Communicator
+
+_default = None
+
+
+def init(comm=None, **settings) -> Communicator:
+    """Creates the module's communicator (collective); later calls return the same one."""
+    global _default
+    if _default is None:
+        _default = Communicator(comm, **settings)
+    return _default
+
+
+def _comm(comm) -> Communicator:
+    return comm if comm is not None else init()
+
+
+def rank() -> int:
+    return init().rank
+
+
+def size() -> int:
+    return init().size
+
+
+def local_rank() -> int:
+    return init().local_rank
+
+
+def allreduce(tensor: torch.Tensor, op="avg", comm=None) -> torch.Tensor:
+    """A new tensor: `tensor` reduced over the ranks (average by default, as in Horovod)."""
+    return _comm(comm).allreduce(tensor.detach(), op=op)
+
+
+def broadcast_parameters(params, root_rank: int = 0, comm=None) -> None:
+    """Overwrites every tensor of `params` (a state_dict, named_parameters() or tensors) with
+    root_rank's, in place. Every rank must pass the same tensors in the same order."""
+    comm = _comm(comm)
+    items = params.items() if hasattr(params, "items") else params
+    for item in items:
+        tensor = item[1] if isinstance(item, tuple) else item
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"pycomm: broadcast_parameters got a {type(tensor).__name__}, not a tensor")
+        with torch.no_grad():
+            if tensor.is_contiguous():
+                comm.broadcast(tensor.detach(), root=root_rank)
+            else:
+                tensor.copy_(comm.broadcast(tensor.detach().contiguous(), root=root_rank))
+
+
+class _Bucket:
+    def __init__(self, comm, params: list, dtype: torch.dtype):
+        self.params = params
+        count = sum(p.numel() for p in params)
+        sample = torch.empty(0, dtype=dtype).numpy() if dtype != torch.bfloat16 else None
+        if sample is not None and comm.size > 1:
+            # In the node's shared segment, allreduce(out=buffer) copies nothing in or out.
+            self.buffer = torch.from_numpy(comm.empty(count, sample.dtype))
+        else:
+            self.buffer = torch.empty(count, dtype=dtype)
+        self.views, offset = {}, 0
+        for p in params:
+            self.views[p] = self.buffer[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.pending = set(params)
+        self.work = None
+
+
+class _DistributedOptimizer(torch.optim.Optimizer):
+    def __init__(self, params, comm, bucket_bytes: int, op):
+        super(self.__class__, self).__init__(params)
+        self._pycomm = comm
+        self._op = op
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("pycomm: a parameter appears twice in the optimizer's param_groups")
+        self._buckets = _assign_buckets(comm, params, bucket_bytes)
+        self._bucket_of = {p: b for b in self._buckets for p in b.params}
+        self._next = 0
+        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in params]
+
+    def _grad_ready(self, p: torch.Tensor) -> None:
+        bucket = self._bucket_of[p]
+        if p not in bucket.pending:
+            raise RuntimeError(
+                "pycomm: a gradient was accumulated twice before step(); call step() (or synchronize()) "
+                "after each backward"
+            )
+        bucket.views[p].copy_(p.grad)
+        bucket.pending.discard(p)
+        self._start_ready()
+
+    def _start_ready(self) -> None:
+        # Strictly in bucket order, whatever order autograd finished them in: every rank then
+        # issues the same allreduces in the same order.
+        while self._next < len(self._buckets) and not self._buckets[self._next].pending:
+            bucket = self._buckets[self._next]
+            bucket.work = self._pycomm.allreduce_async(bucket.buffer, op=self._op, out=bucket.buffer)
+            self._next += 1
+
+    def synchronize(self) -> None:
+        """Waits for every bucket and writes the averaged gradients back into p.grad. Parameters
+        that got no gradient this step count as zero (on every rank)."""
+        for bucket in self._buckets:
+            for p in list(bucket.pending):
+                bucket.views[p].zero_()
+                bucket.pending.discard(p)
+        self._start_ready()
+        for bucket in self._buckets:
+            bucket.work.wait()
+            bucket.work = None
+            for p, view in bucket.views.items():
+                if p.grad is None:
+                    p.grad = view.clone()
+                else:
+                    p.grad.copy_(view)
+            bucket.pending = set(bucket.params)
+        self._next = 0
+
+    def step(self, closure=None):
+        self.synchronize()
+        return super(self.__class__, self).step(closure)
+
+
+def _assign_buckets(comm, params: list, bucket_bytes: int) -> list:
+    """Parameters in reverse order (the order backward produces them), one dtype per bucket."""
+    buckets, current, current_bytes = [], {}, {}
+    for p in reversed(params):
+        group = current.setdefault(p.dtype, [])
+        nbytes = p.numel() * p.element_size()
+        if group and current_bytes[p.dtype] + nbytes > bucket_bytes:
+            buckets.append(_Bucket(comm, group, p.dtype))
+            group = current[p.dtype] = []
+            current_bytes[p.dtype] = 0
+        group.append(p)
+        current_bytes[p.dtype] = current_bytes.get(p.dtype, 0) + nbytes
+    buckets += [_Bucket(comm, group, dtype) for dtype, group in current.items() if group]
+    return buckets
+
+
+def DistributedOptimizer(optimizer: torch.optim.Optimizer, comm=None, bucket_mb: float = 25.0, op="avg"):
+    """Wraps `optimizer` so that step() first averages the gradients over the ranks.
+
+    The result is an instance of a subclass of the optimizer's own class (so LR schedulers and
+    isinstance checks keep working) over the same param_groups. Gradient allreduces start during
+    backward, bucket by bucket (`bucket_mb` MiB each).
+    """
+    namespace = {k: v for k, v in _DistributedOptimizer.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    cls = type(optimizer.__class__.__name__, (optimizer.__class__,), namespace)
+    return cls(optimizer.param_groups, _comm(comm), int(bucket_mb * 2**20), op)
