@@ -5,7 +5,8 @@
 #   3. checks the GPU reduction kernels against a host reference and measures them against a
 #      device-to-device copy (bench/gpu/reduce_bench.cu);
 #   4. runs the GPU tests: torch and cupy arrays at P = 1, 2, 4 ranks sharing the GPU;
-#   5. runs the GPU allreduce benchmark at P = 2 and 4 (bench/gpu_allreduce.py).
+#   5. runs the GPU allreduce benchmark at P = 2 and 4 (bench/gpu_allreduce.py);
+#   6. trains with cupy arrays (python -m pycomm.train --device gpu --check) where scikit-learn exists.
 # Logs and JSON go to $OUT (default build/gpu-check-out); a short summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -60,6 +61,14 @@ for sync in stream host; do
     step "GPU allreduce bench $sync P=$p" "exit $?"
   done
 done
+# 6. The trainer on cupy arrays (its data sets come with scikit-learn, which the machine may lack)
+if $PY -c "import sklearn" >/dev/null 2>&1; then
+  timeout 120 mpirun -n 2 $PY -m pycomm.train --device gpu --check --steps 40 --no-progress >"$OUT/train_gpu.txt" 2>&1
+  step "train --device gpu --check P=2" "exit $?"
+else
+  step "train --device gpu --check P=2" "not run: no scikit-learn here"
+fi
+
 # One JSON for all runs: the device tool brings back few files.
 $PY - "$OUT" <<'PYEOF'
 import glob, json, os, sys
