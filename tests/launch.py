@@ -17,7 +17,7 @@ def mpirun_path() -> str:
     return str(local) if local.exists() else (shutil.which("mpirun") or "mpirun")
 
 
-def run_mpi(nprocs: int, worker: str, *args, timeout: float = DEFAULT_TIMEOUT_S, env=None, check=True):
+def run_mpi(nprocs: int, worker: str, *args, timeout: float = DEFAULT_TIMEOUT_S, env=None, check=True, mpirun_args=()):
     """Runs tests/workers/<worker> (or `python -c args[0]` / `python -m args[0]` for worker "-c" /
     "-m") on `nprocs` ranks.
 
@@ -25,7 +25,7 @@ def run_mpi(nprocs: int, worker: str, *args, timeout: float = DEFAULT_TIMEOUT_S,
     output (each line prefixed with its rank).
     """
     target = [worker] if worker in ("-c", "-m") else [str(WORKERS / worker)]
-    cmd = [mpirun_path(), "-n", str(nprocs), "-prepend-rank", sys.executable, *target, *map(str, args)]
+    cmd = [mpirun_path(), *mpirun_args, "-n", str(nprocs), "-prepend-rank", sys.executable, *target, *map(str, args)]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     # A session of its own lets a timeout kill mpirun and every rank it started.
     proc = subprocess.Popen(

@@ -1,7 +1,15 @@
-"""Bad input on one rank, exiting with work in flight, communicators over sub-communicators."""
+"""Bad input on one rank, exiting with work in flight, sub-communicators, mismatched calls, dead
+and stuck peers (injected with PYCOMM_FAULT), and what a job killed mid-call leaves behind."""
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
-from launch import run_mpi
+from launch import WORKERS, mpirun_path, run_mpi
 
 pytestmark = pytest.mark.mpi
 
@@ -28,3 +36,86 @@ def test_infinite_timeout_waits_for_a_late_rank():
 @pytest.mark.parametrize("nprocs", [2, 3])
 def test_mismatched_calls_raise_on_every_rank(nprocs):
     run_mpi(nprocs, "lifecycle.py", "mismatch", timeout=60)
+
+
+@pytest.mark.parametrize("nprocs", [2, 3, 4])
+def test_mismatched_calls_over_the_transport(nprocs):
+    run_mpi(nprocs, "lifecycle.py", "mismatch-transport", timeout=90)
+
+
+# MPICH's hydra (the mpich wheel): a rank that exits keeps the others running only with
+# -disable-auto-cleanup; a rank killed by a signal takes the whole job down at once, with or
+# without it (see test_killed_job_leaves_no_shared_memory).
+@pytest.mark.parametrize(
+    "nprocs, action, size_bytes, algorithm",
+    [
+        (2, "exit", 4 << 20, "ring"),
+        (3, "exit", 4 << 20, "ring"),
+        (2, "exit", 1024, "auto"),  # one-shot through shared memory
+        (4, "exit", 8 << 20, "auto"),  # agreement through the arena, then the ring
+        (2, "stall", 1024, "auto"),
+        (3, "stall", 4 << 20, "ring"),
+    ],
+)
+def test_dead_or_stuck_peer_raises_peer_error(nprocs, action, size_bytes, algorithm):
+    env = {"PYCOMM_FAULT": f"rank=1,call=3,action={action},seconds=4"}
+    result = run_mpi(
+        nprocs, "lifecycle.py", "fault", size_bytes, algorithm,
+        env=env, check=False, timeout=90, mpirun_args=("-disable-auto-cleanup",),
+    )  # fmt: skip
+    survivors = [r for r in range(nprocs) if r != 1]
+    for r in survivors:
+        assert f"rank {r}: PeerError after" in result.stdout, result.stdout
+    if nprocs == 2:
+        assert "waiting for rank 1" in result.stdout
+    assert "FAIL" not in result.stdout, result.stdout
+    assert "PYCOMM_FAULT: rank 1 at call #3" in result.stdout
+
+
+def test_malformed_fault_spec_is_an_error():
+    result = run_mpi(1, "-c", "import pycomm; pycomm.Communicator()", env={"PYCOMM_FAULT": "rank=1"}, check=False)
+    assert result.returncode != 0 and "PYCOMM_FAULT" in result.stdout
+
+
+def _segments():
+    return {name for name in os.listdir("/dev/shm") if name.startswith("pycomm-")}
+
+
+@pytest.mark.parametrize("nprocs", [2, 4])
+def test_killed_job_leaves_no_shared_memory(nprocs):
+    """Every rank SIGKILLed in the middle of 64 MiB allreduces: nothing is left in /dev/shm."""
+    before = _segments()
+    cmd = [mpirun_path(), "-n", str(nprocs), sys.executable, str(WORKERS / "lifecycle.py"), "killed"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output, deadline = "", time.monotonic() + 60
+        # Every rank has made its shared buffer and is in the loop (lines may interleave).
+        while output.count("running") < nprocs:
+            assert time.monotonic() < deadline, f"the ranks did not start: {output}"
+            if select.select([proc.stdout], [], [], 1.0)[0]:
+                chunk = os.read(proc.stdout.fileno(), 4096).decode()
+                assert chunk, f"the job ended before it was killed: {output}"
+                output += chunk
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        for _ in range(50):  # the ranks die a moment after the signal
+            if not subprocess.run(["pgrep", "-f", "lifecycle.py killed"], capture_output=True).stdout:
+                break
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        proc.stdout.close()
+    assert _segments() - before == set()
+
+
+def test_killed_rank_ends_the_job():
+    """A rank killed by a signal: hydra ends the job with a non-zero status, nothing hangs."""
+    result = run_mpi(
+        3, "lifecycle.py", "fault", 4 << 20, "ring",
+        env={"PYCOMM_FAULT": "rank=1,call=3,action=kill"}, check=False, timeout=90,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "PYCOMM_FAULT: rank 1 at call #3: kill" in result.stdout

@@ -1,8 +1,9 @@
-// Checks, through the shared arena, that every rank is making the same call.
+// Checks that every rank is making the same call, before any of its data moves.
 #pragma once
 
 #include <cstdint>
 
+#include "core/collectives.h"
 #include "transport/shared_arena.h"
 
 namespace pycomm {
@@ -10,5 +11,24 @@ namespace pycomm {
 // After arena.WaitAll(seq): throws MismatchError on every rank (all see the same infos) unless
 // every rank posted the same count, dtype and op as `mine`.
 void CheckCallsAgree(const SharedArena& arena, uint64_t seq, const SharedArena::CallInfo& mine);
+
+// What a call over the transport is: compared across ranks before the algorithm starts.
+enum class CallKind : int32_t { kAllreduce = 1, kReduceScatter, kAllgather, kBroadcast, kBarrier };
+
+struct CallHeader {
+  uint64_t seq;    // the call's number on this communicator (1, 2, ...), in issue order
+  uint64_t count;  // elements (per rank for allgather, of the result block for reduce_scatter)
+  int32_t kind;    // CallKind
+  int32_t dtype;   // DataType, or -1
+  int32_t op;      // ReduceOp, or -1
+  int32_t root;    // broadcast root, or -1
+};
+
+// Exchanges headers in ceil(log2 P) dissemination rounds of one small message each, after
+// which every rank knows the smallest and the largest header of all. If they differ, every rank
+// throws the same MismatchError naming two ranks and their calls ("rank 0 called
+// allreduce(float32, 10, sum) #17, rank 1 called allreduce(float32, 11, sum) #17"). Doubles as a
+// barrier: no rank returns before every rank has entered.
+void CheckHeadersAgree(const CollectiveContext& ctx, const CallHeader& mine);
 
 }  // namespace pycomm

@@ -62,7 +62,4 @@ void AllgatherRing(const CollectiveContext& ctx, const void* send, void* recv, s
 // Pipelined chain from root through every rank in ring order.
 void BroadcastChain(const CollectiveContext& ctx, void* buf, size_t bytes, int root);
 
-// Dissemination barrier: ceil(log2(size)) rounds of one-byte messages.
-void BarrierDissemination(const CollectiveContext& ctx);
-
 }  // namespace pycomm

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -13,6 +14,7 @@
 #include "core/collectives.h"
 #include "core/device.h"
 #include "core/executor.h"
+#include "core/fault.h"
 #include "pycomm/pycomm.h"
 #include "transport/shared_arena.h"
 #include "transport/transport.h"
@@ -68,39 +70,45 @@ class CommunicatorImpl : public Communicator {
 
   void Allreduce(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op) override {
     CheckOp(dtype, op);
-    Trace("allreduce", count, dtype, ReduceOpName(op));
-    Execute([=] { DoAllreduce(send, recv, count, dtype, op); });
+    const uint64_t seq = Trace("allreduce", count, dtype, ReduceOpName(op));
+    Execute([=] { DoAllreduce(seq, send, recv, count, dtype, op); });
   }
 
   std::shared_ptr<Work> AllreduceAsync(const void* send, void* recv, size_t count, DataType dtype,
                                        ReduceOp op) override {
     CheckOp(dtype, op);
     CheckUsable();
-    Trace("allreduce_async", count, dtype, ReduceOpName(op));
-    return executor_->Submit([=] { Guarded([&] { DoAllreduce(send, recv, count, dtype, op); }); });
+    const uint64_t seq = Trace("allreduce_async", count, dtype, ReduceOpName(op));
+    return executor_->Submit([=] { Guarded([&] { DoAllreduce(seq, send, recv, count, dtype, op); }); });
   }
 
   void ReduceScatter(const void* send, void* recv, size_t recv_count, DataType dtype, ReduceOp op) override {
     CheckOp(dtype, op);
-    Trace("reduce_scatter", recv_count, dtype, ReduceOpName(op));
+    const uint64_t seq = Trace("reduce_scatter", recv_count, dtype, ReduceOpName(op));
     Execute([=] {
       if (size() == 1) return Copy(send, recv, recv_count * DataTypeSize(dtype));
+      Agree(CallKind::kReduceScatter, seq, recv_count, dtype, op);
       ReduceScatterRing(Context(), send, recv, recv_count, dtype, op);
     });
   }
 
   void Allgather(const void* send, void* recv, size_t send_count, DataType dtype) override {
     DataTypeSize(dtype);  // rejects unknown dtypes
-    Trace("allgather", send_count, dtype, "-");
-    Execute([=] { AllgatherRing(Context(), send, recv, send_count, dtype); });
+    const uint64_t seq = Trace("allgather", send_count, dtype, "-");
+    Execute([=] {
+      if (size() > 1) Agree(CallKind::kAllgather, seq, send_count, dtype);
+      AllgatherRing(Context(), send, recv, send_count, dtype);
+    });
   }
 
   void Broadcast(void* buf, size_t count, DataType dtype, int root) override {
     CheckRoot(root);
     const size_t bytes = count * DataTypeSize(dtype);
-    Trace("broadcast", count, dtype, ("root " + std::to_string(root)).c_str());
+    const uint64_t seq = Trace("broadcast", count, dtype, ("root " + std::to_string(root)).c_str());
     Execute([=] {
-      if (size() > 1 && bytes) BroadcastChain(Context(), buf, bytes, root);
+      if (size() == 1) return;
+      Agree(CallKind::kBroadcast, seq, count, dtype, std::nullopt, root);
+      if (bytes) BroadcastChain(Context(), buf, bytes, root);
     });
   }
 
@@ -136,10 +144,9 @@ class CommunicatorImpl : public Communicator {
   }
 
   void Barrier() override {
-    Trace("barrier", 0, DataType::kUInt8, "-");
-    Execute([=] {
-      if (size() > 1) BarrierDissemination(Context());
-    });
+    const uint64_t seq = Trace("barrier", 0, DataType::kUInt8, "-");
+    // The agreement round is itself a dissemination barrier: no rank leaves before all entered.
+    Execute([=] { Agree(CallKind::kBarrier, seq, 0, std::nullopt); });
   }
 
   void AllreduceDevice(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op, int device,
@@ -255,18 +262,30 @@ class CommunicatorImpl : public Communicator {
     executor_->Run([&] { Guarded(fn); });
   }
 
-  void DoAllreduce(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op) {
+  void DoAllreduce(uint64_t seq, const void* send, void* recv, size_t count, DataType dtype, ReduceOp op) {
     const size_t bytes = count * DataTypeSize(dtype);
     if (size() == 1) return Copy(send, recv, bytes);
+    // The one-shot and shared-buffer paths check the call through the arena.
     if (UseOneShot(bytes)) return AllreduceOneShot(Context(), send, recv, count, dtype, op);
     // Above the one-shot's range, where the ranks share memory, data in a shared buffer is
     // reduced in place without copies; the ranks first agree that all of them can.
-    if (transport_->arena() && options_.algorithm == Algorithm::kAuto &&
-        AllreduceInSharedBuffer(Context(), Placement(recv, bytes), send == recv, count, dtype, op)) {
-      Debug("allreduce in place in a shared buffer: no copies");
-      return;
+    if (transport_->arena() && options_.algorithm == Algorithm::kAuto) {
+      if (AllreduceInSharedBuffer(Context(), Placement(recv, bytes), send == recv, count, dtype, op)) {
+        Debug("allreduce in place in a shared buffer: no copies");
+        return;
+      }
+    } else {
+      Agree(CallKind::kAllreduce, seq, count, dtype, op);
     }
     AllreduceRing(Context(), send, recv, count, dtype, op);
+  }
+
+  // Before any data moves over the transport: every rank must be making this same call.
+  void Agree(CallKind kind, uint64_t seq, size_t count, std::optional<DataType> dtype,
+             std::optional<ReduceOp> op = std::nullopt, int root = -1) {
+    const CallHeader header{seq, count, static_cast<int32_t>(kind), dtype ? static_cast<int32_t>(*dtype) : -1,
+                            op ? static_cast<int32_t>(*op) : -1, root};
+    CheckHeadersAgree(Context(), header);
   }
 
   // Where `data` lies in a live shared buffer of this rank, if it does.
@@ -303,10 +322,13 @@ class CommunicatorImpl : public Communicator {
     return CollectiveContext{*transport_, options_.chunk_bytes, options_.timeout_s, scratch_.data(), &arena_seq_};
   }
 
-  // One debug line per call, numbered in issue order: "r1 | allreduce #3 float32 x 10 sum".
-  void Trace(const char* what, size_t count, DataType dtype, const char* detail) {
+  // Numbers each call in issue order (the number MismatchError reports) and writes its debug
+  // line: "r1 | allreduce #3 float32 x 10 sum".
+  uint64_t Trace(const char* what, size_t count, DataType dtype, const char* detail) {
     uint64_t seq = ++calls_;
     Debug("%s #%llu %s x %zu %s", what, static_cast<unsigned long long>(seq), DataTypeName(dtype), count, detail);
+    fault_.At(rank_, seq);
+    return seq;
   }
 
   template <typename... Args>
@@ -325,6 +347,7 @@ class CommunicatorImpl : public Communicator {
   std::unique_ptr<DeviceCollectives> device_;
   std::atomic<int> device_id_{-1};  // device_'s GPU, readable outside the executor
   std::atomic<uint64_t> calls_{0};
+  const FaultPlan fault_ = FaultPlan::FromEnvironment();
   uint64_t arena_seq_ = 0;  // only touched inside the executor
   // Shared buffers handed out by AllocateShared (only touched inside the executor).
   struct Registered {

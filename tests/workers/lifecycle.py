@@ -120,6 +120,77 @@ def mismatched_calls(failures):
     comm.close()
 
 
+def mismatched_calls_over_the_transport(failures):
+    """Calls that go over point-to-point messages (ring, chain, barrier) compare a header first:
+    every rank raises the same MismatchError naming two ranks, their calls and the call number."""
+    cases = [
+        ("count", lambda c: c.allreduce(np.ones(10 + RANK, np.float32)), "allreduce(float32, 10, sum) #1"),
+        ("op", lambda c: c.allreduce(np.ones(10), op="max" if RANK else "sum"), "allreduce(float64, 10, max) #1"),
+        ("kind", lambda c: c.barrier() if RANK else c.allgather(np.ones(3)), "allgather(float64, 3) #1"),
+        ("root", lambda c: c.broadcast(np.ones(4), root=RANK % 2), "broadcast(float64, 4, root 1) #1"),
+        (
+            "reduce_scatter",
+            lambda c: c.reduce_scatter(np.ones(P * (1 + RANK)), op="min"),
+            "reduce_scatter(float64, 1, min) #1",
+        ),
+    ]
+    for name, call, expected in cases:
+        comm = pycomm.Communicator(algorithm="ring", timeout=30)
+        try:
+            call(comm)
+            failures.check(False, f"{name}: mismatch not detected")
+        except pycomm.MismatchError as error:
+            text = str(error)
+            failures.check(expected in text and "rank 0 called" in text, f"{name}: message: {text}")
+        comm.close()
+    # The same calls on every rank still work, and the checks leave the results alone.
+    comm = pycomm.Communicator(algorithm="ring")
+    comm.barrier()
+    failures.check(bool(np.all(comm.allreduce(np.ones(1000)) == P)), "matching calls after the checks")
+    comm.close()
+
+
+def injected_fault(failures):
+    """PYCOMM_FAULT makes one rank exit or stall; every other rank raises PeerError within the
+    timeout, and the communicator then refuses work. Exits without MPI_Finalize: a peer is gone."""
+    import os
+    import time
+
+    size_bytes, algorithm = int(sys.argv[2]), sys.argv[3]
+    comm = pycomm.Communicator(timeout=1.5, algorithm=algorithm)
+    x = np.ones(size_bytes // 4, np.float32)
+    start = time.monotonic()
+    try:
+        for _ in range(6):
+            comm.allreduce(x)
+        failures.check(False, "no PeerError")
+    except pycomm.PeerError as error:
+        elapsed = time.monotonic() - start
+        print(f"rank {RANK}: PeerError after {elapsed:.2f} s: {error}", flush=True)
+        failures.check(elapsed < 60, f"PeerError took {elapsed:.1f} s")
+        failures.check("timed out" in str(error) and "waiting for rank" in str(error), f"message: {error}")
+        try:
+            comm.allreduce(x)
+            failures.check(False, "usable after PeerError")
+        except pycomm.CommError as again:
+            failures.check("unusable after an earlier error" in str(again), f"after: {again}")
+    print(f"rank {RANK}: {failures.checked} checks, {len(failures.items)} failed", flush=True)
+    for item in failures.items:
+        print(f"FAIL rank {RANK}: {item}", flush=True)
+    os._exit(1 if failures.items else 0)
+
+
+def killed_in_a_large_allreduce(failures):
+    """Loops over 64 MiB allreduces (shared buffers and plain arrays) until the test kills every rank."""
+    comm = pycomm.Communicator()
+    shared = comm.zeros(16 << 20, np.float32)
+    plain = np.zeros(16 << 20, np.float32)
+    print(f"rank {RANK}: running", flush=True)
+    while True:
+        comm.allreduce(shared, out=shared)
+        comm.allreduce(plain)
+
+
 def main():
     failures = Failures()
     {
@@ -128,6 +199,9 @@ def main():
         "sub-communicators": communicators_on_sub_communicators,
         "no-deadline": no_deadline,
         "mismatch": mismatched_calls,
+        "mismatch-transport": mismatched_calls_over_the_transport,
+        "fault": injected_fault,
+        "killed": killed_in_a_large_allreduce,
     }[sys.argv[1]](failures)
     failures.finish()
 
