@@ -19,6 +19,15 @@ from .ops import ReduceOp  # noqa: E402
 
 __version__ = "0.1.0"
 
+
+def get_cmake_dir() -> str:
+    """The directory of pycommConfig.cmake, for C++ projects: cmake -Dpycomm_DIR=... (also
+    `python -m pycomm.cmake`)."""
+    from .cmake import get_cmake_dir as cmake_dir  # imported here: `python -m pycomm.cmake` runs it
+
+    return cmake_dir()
+
+
 __all__ = [
     "BUILD_MPI",
     "RUNTIME_MPI",
@@ -30,4 +39,5 @@ __all__ = [
     "ReduceOp",
     "Work",
     "__version__",
+    "get_cmake_dir",
 ]

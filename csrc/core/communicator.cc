@@ -283,8 +283,12 @@ class CommunicatorImpl : public Communicator {
   // Before any data moves over the transport: every rank must be making this same call.
   void Agree(CallKind kind, uint64_t seq, size_t count, std::optional<DataType> dtype,
              std::optional<ReduceOp> op = std::nullopt, int root = -1) {
-    const CallHeader header{seq, count, static_cast<int32_t>(kind), dtype ? static_cast<int32_t>(*dtype) : -1,
-                            op ? static_cast<int32_t>(*op) : -1, root};
+    const CallHeader header{seq,
+                            count,
+                            static_cast<int32_t>(kind),
+                            dtype ? static_cast<int32_t>(*dtype) : -1,
+                            op ? static_cast<int32_t>(*op) : -1,
+                            root};
     CheckHeadersAgree(Context(), header);
   }
 
