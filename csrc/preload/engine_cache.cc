@@ -41,6 +41,7 @@ int DeleteEngine(MPI_Comm, int, void* value, void*) {
     engine = std::move(it->second);
     g_engines.erase(it);
   }
+  Debug("a communicator was freed: closing its engine");
   Destroy(std::move(engine));
   return MPI_SUCCESS;
 }
