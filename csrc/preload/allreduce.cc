@@ -9,6 +9,7 @@
 #include <atomic>
 #include <string>
 
+#include "preload/abi_check.h"
 #include "preload/engine_cache.h"
 #include "preload/errors.h"
 #include "preload/log.h"
@@ -57,6 +58,7 @@ std::string PassThroughReason(const void* recv, MPI_Count count, MPI_Datatype da
 // Returns true (and sets *rc) when the engine ran the call; false to pass it through.
 bool RunOnEngine(const char* call, const void* send, void* recv, MPI_Count count, MPI_Datatype datatype, MPI_Op op,
                  MPI_Comm comm, int* rc) {
+  CheckSameMpi();
   DataType dtype;
   ReduceOp reduce_op;
   const std::string reason = PassThroughReason(recv, count, datatype, op, comm, &dtype, &reduce_op);
