@@ -25,7 +25,16 @@ def run_mpi(nprocs: int, worker: str, *args, timeout: float = DEFAULT_TIMEOUT_S,
     output (each line prefixed with its rank).
     """
     target = [worker] if worker in ("-c", "-m") else [str(WORKERS / worker)]
-    cmd = [mpirun_path(), *mpirun_args, "-n", str(nprocs), "-prepend-rank", sys.executable, *target, *map(str, args)]
+    argv = [sys.executable, *target, *map(str, args)]
+    return run_mpi_program(nprocs, argv, timeout=timeout, env=env, check=check, mpi_args=mpirun_args)
+
+
+def run_mpi_program(nprocs: int, argv, *, timeout: float = DEFAULT_TIMEOUT_S, env=None, check=True, mpi_args=()):
+    """Runs any program (argv) on `nprocs` ranks under the same timeout and reporting as run_mpi.
+
+    mpi_args go to mpirun before the program (e.g. ["-genv", "LD_PRELOAD", path]).
+    """
+    cmd = [mpirun_path(), "-n", str(nprocs), "-prepend-rank", *map(str, mpi_args), *map(str, argv)]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     # A session of its own lets a timeout kill mpirun and every rank it started.
     proc = subprocess.Popen(

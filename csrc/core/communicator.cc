@@ -42,7 +42,7 @@ class CommunicatorImpl : public Communicator {
     }
     if (!(options_.timeout_s > 0)) throw std::invalid_argument("pycomm: timeout must be positive");
     scratch_.resize(kPipelineDepth * options_.chunk_bytes);
-    executor_ = std::make_unique<Executor>();
+    executor_ = std::make_unique<Executor>(!options_.blocking_only);
     if (static_cast<int>(options_.algorithm) < 0 || static_cast<int>(options_.algorithm) > 2) {
       throw std::invalid_argument("pycomm: unknown algorithm code " +
                                   std::to_string(static_cast<int>(options_.algorithm)));

@@ -7,7 +7,8 @@
 namespace pycomm {
 
 std::unique_ptr<Communicator> Communicator::FromMpi(intptr_t mpi_comm, const Options& options) {
-  return FromTransport(CreateMpiTransport(mpi_comm), options);
+  // A blocking-only communicator calls MPI on the caller's thread alone, so any thread level does.
+  return FromTransport(CreateMpiTransport(mpi_comm, /*caller_thread_only=*/options.blocking_only), options);
 }
 
 }  // namespace pycomm

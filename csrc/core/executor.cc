@@ -47,7 +47,9 @@ class Executor::Task : public Work {
   std::condition_variable cv_;
 };
 
-Executor::Executor() : thread_([this] { Loop(); }) {}
+Executor::Executor(bool with_thread) {
+  if (with_thread) thread_ = std::thread([this] { Loop(); });
+}
 
 Executor::~Executor() {
   Close([] {});
@@ -58,6 +60,10 @@ std::shared_ptr<Work> Executor::Submit(std::function<void()> fn) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) throw CommError("pycomm: the communicator is closed");
+    if (!thread_.joinable()) {
+      throw CommError(
+          "pycomm: this communicator is blocking-only (no progress thread): asynchronous calls are refused");
+    }
     queue_.push_back(task);
   }
   cv_.notify_all();

@@ -17,10 +17,12 @@ namespace pycomm {
 
 class Executor {
  public:
-  Executor();
+  // Without a progress thread (`with_thread` false) only Run() works; Submit() throws.
+  explicit Executor(bool with_thread = true);
   ~Executor();  // Close() without teardown
 
-  // Queues `fn`; the returned Work completes when it has run.
+  // Queues `fn`; the returned Work completes when it has run. Throws CommError once Close() has
+  // begun, or when there is no progress thread.
   std::shared_ptr<Work> Submit(std::function<void()> fn);
   // Runs `fn` on this thread after all previously submitted work, and before any submitted later.
   // Throws CommError once Close() has begun.

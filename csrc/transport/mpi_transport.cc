@@ -56,15 +56,18 @@ class MpiRequest : public Request {
 
 class MpiTransport : public Transport {
  public:
-  explicit MpiTransport(MPI_Comm parent) {
+  MpiTransport(MPI_Comm parent, bool caller_thread_only) {
     int initialized = 0;
     MPI_Initialized(&initialized);
     if (!initialized) throw CommError("pycomm: MPI is not initialised (import mpi4py.MPI first)");
     int provided = 0;
     MPI_Query_thread(&provided);
-    // The progress thread calls MPI while the application may too.
-    if (provided < MPI_THREAD_MULTIPLE) {
-      throw CommError("pycomm: MPI was initialised below MPI_THREAD_MULTIPLE (mpi4py's default); pycomm needs it");
+    // A progress thread calls MPI while the application may too; a caller-thread-only transport
+    // calls MPI only where the application itself could.
+    if (provided < MPI_THREAD_MULTIPLE && !caller_thread_only) {
+      throw CommError(
+          "pycomm: MPI was initialised below MPI_THREAD_MULTIPLE (mpi4py's default); pycomm needs it for asynchronous "
+          "calls (a blocking-only communicator does not)");
     }
     int inter = 0;
     Check(MPI_Comm_test_inter(parent, &inter), "MPI_Comm_test_inter");
@@ -139,7 +142,8 @@ class MpiTransport : public Transport {
   std::function<bool(bool)> AllAgree() {
     return [this](bool ok) {
       int mine = ok ? 1 : 0, all = 0;
-      Check(MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_LAND, comm_), "MPI_Allreduce");
+      // PMPI_: under the preloaded interposer (csrc/preload) MPI_Allreduce is pycomm itself.
+      Check(PMPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_LAND, comm_), "PMPI_Allreduce");
       return all != 0;
     };
   }
@@ -171,9 +175,9 @@ const char* MpiBuildVersion() {
 #undef PYCOMM_STR2
 }
 
-std::unique_ptr<Transport> CreateMpiTransport(intptr_t mpi_comm) {
+std::unique_ptr<Transport> CreateMpiTransport(intptr_t mpi_comm, bool caller_thread_only) {
   // MPICH's MPI_Comm is an int and Open MPI's a pointer; both round-trip through intptr_t.
-  return std::make_unique<MpiTransport>((MPI_Comm)mpi_comm);
+  return std::make_unique<MpiTransport>((MPI_Comm)mpi_comm, caller_thread_only);
 }
 
 }  // namespace pycomm

@@ -149,6 +149,33 @@ void TestAsyncOrder(int P) {
   });
 }
 
+// Blocking-only (no progress thread): blocking calls work, an asynchronous one is refused before
+// anything is sent and leaves the communicator usable.
+void TestBlockingOnly(int P) {
+  auto transports = pycomm::CreateLoopbackTransports(P);
+  pycomm::Options options;
+  options.blocking_only = true;
+  options.timeout_s = 30;
+  std::vector<std::thread> threads;
+  for (int r = 0; r < P; ++r) {
+    threads.emplace_back([&, r, t = std::move(transports[r])]() mutable {
+      auto comm = Communicator::FromTransport(std::move(t), options);
+      std::vector<int64_t> buf(333, r + 1);
+      bool refused = false;
+      try {
+        comm->AllreduceAsync(buf.data(), buf.data(), buf.size(), DataType::kInt64, ReduceOp::kSum);
+      } catch (const pycomm::CommError&) {
+        refused = true;
+      }
+      Expect(refused, "blocking-only refuses AllreduceAsync P=" + std::to_string(P));
+      comm->Allreduce(buf.data(), buf.data(), buf.size(), DataType::kInt64, ReduceOp::kSum);
+      Expect(buf == std::vector<int64_t>(333, P * (P + 1) / 2), "blocking-only allreduce P=" + std::to_string(P));
+      comm->Close();
+    });
+  }
+  for (auto& t : threads) t.join();
+}
+
 void TestCloseRunsQueuedWork(int P) {
   // close() right after issuing: the queued allreduce must still run on every rank, whichever
   // rank's progress thread gets to it first.
@@ -212,6 +239,7 @@ int main() {
     TestAllreduce(P, 100003, 1 << 20, true, pycomm::Algorithm::kOneShot);
     TestAsyncOrder(P);
     TestCloseRunsQueuedWork(P);
+    TestBlockingOnly(P);
   }
   TestTimeout();
   std::printf("%d passed, %d failed\n", g_passed, g_failed);

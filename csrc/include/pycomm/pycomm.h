@@ -83,6 +83,10 @@ struct Options {
   bool debug = false;
   // kOneShot runs only where all ranks share a node (elsewhere the ring does).
   Algorithm algorithm = Algorithm::kAuto;
+  // Blocking calls only: no progress thread is started and AllreduceAsync throws CommError.
+  // Every operation then runs on the calling thread, so FromMpi accepts MPI at any thread level
+  // (an unchanged MPI program that called MPI_Init), not only MPI_THREAD_MULTIPLE.
+  bool blocking_only = false;
 };
 
 // The handle of one asynchronous operation.
@@ -104,7 +108,8 @@ class Communicator {
  public:
   // Creates a communicator over a private duplicate of an MPI intracommunicator. `mpi_comm` is
   // the MPI_Comm handle converted to intptr_t (MPICH's handles are ints, Open MPI's pointers).
-  // Collective over `mpi_comm`. MPI must be initialised with MPI_THREAD_MULTIPLE.
+  // Collective over `mpi_comm`. MPI must be initialised with MPI_THREAD_MULTIPLE, unless
+  // options.blocking_only is set.
   static std::unique_ptr<Communicator> FromMpi(intptr_t mpi_comm, const Options& options = {});
   // Creates a communicator over any transport (tests use an in-process loopback).
   static std::unique_ptr<Communicator> FromTransport(std::unique_ptr<Transport> transport, const Options& options = {});
