@@ -49,7 +49,9 @@ FaultPlan FaultPlan::FromEnvironment() {
 void FaultPlan::At(int rank_now, uint64_t call_now) const {
   if (action == kNone || rank_now != rank || call_now != call) return;
   std::fprintf(stderr, "pycomm: PYCOMM_FAULT: rank %d at call #%llu: %s\n", rank, static_cast<unsigned long long>(call),
-               action == kKill ? "kill" : action == kExit ? "exit" : "stall");
+               action == kKill   ? "kill"
+               : action == kExit ? "exit"
+                                 : "stall");
   std::fflush(stderr);
   switch (action) {
     case kKill:
