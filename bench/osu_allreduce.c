@@ -1,13 +1,16 @@
 /* MPI_Allreduce latency in the manner of the OSU Micro-Benchmarks' osu_allreduce, written for
  * pycomm: run it with and without libpycomm_mpi.so preloaded (bench/preload_bench.sh).
  *
- *   osu_allreduce [-m MIN:MAX] [-i ITERS] [-x WARMUP] [-c] [-f]
+ *   osu_allreduce [-m MIN:MAX] [-i ITERS] [-x WARMUP] [-c] [-f] [-t]
  *
  * For each size (bytes, doubling from MIN to MAX; 4 B .. 64 MiB by default) of MPI_FLOAT data,
  * MPI_SUM over MPI_COMM_WORLD: a barrier, WARMUP untimed calls, ITERS timed calls; each rank's
  * mean time per call, then the average, minimum and maximum of those over ranks. Large sizes run
  * fewer iterations (as OSU does) so that a sweep stays short. -c checks every result (small
  * integers in floats: exact whatever the summation order). -f adds the per-rank min/max columns.
+ * -t initialises MPI at MPI_THREAD_MULTIPLE, as mpi4py does, instead of plain MPI_Init: MPICH's
+ * own MPI_Allreduce is several times faster at that level on a loaded or oversubscribed machine
+ * (bench/README.md), so the two baselines differ.
  */
 #include <mpi.h>
 #include <stdio.h>
@@ -17,7 +20,7 @@
 static int g_rank, g_size;
 
 static void Usage(void) {
-  if (g_rank == 0) fprintf(stderr, "usage: osu_allreduce [-m MIN:MAX] [-i ITERS] [-x WARMUP] [-c] [-f]\n");
+  if (g_rank == 0) fprintf(stderr, "usage: osu_allreduce [-m MIN:MAX] [-i ITERS] [-x WARMUP] [-c] [-f] [-t]\n");
   MPI_Abort(MPI_COMM_WORLD, 2);
 }
 
@@ -46,7 +49,15 @@ static long CountWrong(const float* buf, size_t n) {
 }
 
 int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
+  /* -t: MPI_THREAD_MULTIPLE, as mpi4py asks for (a comparison; the default is plain MPI_Init) */
+  int multiple = 0;
+  for (int a = 1; a < argc; ++a) multiple |= strcmp(argv[a], "-t") == 0;
+  if (multiple) {
+    int provided;
+    MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
+  } else {
+    MPI_Init(&argc, &argv);
+  }
   MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
   MPI_Comm_size(MPI_COMM_WORLD, &g_size);
   size_t min_bytes = 4, max_bytes = (size_t)64 << 20;
@@ -64,6 +75,8 @@ int main(int argc, char** argv) {
       warmup = atoi(argv[++a]);
     } else if (strcmp(argv[a], "-c") == 0) {
       check = 1;
+    } else if (strcmp(argv[a], "-t") == 0) {
+      /* handled above */
     } else if (strcmp(argv[a], "-f") == 0) {
       full = 1;
     } else {
@@ -78,7 +91,8 @@ int main(int argc, char** argv) {
   if (!send || !recv) MPI_Abort(MPI_COMM_WORLD, 1);
   memset(recv, 0, max_bytes);
   if (g_rank == 0) {
-    printf("# MPI_Allreduce latency, MPI_FLOAT MPI_SUM, %d ranks%s\n", g_size, check ? ", validated" : "");
+    printf("# MPI_Allreduce latency, MPI_FLOAT MPI_SUM, %d ranks, %s%s\n", g_size,
+           multiple ? "MPI_THREAD_MULTIPLE" : "MPI_Init", check ? ", validated" : "");
     printf("%-12s %14s%s%s\n", "# Size", "Avg Latency(us)", full ? "  Min Latency(us)  Max Latency(us)" : "",
            check ? "  Validation" : "");
   }

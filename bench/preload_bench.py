@@ -2,6 +2,7 @@
 
     python bench/preload_bench.py                      # P=2, 4 B .. 64 MiB, 5 repeats
     python bench/preload_bench.py -n 2 4 -r 3 -m 4:16M --markdown out.md
+    python bench/preload_bench.py -t                   # MPI at MPI_THREAD_MULTIPLE, as under mpi4py
 
 Builds osu_allreduce with the mpicc beside mpirun, then for each P runs it R times without and R
 times with the interposer, interleaved (the order alternates per repeat, so drift on a shared
@@ -70,13 +71,17 @@ def main():
     parser.add_argument("-i", "--iters", type=int, default=1000, help="osu_allreduce -i (a tenth above 1 MiB)")
     parser.add_argument("-x", "--warmup", type=int, default=100)
     parser.add_argument("-c", "--check", action="store_true", help="validate results (osu_allreduce -c)")
+    parser.add_argument(
+        "-t", "--thread-multiple", action="store_true", help="MPI_Init_thread(MPI_THREAD_MULTIPLE), as mpi4py does"
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per mpirun")
     parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
     args = parser.parse_args()
 
     exe = build(ROOT / "build" / "preload-bench")
     lib = library()
-    osu_args = ["-m", args.sizes, "-i", str(args.iters), "-x", str(args.warmup)] + (["-c"] if args.check else [])
+    osu_args = ["-m", args.sizes, "-i", str(args.iters), "-x", str(args.warmup)]
+    osu_args += (["-c"] if args.check else []) + (["-t"] if args.thread_multiple else [])
     lines = [f"# osu_allreduce {' '.join(osu_args)}; preload {lib}", ""]
     for nprocs in args.nprocs:
         plain, ours = [], []

@@ -31,10 +31,14 @@ std::string TypeName(MPI_Datatype datatype) {
   return std::string(name, len);
 }
 
-// Why this call cannot run on the engine; empty when it can. The decision reads only what MPI
+// Reasons that the debug line spells out with the datatype's or op's name (compared by address).
+constexpr char kUnsupportedType[] = "datatype";
+constexpr char kUnsupportedOp[] = "op";
+
+// Why this call cannot run on the engine; null when it can. The decision reads only what MPI
 // requires to be the same on every rank (count, datatype, op, the communicator and MPI's state),
 // so every rank decides alike and no rank waits in the engine for a peer that went to MPI.
-std::string PassThroughReason(const void* recv, MPI_Count count, MPI_Datatype datatype, MPI_Op op, MPI_Comm comm,
+const char* PassThroughReason(const void* recv, MPI_Count count, MPI_Datatype datatype, MPI_Op op, MPI_Comm comm,
                               DataType* dtype, ReduceOp* reduce_op) {
   int initialized = 0, finalized = 0;
   PMPI_Initialized(&initialized);
@@ -45,14 +49,22 @@ std::string PassThroughReason(const void* recv, MPI_Count count, MPI_Datatype da
   if (comm == MPI_COMM_NULL) return "MPI_COMM_NULL";
   if (count < 0) return "a negative count";
   if (recv == MPI_IN_PLACE) return "MPI_IN_PLACE as the receive buffer";
-  if (!EngineDataType(datatype, dtype)) return "datatype " + TypeName(datatype) + ": not a type the engine reduces";
-  if (!EngineReduceOp(op, reduce_op)) {
-    return std::string("op ") + OpName(op) + ": the engine runs MPI_SUM, MPI_PROD, MPI_MIN and MPI_MAX only";
-  }
+  if (!EngineDataType(datatype, dtype)) return kUnsupportedType;
+  if (!EngineReduceOp(op, reduce_op)) return kUnsupportedOp;
   int inter = 0;
   if (PMPI_Comm_test_inter(comm, &inter) != MPI_SUCCESS) return "not a valid communicator";
   if (inter) return "an intercommunicator";
-  return std::string();
+  return nullptr;
+}
+
+// The debug line's reason, naming the datatype or op (only asked for under PYCOMM_DEBUG: an
+// invalid datatype handle must reach PMPI_Allreduce, not fail in PMPI_Type_get_name first).
+std::string Explain(const char* reason, MPI_Datatype datatype, MPI_Op op) {
+  if (reason == kUnsupportedType) return "datatype " + TypeName(datatype) + ": not a type the engine reduces";
+  if (reason == kUnsupportedOp) {
+    return std::string("op ") + OpName(op) + ": the engine runs MPI_SUM, MPI_PROD, MPI_MIN and MPI_MAX only";
+  }
+  return reason;
 }
 
 // Returns true (and sets *rc) when the engine ran the call; false to pass it through.
@@ -61,10 +73,9 @@ bool RunOnEngine(const char* call, const void* send, void* recv, MPI_Count count
   CheckSameMpi();
   DataType dtype;
   ReduceOp reduce_op;
-  const std::string reason = PassThroughReason(recv, count, datatype, op, comm, &dtype, &reduce_op);
-  if (!reason.empty()) {
+  if (const char* reason = PassThroughReason(recv, count, datatype, op, comm, &dtype, &reduce_op)) {
     g_passed_through.fetch_add(1, std::memory_order_relaxed);
-    if (DebugEnabled()) Debug("%s passes through to PMPI: %s", call, reason.c_str());
+    if (DebugEnabled()) Debug("%s passes through to PMPI: %s", call, Explain(reason, datatype, op).c_str());
     return false;
   }
   g_engine_calls.fetch_add(1, std::memory_order_relaxed);
