@@ -2,6 +2,7 @@
 
 import atexit
 import collections
+import sys
 import weakref
 
 import numpy as np
@@ -22,6 +23,12 @@ _open_communicators = weakref.WeakSet()
 def _close_all() -> None:
     for comm in list(_open_communicators):
         comm.close()
+    if _core.any_peer_failed() and MPI.Is_initialized() and not MPI.Is_finalized():
+        # MPI_Finalize would wait forever for a dead or stuck rank: end the job instead, as a
+        # failure, so that mpirun returns and reports it.
+        sys.stderr.write("pycomm: a peer died or stopped answering; calling MPI_Abort instead of MPI_Finalize\n")
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(1)
 
 
 class Work:

@@ -46,11 +46,14 @@ def test_mismatched_calls_over_the_transport(nprocs):
 # MPICH's hydra (the mpich wheel): a rank that exits keeps the others running only with
 # -disable-auto-cleanup; a rank killed by a signal takes the whole job down at once, with or
 # without it (see test_killed_job_leaves_no_shared_memory).
+# A dead rank is noticed at once (its process is gone), so those cases run with a 600 s timeout
+# that they must not need; a stuck rank is noticed at the timeout (1.5 s).
 @pytest.mark.parametrize(
     "nprocs, action, size_bytes, algorithm",
     [
         (2, "exit", 4 << 20, "ring"),
         (3, "exit", 4 << 20, "ring"),
+        (4, "exit", 4 << 20, "ring"),  # ranks 2 and 3 wait on live ranks, yet name rank 1
         (2, "exit", 1024, "auto"),  # one-shot through shared memory
         (4, "exit", 8 << 20, "auto"),  # agreement through the arena, then the ring
         (2, "stall", 1024, "auto"),
@@ -59,17 +62,33 @@ def test_mismatched_calls_over_the_transport(nprocs):
 )
 def test_dead_or_stuck_peer_raises_peer_error(nprocs, action, size_bytes, algorithm):
     env = {"PYCOMM_FAULT": f"rank=1,call=3,action={action},seconds=4"}
+    timeout = 600 if action == "exit" else 1.5
     result = run_mpi(
-        nprocs, "lifecycle.py", "fault", size_bytes, algorithm,
+        nprocs, "lifecycle.py", "fault", size_bytes, algorithm, timeout,
         env=env, check=False, timeout=90, mpirun_args=("-disable-auto-cleanup",),
     )  # fmt: skip
     survivors = [r for r in range(nprocs) if r != 1]
     for r in survivors:
         assert f"rank {r}: PeerError after" in result.stdout, result.stdout
-    if nprocs == 2:
+    if action == "exit":
+        assert result.stdout.count(" died") >= len(survivors), result.stdout
+    elif nprocs == 2:
         assert "waiting for rank 1" in result.stdout
     assert "FAIL" not in result.stdout, result.stdout
     assert "PYCOMM_FAULT: rank 1 at call #3" in result.stdout
+
+
+def test_exit_after_a_dead_peer_does_not_hang():
+    """MPICH's MPI_Finalize waits for every rank, dead ones included: after a PeerError, pycomm
+    ends the job with MPI_Abort at exit instead, so mpirun returns (non-zero) at once."""
+    result = run_mpi(
+        3, "lifecycle.py", "fault", 4 << 20, "ring", 600, "exit-normally",
+        env={"PYCOMM_FAULT": "rank=1,call=3,action=exit"}, check=False, timeout=60,
+        mpirun_args=("-disable-auto-cleanup",),
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "calling MPI_Abort instead of MPI_Finalize" in result.stdout, result.stdout
+    assert "FAIL" not in result.stdout, result.stdout
 
 
 def test_malformed_fault_spec_is_an_error():
@@ -114,7 +133,7 @@ def test_killed_job_leaves_no_shared_memory(nprocs):
 def test_killed_rank_ends_the_job():
     """A rank killed by a signal: hydra ends the job with a non-zero status, nothing hangs."""
     result = run_mpi(
-        3, "lifecycle.py", "fault", 4 << 20, "ring",
+        3, "lifecycle.py", "fault", 4 << 20, "ring", 600,
         env={"PYCOMM_FAULT": "rank=1,call=3,action=kill"}, check=False, timeout=90,
     )  # fmt: skip
     assert result.returncode != 0

@@ -28,6 +28,8 @@ namespace {
 constexpr size_t kOneShotMaxBytesTwoRanks = size_t{128} << 10;
 constexpr size_t kOneShotMaxBytesMoreRanks = size_t{512} << 10;
 
+std::atomic<bool> any_peer_failed{false};
+
 class CommunicatorImpl : public Communicator {
  public:
   CommunicatorImpl(std::unique_ptr<Transport> transport, const Options& options)
@@ -67,6 +69,7 @@ class CommunicatorImpl : public Communicator {
   int local_rank() const override { return local_rank_; }
   int local_size() const override { return local_size_; }
   const Options& options() const override { return options_; }
+  bool peer_failed() const override { return peer_failed_; }
 
   void Allreduce(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op) override {
     CheckOp(dtype, op);
@@ -253,6 +256,7 @@ class CommunicatorImpl : public Communicator {
     } catch (const std::exception& e) {
       broken_reason_ = e.what();
       broken_ = true;
+      if (dynamic_cast<const PeerError*>(&e)) peer_failed_ = any_peer_failed = true;
       throw;
     }
   }
@@ -364,10 +368,13 @@ class CommunicatorImpl : public Communicator {
   uint32_t last_shared_id_ = 0;
   std::atomic<bool> closed_{false};
   std::atomic<bool> broken_{false};
+  std::atomic<bool> peer_failed_{false};
   std::string broken_reason_;
 };
 
 }  // namespace
+
+bool Communicator::AnyPeerFailed() { return any_peer_failed; }
 
 std::unique_ptr<Communicator> Communicator::FromTransport(std::unique_ptr<Transport> transport,
                                                           const Options& options) {

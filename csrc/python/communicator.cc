@@ -36,6 +36,7 @@ ReduceOp ToReduceOp(int op) {
 void RegisterCommunicator(py::module_& m) {
   m.def("mpi_build_version", &MpiBuildVersion);
   m.def("built_with_cuda", &BuiltWithCuda);
+  m.def("any_peer_failed", &Communicator::AnyPeerFailed);
 
   py::class_<Work, std::shared_ptr<Work>>(m, "Work")
       .def("wait", &Work::Wait, py::call_guard<py::gil_scoped_release>())
@@ -135,7 +136,8 @@ void RegisterCommunicator(py::module_& m) {
           },
           py::arg("bytes"))
       .def("barrier", &Communicator::Barrier, py::call_guard<py::gil_scoped_release>())
-      .def("close", &Communicator::Close, py::call_guard<py::gil_scoped_release>());
+      .def("close", &Communicator::Close, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("peer_failed", &Communicator::peer_failed);
 }
 
 }  // namespace pycomm::python

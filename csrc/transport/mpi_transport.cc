@@ -6,8 +6,10 @@
 #include <cstdio>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "pycomm/pycomm.h"
+#include "transport/peer_watch.h"
 #include "transport/shared_arena.h"
 
 namespace pycomm {
@@ -28,7 +30,8 @@ void Check(int rc, const char* what) {
 
 class MpiRequest : public Request {
  public:
-  MpiRequest(MPI_Request request, int peer, bool is_recv) : request_(request), peer_(peer), is_recv_(is_recv) {}
+  MpiRequest(MPI_Request request, int peer, bool is_recv, const PeerWatch* watch)
+      : request_(request), peer_(peer), is_recv_(is_recv), watch_(watch) {}
 
   ~MpiRequest() override {
     // Reached with an active request only when a collective is abandoned after an error.
@@ -43,6 +46,8 @@ class MpiRequest : public Request {
     if (request_ == MPI_REQUEST_NULL) return true;
     int done = 0;
     Check(MPI_Test(&request_, &done, MPI_STATUS_IGNORE), is_recv_ ? "MPI_Test(recv)" : "MPI_Test(send)");
+    // MPI itself may never notice that a rank on this node died: a message it owes never comes.
+    if (!done && watch_ && (++polls_ & PeerWatch::kPollMask) == 0) watch_->Check();
     return done != 0;
   }
 
@@ -52,6 +57,8 @@ class MpiRequest : public Request {
   MPI_Request request_;
   int peer_;
   bool is_recv_;
+  const PeerWatch* watch_;
+  unsigned polls_ = 0;
 };
 
 class MpiTransport : public Transport {
@@ -80,8 +87,12 @@ class MpiTransport : public Transport {
     Check(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node), "MPI_Comm_split_type");
     MPI_Comm_rank(node, &local_rank_);
     MPI_Comm_size(node, &local_size_);
+    int node_leader = rank_;  // the node's id: its lowest rank in comm_
+    Check(MPI_Bcast(&node_leader, 1, MPI_INT, 0, node), "MPI_Bcast");
     MPI_Comm_free(&node);
+    watch_ = WatchPeers(node_leader);
     if (local_size_ == size_ && size_ > 1) arena_ = CreateArena();
+    if (arena_) arena_->set_peer_watch(watch_.get());
   }
 
   ~MpiTransport() override {
@@ -104,7 +115,7 @@ class MpiTransport : public Transport {
 #else
     Check(MPI_Isend(buf, CheckedCount(bytes), MPI_BYTE, peer, kTag, comm_, &request), "MPI_Isend");
 #endif
-    return std::make_unique<MpiRequest>(request, peer, false);
+    return std::make_unique<MpiRequest>(request, peer, false, watch_.get());
   }
 
   std::unique_ptr<Request> Irecv(int peer, void* buf, size_t bytes) override {
@@ -114,7 +125,7 @@ class MpiTransport : public Transport {
 #else
     Check(MPI_Irecv(buf, CheckedCount(bytes), MPI_BYTE, peer, kTag, comm_, &request), "MPI_Irecv");
 #endif
-    return std::make_unique<MpiRequest>(request, peer, true);
+    return std::make_unique<MpiRequest>(request, peer, true, watch_.get());
   }
 
   std::shared_ptr<void> MapShared(size_t total_bytes) override {
@@ -153,7 +164,17 @@ class MpiTransport : public Transport {
     return CreateShmArena(rank_, size_, kArenaSlotBytes, NameFromRoot(), AllAgree());
   }
 
+  // Every rank's process identity, so that waits notice a dead rank on this node.
+  std::unique_ptr<PeerWatch> WatchPeers(int node_leader) {
+    const ProcessIdentity self = ThisProcess(node_leader);
+    std::vector<ProcessIdentity> all(size_);
+    static_assert(sizeof(ProcessIdentity) == 3 * sizeof(int64_t), "sent as three int64");
+    Check(MPI_Allgather(&self, 3, MPI_INT64_T, all.data(), 3, MPI_INT64_T, comm_), "MPI_Allgather");
+    return std::make_unique<PeerWatch>(rank_, all);
+  }
+
   MPI_Comm comm_ = MPI_COMM_NULL;
+  std::unique_ptr<PeerWatch> watch_;
   int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1;
   std::unique_ptr<SharedArena> arena_;
 };

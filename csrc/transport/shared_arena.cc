@@ -11,6 +11,7 @@
 #include <random>
 
 #include "pycomm/pycomm.h"
+#include "transport/peer_watch.h"
 #include "transport/wait.h"
 
 namespace pycomm {
@@ -53,14 +54,21 @@ namespace {
 // The flags seen as requests, so that waiting shares the spin-yield-sleep schedule and timeout.
 class FlagRequest : public Request {
  public:
-  FlagRequest(const std::atomic<uint64_t>* flag, uint64_t seq, int peer) : flag_(flag), seq_(seq), peer_(peer) {}
-  bool Test() override { return flag_->load(std::memory_order_acquire) >= seq_; }
+  FlagRequest(const std::atomic<uint64_t>* flag, uint64_t seq, int peer, const PeerWatch* watch)
+      : flag_(flag), seq_(seq), peer_(peer), watch_(watch) {}
+  bool Test() override {
+    if (flag_->load(std::memory_order_acquire) >= seq_) return true;
+    if (watch_ && (++polls_ & PeerWatch::kPollMask) == 0) watch_->Check();
+    return false;
+  }
   int peer() const override { return peer_; }
 
  private:
   const std::atomic<uint64_t>* flag_;
   uint64_t seq_;
   int peer_;
+  const PeerWatch* watch_;
+  unsigned polls_ = 0;
 };
 
 }  // namespace
@@ -68,7 +76,7 @@ class FlagRequest : public Request {
 void SharedArena::WaitAll(uint64_t seq, double timeout_s) const {
   for (int r = 0; r < size_; ++r) {
     if (r == rank_) continue;
-    FlagRequest request(flag(r), seq, r);
+    FlagRequest request(flag(r), seq, r, watch_);
     Wait(request, timeout_s);
   }
 }

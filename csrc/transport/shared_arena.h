@@ -19,6 +19,8 @@ namespace pycomm {
 // of one) that the one-shot allreduce moves in one call.
 constexpr size_t kArenaSlotBytes = size_t{256} << 10;
 
+class PeerWatch;
+
 class SharedArena {
  public:
   // Bytes of shared memory an arena of `size` ranks with `slot_bytes` slots needs.
@@ -56,6 +58,8 @@ class SharedArena {
   // Waits until every rank has posted `seq` (acquire); PeerError naming a late rank after
   // timeout_s.
   void WaitAll(uint64_t seq, double timeout_s) const;
+  // Waits also fail at once, naming the rank, when `watch` sees a rank die (null: no watch).
+  void set_peer_watch(const PeerWatch* watch) { watch_ = watch; }
 
  private:
   // Per rank: its flag, then two CallInfo (double-buffered like the slots), on two cache lines of
@@ -70,6 +74,7 @@ class SharedArena {
   int size_;
   size_t slot_bytes_;
   std::shared_ptr<void> keep_alive_;
+  const PeerWatch* watch_ = nullptr;
 };
 
 // Creates an arena in POSIX shared memory: rank 0 creates and sizes the segment, every rank maps

@@ -155,6 +155,11 @@ class Communicator {
   virtual void BroadcastDevice(void* buf, size_t count, DataType dtype, int root, int device, void* stream) = 0;
   // Waits for queued operations, then releases the transport. Idempotent; later calls throw.
   virtual void Close() = 0;
+  // True once a call failed with PeerError (a peer died or stopped answering). The MPI job cannot
+  // then end cleanly: MPI_Finalize waits for every rank.
+  virtual bool peer_failed() const = 0;
+  // True once any communicator of this process has: what decides how the process may exit.
+  static bool AnyPeerFailed();
 };
 
 }  // namespace pycomm

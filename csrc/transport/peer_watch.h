@@ -1,0 +1,42 @@
+// Noticing that a peer on this node has died, so that a wait fails within a fraction of a second
+// with PeerError naming the dead rank instead of running into PYCOMM_TIMEOUT. A process is
+// identified by its pid and its start time (a reused pid names another process).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <vector>
+
+namespace pycomm {
+
+struct ProcessIdentity {
+  int64_t pid;
+  int64_t start_ticks;  // /proc/<pid>/stat's starttime
+  int64_t node;         // equal for the ranks of one node (any id the transport chooses)
+};
+
+// This process, on `node`.
+ProcessIdentity ThisProcess(int64_t node);
+
+class PeerWatch {
+ public:
+  // `ranks[q]` is rank q's identity. Ranks on other nodes, and ranks whose process this one
+  // cannot see (another pid namespace), are not watched.
+  PeerWatch(int rank, const std::vector<ProcessIdentity>& ranks);
+
+  // Throws PeerError naming the lowest rank known to have died, if any. Looks at /proc at most
+  // every kInterval however often it is called, so waiting loops may call it freely.
+  void Check() const;
+
+  static constexpr std::chrono::milliseconds kInterval{100};
+  // Requests ask the watch once every (kPollMask + 1) failed polls: the clock stays out of the
+  // fast spin.
+  static constexpr unsigned kPollMask = 255;
+
+ private:
+  std::vector<ProcessIdentity> watched_;
+  std::vector<int> watched_ranks_;
+  mutable std::chrono::steady_clock::time_point next_{};
+};
+
+}  // namespace pycomm
