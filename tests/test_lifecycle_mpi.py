@@ -38,9 +38,11 @@ def test_mismatched_calls_raise_on_every_rank(nprocs):
     run_mpi(nprocs, "lifecycle.py", "mismatch", timeout=60)
 
 
+# Checked through the shared arena, or with PYCOMM_SHM=0 by a header exchange over MPI.
+@pytest.mark.parametrize("shm", ["1", "0"])
 @pytest.mark.parametrize("nprocs", [2, 3, 4])
-def test_mismatched_calls_over_the_transport(nprocs):
-    run_mpi(nprocs, "lifecycle.py", "mismatch-transport", timeout=90)
+def test_mismatched_calls_over_the_transport(nprocs, shm):
+    run_mpi(nprocs, "lifecycle.py", "mismatch-transport", timeout=90, env={"PYCOMM_SHM": shm})
 
 
 # MPICH's hydra (the mpich wheel): a rank that exits keeps the others running only with

@@ -11,17 +11,6 @@ namespace pycomm {
 
 namespace {
 
-std::string Describe(const SharedArena::CallInfo& info) {
-  if (info.kind == SharedArena::kAllocate) return "empty(" + std::to_string(info.count) + " bytes)";
-  std::string call = std::string("allreduce(") + DataTypeName(static_cast<DataType>(info.dtype)) + ", " +
-                     std::to_string(info.count) + ", " + ReduceOpName(static_cast<ReduceOp>(info.op)) + ")";
-  return call + (info.kind == SharedArena::kOneShot ? " [one-shot]" : " [large]");
-}
-
-bool Same(const SharedArena::CallInfo& a, const SharedArena::CallInfo& b) {
-  return a.kind == b.kind && a.count == b.count && a.dtype == b.dtype && a.op == b.op;
-}
-
 const char* KindName(int32_t kind) {
   switch (static_cast<CallKind>(kind)) {
     case CallKind::kAllreduce:
@@ -45,6 +34,29 @@ std::string Describe(const CallHeader& h) {
   if (h.op >= 0 && h.op < kNumReduceOps) args += std::string(", ") + ReduceOpName(static_cast<ReduceOp>(h.op));
   if (h.root >= 0) args += ", root " + std::to_string(h.root);
   return std::string(KindName(h.kind)) + "(" + args + ") #" + std::to_string(h.seq);
+}
+
+// What a rank posted in the arena, in the words of a header, plus the step that posted it.
+CallHeader AsHeader(const SharedArena::CallInfo& info) {
+  return CallHeader{info.call, info.count, info.call_kind, info.dtype, info.op, info.root};
+}
+
+std::string Describe(const SharedArena::CallInfo& info) {
+  switch (info.kind) {
+    case SharedArena::kAllocate:
+      return "empty(" + std::to_string(info.count) + " bytes) #" + std::to_string(info.call);
+    case SharedArena::kOneShot:
+      return Describe(AsHeader(info)) + " [one-shot]";
+    case SharedArena::kLargeAllreduce:
+      return Describe(AsHeader(info)) + " [large]";
+    default:
+      return Describe(AsHeader(info));
+  }
+}
+
+bool Same(const SharedArena::CallInfo& a, const SharedArena::CallInfo& b) {
+  return a.kind == b.kind && a.count == b.count && a.dtype == b.dtype && a.op == b.op && a.root == b.root &&
+         a.call_kind == b.call_kind && a.call == b.call;
 }
 
 auto Key(const CallHeader& h) { return std::tie(h.seq, h.kind, h.count, h.dtype, h.op, h.root); }
@@ -86,6 +98,19 @@ void CheckHeadersAgree(const CollectiveContext& ctx, const CallHeader& mine) {
   Transport& transport = ctx.transport;
   const int P = transport.size(), r = transport.rank();
   if (P == 1) return;
+  if (SharedArena* arena = transport.arena()) {
+    // Through the arena, where the one-shot and shared-buffer steps post theirs: a rank on
+    // another path (say a barrier against a small allreduce) shows up as a mismatch too.
+    SharedArena::CallInfo info{mine.count, mine.dtype, mine.op, 0, 0, SharedArena::kAgreement, 0};
+    info.root = mine.root;
+    info.call_kind = mine.kind;
+    info.call = mine.seq;
+    const uint64_t seq = ++*ctx.arena_seq;
+    arena->Post(seq, info);
+    arena->WaitAll(seq, ctx.timeout_s);
+    CheckCallsAgree(*arena, seq, info);
+    return;
+  }
   Extremes seen{mine, mine, r, r};
   for (int k = 1; k < P; k *= 2) {
     Extremes incoming;

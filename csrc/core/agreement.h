@@ -24,7 +24,8 @@ struct CallHeader {
   int32_t root;    // broadcast root, or -1
 };
 
-// Exchanges headers in ceil(log2 P) dissemination rounds of one small message each, after
+// Where the ranks share an arena: one flag round through it (kAgreement), checked like the
+// one-shot's. Otherwise: exchanges headers in ceil(log2 P) dissemination rounds of one small message each, after
 // which every rank knows the smallest and the largest header of all. If they differ, every rank
 // throws the same MismatchError naming two ranks and their calls ("rank 0 called
 // allreduce(float32, 10, sum) #17, rank 1 called allreduce(float32, 11, sum) #17"). Doubles as a

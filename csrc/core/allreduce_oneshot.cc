@@ -29,8 +29,10 @@ void AllreduceOneShot(const CollectiveContext& ctx, const void* send, void* recv
     const uint64_t seq = ++*ctx.arena_seq;
     // The input is copied before the output is written, so send == recv is fine.
     std::memcpy(arena.slot(r, seq), in + begin * es, n * es);
-    const SharedArena::CallInfo mine{
+    SharedArena::CallInfo mine{
         count, static_cast<int32_t>(dtype), static_cast<int32_t>(op), 0, 0, SharedArena::kOneShot, 0};
+    mine.call_kind = static_cast<int32_t>(CallKind::kAllreduce);
+    mine.call = ctx.call;
     arena.Post(seq, mine);
     arena.WaitAll(seq, ctx.timeout_s);
     if (begin == 0) CheckCallsAgree(arena, seq, mine);

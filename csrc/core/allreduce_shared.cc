@@ -30,13 +30,15 @@ bool AllreduceInSharedBuffer(const CollectiveContext& ctx, const SharedPlacement
                              size_t count, DataType dtype, ReduceOp op) {
   SharedArena& arena = *ctx.transport.arena();
   const int P = arena.size(), r = arena.rank();
-  const SharedArena::CallInfo mine{count,
-                                   static_cast<int32_t>(dtype),
-                                   static_cast<int32_t>(op),
-                                   placement.id,
-                                   static_cast<uint16_t>(in_place ? 1 : 0),
-                                   SharedArena::kLargeAllreduce,
-                                   placement.offset};
+  SharedArena::CallInfo mine{count,
+                             static_cast<int32_t>(dtype),
+                             static_cast<int32_t>(op),
+                             placement.id,
+                             static_cast<uint16_t>(in_place ? 1 : 0),
+                             SharedArena::kLargeAllreduce,
+                             placement.offset};
+  mine.call_kind = static_cast<int32_t>(CallKind::kAllreduce);
+  mine.call = ctx.call;
   uint64_t seq = ++*ctx.arena_seq;
   arena.Post(seq, mine);
   arena.WaitAll(seq, ctx.timeout_s);

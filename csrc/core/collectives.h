@@ -17,6 +17,7 @@ struct CollectiveContext {
   double timeout_s;     // bound on every single wait
   char* scratch;        // kPipelineDepth * chunk_bytes bytes that the algorithm may use
   uint64_t* arena_seq;  // calls made through transport.arena() so far, the same on every rank
+  uint64_t call = 0;    // the call's number on its communicator, for MismatchError's message
 };
 
 // Chunks in flight at once in each direction: enough to overlap receiving, reducing and sending.

@@ -116,7 +116,7 @@ class CommunicatorImpl : public Communicator {
   }
 
   std::shared_ptr<void> AllocateShared(size_t bytes, void** data) override {
-    Trace("allocate_shared", bytes, DataType::kUInt8, "-");
+    const uint64_t call = Trace("allocate_shared", bytes, DataType::kUInt8, "-");
     std::shared_ptr<void> mapping;
     *data = nullptr;
     Execute([&] {
@@ -125,7 +125,8 @@ class CommunicatorImpl : public Communicator {
       // A timed round first: ranks that ask for different sizes all get MismatchError, and a rank
       // that never comes gives PeerError, before any segment exists.
       const uint64_t seq = ++arena_seq_;
-      const SharedArena::CallInfo mine{bytes, -1, -1, 0, 0, SharedArena::kAllocate, 0};
+      SharedArena::CallInfo mine{bytes, -1, -1, 0, 0, SharedArena::kAllocate, 0};
+      mine.call = call;
       arena->Post(seq, mine);
       arena->WaitAll(seq, options_.timeout_s);
       CheckCallsAgree(*arena, seq, mine);
@@ -270,11 +271,11 @@ class CommunicatorImpl : public Communicator {
     const size_t bytes = count * DataTypeSize(dtype);
     if (size() == 1) return Copy(send, recv, bytes);
     // The one-shot and shared-buffer paths check the call through the arena.
-    if (UseOneShot(bytes)) return AllreduceOneShot(Context(), send, recv, count, dtype, op);
+    if (UseOneShot(bytes)) return AllreduceOneShot(Context(seq), send, recv, count, dtype, op);
     // Above the one-shot's range, where the ranks share memory, data in a shared buffer is
     // reduced in place without copies; the ranks first agree that all of them can.
     if (transport_->arena() && options_.algorithm == Algorithm::kAuto) {
-      if (AllreduceInSharedBuffer(Context(), Placement(recv, bytes), send == recv, count, dtype, op)) {
+      if (AllreduceInSharedBuffer(Context(seq), Placement(recv, bytes), send == recv, count, dtype, op)) {
         Debug("allreduce in place in a shared buffer: no copies");
         return;
       }
@@ -293,7 +294,7 @@ class CommunicatorImpl : public Communicator {
                             dtype ? static_cast<int32_t>(*dtype) : -1,
                             op ? static_cast<int32_t>(*op) : -1,
                             root};
-    CheckHeadersAgree(Context(), header);
+    CheckHeadersAgree(Context(seq), header);
   }
 
   // Where `data` lies in a live shared buffer of this rank, if it does.
@@ -326,8 +327,8 @@ class CommunicatorImpl : public Communicator {
     if (bytes && src != dst) std::memcpy(dst, src, bytes);
   }
 
-  CollectiveContext Context() {
-    return CollectiveContext{*transport_, options_.chunk_bytes, options_.timeout_s, scratch_.data(), &arena_seq_};
+  CollectiveContext Context(uint64_t call = 0) {
+    return CollectiveContext{*transport_, options_.chunk_bytes, options_.timeout_s, scratch_.data(), &arena_seq_, call};
   }
 
   // Numbers each call in issue order (the number MismatchError reports) and writes its debug

@@ -3,6 +3,7 @@
 #include <mpi.h>
 
 #include <climits>
+#include <cstdlib>
 #include <cstdio>
 #include <functional>
 #include <string>
@@ -91,7 +92,10 @@ class MpiTransport : public Transport {
     Check(MPI_Bcast(&node_leader, 1, MPI_INT, 0, node), "MPI_Bcast");
     MPI_Comm_free(&node);
     watch_ = WatchPeers(node_leader);
-    if (local_size_ == size_ && size_ > 1) arena_ = CreateArena();
+    // PYCOMM_SHM=0 keeps every byte on MPI (like NCCL_SHM_DISABLE): for debugging and tests.
+    const char* shm = std::getenv("PYCOMM_SHM");
+    const bool shm_allowed = !(shm && std::string(shm) == "0");
+    if (local_size_ == size_ && size_ > 1 && shm_allowed) arena_ = CreateArena();
     if (arena_) arena_->set_peer_watch(watch_.get());
   }
 

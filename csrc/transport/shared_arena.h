@@ -38,7 +38,8 @@ class SharedArena {
   // What a rank says about the call it is making, so that ranks can check they agree.
   // Which step posts: ranks on different steps (say, configured with different algorithms)
   // must see a mismatch, not read each other's unrelated data.
-  enum Kind : uint16_t { kOneShot = 1, kLargeAllreduce = 2, kAllocate = 3 };
+  // kAgreement: a call that then moves its data over the transport only checks here.
+  enum Kind : uint16_t { kOneShot = 1, kLargeAllreduce = 2, kAllocate = 3, kAgreement = 4 };
 
   struct CallInfo {
     uint64_t count;  // elements (bytes for kAllocate)
@@ -49,6 +50,9 @@ class SharedArena {
     uint16_t in_place;
     uint16_t kind;
     uint64_t shared_offset;  // from the start of the rank's region
+    int32_t root = -1;       // broadcast root
+    int32_t call_kind = 0;   // CallKind (core/agreement.h), 0 for kAllocate
+    uint64_t call = 0;       // the call's number on its communicator
   };
 
   // Publishes this rank's slot and `info` for call `seq` (release).
@@ -66,6 +70,7 @@ class SharedArena {
   // their own: no false sharing, adjacent-line prefetch included.
   static constexpr size_t kLine = 128;
   static constexpr size_t kInfoOffset = 16;
+  static_assert(kInfoOffset + 2 * sizeof(CallInfo) <= kLine, "a rank's flag and infos share its line");
   std::atomic<uint64_t>* flag(int rank) const;
   CallInfo* info_slot(int rank, uint64_t seq) const;
 
