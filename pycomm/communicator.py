@@ -3,6 +3,7 @@
 import atexit
 import collections
 import sys
+import threading
 import weakref
 
 import numpy as np
@@ -83,8 +84,10 @@ class Communicator:
             settings.ALGORITHMS.index(settings.algorithm(algorithm)),
         )
         self._closed = False
-        # Async work holds its arrays until it has run, even if the caller drops the Work.
+        # Async work holds its arrays until it has run, even if the caller drops the Work. The
+        # lock keeps threads that issue calls at once from dropping each other's unfinished work.
         self._in_flight = collections.deque()
+        self._in_flight_lock = threading.Lock()
         _open_communicators.add(self)
 
     # -- introspection -------------------------------------------------------------------------
@@ -155,9 +158,10 @@ class Communicator:
         native = self._native.allreduce_async(xa, outa, xa.size, code, int(op))
         work = Work(native, result, (x, xa, outa))
         # Work completes in issue order, so finished entries are always at the left.
-        while self._in_flight and self._in_flight[0].done():
-            self._in_flight.popleft()
-        self._in_flight.append(work)
+        with self._in_flight_lock:
+            while self._in_flight and self._in_flight[0].done():
+                self._in_flight.popleft()
+            self._in_flight.append(work)
         return work
 
     def reduce_scatter(self, x, op="sum", out=None, *, stream=None):
@@ -259,7 +263,8 @@ class Communicator:
             self._closed = True
             _open_communicators.discard(self)
             self._native.close()  # runs every queued operation first
-            self._in_flight.clear()
+            with self._in_flight_lock:
+                self._in_flight.clear()
 
     def __enter__(self):
         return self
