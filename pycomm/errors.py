@@ -6,11 +6,12 @@ from ._native import _core
 #: TypeError/ValueError before anything is sent) the communicator refuses further calls.
 CommError = _core.CommError
 
-#: A peer died, stopped participating, or did not answer within the timeout (PYCOMM_TIMEOUT).
+#: A peer died (seen within ~0.1 s on this node) or did not answer within the timeout
+#: (PYCOMM_TIMEOUT). After one, the process ends with MPI_Abort at exit: MPI_Finalize would hang.
 PeerError = _core.PeerError
 
-#: Ranks made different calls (count, dtype or op) at the same point; raised on every rank.
-#: Detected by the shared-memory algorithms so far; the ring over MPI does not check yet.
+#: Ranks made different calls (kind, count, dtype, op, root) at the same point; raised on every
+#: rank before any data moves, naming two ranks and their calls.
 MismatchError = _core.MismatchError
 
 __all__ = ["CommError", "MismatchError", "PeerError"]

@@ -73,33 +73,33 @@ class CommunicatorImpl : public Communicator {
 
   void Allreduce(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op) override {
     CheckOp(dtype, op);
-    const uint64_t seq = Trace("allreduce", count, dtype, ReduceOpName(op));
-    Execute([=] { DoAllreduce(seq, send, recv, count, dtype, op); });
+    Trace("allreduce", count, dtype, ReduceOpName(op));
+    Execute([=] { DoAllreduce(send, recv, count, dtype, op); });
   }
 
   std::shared_ptr<Work> AllreduceAsync(const void* send, void* recv, size_t count, DataType dtype,
                                        ReduceOp op) override {
     CheckOp(dtype, op);
     CheckUsable();
-    const uint64_t seq = Trace("allreduce_async", count, dtype, ReduceOpName(op));
-    return executor_->Submit([=] { Guarded([&] { DoAllreduce(seq, send, recv, count, dtype, op); }); });
+    Trace("allreduce_async", count, dtype, ReduceOpName(op));
+    return executor_->Submit([=] { Guarded([&] { DoAllreduce(send, recv, count, dtype, op); }); });
   }
 
   void ReduceScatter(const void* send, void* recv, size_t recv_count, DataType dtype, ReduceOp op) override {
     CheckOp(dtype, op);
-    const uint64_t seq = Trace("reduce_scatter", recv_count, dtype, ReduceOpName(op));
+    Trace("reduce_scatter", recv_count, dtype, ReduceOpName(op));
     Execute([=] {
       if (size() == 1) return Copy(send, recv, recv_count * DataTypeSize(dtype));
-      Agree(CallKind::kReduceScatter, seq, recv_count, dtype, op);
+      Agree(CallKind::kReduceScatter, recv_count, dtype, op);
       ReduceScatterRing(Context(), send, recv, recv_count, dtype, op);
     });
   }
 
   void Allgather(const void* send, void* recv, size_t send_count, DataType dtype) override {
     DataTypeSize(dtype);  // rejects unknown dtypes
-    const uint64_t seq = Trace("allgather", send_count, dtype, "-");
+    Trace("allgather", send_count, dtype, "-");
     Execute([=] {
-      if (size() > 1) Agree(CallKind::kAllgather, seq, send_count, dtype);
+      if (size() > 1) Agree(CallKind::kAllgather, send_count, dtype);
       AllgatherRing(Context(), send, recv, send_count, dtype);
     });
   }
@@ -107,16 +107,16 @@ class CommunicatorImpl : public Communicator {
   void Broadcast(void* buf, size_t count, DataType dtype, int root) override {
     CheckRoot(root);
     const size_t bytes = count * DataTypeSize(dtype);
-    const uint64_t seq = Trace("broadcast", count, dtype, ("root " + std::to_string(root)).c_str());
+    Trace("broadcast", count, dtype, ("root " + std::to_string(root)).c_str());
     Execute([=] {
       if (size() == 1) return;
-      Agree(CallKind::kBroadcast, seq, count, dtype, std::nullopt, root);
+      Agree(CallKind::kBroadcast, count, dtype, std::nullopt, root);
       if (bytes) BroadcastChain(Context(), buf, bytes, root);
     });
   }
 
   std::shared_ptr<void> AllocateShared(size_t bytes, void** data) override {
-    const uint64_t call = Trace("allocate_shared", bytes, DataType::kUInt8, "-");
+    Trace("allocate_shared", bytes, DataType::kUInt8, "-");
     std::shared_ptr<void> mapping;
     *data = nullptr;
     Execute([&] {
@@ -126,7 +126,7 @@ class CommunicatorImpl : public Communicator {
       // that never comes gives PeerError, before any segment exists.
       const uint64_t seq = ++arena_seq_;
       SharedArena::CallInfo mine{bytes, -1, -1, 0, 0, SharedArena::kAllocate, 0};
-      mine.call = call;
+      mine.call = current_call_;
       arena->Post(seq, mine);
       arena->WaitAll(seq, options_.timeout_s);
       CheckCallsAgree(*arena, seq, mine);
@@ -148,9 +148,9 @@ class CommunicatorImpl : public Communicator {
   }
 
   void Barrier() override {
-    const uint64_t seq = Trace("barrier", 0, DataType::kUInt8, "-");
+    Trace("barrier", 0, DataType::kUInt8, "-");
     // The agreement round is itself a dissemination barrier: no rank leaves before all entered.
-    Execute([=] { Agree(CallKind::kBarrier, seq, 0, std::nullopt); });
+    Execute([=] { Agree(CallKind::kBarrier, 0, std::nullopt); });
   }
 
   void AllreduceDevice(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op, int device,
@@ -252,6 +252,9 @@ class CommunicatorImpl : public Communicator {
   // the communicator refuses work rather than mis-matching messages.
   void Guarded(const std::function<void()>& fn) {
     CheckNotBroken();
+    // Numbered as they run, not as they were issued: threads that race to issue calls on one
+    // communicator still number them in the order the ranks pair them.
+    current_call_ = ++calls_run_;
     try {
       fn();
     } catch (const std::exception& e) {
@@ -267,34 +270,34 @@ class CommunicatorImpl : public Communicator {
     executor_->Run([&] { Guarded(fn); });
   }
 
-  void DoAllreduce(uint64_t seq, const void* send, void* recv, size_t count, DataType dtype, ReduceOp op) {
+  void DoAllreduce(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op) {
     const size_t bytes = count * DataTypeSize(dtype);
     if (size() == 1) return Copy(send, recv, bytes);
     // The one-shot and shared-buffer paths check the call through the arena.
-    if (UseOneShot(bytes)) return AllreduceOneShot(Context(seq), send, recv, count, dtype, op);
+    if (UseOneShot(bytes)) return AllreduceOneShot(Context(current_call_), send, recv, count, dtype, op);
     // Above the one-shot's range, where the ranks share memory, data in a shared buffer is
     // reduced in place without copies; the ranks first agree that all of them can.
     if (transport_->arena() && options_.algorithm == Algorithm::kAuto) {
-      if (AllreduceInSharedBuffer(Context(seq), Placement(recv, bytes), send == recv, count, dtype, op)) {
+      if (AllreduceInSharedBuffer(Context(current_call_), Placement(recv, bytes), send == recv, count, dtype, op)) {
         Debug("allreduce in place in a shared buffer: no copies");
         return;
       }
     } else {
-      Agree(CallKind::kAllreduce, seq, count, dtype, op);
+      Agree(CallKind::kAllreduce, count, dtype, op);
     }
     AllreduceRing(Context(), send, recv, count, dtype, op);
   }
 
   // Before any data moves over the transport: every rank must be making this same call.
-  void Agree(CallKind kind, uint64_t seq, size_t count, std::optional<DataType> dtype,
-             std::optional<ReduceOp> op = std::nullopt, int root = -1) {
-    const CallHeader header{seq,
+  void Agree(CallKind kind, size_t count, std::optional<DataType> dtype, std::optional<ReduceOp> op = std::nullopt,
+             int root = -1) {
+    const CallHeader header{current_call_,
                             count,
                             static_cast<int32_t>(kind),
                             dtype ? static_cast<int32_t>(*dtype) : -1,
                             op ? static_cast<int32_t>(*op) : -1,
                             root};
-    CheckHeadersAgree(Context(seq), header);
+    CheckHeadersAgree(Context(current_call_), header);
   }
 
   // Where `data` lies in a live shared buffer of this rank, if it does.
@@ -331,8 +334,9 @@ class CommunicatorImpl : public Communicator {
     return CollectiveContext{*transport_, options_.chunk_bytes, options_.timeout_s, scratch_.data(), &arena_seq_, call};
   }
 
-  // Numbers each call in issue order (the number MismatchError reports) and writes its debug
-  // line: "r1 | allreduce #3 float32 x 10 sum".
+  // Numbers each call in issue order (the number PYCOMM_FAULT and the debug lines use; equal to
+  // MismatchError's unless threads race to issue calls) and writes its debug line:
+  // "r1 | allreduce #3 float32 x 10 sum".
   uint64_t Trace(const char* what, size_t count, DataType dtype, const char* detail) {
     uint64_t seq = ++calls_;
     Debug("%s #%llu %s x %zu %s", what, static_cast<unsigned long long>(seq), DataTypeName(dtype), count, detail);
@@ -357,7 +361,8 @@ class CommunicatorImpl : public Communicator {
   std::atomic<int> device_id_{-1};  // device_'s GPU, readable outside the executor
   std::atomic<uint64_t> calls_{0};
   const FaultPlan fault_ = FaultPlan::FromEnvironment();
-  uint64_t arena_seq_ = 0;  // only touched inside the executor
+  uint64_t arena_seq_ = 0;                     // only touched inside the executor
+  uint64_t calls_run_ = 0, current_call_ = 0;  // likewise: the running call's number (MismatchError's #N)
   // Shared buffers handed out by AllocateShared (only touched inside the executor).
   struct Registered {
     char* base;

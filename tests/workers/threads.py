@@ -272,13 +272,12 @@ MISORDERED = {
         lambda c: c.allreduce(np.ones(400_000, np.float32)),
         pycomm.MismatchError,
     ),
-    # The one-shot waits in shared memory, the broadcast for a message: neither side ever sees
-    # the other's call, so both time out.
+    # The broadcast checks its call through the same shared-memory round as the one-shot.
     "one-shot allreduce vs broadcast": (
         "auto",
         lambda c: c.allreduce(np.ones(10)),
         lambda c: c.broadcast(np.ones(10), root=0),
-        pycomm.PeerError,
+        pycomm.MismatchError,
     ),
 }
 
