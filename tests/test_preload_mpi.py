@@ -52,8 +52,10 @@ def check_program(tmp_path_factory):
 
 
 def preloaded(library):
-    # -genv: the ranks get the library, mpirun itself does not.
-    return ["-genv", "LD_PRELOAD", library]
+    # -genv: the ranks get the library, mpirun itself does not. In tools/sanitize.sh's run the
+    # sanitized library needs the sanitizer runtimes loaded first.
+    runtimes = os.environ.get("PYCOMM_SANITIZER_PRELOAD")
+    return ["-genv", "LD_PRELOAD", f"{runtimes} {library}" if runtimes else library]
 
 
 def cases(output):
