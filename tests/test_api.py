@@ -134,6 +134,21 @@ BAD_INPUTS = [
 ]
 
 
+def _torch_bad_inputs():
+    import torch
+
+    return [
+        ("tensor that requires grad", lambda c: c.allreduce(torch.ones(3, requires_grad=True)), ValueError),
+        ("non-contiguous tensor", lambda c: c.allreduce(torch.ones(4, 4).T), ValueError),
+        ("tensor out of another dtype", lambda c: c.allreduce(torch.ones(3), out=torch.ones(3, dtype=torch.float64)),
+         TypeError),
+        ("complex tensor", lambda c: c.allreduce(torch.ones(3, dtype=torch.complex64)), TypeError),
+    ]  # fmt: skip
+
+
+BAD_INPUTS += _torch_bad_inputs()
+
+
 @pytest.mark.parametrize("what,call,error", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_raises_and_leaves_communicator_usable(comm, what, call, error):
     with pytest.raises(error, match="pycomm"):
