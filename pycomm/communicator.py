@@ -4,6 +4,7 @@ import atexit
 import collections
 import sys
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -29,6 +30,7 @@ def _close_all() -> None:
         # failure, so that mpirun returns and reports it.
         sys.stderr.write("pycomm: a peer died or stopped answering; calling MPI_Abort instead of MPI_Finalize\n")
         sys.stderr.flush()
+        time.sleep(0.2)  # lets mpirun forward the line before the abort takes the job down
         MPI.COMM_WORLD.Abort(1)
 
 
