@@ -122,8 +122,8 @@ def test_c_program_pass_through(nprocs, library, check_program):
         "datatype a derived datatype:",
         "datatype MPI_SHORT:",
     ):
-        lines = [line for line in ours.stdout.splitlines() if "passes through to PMPI: " + reason in line]
-        assert len(lines) == nprocs, (reason, ours.stdout)
+        # mpirun may join the ranks' lines: count the reports, not the lines.
+        assert ours.stdout.count("passes through to PMPI: " + reason) == nprocs, (reason, ours.stdout)
     if nprocs >= 2:
         assert ours.stdout.count("passes through to PMPI: an intercommunicator") == nprocs
 

@@ -20,6 +20,6 @@ def test_torch_api(nprocs, bucket_mb):
 @pytest.mark.parametrize("nprocs", [1, 2])
 def test_torch_example(nprocs):
     result = run_mpi(nprocs, str(EXAMPLE), "--epochs", "5", timeout=240)
-    lines = [line for line in result.stdout.splitlines() if "held-out accuracy" in line]
-    assert len(lines) == nprocs
-    assert all("parameters identical on all ranks: True" in line for line in lines)
+    # mpirun may join the ranks' lines: count the reports, not the lines.
+    assert result.stdout.count("parameters identical on all ranks: True") == nprocs, result.stdout
+    assert "identical on all ranks: False" not in result.stdout
