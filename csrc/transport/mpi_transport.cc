@@ -84,8 +84,7 @@ class MpiTransport : public Transport {
     MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &size_);
-    MPI_Comm node;
-    Check(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node), "MPI_Comm_split_type");
+    MPI_Comm node = NodeComm();
     MPI_Comm_rank(node, &local_rank_);
     MPI_Comm_size(node, &local_size_);
     int node_leader = rank_;  // the node's id: its lowest rank in comm_
@@ -144,6 +143,47 @@ class MpiTransport : public Transport {
     return static_cast<int>(bytes);
   }
 #endif
+
+  // The ranks of comm_ on this rank's node. PYCOMM_NODE_ID (set per process) or
+  // PYCOMM_RANKS_PER_NODE=k (world ranks 0..k-1 on one node, k..2k-1 on the next, ...) override
+  // what MPI says, so that one machine can stand for several nodes: ranks of different nodes then
+  // share no memory and talk through MPI only.
+  MPI_Comm NodeComm() {
+    const char* id = std::getenv("PYCOMM_NODE_ID");
+    const char* per_node = std::getenv("PYCOMM_RANKS_PER_NODE");
+    const bool override = (id && *id) || (per_node && *per_node);
+    long color = 0;
+    bool ok = true;
+    if (id && *id) {
+      ok = ParseCount(id, &color, 0);
+    } else if (per_node && *per_node) {
+      long k = 0;
+      int world_rank = 0;
+      MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+      ok = ParseCount(per_node, &k, 1);
+      color = ok ? world_rank / k : 0;
+    }
+    // Every rank learns whether any rank's setting was bad before anyone splits on it.
+    if (!AllAgree()(ok)) {
+      throw CommError(
+          "pycomm: PYCOMM_NODE_ID must be an integer >= 0 and PYCOMM_RANKS_PER_NODE one >= 1 (on every rank)");
+    }
+    MPI_Comm node;
+    if (!AllAgree()(!override)) {  // any rank overrides: all must
+      if (!AllAgree()(override))
+        throw CommError("pycomm: PYCOMM_NODE_ID / PYCOMM_RANKS_PER_NODE is set on some ranks only");
+      Check(MPI_Comm_split(comm_, static_cast<int>(color), rank_, &node), "MPI_Comm_split");
+    } else {
+      Check(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node), "MPI_Comm_split_type");
+    }
+    return node;
+  }
+
+  static bool ParseCount(const char* text, long* value, long min) {
+    char* end = nullptr;
+    *value = std::strtol(text, &end, 10);
+    return end != text && *end == '\0' && *value >= min && *value <= INT_MAX;
+  }
 
   std::function<std::string(const std::string&)> NameFromRoot() {
     return [this](const std::string& name) {

@@ -1,0 +1,60 @@
+"""One machine standing for several nodes (PYCOMM_RANKS_PER_NODE, PYCOMM_NODE_ID): ranks of
+different "nodes" share no memory and talk through MPI only. MPIR_CVAR_NOLOCAL=1 makes MPICH
+itself treat every rank as remote, so the bytes between nodes leave shared memory for real."""
+
+import sys
+
+import pytest
+from launch import run_mpi, run_mpi_program
+
+pytestmark = pytest.mark.mpi
+
+NOLOCAL = {"MPIR_CVAR_NOLOCAL": "1"}
+
+# (ranks, PYCOMM_RANKS_PER_NODE): 2 nodes x 2 ranks, 3 nodes x 1 rank, uneven nodes of 2 + 1.
+LAYOUTS = [(4, "2"), (3, "1"), (3, "2")]
+
+
+@pytest.mark.parametrize("nprocs, per_node", LAYOUTS)
+@pytest.mark.parametrize("algorithm", ["auto", "ring"])
+def test_allreduce_matrix_on_simulated_nodes(nprocs, per_node, algorithm):
+    env = {"PYCOMM_RANKS_PER_NODE": per_node, "PYCOMM_ALGO": algorithm, **NOLOCAL}
+    run_mpi(nprocs, "collectives.py", "allreduce", timeout=300, env=env)
+
+
+@pytest.mark.parametrize("nprocs, per_node", LAYOUTS)
+@pytest.mark.parametrize("mode", ["others", "stress", "shared"])
+def test_other_collectives_on_simulated_nodes(nprocs, per_node, mode):
+    run_mpi(nprocs, "collectives.py", mode, timeout=300, env={"PYCOMM_RANKS_PER_NODE": per_node, **NOLOCAL})
+
+
+def _layout_script():
+    return (
+        "import numpy as np, pycomm; c = pycomm.Communicator(); "
+        "print(f'rank={c.rank} local={c.local_rank}/{c.local_size} "
+        "sum={int(c.allreduce(np.ones(1000, np.int64))[0])}')"
+    )
+
+
+def test_ranks_per_node_groups_world_ranks():
+    result = run_mpi(4, "-c", _layout_script(), env={"PYCOMM_RANKS_PER_NODE": "2", "PYCOMM_DEBUG": "1"})
+    for rank in range(4):
+        assert f"rank={rank} local={rank % 2}/2 sum=4" in result.stdout
+    # Ranks of different nodes get no shared segment: the transport is MPI alone.
+    assert result.stdout.count("created over mpi transport") == 4, result.stdout
+    assert "mpi+shm" not in result.stdout
+
+
+def test_node_id_per_process_mpmd():
+    """mpirun's MPMD form sets PYCOMM_NODE_ID per process: ranks 0-2 on node 0, rank 3 on node 1."""
+    program = [sys.executable, "-c", _layout_script()]
+    argv = ["-env", "PYCOMM_NODE_ID", "0", *program, ":", "-n", "1", "-env", "PYCOMM_NODE_ID", "1", *program]
+    result = run_mpi_program(3, argv, timeout=120)
+    for rank, local in [(0, "0/3"), (1, "1/3"), (2, "2/3"), (3, "0/1")]:
+        assert f"rank={rank} local={local} sum=4" in result.stdout, result.stdout
+
+
+def test_bad_node_setting_fails_on_every_rank():
+    result = run_mpi(2, "-c", _layout_script(), env={"PYCOMM_RANKS_PER_NODE": "0"}, check=False)
+    assert result.returncode != 0
+    assert "PYCOMM_RANKS_PER_NODE" in result.stdout
