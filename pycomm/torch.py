@@ -15,6 +15,7 @@ where the node has one, and start in the same order on every rank.
 
 import torch
 
+from .bucketing import plan_buckets
 from .communicator import Communicator
 
 _default = None
@@ -141,18 +142,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
 def _assign_buckets(comm, params: list, bucket_bytes: int) -> list:
     """Parameters in reverse order (the order backward produces them), one dtype per bucket."""
-    buckets, current, current_bytes = [], {}, {}
-    for p in reversed(params):
-        group = current.setdefault(p.dtype, [])
-        nbytes = p.numel() * p.element_size()
-        if group and current_bytes[p.dtype] + nbytes > bucket_bytes:
-            buckets.append(_Bucket(comm, group, p.dtype))
-            group = current[p.dtype] = []
-            current_bytes[p.dtype] = 0
-        group.append(p)
-        current_bytes[p.dtype] = current_bytes.get(p.dtype, 0) + nbytes
-    buckets += [_Bucket(comm, group, dtype) for dtype, group in current.items() if group]
-    return buckets
+    nbytes = [p.numel() * p.element_size() for p in params]
+    plan = plan_buckets(nbytes, bucket_bytes, [p.dtype for p in params])
+    return [_Bucket(comm, [params[i] for i in members], params[members[0]].dtype) for members in plan]
 
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer, comm=None, bucket_mb: float = 25.0, op="avg"):

@@ -69,7 +69,6 @@ class CommunicatorImpl : public Communicator {
   int local_rank() const override { return local_rank_; }
   int local_size() const override { return local_size_; }
   const Options& options() const override { return options_; }
-  bool peer_failed() const override { return peer_failed_; }
 
   void Allreduce(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op) override {
     CheckOp(dtype, op);
@@ -260,7 +259,7 @@ class CommunicatorImpl : public Communicator {
     } catch (const std::exception& e) {
       broken_reason_ = e.what();
       broken_ = true;
-      if (dynamic_cast<const PeerError*>(&e)) peer_failed_ = any_peer_failed = true;
+      if (dynamic_cast<const PeerError*>(&e)) any_peer_failed = true;
       throw;
     }
   }
@@ -337,11 +336,10 @@ class CommunicatorImpl : public Communicator {
   // Numbers each call in issue order (the number PYCOMM_FAULT and the debug lines use; equal to
   // MismatchError's unless threads race to issue calls) and writes its debug line:
   // "r1 | allreduce #3 float32 x 10 sum".
-  uint64_t Trace(const char* what, size_t count, DataType dtype, const char* detail) {
+  void Trace(const char* what, size_t count, DataType dtype, const char* detail) {
     uint64_t seq = ++calls_;
     Debug("%s #%llu %s x %zu %s", what, static_cast<unsigned long long>(seq), DataTypeName(dtype), count, detail);
     fault_.At(rank_, seq);
-    return seq;
   }
 
   template <typename... Args>
@@ -374,7 +372,6 @@ class CommunicatorImpl : public Communicator {
   uint32_t last_shared_id_ = 0;
   std::atomic<bool> closed_{false};
   std::atomic<bool> broken_{false};
-  std::atomic<bool> peer_failed_{false};
   std::string broken_reason_;
 };
 

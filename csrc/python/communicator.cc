@@ -136,8 +136,7 @@ void RegisterCommunicator(py::module_& m) {
           },
           py::arg("bytes"))
       .def("barrier", &Communicator::Barrier, py::call_guard<py::gil_scoped_release>())
-      .def("close", &Communicator::Close, py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("peer_failed", &Communicator::peer_failed);
+      .def("close", &Communicator::Close, py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace pycomm::python

@@ -10,20 +10,15 @@ import time
 
 import numpy as np
 
+from ..bucketing import plan_buckets
+
 
 class GradientBuckets:
     def __init__(self, comm, model, bucket_bytes: int, dtype, overlap: bool = True, device: bool = False):
         self.comm = comm
         self.overlap = overlap
         itemsize = np.dtype(dtype).itemsize
-        members, size = [[]], 0
-        for i in reversed(range(len(model.sizes))):
-            if members[-1] and (size + model.sizes[i]) * itemsize > bucket_bytes:
-                members.append([])
-                size = 0
-            members[-1].append(i)
-            size += model.sizes[i]
-        self.members = members
+        self.members = members = plan_buckets([n * itemsize for n in model.sizes], bucket_bytes)
         self.buffers = []
         self._bucket_of = {}
         views = {}

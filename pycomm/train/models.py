@@ -24,9 +24,6 @@ class Model:
     def views(self, flat) -> list:
         return [flat[o : o + n].reshape(s) for o, n, (_, s) in zip(self.offsets, self.sizes, self.shapes)]
 
-    def describe(self) -> str:
-        raise NotImplementedError
-
 
 class MLP(Model):
     """A classifier: `layers` hidden layers of `width` ReLU units, softmax cross-entropy loss."""
@@ -48,25 +45,24 @@ class MLP(Model):
                 view[...] = rng.standard_normal(shape) * math.sqrt(2.0 / shape[0])
         return flat
 
-    def logits(self, params: list, x):
-        h = x
+    def _forward(self, params: list, x) -> tuple:
+        """The logits, and the input of every layer (what backward needs)."""
+        inputs, h = [x], x
         for i in range(0, len(params), 2):
             h = h @ params[i] + params[i + 1]
             if i + 2 < len(params):
                 h = self.xp.maximum(h, 0)
-        return h
+                inputs.append(h)
+        return h, inputs
+
+    def _log_softmax(self, z):
+        z = z - z.max(axis=1, keepdims=True)
+        return z - self.xp.log(self.xp.exp(z).sum(axis=1, keepdims=True))
 
     def loss_and_backward(self, params: list, x, y, sink) -> float:
         xp = self.xp
-        inputs = [x]  # the input of every layer, kept for backward
-        h = x
-        for i in range(0, len(params), 2):
-            h = h @ params[i] + params[i + 1]
-            if i + 2 < len(params):
-                h = xp.maximum(h, 0)
-                inputs.append(h)
-        h = h - h.max(axis=1, keepdims=True)
-        log_probs = h - xp.log(xp.exp(h).sum(axis=1, keepdims=True))
+        logits, inputs = self._forward(params, x)
+        log_probs = self._log_softmax(logits)
         rows = xp.arange(len(y))
         loss = -float(log_probs[rows, y].mean())
         delta = xp.exp(log_probs)
@@ -84,12 +80,10 @@ class MLP(Model):
 
     def evaluate(self, params: list, x, y) -> tuple:
         """(mean loss, accuracy) on (x, y)."""
-        xp = self.xp
-        z = self.logits(params, x)
-        z = z - z.max(axis=1, keepdims=True)
-        log_probs = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))
-        loss = -float(log_probs[xp.arange(len(y)), y].mean())
-        return loss, float((z.argmax(axis=1) == y).mean())
+        logits, _ = self._forward(params, x)
+        log_probs = self._log_softmax(logits)
+        loss = -float(log_probs[self.xp.arange(len(y)), y].mean())
+        return loss, float((logits.argmax(axis=1) == y).mean())
 
 
 class Linear(Model):

@@ -84,6 +84,13 @@ def same_on_all_ranks(a: np.ndarray) -> bool:
     return len(set(digests)) == 1
 
 
+def run_mode(modes: dict) -> None:
+    """Runs the worker function that sys.argv[1] names, then agrees on the outcome across ranks."""
+    failures = Failures()
+    modes[sys.argv[1]](failures)
+    failures.finish()
+
+
 class Failures:
     """Collects failed cases on this rank, then agrees on the outcome across ranks."""
 

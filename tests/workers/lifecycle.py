@@ -6,7 +6,7 @@ usage: lifecycle.py MODE
 import sys
 
 import numpy as np
-from common import Failures
+from common import run_mode
 from mpi4py import MPI
 
 import pycomm
@@ -204,18 +204,18 @@ def killed_in_a_large_allreduce(failures):
 
 
 def main():
-    failures = Failures()
-    {
-        "bad-input": bad_input_on_one_rank,
-        "exit-in-flight": exit_with_work_in_flight,
-        "sub-communicators": communicators_on_sub_communicators,
-        "no-deadline": no_deadline,
-        "mismatch": mismatched_calls,
-        "mismatch-transport": mismatched_calls_over_the_transport,
-        "fault": injected_fault,
-        "killed": killed_in_a_large_allreduce,
-    }[sys.argv[1]](failures)
-    failures.finish()
+    run_mode(
+        {
+            "bad-input": bad_input_on_one_rank,
+            "exit-in-flight": exit_with_work_in_flight,
+            "sub-communicators": communicators_on_sub_communicators,
+            "no-deadline": no_deadline,
+            "mismatch": mismatched_calls,
+            "mismatch-transport": mismatched_calls_over_the_transport,
+            "fault": injected_fault,
+            "killed": killed_in_a_large_allreduce,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import threading
 import time
 
 import numpy as np
-from common import Failures, digest, make_input, matches, np_dtype
+from common import digest, make_input, matches, np_dtype, run_mode
 from mpi4py import MPI
 
 import pycomm
@@ -348,15 +348,15 @@ def misordered_identical_calls(failures):
 
 
 def main():
-    failures = Failures()
-    {
-        "separate": separate_communicators,
-        "ordered": ordered_on_one_communicator,
-        "unordered-identical": unordered_identical_async,
-        "misordered": misordered_on_one_communicator,
-        "misordered-identical": misordered_identical_calls,
-    }[sys.argv[1]](failures)
-    failures.finish()
+    run_mode(
+        {
+            "separate": separate_communicators,
+            "ordered": ordered_on_one_communicator,
+            "unordered-identical": unordered_identical_async,
+            "misordered": misordered_on_one_communicator,
+            "misordered-identical": misordered_identical_calls,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -155,10 +155,8 @@ class Communicator {
   virtual void BroadcastDevice(void* buf, size_t count, DataType dtype, int root, int device, void* stream) = 0;
   // Waits for queued operations, then releases the transport. Idempotent; later calls throw.
   virtual void Close() = 0;
-  // True once a call failed with PeerError (a peer died or stopped answering). The MPI job cannot
-  // then end cleanly: MPI_Finalize waits for every rank.
-  virtual bool peer_failed() const = 0;
-  // True once any communicator of this process has: what decides how the process may exit.
+  // True once a call on any communicator of this process failed with PeerError (a peer died or
+  // stopped answering). The MPI job cannot then end cleanly: MPI_Finalize waits for every rank.
   static bool AnyPeerFailed();
 };
 
