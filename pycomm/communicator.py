@@ -66,11 +66,12 @@ class Communicator:
     with matching arguments. Works as a context manager; close() is idempotent.
 
     Keyword settings override the environment: `timeout` (PYCOMM_TIMEOUT, seconds),
-    `chunk_bytes` (PYCOMM_CHUNK_BYTES), `algorithm` (PYCOMM_ALGO: auto, ring, oneshot),
-    `debug` (PYCOMM_DEBUG).
+    `chunk_bytes` (PYCOMM_CHUNK_BYTES), `algorithm` (PYCOMM_ALGO: auto, ring, oneshot,
+    hierarchical), `inter_node` (PYCOMM_INTER_NODE: how the hierarchical allreduce crosses nodes:
+    auto, mpi, ring), `debug` (PYCOMM_DEBUG).
     """
 
-    def __init__(self, comm=None, *, timeout=None, chunk_bytes=None, algorithm=None, debug=None):
+    def __init__(self, comm=None, *, timeout=None, chunk_bytes=None, algorithm=None, inter_node=None, debug=None):
         if comm is None:
             comm = MPI.COMM_WORLD
         if not isinstance(comm, MPI.Intracomm):
@@ -84,6 +85,7 @@ class Communicator:
             settings.timeout(timeout),
             settings.debug(debug),
             settings.ALGORITHMS.index(settings.algorithm(algorithm)),
+            settings.INTER_NODE.index(settings.inter_node(inter_node)),
         )
         self._closed = False
         # Async work holds its arrays until it has run, even if the caller drops the Work. The
@@ -123,6 +125,10 @@ class Communicator:
     @property
     def algorithm(self) -> str:
         return settings.ALGORITHMS[self._native.algorithm]
+
+    @property
+    def inter_node(self) -> str:
+        return settings.INTER_NODE[self._native.inter_node]
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"rank {self.rank} of {self.size}"

@@ -38,16 +38,28 @@ def chunk_bytes(value=None) -> int:
 
 
 # Same order as pycomm::Algorithm in csrc/include/pycomm/pycomm.h.
-ALGORITHMS = ("auto", "ring", "oneshot")
+ALGORITHMS = ("auto", "ring", "oneshot", "hierarchical")
+# Same order as pycomm::InterNode.
+INTER_NODE = ("auto", "mpi", "ring")
+
+
+def _choice(what, value, variable, choices) -> str:
+    raw = value if value is not None else _env(variable)
+    name = (raw or "auto").lower()
+    if name not in choices:
+        raise ValueError(f"pycomm: {what} must be one of {', '.join(choices)}, got {raw!r}")
+    return name
 
 
 def algorithm(value=None) -> str:
-    """The allreduce algorithm (PYCOMM_ALGO): auto, or ring / oneshot to force one."""
-    raw = value if value is not None else _env("PYCOMM_ALGO")
-    name = (raw or "auto").lower()
-    if name not in ALGORITHMS:
-        raise ValueError(f"pycomm: algorithm must be one of {', '.join(ALGORITHMS)}, got {raw!r}")
-    return name
+    """The allreduce algorithm (PYCOMM_ALGO): auto, or ring / oneshot / hierarchical to force one."""
+    return _choice("algorithm", value, "PYCOMM_ALGO", ALGORITHMS)
+
+
+def inter_node(value=None) -> str:
+    """How the hierarchical allreduce moves slices between nodes (PYCOMM_INTER_NODE): auto, mpi
+    (MPI_Iallreduce) or ring (pycomm's ring over MPI point-to-point)."""
+    return _choice("inter_node", value, "PYCOMM_INTER_NODE", INTER_NODE)
 
 
 def debug(value=None) -> bool:

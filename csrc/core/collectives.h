@@ -53,6 +53,14 @@ struct SharedPlacement {
 bool AllreduceInSharedBuffer(const CollectiveContext& ctx, const SharedPlacement& placement, bool in_place,
                              size_t count, DataType dtype, ReduceOp op);
 
+struct Hierarchy;
+
+// Hierarchical allreduce over the groups of `hierarchy` (core/hierarchy.h): reduce-scatter inside
+// each node through shared memory, allreduce of each slice across nodes (`inter`), allgather
+// inside each node; in pieces, pipelined. ctx.transport is the whole communicator.
+void AllreduceHierarchical(const CollectiveContext& ctx, Hierarchy& hierarchy, InterNode inter, const void* send,
+                           void* recv, size_t count, DataType dtype, ReduceOp op);
+
 // Ring reduce-scatter of size * recv_count elements; this rank's block lands in recv.
 void ReduceScatterRing(const CollectiveContext& ctx, const void* send, void* recv, size_t recv_count, DataType dtype,
                        ReduceOp op);

@@ -15,6 +15,7 @@
 #include "core/device.h"
 #include "core/executor.h"
 #include "core/fault.h"
+#include "core/hierarchy.h"
 #include "pycomm/pycomm.h"
 #include "transport/shared_arena.h"
 #include "transport/transport.h"
@@ -45,13 +46,21 @@ class CommunicatorImpl : public Communicator {
     if (!(options_.timeout_s > 0)) throw std::invalid_argument("pycomm: timeout must be positive");
     scratch_.resize(kPipelineDepth * options_.chunk_bytes);
     executor_ = std::make_unique<Executor>(!options_.blocking_only);
-    if (static_cast<int>(options_.algorithm) < 0 || static_cast<int>(options_.algorithm) > 2) {
+    if (static_cast<int>(options_.algorithm) < 0 || static_cast<int>(options_.algorithm) >= kNumAlgorithms) {
       throw std::invalid_argument("pycomm: unknown algorithm code " +
                                   std::to_string(static_cast<int>(options_.algorithm)));
     }
+    if (static_cast<int>(options_.inter_node) < 0 || static_cast<int>(options_.inter_node) >= kNumInterNode) {
+      throw std::invalid_argument("pycomm: unknown inter-node code " +
+                                  std::to_string(static_cast<int>(options_.inter_node)));
+    }
+    for (int q = 0; q < size_; ++q) multi_node_ = multi_node_ || transport_->node_of(q) != 0;
     Debug("created over %s transport, size %d, chunk %zu bytes", transport_->name(), size(), options_.chunk_bytes);
     if (options_.algorithm == Algorithm::kOneShot && !transport_->arena() && size_ > 1) {
       Debug("algorithm oneshot needs ranks that share memory; the ring runs instead");
+    }
+    if (options_.algorithm == Algorithm::kHierarchical && !multi_node_ && size_ > 1) {
+      Debug("algorithm hierarchical needs ranks on several nodes; the ring runs instead");
     }
   }
 
@@ -194,6 +203,7 @@ class CommunicatorImpl : public Communicator {
         }
       }
       device_.reset();  // it talks through the transport
+      hierarchy_.reset();
       transport_.reset();
     });
   }
@@ -284,7 +294,30 @@ class CommunicatorImpl : public Communicator {
     } else {
       Agree(CallKind::kAllreduce, count, dtype, op);
     }
+    if (UseHierarchical()) {
+      if (Hierarchy* hierarchy = GetHierarchy()) {
+        return AllreduceHierarchical(Context(current_call_), *hierarchy, options_.inter_node, send, recv, count, dtype,
+                                     op);
+      }
+    }
     AllreduceRing(Context(), send, recv, count, dtype, op);
+  }
+
+  // Across nodes the hierarchy wins at every size (measured, docs/algorithms.md).
+  bool UseHierarchical() const {
+    return multi_node_ && (options_.algorithm == Algorithm::kAuto || options_.algorithm == Algorithm::kHierarchical);
+  }
+
+  // Built by the first call that needs it (collective: every rank gets there in the same call);
+  // null for good where it cannot run, and the ring takes its place.
+  Hierarchy* GetHierarchy() {
+    if (!hierarchy_built_) {
+      hierarchy_ = BuildHierarchy(Context());
+      hierarchy_built_ = true;
+      Debug(hierarchy_ ? "hierarchy: %d slices across nodes" : "hierarchy unavailable: the ring runs instead",
+            hierarchy_ ? hierarchy_->slices : 0);
+    }
+    return hierarchy_.get();
   }
 
   // Before any data moves over the transport: every rank must be making this same call.
@@ -356,6 +389,9 @@ class CommunicatorImpl : public Communicator {
   std::vector<char> scratch_;
   std::unique_ptr<Executor> executor_;
   std::unique_ptr<DeviceCollectives> device_;
+  bool multi_node_ = false;  // the ranks span several nodes (fixed at creation)
+  std::unique_ptr<Hierarchy> hierarchy_;  // only touched inside the executor
+  bool hierarchy_built_ = false;
   std::atomic<int> device_id_{-1};  // device_'s GPU, readable outside the executor
   std::atomic<uint64_t> calls_{0};
   const FaultPlan fault_ = FaultPlan::FromEnvironment();

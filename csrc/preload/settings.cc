@@ -82,8 +82,22 @@ Options OptionsFromEnvironment() {
       options.algorithm = Algorithm::kRing;
     } else if (name == "oneshot") {
       options.algorithm = Algorithm::kOneShot;
+    } else if (name == "hierarchical") {
+      options.algorithm = Algorithm::kHierarchical;
     } else {
       Warn("PYCOMM_ALGO", raw);
+    }
+  }
+  if (const char* raw = Env("PYCOMM_INTER_NODE")) {
+    const std::string name = Lower(raw);
+    if (name == "auto") {
+      options.inter_node = InterNode::kAuto;
+    } else if (name == "mpi") {
+      options.inter_node = InterNode::kMpi;
+    } else if (name == "ring") {
+      options.inter_node = InterNode::kRing;
+    } else {
+      Warn("PYCOMM_INTER_NODE", raw);
     }
   }
   return options;

@@ -44,16 +44,19 @@ void RegisterCommunicator(py::module_& m) {
       .def("seconds", &Work::Seconds);
 
   py::class_<Communicator>(m, "Communicator")
-      .def(py::init([](uint64_t mpi_comm, size_t chunk_bytes, double timeout_s, bool debug, int algorithm) {
+      .def(py::init([](uint64_t mpi_comm, size_t chunk_bytes, double timeout_s, bool debug, int algorithm,
+                       int inter_node) {
              Options options;
              options.chunk_bytes = chunk_bytes;
              options.timeout_s = timeout_s;
              options.debug = debug;
              options.algorithm = static_cast<Algorithm>(algorithm);
+             options.inter_node = static_cast<InterNode>(inter_node);
              py::gil_scoped_release release;
              return Communicator::FromMpi(static_cast<intptr_t>(mpi_comm), options);
            }),
-           py::arg("mpi_comm"), py::arg("chunk_bytes"), py::arg("timeout_s"), py::arg("debug"), py::arg("algorithm"))
+           py::arg("mpi_comm"), py::arg("chunk_bytes"), py::arg("timeout_s"), py::arg("debug"), py::arg("algorithm"),
+           py::arg("inter_node"))
       .def_property_readonly("rank", &Communicator::rank)
       .def_property_readonly("size", &Communicator::size)
       .def_property_readonly("local_rank", &Communicator::local_rank)
@@ -61,6 +64,8 @@ void RegisterCommunicator(py::module_& m) {
       .def_property_readonly("chunk_bytes", [](const Communicator& c) { return c.options().chunk_bytes; })
       .def_property_readonly("timeout", [](const Communicator& c) { return c.options().timeout_s; })
       .def_property_readonly("algorithm", [](const Communicator& c) { return static_cast<int>(c.options().algorithm); })
+      .def_property_readonly("inter_node",
+                             [](const Communicator& c) { return static_cast<int>(c.options().inter_node); })
       .def(
           "allreduce",
           [](Communicator& c, const py::array& send, const py::array& recv, size_t count, int dtype, int op) {

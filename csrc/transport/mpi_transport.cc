@@ -2,6 +2,7 @@
 
 #include <mpi.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -31,22 +32,24 @@ void Check(int rc, const char* what) {
 
 class MpiRequest : public Request {
  public:
-  MpiRequest(MPI_Request request, int peer, bool is_recv, const PeerWatch* watch)
-      : request_(request), peer_(peer), is_recv_(is_recv), watch_(watch) {}
+  enum Kind { kSend, kRecv, kCollective };
+  MpiRequest(MPI_Request request, int peer, Kind kind, const PeerWatch* watch)
+      : request_(request), peer_(peer), kind_(kind), watch_(watch) {}
 
   ~MpiRequest() override {
-    // Reached with an active request only when a collective is abandoned after an error.
+    // Reached with an active request only when a collective is abandoned after an error. MPI
+    // forbids freeing or cancelling a nonblocking collective: that one is left to MPI_Finalize.
     int finalized = 0;
     MPI_Finalized(&finalized);
-    if (request_ == MPI_REQUEST_NULL || finalized) return;
-    if (is_recv_) MPI_Cancel(&request_);
+    if (request_ == MPI_REQUEST_NULL || finalized || kind_ == kCollective) return;
+    if (kind_ == kRecv) MPI_Cancel(&request_);
     MPI_Request_free(&request_);
   }
 
   bool Test() override {
     if (request_ == MPI_REQUEST_NULL) return true;
     int done = 0;
-    Check(MPI_Test(&request_, &done, MPI_STATUS_IGNORE), is_recv_ ? "MPI_Test(recv)" : "MPI_Test(send)");
+    Check(MPI_Test(&request_, &done, MPI_STATUS_IGNORE), kNames[kind_]);
     // MPI itself may never notice that a rank on this node died: a message it owes never comes.
     if (!done && watch_ && (++polls_ & PeerWatch::kPollMask) == 0) watch_->Check();
     return done != 0;
@@ -55,16 +58,56 @@ class MpiRequest : public Request {
   int peer() const override { return peer_; }
 
  private:
+  static constexpr const char* kNames[] = {"MPI_Test(send)", "MPI_Test(recv)", "MPI_Test(MPI_Iallreduce)"};
   MPI_Request request_;
   int peer_;
-  bool is_recv_;
+  Kind kind_;
   const PeerWatch* watch_;
   unsigned polls_ = 0;
 };
 
+// MPI's datatype for `dtype`; MPI_DATATYPE_NULL for the 16-bit floats (no portable MPI type).
+MPI_Datatype MpiDataType(DataType dtype) {
+  switch (dtype) {
+    case DataType::kFloat32:
+      return MPI_FLOAT;
+    case DataType::kFloat64:
+      return MPI_DOUBLE;
+    case DataType::kInt8:
+      return MPI_INT8_T;
+    case DataType::kUInt8:
+      return MPI_UINT8_T;
+    case DataType::kInt32:
+      return MPI_INT32_T;
+    case DataType::kInt64:
+      return MPI_INT64_T;
+    case DataType::kUInt32:
+      return MPI_UINT32_T;
+    case DataType::kUInt64:
+      return MPI_UINT64_T;
+    default:
+      return MPI_DATATYPE_NULL;
+  }
+}
+
+MPI_Op MpiOp(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+    case ReduceOp::kAvg:  // the caller divides
+      return MPI_SUM;
+    case ReduceOp::kProd:
+      return MPI_PROD;
+    case ReduceOp::kMin:
+      return MPI_MIN;
+    case ReduceOp::kMax:
+      return MPI_MAX;
+  }
+  return MPI_OP_NULL;
+}
+
 class MpiTransport : public Transport {
  public:
-  MpiTransport(MPI_Comm parent, bool caller_thread_only) {
+  MpiTransport(MPI_Comm parent, bool caller_thread_only) : caller_thread_only_(caller_thread_only) {
     int initialized = 0;
     MPI_Initialized(&initialized);
     if (!initialized) throw CommError("pycomm: MPI is not initialised (import mpi4py.MPI first)");
@@ -90,7 +133,9 @@ class MpiTransport : public Transport {
     int node_leader = rank_;  // the node's id: its lowest rank in comm_
     Check(MPI_Bcast(&node_leader, 1, MPI_INT, 0, node), "MPI_Bcast");
     MPI_Comm_free(&node);
-    watch_ = WatchPeers(node_leader);
+    const std::vector<ProcessIdentity> processes = AllProcesses(node_leader);
+    watch_ = std::make_unique<PeerWatch>(rank_, processes);
+    NumberNodes(processes);
     // PYCOMM_SHM=0 keeps every byte on MPI (like NCCL_SHM_DISABLE): for debugging and tests.
     const char* shm = std::getenv("PYCOMM_SHM");
     const bool shm_allowed = !(shm && std::string(shm) == "0");
@@ -118,7 +163,7 @@ class MpiTransport : public Transport {
 #else
     Check(MPI_Isend(buf, CheckedCount(bytes), MPI_BYTE, peer, kTag, comm_, &request), "MPI_Isend");
 #endif
-    return std::make_unique<MpiRequest>(request, peer, false, watch_.get());
+    return std::make_unique<MpiRequest>(request, peer, MpiRequest::kSend, watch_.get());
   }
 
   std::unique_ptr<Request> Irecv(int peer, void* buf, size_t bytes) override {
@@ -128,12 +173,42 @@ class MpiTransport : public Transport {
 #else
     Check(MPI_Irecv(buf, CheckedCount(bytes), MPI_BYTE, peer, kTag, comm_, &request), "MPI_Irecv");
 #endif
-    return std::make_unique<MpiRequest>(request, peer, true, watch_.get());
+    return std::make_unique<MpiRequest>(request, peer, MpiRequest::kRecv, watch_.get());
   }
 
   std::shared_ptr<void> MapShared(size_t total_bytes) override {
     if (!arena_) return nullptr;  // the ranks do not all share this node
     return MapSharedSegment(rank_, total_bytes, NameFromRoot(), AllAgree());
+  }
+
+  int node_of(int rank) const override { return node_of_[rank]; }
+
+  std::unique_ptr<Transport> Subgroup(const std::vector<int>& ranks, int tag) override {
+    MPI_Group all, part;
+    Check(MPI_Comm_group(comm_, &all), "MPI_Comm_group");
+    Check(MPI_Group_incl(all, static_cast<int>(ranks.size()), ranks.data(), &part), "MPI_Group_incl");
+    MPI_Comm sub;
+    // Collective over the group's members only: ranks outside it go on undisturbed.
+    const int rc = MPI_Comm_create_group(comm_, part, tag, &sub);
+    MPI_Group_free(&part);
+    MPI_Group_free(&all);
+    Check(rc, "MPI_Comm_create_group");
+    auto transport = std::make_unique<MpiTransport>(sub, caller_thread_only_);
+    MPI_Comm_free(&sub);  // the transport holds its own duplicate
+    return transport;
+  }
+
+  std::unique_ptr<Request> IallreduceInPlace(void* buf, size_t count, DataType dtype, ReduceOp op) override {
+    const MPI_Datatype type = MpiDataType(dtype);
+    if (type == MPI_DATATYPE_NULL) return nullptr;
+    MPI_Request request;
+#if MPI_VERSION >= 4
+    Check(MPI_Iallreduce_c(MPI_IN_PLACE, buf, static_cast<MPI_Count>(count), type, MpiOp(op), comm_, &request),
+          "MPI_Iallreduce_c");
+#else
+    Check(MPI_Iallreduce(MPI_IN_PLACE, buf, CheckedCount(count), type, MpiOp(op), comm_, &request), "MPI_Iallreduce");
+#endif
+    return std::make_unique<MpiRequest>(request, -1, MpiRequest::kCollective, watch_.get());
   }
 
  private:
@@ -208,17 +283,29 @@ class MpiTransport : public Transport {
     return CreateShmArena(rank_, size_, kArenaSlotBytes, NameFromRoot(), AllAgree());
   }
 
-  // Every rank's process identity, so that waits notice a dead rank on this node.
-  std::unique_ptr<PeerWatch> WatchPeers(int node_leader) {
+  // Every rank's process and node, so that waits notice a dead rank on this node.
+  std::vector<ProcessIdentity> AllProcesses(int node_leader) {
     const ProcessIdentity self = ThisProcess(node_leader);
     std::vector<ProcessIdentity> all(size_);
     static_assert(sizeof(ProcessIdentity) == 3 * sizeof(int64_t), "sent as three int64");
     Check(MPI_Allgather(&self, 3, MPI_INT64_T, all.data(), 3, MPI_INT64_T, comm_), "MPI_Allgather");
-    return std::make_unique<PeerWatch>(rank_, all);
+    return all;
   }
 
+  // Node q is the q-th distinct node leader in rank order (leaders are their node's lowest rank).
+  void NumberNodes(const std::vector<ProcessIdentity>& processes) {
+    std::vector<int64_t> leaders;
+    for (const ProcessIdentity& p : processes) {
+      auto it = std::find(leaders.begin(), leaders.end(), p.node);
+      node_of_.push_back(static_cast<int>(it - leaders.begin()));
+      if (it == leaders.end()) leaders.push_back(p.node);
+    }
+  }
+
+  const bool caller_thread_only_;
   MPI_Comm comm_ = MPI_COMM_NULL;
   std::unique_ptr<PeerWatch> watch_;
+  std::vector<int> node_of_;  // per rank
   int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1;
   std::unique_ptr<SharedArena> arena_;
 };

@@ -8,6 +8,9 @@
 
 #include <cstddef>
 #include <memory>
+#include <vector>
+
+#include "pycomm/pycomm.h"
 
 namespace pycomm {
 
@@ -42,6 +45,31 @@ class Transport {
   // rank) where the ranks do not all share a node.
   virtual std::shared_ptr<void> MapShared(size_t total_bytes) {
     (void)total_bytes;
+    return nullptr;
+  }
+
+  // Which node `rank` is on: nodes are numbered 0, 1, ... in the order of their lowest rank, and
+  // only ranks of one node share memory. The default is one node.
+  virtual int node_of(int rank) const {
+    (void)rank;
+    return 0;
+  }
+  // Collective over exactly `ranks` (ascending, this rank among them): a transport among them, in
+  // which ranks[i] is rank i. A rank that joins several groups must create them in the same order
+  // as every other member, each with its own `tag`. Null where this transport cannot make one.
+  virtual std::unique_ptr<Transport> Subgroup(const std::vector<int>& ranks, int tag) {
+    (void)ranks;
+    (void)tag;
+    return nullptr;
+  }
+  // Starts an allreduce of `buf` in place, run by the library beneath the transport (MPI's own
+  // MPI_Iallreduce); null where it cannot reduce this dtype and op. kAvg reduces as kSum. Its
+  // Request's peer() is -1.
+  virtual std::unique_ptr<Request> IallreduceInPlace(void* buf, size_t count, DataType dtype, ReduceOp op) {
+    (void)buf;
+    (void)count;
+    (void)dtype;
+    (void)op;
     return nullptr;
   }
 };

@@ -71,7 +71,19 @@ enum class Algorithm : int {
   kAuto = 0,
   kRing,     // chunked, pipelined ring over point-to-point messages: any size, any placement
   kOneShot,  // every rank reduces everyone's data from shared memory: small messages, one node
+  // Reduce-scatter inside each node over shared memory, allreduce of the slices across nodes,
+  // allgather inside each node: several nodes. Runs the ring where the ranks share one node.
+  kHierarchical,
 };
+constexpr int kNumAlgorithms = 4;
+
+// How the hierarchical allreduce moves slices between nodes.
+enum class InterNode : int {
+  kAuto = 0,  // MPI's own allreduce where it reduces the dtype, else the ring
+  kMpi,       // MPI_Iallreduce (float16 and bfloat16, which MPI lacks, take the ring)
+  kRing,      // pycomm's ring over MPI point-to-point
+};
+constexpr int kNumInterNode = 3;
 
 struct Options {
   // Collectives move data in chunks of this many bytes so that sending, receiving and reducing
@@ -83,6 +95,7 @@ struct Options {
   bool debug = false;
   // kOneShot runs only where all ranks share a node (elsewhere the ring does).
   Algorithm algorithm = Algorithm::kAuto;
+  InterNode inter_node = InterNode::kAuto;
   // Blocking calls only: no progress thread is started and AllreduceAsync throws CommError.
   // Every operation then runs on the calling thread, so FromMpi accepts MPI at any thread level
   // (an unchanged MPI program that called MPI_Init), not only MPI_THREAD_MULTIPLE.

@@ -1,0 +1,220 @@
+// Hierarchical allreduce: the data goes in pieces through three stages, pipelined so that the
+// slow link between nodes stays busy while the fast memory of each node does its part.
+//   1. reduce-scatter on the node: every rank copies its piece into its staging buffer in shared
+//      memory; the owner of each slice reduces that slice from every local buffer, in local rank
+//      order, into its own buffer;
+//   2. across nodes: each slice is allreduced among its owners, one per node, in place (MPI's
+//      own MPI_Iallreduce, or a ring over MPI point-to-point);
+//   3. allgather on the node: every rank copies each slice from its owner's buffer.
+// Piece i+1's stage 1 runs while piece i's slices cross between nodes, and piece i's stage 3
+// while piece i+1's cross. Every slice is reduced in one fixed order and then copied, so all
+// ranks get the same bits.
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "core/blocks.h"
+#include "core/collectives.h"
+#include "core/hierarchy.h"
+#include "reduce/reduce.h"
+#include "transport/shared_arena.h"
+#include "transport/wait.h"
+
+namespace pycomm {
+
+namespace {
+
+int Mod(int a, int n) { return ((a % n) + n) % n; }
+
+// A ring allreduce of one slice in place, advanced a step at a time by Test() so that it can run
+// while this rank does other work: reduce-scatter then allgather, one block per step (the slice
+// is already a pipeline piece). Block b is reduced in ring order ending at its owner, then
+// copied, like the blocking ring.
+class RingStepper : public Request {
+ public:
+  RingStepper(Transport& group, char* data, size_t count, DataType dtype, ReduceOp op)
+      : group_(group),
+        data_(data),
+        es_(DataTypeSize(dtype)),
+        layout_(count, group.size()),
+        reduce_(GetReduceFn(dtype, op)),
+        received_(new char[layout_.max_length() * es_]) {
+    Start();
+  }
+
+  bool Test() override {
+    while (step_ < Steps()) {
+      if (!send_->Test() || !recv_->Test()) return false;
+      if (step_ < size() - 1) {
+        const int b = Mod(rank() - step_ - 2, size());
+        reduce_(Block(b), received_.get(), Block(b), layout_.length(b));
+      }
+      ++step_;
+      Start();
+    }
+    return true;
+  }
+  int peer() const override { return Mod(rank() - 1, size()); }
+
+ private:
+  int rank() const { return group_.rank(); }
+  int size() const { return group_.size(); }
+  int Steps() const { return 2 * (size() - 1); }
+  char* Block(int b) const { return data_ + layout_.offset(b) * es_; }
+
+  // Reduce-scatter step s sends block r-s-1 and receives block r-s-2 to reduce; allgather step
+  // s sends block r-s (finished) and receives block r-s-1 in place.
+  void Start() {
+    if (step_ >= Steps()) return;
+    const int r = rank(), P = size();
+    const bool scatter = step_ < P - 1;
+    const int s = scatter ? step_ : step_ - (P - 1);
+    const int out = Mod(scatter ? r - s - 1 : r - s, P), in = Mod(scatter ? r - s - 2 : r - s - 1, P);
+    recv_ = group_.Irecv(Mod(r - 1, P), scatter ? received_.get() : Block(in), layout_.length(in) * es_);
+    send_ = group_.Isend(Mod(r + 1, P), Block(out), layout_.length(out) * es_);
+  }
+
+  Transport& group_;
+  char* data_;
+  size_t es_;
+  BlockLayout layout_;
+  ReduceFn reduce_;
+  std::unique_ptr<char[]> received_;
+  int step_ = 0;
+  std::unique_ptr<Request> send_, recv_;
+};
+
+class HierarchicalAllreduce {
+ public:
+  HierarchicalAllreduce(const CollectiveContext& ctx, Hierarchy& h, InterNode inter, DataType dtype, ReduceOp op)
+      : ctx_(ctx), h_(h), inter_(inter), dtype_(dtype), op_(op), es_(DataTypeSize(dtype)), reduce_(GetReduceFn(dtype, op)) {}
+
+  void Run(const char* in, char* out, size_t count) {
+    const size_t piece = std::max<size_t>(1, h_.piece_bytes / es_);
+    const uint64_t pieces = (count + piece - 1) / piece;
+    auto begin = [&](uint64_t i) { return i * piece; };
+    auto length = [&](uint64_t i) { return std::min(piece, count - i * piece); };
+    if (!h_.node) {
+      // Alone on this node: every slice is this rank's, and crosses straight from the output.
+      for (uint64_t i = 0; i < pieces; ++i) {
+        char* data = out + begin(i) * es_;
+        if (in != out) std::memcpy(data, in + begin(i) * es_, length(i) * es_);
+        Cross(data, length(i));
+        Finish(data, length(i));
+      }
+      return;
+    }
+    if (pieces == 0) return;
+    ReduceScatter(in + begin(0) * es_, 0, length(0));
+    Cross(h_.buffer(h_.local_rank, 0), length(0));
+    for (uint64_t i = 0; i < pieces; ++i) {
+      if (i + 1 < pieces) ReduceScatter(in + begin(i + 1) * es_, i + 1, length(i + 1));
+      Finish(h_.buffer(h_.local_rank, i), length(i));
+      if (i + 1 < pieces) Cross(h_.buffer(h_.local_rank, i + 1), length(i + 1));
+      Allgather(out + begin(i) * es_, i, length(i));
+    }
+  }
+
+ private:
+  // Stage 1 for piece `i` of n elements at `in`.
+  void ReduceScatter(const char* in, uint64_t i, size_t n) {
+    char* mine = h_.buffer(h_.local_rank, i);
+    Copy(mine, in, n * es_);
+    NodeRound();
+    const BlockLayout slices(n, h_.slices);
+    // Through a cache-sized accumulator: this rank's own buffer is one of the inputs, reduced in
+    // its place in rank order, and receives the result.
+    const size_t step = std::max<size_t>(1, std::min(kCacheBytes, kPipelineDepth * ctx_.chunk_bytes) / es_);
+    for (int s : h_.owned) {
+      for (size_t at = slices.offset(s), end = at + slices.length(s); at < end; at += step) {
+        const size_t len = std::min(step, end - at);
+        char* acc = ctx_.scratch;
+        reduce_(h_.buffer(0, i) + at * es_, h_.buffer(1, i) + at * es_, acc, len);
+        for (int q = 2; q < h_.local_size; ++q) reduce_(acc, h_.buffer(q, i) + at * es_, acc, len);
+        std::memcpy(mine + at * es_, acc, len * es_);
+        Progress();
+      }
+    }
+  }
+
+  // Stage 2: starts the allreduce of every owned slice of the piece of n elements at `data`.
+  void Cross(char* data, size_t n) {
+    const BlockLayout slices(n, h_.slices);
+    for (int s : h_.owned) {
+      char* slice = data + slices.offset(s) * es_;
+      const size_t len = slices.length(s);
+      Transport& group = *h_.across[s];
+      std::unique_ptr<Request> request;
+      if (inter_ != InterNode::kRing) request = group.IallreduceInPlace(slice, len, dtype_, op_);
+      if (!request) request = std::make_unique<RingStepper>(group, slice, len, dtype_, op_);
+      in_flight_.push_back(std::move(request));
+    }
+  }
+
+  // The piece's slices have crossed: finish the average on each.
+  void Finish(char* data, size_t n) {
+    WaitAll(in_flight_, ctx_.timeout_s);
+    in_flight_.clear();
+    if (op_ != ReduceOp::kAvg) return;
+    const BlockLayout slices(n, h_.slices);
+    for (int s : h_.owned) ScaleDown(data + slices.offset(s) * es_, slices.length(s), dtype_, ctx_.transport.size());
+  }
+
+  // Stage 3 for piece `i` of n elements, into `out`.
+  void Allgather(char* out, uint64_t i, size_t n) {
+    NodeRound();
+    const BlockLayout slices(n, h_.slices);
+    for (int s = 0; s < h_.slices; ++s) {
+      const size_t at = slices.offset(s) * es_;
+      Copy(out + at, h_.buffer(s % h_.local_size, i) + at, slices.length(s) * es_);
+    }
+  }
+
+  // memcpy in steps, letting the slices in flight between nodes progress in between (MPI moves
+  // a message only while some MPI call runs).
+  void Copy(char* dst, const char* src, size_t bytes) {
+    for (size_t done = 0; done < bytes; done += kCopyStep) {
+      std::memcpy(dst + done, src + done, std::min(kCopyStep, bytes - done));
+      Progress();
+    }
+  }
+
+  void Progress() {
+    for (auto& request : in_flight_) request->Test();
+  }
+
+  // Every local rank has finished what it did before this round (release / acquire).
+  void NodeRound() {
+    SharedArena& arena = *h_.node->arena();
+    const uint64_t seq = ++h_.node_seq;
+    SharedArena::CallInfo info{0, static_cast<int32_t>(dtype_), static_cast<int32_t>(op_), 0, 0,
+                               SharedArena::kHierarchical, 0};
+    info.call = ctx_.call;
+    arena.Post(seq, info);
+    arena.WaitAll(seq, ctx_.timeout_s);
+  }
+
+  static constexpr size_t kCacheBytes = size_t{64} << 10;
+  static constexpr size_t kCopyStep = size_t{256} << 10;
+
+  const CollectiveContext& ctx_;
+  Hierarchy& h_;
+  InterNode inter_;
+  DataType dtype_;
+  ReduceOp op_;
+  size_t es_;
+  ReduceFn reduce_;
+  std::vector<std::unique_ptr<Request>> in_flight_;
+};
+
+}  // namespace
+
+void AllreduceHierarchical(const CollectiveContext& ctx, Hierarchy& hierarchy, InterNode inter, const void* send,
+                           void* recv, size_t count, DataType dtype, ReduceOp op) {
+  HierarchicalAllreduce(ctx, hierarchy, inter, dtype, op)
+      .Run(static_cast<const char*>(send), static_cast<char*>(recv), count);
+}
+
+}  // namespace pycomm
