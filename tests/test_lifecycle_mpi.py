@@ -80,6 +80,21 @@ def test_dead_or_stuck_peer_raises_peer_error(nprocs, action, size_bytes, algori
     assert "PYCOMM_FAULT: rank 1 at call #3" in result.stdout
 
 
+# The hierarchical allreduce on 2 simulated nodes x 2 ranks: rank 1 dies or stalls while its node
+# partner waits in a shared-memory round and ranks 2 and 3 wait on MPI between nodes.
+@pytest.mark.parametrize("action", ["exit", "stall"])
+def test_dead_or_stuck_peer_in_the_hierarchical_allreduce(action):
+    env = {"PYCOMM_FAULT": f"rank=1,call=3,action={action},seconds=4", "PYCOMM_RANKS_PER_NODE": "2"}
+    env["MPIR_CVAR_NOLOCAL"] = "1"
+    result = run_mpi(
+        4, "lifecycle.py", "fault", 8 << 20, "hierarchical", 600 if action == "exit" else 1.5,
+        env=env, check=False, timeout=90, mpirun_args=("-disable-auto-cleanup",),
+    )  # fmt: skip
+    for r in (0, 2, 3):
+        assert f"rank {r}: PeerError after" in result.stdout, result.stdout
+    assert "FAIL" not in result.stdout, result.stdout
+
+
 def test_exit_after_a_dead_peer_does_not_hang():
     """MPICH's MPI_Finalize waits for every rank, dead ones included: after a PeerError, pycomm
     ends the job with MPI_Abort at exit instead, so mpirun returns (non-zero) at once."""

@@ -5,7 +5,7 @@ itself treat every rank as remote, so the bytes between nodes leave shared memor
 import sys
 
 import pytest
-from launch import run_mpi, run_mpi_program
+from launch import WORKERS, run_mpi, run_mpi_program
 
 pytestmark = pytest.mark.mpi
 
@@ -15,17 +15,38 @@ NOLOCAL = {"MPIR_CVAR_NOLOCAL": "1"}
 LAYOUTS = [(4, "2"), (3, "1"), (3, "2")]
 
 
+# auto is the hierarchical allreduce with MPI_Iallreduce across nodes (the ring for float16 and
+# bfloat16); each inter-node leg forced; the flat ring.
+ALGORITHMS = [("auto", "auto"), ("hierarchical", "mpi"), ("hierarchical", "ring"), ("ring", "auto")]
+
+
 @pytest.mark.parametrize("nprocs, per_node", LAYOUTS)
-@pytest.mark.parametrize("algorithm", ["auto", "ring"])
-def test_allreduce_matrix_on_simulated_nodes(nprocs, per_node, algorithm):
-    env = {"PYCOMM_RANKS_PER_NODE": per_node, "PYCOMM_ALGO": algorithm, **NOLOCAL}
+@pytest.mark.parametrize("algorithm, inter_node", ALGORITHMS)
+def test_allreduce_matrix_on_simulated_nodes(nprocs, per_node, algorithm, inter_node):
+    env = {"PYCOMM_RANKS_PER_NODE": per_node, "PYCOMM_ALGO": algorithm, "PYCOMM_INTER_NODE": inter_node, **NOLOCAL}
     run_mpi(nprocs, "collectives.py", "allreduce", timeout=300, env=env)
 
 
-@pytest.mark.parametrize("nprocs, per_node", LAYOUTS)
-@pytest.mark.parametrize("mode", ["others", "stress", "shared"])
-def test_other_collectives_on_simulated_nodes(nprocs, per_node, mode):
-    run_mpi(nprocs, "collectives.py", mode, timeout=300, env={"PYCOMM_RANKS_PER_NODE": per_node, **NOLOCAL})
+def test_hierarchical_on_uneven_nodes_of_three_and_two():
+    """Nodes of 3 and 2 ranks: 3 slices, and local rank 0 of the small node owns two of them."""
+    program = [sys.executable, str(WORKERS / "collectives.py"), "allreduce", "float32", "float16", "int64"]
+    argv = ["-env", "PYCOMM_NODE_ID", "0", *program, ":", "-n", "2", "-env", "PYCOMM_NODE_ID", "1", *program]
+    result = run_mpi_program(3, argv, timeout=300, env={"PYCOMM_DEBUG": "1", **NOLOCAL})
+    assert result.stdout.count("hierarchy: 3 slices across nodes") == 5 * 3, result.stdout[-3000:]
+
+
+def test_hierarchical_large_count_across_nodes():
+    """2**31 + 3 int8 on nodes of 2 + 1 ranks: no offset or count of the pieces, slices and
+    MPI calls may truncate."""
+    env = {"PYCOMM_RANKS_PER_NODE": "2", "PYCOMM_ALGO": "hierarchical", "PYCOMM_INTER_NODE": "mpi", **NOLOCAL}
+    run_mpi(3, "collectives.py", "large", timeout=300, env=env)
+
+
+@pytest.mark.parametrize("nprocs, per_node", [(4, "2"), (3, "2")])
+def test_random_collectives_on_simulated_nodes(nprocs, per_node):
+    """The property-based fuzzer (tests/workers/fuzz.py) with ranks spread over simulated nodes."""
+    result = run_mpi(nprocs, "fuzz.py", 40, timeout=240, env={"PYCOMM_RANKS_PER_NODE": per_node, **NOLOCAL})
+    assert f"fuzz: 40 examples at P={nprocs}" in result.stdout, result.stdout[-2000:]
 
 
 def _layout_script():

@@ -89,7 +89,13 @@ class RingStepper : public Request {
 class HierarchicalAllreduce {
  public:
   HierarchicalAllreduce(const CollectiveContext& ctx, Hierarchy& h, InterNode inter, DataType dtype, ReduceOp op)
-      : ctx_(ctx), h_(h), inter_(inter), dtype_(dtype), op_(op), es_(DataTypeSize(dtype)), reduce_(GetReduceFn(dtype, op)) {}
+      : ctx_(ctx),
+        h_(h),
+        inter_(inter),
+        dtype_(dtype),
+        op_(op),
+        es_(DataTypeSize(dtype)),
+        reduce_(GetReduceFn(dtype, op)) {}
 
   void Run(const char* in, char* out, size_t count) {
     const size_t piece = std::max<size_t>(1, h_.piece_bytes / es_);
@@ -189,8 +195,8 @@ class HierarchicalAllreduce {
   void NodeRound() {
     SharedArena& arena = *h_.node->arena();
     const uint64_t seq = ++h_.node_seq;
-    SharedArena::CallInfo info{0, static_cast<int32_t>(dtype_), static_cast<int32_t>(op_), 0, 0,
-                               SharedArena::kHierarchical, 0};
+    SharedArena::CallInfo info{
+        0, static_cast<int32_t>(dtype_), static_cast<int32_t>(op_), 0, 0, SharedArena::kHierarchical, 0};
     info.call = ctx_.call;
     arena.Post(seq, info);
     arena.WaitAll(seq, ctx_.timeout_s);

@@ -389,7 +389,7 @@ class CommunicatorImpl : public Communicator {
   std::vector<char> scratch_;
   std::unique_ptr<Executor> executor_;
   std::unique_ptr<DeviceCollectives> device_;
-  bool multi_node_ = false;  // the ranks span several nodes (fixed at creation)
+  bool multi_node_ = false;               // the ranks span several nodes (fixed at creation)
   std::unique_ptr<Hierarchy> hierarchy_;  // only touched inside the executor
   bool hierarchy_built_ = false;
   std::atomic<int> device_id_{-1};  // device_'s GPU, readable outside the executor

@@ -44,17 +44,17 @@ void RegisterCommunicator(py::module_& m) {
       .def("seconds", &Work::Seconds);
 
   py::class_<Communicator>(m, "Communicator")
-      .def(py::init([](uint64_t mpi_comm, size_t chunk_bytes, double timeout_s, bool debug, int algorithm,
-                       int inter_node) {
-             Options options;
-             options.chunk_bytes = chunk_bytes;
-             options.timeout_s = timeout_s;
-             options.debug = debug;
-             options.algorithm = static_cast<Algorithm>(algorithm);
-             options.inter_node = static_cast<InterNode>(inter_node);
-             py::gil_scoped_release release;
-             return Communicator::FromMpi(static_cast<intptr_t>(mpi_comm), options);
-           }),
+      .def(py::init(
+               [](uint64_t mpi_comm, size_t chunk_bytes, double timeout_s, bool debug, int algorithm, int inter_node) {
+                 Options options;
+                 options.chunk_bytes = chunk_bytes;
+                 options.timeout_s = timeout_s;
+                 options.debug = debug;
+                 options.algorithm = static_cast<Algorithm>(algorithm);
+                 options.inter_node = static_cast<InterNode>(inter_node);
+                 py::gil_scoped_release release;
+                 return Communicator::FromMpi(static_cast<intptr_t>(mpi_comm), options);
+               }),
            py::arg("mpi_comm"), py::arg("chunk_bytes"), py::arg("timeout_s"), py::arg("debug"), py::arg("algorithm"),
            py::arg("inter_node"))
       .def_property_readonly("rank", &Communicator::rank)

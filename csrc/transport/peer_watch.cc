@@ -38,10 +38,9 @@ ProcessIdentity ThisProcess(int64_t node) {
 }
 
 PeerWatch::PeerWatch(int rank, const std::vector<ProcessIdentity>& ranks) {
-  const ProcessIdentity& self = ranks[rank];
   for (int q = 0; q < static_cast<int>(ranks.size()); ++q) {
     const ProcessIdentity& peer = ranks[q];
-    if (q == rank || peer.node != self.node || peer.start_ticks < 0) continue;
+    if (q == rank || peer.start_ticks < 0) continue;
     if (StartTicks(peer.pid) != peer.start_ticks) continue;  // not visible from here
     watched_.push_back(peer);
     watched_ranks_.push_back(q);

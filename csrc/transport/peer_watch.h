@@ -1,4 +1,4 @@
-// Noticing that a peer on this node has died, so that a wait fails within a fraction of a second
+// Noticing that a peer on this machine has died, so that a wait fails within a fraction of a second
 // with PeerError naming the dead rank instead of running into PYCOMM_TIMEOUT. A process is
 // identified by its pid and its start time (a reused pid names another process).
 #pragma once
@@ -20,8 +20,9 @@ ProcessIdentity ThisProcess(int64_t node);
 
 class PeerWatch {
  public:
-  // `ranks[q]` is rank q's identity. Ranks on other nodes, and ranks whose process this one
-  // cannot see (another pid namespace), are not watched.
+  // `ranks[q]` is rank q's identity. Ranks whose process this one cannot see (on another
+  // machine, or in another pid namespace) are not watched. Simulated nodes of one machine
+  // (PYCOMM_NODE_ID) are watched like real ranks of one node.
   PeerWatch(int rank, const std::vector<ProcessIdentity>& ranks);
 
   // Throws PeerError naming the lowest rank known to have died, if any. Looks at /proc at most

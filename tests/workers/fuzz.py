@@ -5,7 +5,7 @@ usage: fuzz.py MAX_EXAMPLES [SEED]
 Design: rank 0 alone runs hypothesis; every other rank follows it.
 
 - Rank 0's @given test draws a case (a small dict: collective, dtype, op, shape, algorithm,
-  chunk size, output mode, broadcast root, input seed), broadcasts it with mpi4py and runs it like
+  inter-node leg, chunk size, output mode, broadcast root, input seed), broadcasts it with mpi4py and runs it like
   every other rank. The followers loop on that broadcast until rank 0 sends None. So every rank
   runs exactly the cases rank 0 drew, in the same order, whatever hypothesis does (generation,
   health checks, shrinking, the final replay of the minimal failing case) and however it decides
@@ -43,7 +43,8 @@ world = MPI.COMM_WORLD
 P, RANK = world.size, world.rank
 TIMEOUT_S = 20.0  # per wait on a peer: far above any legitimate wait here, far below the launch's
 KINDS = ("allreduce", "allreduce_async", "reduce_scatter", "allgather", "broadcast", "shared")
-ALGORITHMS = ("auto", "ring", "oneshot")
+ALGORITHMS = ("auto", "ring", "oneshot", "hierarchical")
+INTER_NODE = ("auto", "mpi", "ring")
 # The one-shot/ring cut-over is at 128 KiB (P=2) and 512 KiB (P>2): sizes on both sides of it.
 SIZE_CLASSES = {
     "tiny": (0, 16),  # elements: empty, one, fewer than ranks, not divisible by P
@@ -115,7 +116,12 @@ def cases(draw):
     # 8 bytes is the smallest chunk; on large arrays the smallest chunk keeps the work bounded.
     low = max(8, max(map(nbytes, sequence)) // P // MAX_CHUNKS)
     chunk = draw(st.one_of(st.integers(low, max(low, 4096)), st.integers(low, 1 << 20)))
-    return {"algorithm": draw(st.sampled_from(ALGORITHMS)), "chunk_bytes": chunk, "calls": sequence}
+    return {
+        "algorithm": draw(st.sampled_from(ALGORITHMS)),
+        "inter_node": draw(st.sampled_from(INTER_NODE)),
+        "chunk_bytes": chunk,
+        "calls": sequence,
+    }
 
 
 # -- running a case on every rank --------------------------------------------------------------
@@ -260,7 +266,12 @@ def execute(case) -> list:
     """Runs `case` on this rank; returns every rank's failures on rank 0 (None elsewhere)."""
     outcome = Outcome()
     try:
-        comm = pycomm.Communicator(algorithm=case["algorithm"], chunk_bytes=case["chunk_bytes"], timeout=TIMEOUT_S)
+        comm = pycomm.Communicator(
+            algorithm=case["algorithm"],
+            inter_node=case["inter_node"],
+            chunk_bytes=case["chunk_bytes"],
+            timeout=TIMEOUT_S,
+        )
         try:
             for i, call in enumerate(case["calls"]):
                 outcome.call = f"call {i} ({call['kind']})"
