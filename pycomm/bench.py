@@ -29,7 +29,7 @@ from mpi4py.util.dtlib import from_numpy_dtype
 import pycomm
 from pycomm.dtypes import is_floating
 from pycomm.ops import ReduceOp, parse_op
-from pycomm.settings import parse_size
+from pycomm.settings import ALGORITHMS, parse_size
 
 # Adaptive iteration counts aim at this much timed work per size and repeat.
 TARGET_SECONDS = 0.25
@@ -228,7 +228,7 @@ def sizes_in_elements(args, itemsize: int) -> list:
     return counts
 
 
-def run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok) -> dict:
+def run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok, also=None) -> dict:
     # Buffers live for one size only, so at most two max-size arrays exist per rank.
     # --shared: the input lives in comm.empty memory (in place), as a training loop's gradient
     # buckets would; MPI then reduces the same array.
@@ -257,6 +257,18 @@ def run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok) -> dic
         if args.check and op != ReduceOp.AVG:
             mpi_wrong = world.allreduce(count_wrong(y, expected), op=MPI.SUM)
         engines["mpi"] = Measurement(mpi_call, args, world)
+
+    # --also: the same buffers through communicators forced to other algorithms.
+    also_wrong = {}
+    for name, other in (also or {}).items():
+
+        def other_call(other=other):
+            other.allreduce(x, op=op, out=y)
+
+        fill_periodic(x, mine)
+        other_call()
+        also_wrong[name] = world.allreduce(count_wrong(y, expected), op=MPI.SUM) if args.check else None
+        engines[name] = Measurement(other_call, args, world)
 
     for engine in engines.values():
         engine.warm()
@@ -293,6 +305,17 @@ def run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok) -> dic
             mpi_iters=engines["mpi"].iters,
             mpi_times_us=[t * 1e6 for t in engines["mpi"].times],
         )
+    for name in also or {}:
+        other_seconds = engines[name].seconds
+        row.setdefault("also", {})[name] = {
+            "time_us": other_seconds * 1e6,
+            "algbw": nbytes / other_seconds / 1e9,
+            "busbw": nbytes / other_seconds / 1e9 * factor,
+            "wrong": also_wrong[name],
+            # How many times faster the main communicator is.
+            "ratio": other_seconds / seconds,
+            "times_us": [t * 1e6 for t in engines[name].times],
+        }
     if world.rank == 0:
         print(format_row(row, args), flush=True)
     return row
@@ -302,6 +325,7 @@ def run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok) -> dic
 
 _COLUMNS = "{:>12} {:>12} {:>8} {:>6} {:>10} {:>11} {:>11} {:>7}"
 _MPI_COLUMNS = " {:>12} {:>10} {:>7}"
+_ALSO_COLUMNS = " {:>14} {:>9}"
 
 
 def format_header(args) -> str:
@@ -309,6 +333,8 @@ def format_header(args) -> str:
     line = "#" + _COLUMNS.format(*names)[1:]
     if args.vs == "mpi":
         line += _MPI_COLUMNS.format("mpi_time(us)", "mpi_busbw", "ratio")
+    for name in args.also:
+        line += _ALSO_COLUMNS.format(f"{name}(us)", f"vs_{name}")
     return line
 
 
@@ -329,6 +355,9 @@ def format_row(row: dict, args) -> str:
             line += _MPI_COLUMNS.format(f"{row['mpi_time_us']:.2f}", f"{row['mpi_busbw']:.3f}", f"{row['ratio']:.2f}")
         else:
             line += _MPI_COLUMNS.format("N/A", "N/A", "N/A")
+    for name in args.also:
+        other = row["also"][name]
+        line += _ALSO_COLUMNS.format(f"{other['time_us']:.2f}", f"{other['ratio']:.2f}")
     return line
 
 
@@ -361,6 +390,12 @@ def metadata(args, argv, comm, world) -> dict:
         "nproc": len(affinity) if affinity is not None else os.cpu_count(),
         "cpu_count": os.cpu_count(),
         "chunk_bytes": comm.chunk_bytes,
+        "algorithm": comm.algorithm,
+        "inter_node": comm.inter_node,
+        "also": args.also,
+        # How the ranks were laid out and any pycomm / MPI settings in force.
+        "local_size": comm.local_size,
+        "environment": {k: v for k, v in os.environ.items() if k.startswith(("PYCOMM_", "MPIR_CVAR_"))},
         "dtype": args.dtype,
         "op": args.op,
         "in_place": args.in_place,
@@ -384,6 +419,8 @@ def write_plot(path: str, rows: list, meta: dict) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     sizes = [row["size"] for row in rows]
     ax.plot(sizes, [row[key] for row in rows], marker="o", label="pycomm")
+    for name in rows[0].get("also", {}) if rows else ():
+        ax.plot(sizes, [row["also"][name][key] for row in rows], marker=".", label=f"pycomm {name}")
     mpi_rows = [row for row in rows if f"mpi_{key}" in row]
     if mpi_rows:
         ax.plot([row["size"] for row in mpi_rows], [row[f"mpi_{key}"] for row in mpi_rows], marker="s", label="MPI")
@@ -418,6 +455,14 @@ def _size_arg(text: str) -> int:
     if size < 1:
         raise argparse.ArgumentTypeError(f"size must be at least 1 byte, got {text!r}")
     return size
+
+
+def _algorithm_list(text: str) -> list:
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    for name in names:
+        if name not in ALGORITHMS:
+            raise argparse.ArgumentTypeError(f"unknown algorithm {name!r} (one of {', '.join(ALGORITHMS)})")
+    return names
 
 
 def _positive_int(text: str) -> int:
@@ -458,6 +503,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="count elements differing from the exact result (default on)",
     )
     parser.add_argument("--vs", choices=["mpi"], help="also time MPI_Allreduce (mpi4py) and show the ratio")
+    parser.add_argument(
+        "--also",
+        type=_algorithm_list,
+        default=[],
+        metavar="ALGO[,ALGO]",
+        help="also time pycomm forced to these algorithms (e.g. ring), interleaved; vs_ALGO = its time / pycomm's",
+    )
     parser.add_argument("--json", metavar="PATH", help="write every row and the run's metadata as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of busbw against size (needs matplotlib)")
     return parser
@@ -488,7 +540,8 @@ def main(argv=None) -> int:
             print(
                 f"# pycomm allreduce benchmark: P={world.size} dtype={args.dtype} op={op.name.lower()} "
                 f"in_place={'yes' if args.in_place else 'no'} shared={'yes' if args.shared else 'no'} "
-                f"chunk_bytes={comm.chunk_bytes}\n"
+                f"chunk_bytes={comm.chunk_bytes} algorithm={comm.algorithm} inter_node={comm.inter_node} "
+                f"local_size={comm.local_size}\n"
                 f"# BUILD_MPI: {pycomm.BUILD_MPI}\n"
                 f"# {meta['hostname']}, {meta['cpu_model']}, nproc={meta['nproc']}, {meta['date']}"
             )
@@ -498,12 +551,17 @@ def main(argv=None) -> int:
                 print("# --vs mpi: MPI has no avg, so the MPI columns time MPI_SUM")
             print(format_header(args), flush=True)
 
-        rows = [
-            run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok)
-            for count in sizes_in_elements(args, dtype.itemsize)
-        ]
+        also = {name: pycomm.Communicator(algorithm=name) for name in args.also}
+        try:
+            rows = [
+                run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok, also)
+                for count in sizes_in_elements(args, dtype.itemsize)
+            ]
+        finally:
+            for other in also.values():
+                other.close()
 
-    total_wrong = sum(row["wrong"] or 0 for row in rows)
+    total_wrong = sum((row["wrong"] or 0) + sum(o["wrong"] or 0 for o in row.get("also", {}).values()) for row in rows)
     if lead:
         summarize(rows, args, meta, total_wrong)
     return 1 if total_wrong else 0

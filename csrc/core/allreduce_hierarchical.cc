@@ -98,6 +98,12 @@ class HierarchicalAllreduce {
         reduce_(GetReduceFn(dtype, op)) {}
 
   void Run(const char* in, char* out, size_t count) {
+    // A small message crosses as one slice, from local rank 0 of each node: one allreduce
+    // between nodes instead of one per local rank, whose latencies would add up.
+    slices_ = count * es_ <= kOneSliceBytes ? 1 : h_.slices;
+    for (int s : h_.owned) {
+      if (s < slices_) owned_.push_back(s);
+    }
     const size_t piece = std::max<size_t>(1, h_.piece_bytes / es_);
     const uint64_t pieces = (count + piece - 1) / piece;
     auto begin = [&](uint64_t i) { return i * piece; };
@@ -129,11 +135,11 @@ class HierarchicalAllreduce {
     char* mine = h_.buffer(h_.local_rank, i);
     Copy(mine, in, n * es_);
     NodeRound();
-    const BlockLayout slices(n, h_.slices);
+    const BlockLayout slices(n, slices_);
     // Through a cache-sized accumulator: this rank's own buffer is one of the inputs, reduced in
     // its place in rank order, and receives the result.
     const size_t step = std::max<size_t>(1, std::min(kCacheBytes, kPipelineDepth * ctx_.chunk_bytes) / es_);
-    for (int s : h_.owned) {
+    for (int s : owned_) {
       for (size_t at = slices.offset(s), end = at + slices.length(s); at < end; at += step) {
         const size_t len = std::min(step, end - at);
         char* acc = ctx_.scratch;
@@ -147,8 +153,8 @@ class HierarchicalAllreduce {
 
   // Stage 2: starts the allreduce of every owned slice of the piece of n elements at `data`.
   void Cross(char* data, size_t n) {
-    const BlockLayout slices(n, h_.slices);
-    for (int s : h_.owned) {
+    const BlockLayout slices(n, slices_);
+    for (int s : owned_) {
       char* slice = data + slices.offset(s) * es_;
       const size_t len = slices.length(s);
       Transport& group = *h_.across[s];
@@ -164,15 +170,15 @@ class HierarchicalAllreduce {
     WaitAll(in_flight_, ctx_.timeout_s);
     in_flight_.clear();
     if (op_ != ReduceOp::kAvg) return;
-    const BlockLayout slices(n, h_.slices);
-    for (int s : h_.owned) ScaleDown(data + slices.offset(s) * es_, slices.length(s), dtype_, ctx_.transport.size());
+    const BlockLayout slices(n, slices_);
+    for (int s : owned_) ScaleDown(data + slices.offset(s) * es_, slices.length(s), dtype_, ctx_.transport.size());
   }
 
   // Stage 3 for piece `i` of n elements, into `out`.
   void Allgather(char* out, uint64_t i, size_t n) {
     NodeRound();
-    const BlockLayout slices(n, h_.slices);
-    for (int s = 0; s < h_.slices; ++s) {
+    const BlockLayout slices(n, slices_);
+    for (int s = 0; s < slices_; ++s) {
       const size_t at = slices.offset(s) * es_;
       Copy(out + at, h_.buffer(s % h_.local_size, i) + at, slices.length(s) * es_);
     }
@@ -203,6 +209,7 @@ class HierarchicalAllreduce {
   }
 
   static constexpr size_t kCacheBytes = size_t{64} << 10;
+  static constexpr size_t kOneSliceBytes = size_t{64} << 10;
   static constexpr size_t kCopyStep = size_t{256} << 10;
 
   const CollectiveContext& ctx_;
@@ -213,6 +220,8 @@ class HierarchicalAllreduce {
   size_t es_;
   ReduceFn reduce_;
   std::vector<std::unique_ptr<Request>> in_flight_;
+  int slices_ = 1;          // this call's slices of each piece
+  std::vector<int> owned_;  // those of them this rank owns
 };
 
 }  // namespace
