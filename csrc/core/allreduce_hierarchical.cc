@@ -86,6 +86,23 @@ class RingStepper : public Request {
   std::unique_ptr<Request> send_, recv_;
 };
 
+// A request whose every poll also advances `others` (MPI moves a message only while some MPI
+// call runs).
+class ProgressingRequest : public Request {
+ public:
+  ProgressingRequest(std::unique_ptr<Request> request, std::vector<std::unique_ptr<Request>>& others)
+      : request_(std::move(request)), others_(others) {}
+  bool Test() override {
+    for (auto& other : others_) other->Test();
+    return request_->Test();
+  }
+  int peer() const override { return request_->peer(); }
+
+ private:
+  std::unique_ptr<Request> request_;
+  std::vector<std::unique_ptr<Request>>& others_;
+};
+
 class HierarchicalAllreduce {
  public:
   HierarchicalAllreduce(const CollectiveContext& ctx, Hierarchy& h, InterNode inter, DataType dtype, ReduceOp op)

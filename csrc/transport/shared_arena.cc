@@ -81,6 +81,10 @@ void SharedArena::WaitAll(uint64_t seq, double timeout_s) const {
   }
 }
 
+std::unique_ptr<Request> SharedArena::Arrival(int rank, uint64_t seq) const {
+  return std::make_unique<FlagRequest>(flag(rank), seq, rank, watch_);
+}
+
 std::shared_ptr<void> AllocateLocalArenaMemory(int size, size_t slot_bytes) {
   size_t bytes = SharedArena::BytesFor(size, slot_bytes);
   void* memory = std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096);

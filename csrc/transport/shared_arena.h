@@ -13,6 +13,8 @@
 #include <memory>
 #include <string>
 
+#include "transport/transport.h"
+
 namespace pycomm {
 
 // Bytes per rank per slot of the arenas that transports create: the largest message (or piece
@@ -63,6 +65,8 @@ class SharedArena {
   // Waits until every rank has posted `seq` (acquire); PeerError naming a late rank after
   // timeout_s.
   void WaitAll(uint64_t seq, double timeout_s) const;
+  // Completes once `rank` has posted `seq`: for waits that must also drive other requests.
+  std::unique_ptr<Request> Arrival(int rank, uint64_t seq) const;
   // Waits also fail at once, naming the rank, when `watch` sees a rank die (null: no watch).
   void set_peer_watch(const PeerWatch* watch) { watch_ = watch; }
 
