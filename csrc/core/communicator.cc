@@ -55,7 +55,8 @@ class CommunicatorImpl : public Communicator {
                                   std::to_string(static_cast<int>(options_.inter_node)));
     }
     for (int q = 0; q < size_; ++q) multi_node_ = multi_node_ || transport_->node_of(q) != 0;
-    Debug("created over %s transport, size %d, chunk %zu bytes", transport_->name(), size(), options_.chunk_bytes);
+    Debug("created over %s transport, size %d, chunk %zu bytes, node %d (local rank %d of %d)", transport_->name(),
+          size(), options_.chunk_bytes, transport_->node_of(rank_), local_rank_, local_size_);
     if (options_.algorithm == Algorithm::kOneShot && !transport_->arena() && size_ > 1) {
       Debug("algorithm oneshot needs ranks that share memory; the ring runs instead");
     }
