@@ -144,6 +144,14 @@ class Communicator:
         `stream` (default: the library's current stream) and the call returns without waiting
         for the GPU.
         """
+        # Fast path for plain numpy arrays with a known op: the native layer checks them and
+        # says if anything is unusual, and the full checks below then run (and word the error).
+        if type(x) is np.ndarray and stream is None:
+            code = _OP_CODES.get(op) if type(op) is str else int(op) if type(op) is ReduceOp else None
+            if code is not None:
+                result = np.empty(x.shape, x.dtype) if out is None else out
+                if type(result) is np.ndarray and self._native.allreduce_if_plain(x, result, code):
+                    return result
         if _is_device(x):
             return self._allreduce_device(x, op, out, stream)
         self._check_host_stream(stream)
@@ -338,6 +346,10 @@ class Communicator:
         result, outa = output_for(x, xa, out, xa.shape)
         check_no_partial_overlap(xa, outa)
         return xa, outa, dtype_code(xa.dtype), op, result
+
+
+# Op names as the fast path takes them (other spellings take the full path).
+_OP_CODES = {o.name.lower(): int(o) for o in ReduceOp}
 
 
 def _count(shape: tuple) -> int:

@@ -3,6 +3,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "pycomm/pycomm.h"
@@ -29,6 +30,43 @@ DataType ToDataType(int dtype) {
 ReduceOp ToReduceOp(int op) {
   if (op < 0 || op >= kNumReduceOps) throw py::value_error("pycomm: unknown op code " + std::to_string(op));
   return static_cast<ReduceOp>(op);
+}
+
+// The fast path's checks, for plain numpy arrays: -1 unless `a` is a C-contiguous, native-order
+// array of a dtype the core reduces (ml_dtypes' bfloat16 and every odd case take the full
+// Python checks instead, which also word the errors).
+int FastDataType(const py::array& a) {
+  if (!(a.flags() & py::array::c_style)) return -1;
+  const py::dtype dtype = a.dtype();
+  const char order = dtype.byteorder();
+  if (order != '=' && order != '|' && order != (PY_BIG_ENDIAN ? '>' : '<')) return -1;
+  const ssize_t size = dtype.itemsize();
+  switch (dtype.kind()) {
+    case 'f':
+      return size == 2 ? 0 : size == 4 ? 2 : size == 8 ? 3 : -1;
+    case 'i':
+      return size == 1 ? 4 : size == 4 ? 6 : size == 8 ? 7 : -1;
+    case 'u':
+      return size == 1 ? 5 : size == 4 ? 8 : size == 8 ? 9 : -1;
+    default:
+      return -1;
+  }
+}
+
+// Reduces x into out if both pass the fast path's checks (same dtype and shape, out writeable,
+// the two the same memory or disjoint); returns false, having done nothing, otherwise.
+bool AllreduceIfPlain(Communicator& c, const py::array& x, const py::array& out, int op) {
+  const int dtype = FastDataType(x);
+  if (dtype < 0 || FastDataType(out) != dtype || !out.writeable() || op < 0 || op >= kNumReduceOps) return false;
+  if (op == static_cast<int>(ReduceOp::kAvg) && dtype >= 4) return false;  // integers: the full path says why
+  if (x.ndim() != out.ndim() || !std::equal(x.shape(), x.shape() + x.ndim(), out.shape())) return false;
+  const auto* xb = static_cast<const char*>(x.data());
+  const auto* ob = static_cast<const char*>(out.data());
+  const size_t bytes = x.nbytes();
+  if (xb != ob && xb < ob + bytes && ob < xb + bytes) return false;  // partial overlap
+  py::gil_scoped_release release;
+  c.Allreduce(xb, const_cast<char*>(ob), x.size(), static_cast<DataType>(dtype), static_cast<ReduceOp>(op));
+  return true;
 }
 
 }  // namespace
@@ -72,6 +110,7 @@ void RegisterCommunicator(py::module_& m) {
             c.Allreduce(Data(send), Data(recv), count, ToDataType(dtype), ToReduceOp(op));
           },
           py::call_guard<py::gil_scoped_release>())
+      .def("allreduce_if_plain", &AllreduceIfPlain, py::arg("x"), py::arg("out"), py::arg("op"))
       .def(
           "allreduce_async",
           [](Communicator& c, const py::array& send, const py::array& recv, size_t count, int dtype, int op) {
