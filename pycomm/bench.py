@@ -36,6 +36,8 @@ TARGET_SECONDS = 0.25
 PROBE_SECONDS = 0.02
 MIN_ITERS = 5
 MAX_ITERS = 1000
+# Per rank, for the memory-bandwidth floor: far larger than any cache.
+FLOOR_COPY_BYTES = 64 << 20
 
 # Inputs repeat with this period along the array. 7 is prime, so a block of data landing at a
 # wrong offset (chunks and ring segments are mostly powers of two long) almost never matches.
@@ -202,6 +204,27 @@ class Measurement:
         return statistics.median(self.times)
 
 
+def node_memory_bandwidth(node) -> float:
+    """Bytes read + written per second by every rank of this node copying a large buffer at once
+    (the median of 3): the memory traffic an allreduce on this node can reach at best."""
+    src = np.ones(FLOOR_COPY_BYTES, np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # touch the pages outside the timing
+    times = []
+    for _ in range(3):
+        node.Barrier()
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(node.allreduce(time.perf_counter() - start, op=MPI.MAX))
+    return node.size * 2 * src.nbytes / statistics.median(times)
+
+
+def floor_busbw(memory_bw: float, local_size: int, size: int) -> float:
+    """busbw of an allreduce that reads each input once and writes each output once: each of the
+    node's ranks moves 2 bytes of memory traffic per byte of its buffer."""
+    return memory_bw / (2 * local_size) * bus_factor(size)
+
+
 def mpi_has_dtype(dtype: np.dtype) -> bool:
     try:
         from_numpy_dtype(dtype)
@@ -228,7 +251,7 @@ def sizes_in_elements(args, itemsize: int) -> list:
     return counts
 
 
-def run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok, also=None) -> dict:
+def run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok, also=None, node=None) -> dict:
     # Buffers live for one size only, so at most two max-size arrays exist per rank.
     # --shared: the input lives in comm.empty memory (in place), as a training loop's gradient
     # buckets would; MPI then reduces the same array.
@@ -272,6 +295,9 @@ def run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok, also=N
 
     for engine in engines.values():
         engine.warm()
+    # The floor is measured next to each size: a noisy neighbour can halve memory bandwidth for
+    # a minute.
+    memory_bw = node_memory_bandwidth(node) if node is not None else None
     # Alternating the engines within each repeat spreads any drift of the machine over both.
     for _ in range(args.repeats):
         for engine in engines.values():
@@ -293,6 +319,9 @@ def run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok, also=N
         "warmup": engines["pycomm"].warmup,
         "times_us": [t * 1e6 for t in engines["pycomm"].times],
     }
+    if memory_bw is not None:
+        row["memory_bw"] = memory_bw / 1e9
+        row["floor_busbw"] = floor_busbw(memory_bw, node.size, world.size) / 1e9
     if "mpi" in engines:
         mpi_seconds = engines["mpi"].seconds
         row.update(
@@ -326,6 +355,7 @@ def run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok, also=N
 _COLUMNS = "{:>12} {:>12} {:>8} {:>6} {:>10} {:>11} {:>11} {:>7}"
 _MPI_COLUMNS = " {:>12} {:>10} {:>7}"
 _ALSO_COLUMNS = " {:>14} {:>9}"
+_FLOOR_COLUMNS = " {:>12} {:>7}"
 
 
 def format_header(args) -> str:
@@ -335,6 +365,8 @@ def format_header(args) -> str:
         line += _MPI_COLUMNS.format("mpi_time(us)", "mpi_busbw", "ratio")
     for name in args.also:
         line += _ALSO_COLUMNS.format(f"{name}(us)", f"vs_{name}")
+    if args.floor:
+        line += _FLOOR_COLUMNS.format("floor_busbw", "%floor")
     return line
 
 
@@ -358,6 +390,10 @@ def format_row(row: dict, args) -> str:
     for name in args.also:
         other = row["also"][name]
         line += _ALSO_COLUMNS.format(f"{other['time_us']:.2f}", f"{other['ratio']:.2f}")
+    if args.floor:
+        floor = row.get("floor_busbw")
+        percent = f"{100 * row['busbw'] / floor:.0f}" if floor else "N/A"
+        line += _FLOOR_COLUMNS.format(f"{floor:.3f}" if floor is not None else "N/A", percent)
     return line
 
 
@@ -510,6 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ALGO[,ALGO]",
         help="also time pycomm forced to these algorithms (e.g. ring), interleaved; vs_ALGO = its time / pycomm's",
     )
+    parser.add_argument(
+        "--floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure this node's memory bandwidth next to each size and show the busbw floor (default on)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write every row and the run's metadata as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of busbw against size (needs matplotlib)")
     return parser
@@ -552,14 +594,17 @@ def main(argv=None) -> int:
             print(format_header(args), flush=True)
 
         also = {name: pycomm.Communicator(algorithm=name) for name in args.also}
+        node = world.Split_type(MPI.COMM_TYPE_SHARED) if args.floor else None
         try:
             rows = [
-                run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok, also)
+                run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok, also, node)
                 for count in sizes_in_elements(args, dtype.itemsize)
             ]
         finally:
             for other in also.values():
                 other.close()
+            if node is not None:
+                node.Free()
 
     total_wrong = sum((row["wrong"] or 0) + sum(o["wrong"] or 0 for o in row.get("also", {}).values()) for row in rows)
     if lead:
