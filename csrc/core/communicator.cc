@@ -352,6 +352,7 @@ class CommunicatorImpl : public Communicator {
       case Algorithm::kOneShot:
         return true;
       case Algorithm::kRing:
+      case Algorithm::kHierarchical:
         return false;
       case Algorithm::kAuto:
         return bytes <= (size() == 2 ? kOneShotMaxBytesTwoRanks : kOneShotMaxBytesMoreRanks);

@@ -73,18 +73,27 @@ std::shared_ptr<Work> Executor::Submit(std::function<void()> fn) {
 void Executor::Run(const std::function<void()>& fn) {
   {
     std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return queue_.empty() && !busy_; });
+    auto ready = [&] { return queue_.empty() && !busy_; };
+    if (!ready()) {
+      ++waiting_runs_;
+      cv_.wait(lock, ready);
+      --waiting_runs_;
+    }
     if (closed_) throw CommError("pycomm: the communicator is closed");
     busy_ = true;
   }
   struct Release {
     Executor* self;
     ~Release() {
+      bool wake;
       {
         std::lock_guard<std::mutex> lock(self->mu_);
         self->busy_ = false;
+        // Waking the idle progress thread for nothing costs a context switch per call, taken
+        // from the peers on a busy machine: only wake whoever can go on now.
+        wake = !self->queue_.empty() || self->waiting_runs_ > 0 || self->stopping_;
       }
-      self->cv_.notify_all();
+      if (wake) self->cv_.notify_all();
     }
   } release{this};
   fn();

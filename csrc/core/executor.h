@@ -41,6 +41,7 @@ class Executor {
   bool busy_ = false;      // an operation is running, on either thread
   bool stopping_ = false;  // no more Submit(); the thread exits once the queue is empty
   bool closed_ = false;    // no more Run() either
+  int waiting_runs_ = 0;   // callers blocked in Run()
   std::thread thread_;
 };
 
