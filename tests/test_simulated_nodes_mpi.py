@@ -27,6 +27,20 @@ def test_allreduce_matrix_on_simulated_nodes(nprocs, per_node, algorithm, inter_
     run_mpi(nprocs, "collectives.py", "allreduce", timeout=300, env=env)
 
 
+@pytest.mark.parametrize("nprocs, per_node", LAYOUTS)
+@pytest.mark.parametrize("mode", ["others", "stress", "shared", "back-to-back"])
+def test_other_collectives_on_simulated_nodes(nprocs, per_node, mode):
+    run_mpi(nprocs, "collectives.py", mode, timeout=300, env={"PYCOMM_RANKS_PER_NODE": per_node, **NOLOCAL})
+
+
+@pytest.mark.parametrize("nprocs, per_node", [(4, "2"), (3, "2"), (3, "1")])
+def test_mismatched_calls_across_nodes(nprocs, per_node):
+    """The agreement through each node's arena and then between nodes: every rank raises the same
+    MismatchError, naming the lowest ranks on both sides, whichever node they are on."""
+    env = {"PYCOMM_RANKS_PER_NODE": per_node, **NOLOCAL}
+    run_mpi(nprocs, "lifecycle.py", "mismatch-transport", timeout=120, env=env)
+
+
 def test_hierarchical_on_uneven_nodes_of_three_and_two():
     """Nodes of 3 and 2 ranks: 3 slices, and local rank 0 of the small node owns two of them."""
     program = [sys.executable, str(WORKERS / "collectives.py"), "allreduce", "float32", "float16", "int64"]

@@ -1,9 +1,11 @@
 #include "core/agreement.h"
 
-#include <cstring>
 #include <string>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
+#include "core/hierarchy.h"
 #include "pycomm/pycomm.h"
 #include "transport/wait.h"
 
@@ -33,25 +35,23 @@ std::string Describe(const CallHeader& h) {
   if (static_cast<CallKind>(h.kind) != CallKind::kBarrier) args += ", " + std::to_string(h.count);
   if (h.op >= 0 && h.op < kNumReduceOps) args += std::string(", ") + ReduceOpName(static_cast<ReduceOp>(h.op));
   if (h.root >= 0) args += ", root " + std::to_string(h.root);
-  return std::string(KindName(h.kind)) + "(" + args + ") #" + std::to_string(h.seq);
+  std::string path;
+  if (h.path == SharedArena::kOneShot) path = " [one-shot]";
+  if (h.path == SharedArena::kLargeAllreduce) path = " [large]";
+  if (h.path == SharedArena::kHierarchical) path = " [hierarchical]";
+  return std::string(KindName(h.kind)) + "(" + args + ") #" + std::to_string(h.seq) + path;
 }
 
-// What a rank posted in the arena, in the words of a header, plus the step that posted it.
+// What a rank posted in an arena, in the words of a header, with the step that posted it.
 CallHeader AsHeader(const SharedArena::CallInfo& info) {
-  return CallHeader{info.call, info.count, info.call_kind, info.dtype, info.op, info.root};
+  return CallHeader{info.call, info.count, info.call_kind, info.dtype, info.op, info.root, info.kind};
 }
 
 std::string Describe(const SharedArena::CallInfo& info) {
-  switch (info.kind) {
-    case SharedArena::kAllocate:
-      return "empty(" + std::to_string(info.count) + " bytes) #" + std::to_string(info.call);
-    case SharedArena::kOneShot:
-      return Describe(AsHeader(info)) + " [one-shot]";
-    case SharedArena::kLargeAllreduce:
-      return Describe(AsHeader(info)) + " [large]";
-    default:
-      return Describe(AsHeader(info));
+  if (info.kind == SharedArena::kAllocate) {
+    return "empty(" + std::to_string(info.count) + " bytes) #" + std::to_string(info.call);
   }
+  return Describe(AsHeader(info));
 }
 
 bool Same(const SharedArena::CallInfo& a, const SharedArena::CallInfo& b) {
@@ -59,14 +59,17 @@ bool Same(const SharedArena::CallInfo& a, const SharedArena::CallInfo& b) {
          a.call_kind == b.call_kind && a.call == b.call;
 }
 
-auto Key(const CallHeader& h) { return std::tie(h.seq, h.kind, h.count, h.dtype, h.op, h.root); }
+auto Key(const CallHeader& h) { return std::tie(h.seq, h.kind, h.count, h.dtype, h.op, h.root, h.path); }
 
 // The smallest and largest header seen so far, each with the lowest rank that made it: a
 // total order, so every rank ends with the same pair whatever the order of the rounds.
+// Sent as raw bytes between ranks of one build.
 struct Extremes {
   CallHeader low, high;
   int32_t low_rank, high_rank;
 };
+
+static_assert(std::is_trivially_copyable_v<Extremes>, "sent as bytes");
 
 void Merge(Extremes& into, const Extremes& from) {
   if (std::make_tuple(Key(from.low), from.low_rank) < std::make_tuple(Key(into.low), into.low_rank)) {
@@ -94,37 +97,89 @@ void CheckCallsAgree(const SharedArena& arena, uint64_t seq, const SharedArena::
   }
 }
 
+namespace {
+
+// Dissemination over `transport`, starting from `seen`: every rank ends with the smallest and the
+// largest header of all that any rank started from, each with the lowest rank that made it.
+Extremes Disseminate(Transport& transport, double timeout_s, Extremes seen) {
+  const int P = transport.size(), r = transport.rank();
+  for (int k = 1; k < P; k *= 2) {
+    Extremes incoming{};
+    auto recv = transport.Irecv((r - k + P) % P, &incoming, sizeof incoming);
+    auto send = transport.Isend((r + k) % P, &seen, sizeof seen);
+    Wait(*send, timeout_s);
+    Wait(*recv, timeout_s);
+    Merge(seen, incoming);
+  }
+  return seen;
+}
+
+void ThrowUnlessAgreed(const Extremes& seen) {
+  if (Key(seen.low) == Key(seen.high)) return;
+  throw MismatchError("pycomm: ranks disagree: rank " + std::to_string(seen.low_rank) + " called " +
+                      Describe(seen.low) + ", rank " + std::to_string(seen.high_rank) + " called " +
+                      Describe(seen.high));
+}
+
+}  // namespace
+
+SharedArena::CallInfo AgreementInfo(const CallHeader& header, uint16_t kind) {
+  SharedArena::CallInfo info{header.count, header.dtype, header.op, 0, 0, kind, 0};
+  info.root = header.root;
+  info.call_kind = header.kind;
+  info.call = header.seq;
+  return info;
+}
+
 void CheckHeadersAgree(const CollectiveContext& ctx, const CallHeader& mine) {
   Transport& transport = ctx.transport;
-  const int P = transport.size(), r = transport.rank();
-  if (P == 1) return;
+  const int r = transport.rank();
+  if (transport.size() == 1) return;
   if (SharedArena* arena = transport.arena()) {
     // Through the arena, where the one-shot and shared-buffer steps post theirs: a rank on
     // another path (say a barrier against a small allreduce) shows up as a mismatch too.
-    SharedArena::CallInfo info{mine.count, mine.dtype, mine.op, 0, 0, SharedArena::kAgreement, 0};
-    info.root = mine.root;
-    info.call_kind = mine.kind;
-    info.call = mine.seq;
+    const SharedArena::CallInfo info = AgreementInfo(mine, SharedArena::kAgreement);
     const uint64_t seq = ++*ctx.arena_seq;
     arena->Post(seq, info);
     arena->WaitAll(seq, ctx.timeout_s);
     CheckCallsAgree(*arena, seq, info);
     return;
   }
-  Extremes seen{mine, mine, r, r};
-  for (int k = 1; k < P; k *= 2) {
-    Extremes incoming;
-    std::memset(&incoming, 0, sizeof incoming);
-    auto recv = transport.Irecv((r - k + P) % P, &incoming, sizeof incoming);
-    auto send = transport.Isend((r + k) % P, &seen, sizeof seen);
-    Wait(*send, ctx.timeout_s);
-    Wait(*recv, ctx.timeout_s);
-    Merge(seen, incoming);
+  ThrowUnlessAgreed(Disseminate(transport, ctx.timeout_s, Extremes{mine, mine, r, r}));
+}
+
+void AgreeAcrossNodes(const Hierarchy& hierarchy, double timeout_s, uint64_t seq, const CallHeader& mine) {
+  const int me = hierarchy.node_ranks[hierarchy.local_rank];
+  Extremes seen{mine, mine, me, me};
+  if (hierarchy.node) {
+    // What every rank of this node posted in round `seq`, under its rank in the communicator.
+    const SharedArena& arena = *hierarchy.node->arena();
+    seen = Extremes{AsHeader(arena.info(0, seq)), AsHeader(arena.info(0, seq)), hierarchy.node_ranks[0],
+                    hierarchy.node_ranks[0]};
+    for (int q = 1; q < arena.size(); ++q) {
+      const CallHeader h = AsHeader(arena.info(q, seq));
+      Merge(seen, Extremes{h, h, hierarchy.node_ranks[q], hierarchy.node_ranks[q]});
+    }
   }
-  if (Key(seen.low) == Key(seen.high)) return;
-  throw MismatchError("pycomm: ranks disagree: rank " + std::to_string(seen.low_rank) + " called " +
-                      Describe(seen.low) + ", rank " + std::to_string(seen.high_rank) + " called " +
-                      Describe(seen.high));
+  // Every group spans every node; a rank in several (on a node with fewer ranks) takes part in
+  // each, in ascending order like every other member, so no group waits for it in vain.
+  for (const auto& group : hierarchy.across) {
+    if (group) seen = Disseminate(*group, timeout_s, seen);
+  }
+  ThrowUnlessAgreed(seen);
+}
+
+void CheckHeadersAgree(const CollectiveContext& ctx, Hierarchy& hierarchy, const CallHeader& mine) {
+  uint64_t seq = 0;
+  if (hierarchy.node) {
+    SharedArena& arena = *hierarchy.node->arena();
+    seq = ++hierarchy.node_seq;
+    arena.Post(seq, AgreementInfo(mine, SharedArena::kAgreement));
+    arena.WaitAll(seq, ctx.timeout_s);
+  }
+  CallHeader posted = mine;
+  posted.path = SharedArena::kAgreement;
+  AgreeAcrossNodes(hierarchy, ctx.timeout_s, seq, posted);
 }
 
 }  // namespace pycomm

@@ -7,14 +7,17 @@
 //      own MPI_Iallreduce, or a ring over MPI point-to-point);
 //   3. allgather on the node: every rank copies each slice from its owner's buffer.
 // Piece i+1's stage 1 runs while piece i's slices cross between nodes, and piece i's stage 3
-// while piece i+1's cross. Every slice is reduced in one fixed order and then copied, so all
-// ranks get the same bits.
+// while piece i+1's cross. Pieces are numbered over all calls, and piece i goes through staging
+// buffer i mod 3 (core/hierarchy.h says why that is safe). The first node round also checks that all ranks make the
+// same call (core/agreement.h), before any data leaves a node. Every slice is reduced in one fixed order and then
+// copied, so all ranks get the same bits.
 
 #include <algorithm>
 #include <cstring>
 #include <memory>
 #include <vector>
 
+#include "core/agreement.h"
 #include "core/blocks.h"
 #include "core/collectives.h"
 #include "core/hierarchy.h"
@@ -121,12 +124,20 @@ class HierarchicalAllreduce {
     for (int s : h_.owned) {
       if (s < slices_) owned_.push_back(s);
     }
+    header_ = CallHeader{ctx_.call,
+                         count,
+                         static_cast<int32_t>(CallKind::kAllreduce),
+                         static_cast<int32_t>(dtype_),
+                         static_cast<int32_t>(op_),
+                         -1,
+                         SharedArena::kHierarchical};
     const size_t piece = std::max<size_t>(1, h_.piece_bytes / es_);
     const uint64_t pieces = (count + piece - 1) / piece;
     auto begin = [&](uint64_t i) { return i * piece; };
     auto length = [&](uint64_t i) { return std::min(piece, count - i * piece); };
     if (!h_.node) {
       // Alone on this node: every slice is this rank's, and crosses straight from the output.
+      AgreeAcrossNodes(h_, ctx_.timeout_s, 0, header_);
       for (uint64_t i = 0; i < pieces; ++i) {
         char* data = out + begin(i) * es_;
         if (in != out) std::memcpy(data, in + begin(i) * es_, length(i) * es_);
@@ -135,23 +146,30 @@ class HierarchicalAllreduce {
       }
       return;
     }
-    if (pieces == 0) return;
+    if (pieces == 0) return Agree(NodeRound(SharedArena::kHierarchical));
+    first_ = h_.pieces_staged;
+    h_.pieces_staged += pieces;
     ReduceScatter(in + begin(0) * es_, 0, length(0));
-    Cross(h_.buffer(h_.local_rank, 0), length(0));
+    Cross(h_.buffer(h_.local_rank, first_), length(0));
     for (uint64_t i = 0; i < pieces; ++i) {
       if (i + 1 < pieces) ReduceScatter(in + begin(i + 1) * es_, i + 1, length(i + 1));
-      Finish(h_.buffer(h_.local_rank, i), length(i));
-      if (i + 1 < pieces) Cross(h_.buffer(h_.local_rank, i + 1), length(i + 1));
+      Finish(h_.buffer(h_.local_rank, first_ + i), length(i));
+      if (i + 1 < pieces) Cross(h_.buffer(h_.local_rank, first_ + i + 1), length(i + 1));
       Allgather(out + begin(i) * es_, i, length(i));
     }
   }
 
  private:
+  // The first node round carries the call; before any data leaves the node, every rank learns
+  // whether every rank of every node makes it (MismatchError on all of them otherwise).
+  void Agree(uint64_t seq) { AgreeAcrossNodes(h_, ctx_.timeout_s, seq, header_); }
+
   // Stage 1 for piece `i` of n elements at `in`.
   void ReduceScatter(const char* in, uint64_t i, size_t n) {
-    char* mine = h_.buffer(h_.local_rank, i);
+    char* mine = h_.buffer(h_.local_rank, first_ + i);
     Copy(mine, in, n * es_);
-    NodeRound();
+    const uint64_t seq = NodeRound(SharedArena::kHierarchical);
+    if (i == 0) Agree(seq);
     const BlockLayout slices(n, slices_);
     // Through a cache-sized accumulator: this rank's own buffer is one of the inputs, reduced in
     // its place in rank order, and receives the result.
@@ -160,8 +178,8 @@ class HierarchicalAllreduce {
       for (size_t at = slices.offset(s), end = at + slices.length(s); at < end; at += step) {
         const size_t len = std::min(step, end - at);
         char* acc = ctx_.scratch;
-        reduce_(h_.buffer(0, i) + at * es_, h_.buffer(1, i) + at * es_, acc, len);
-        for (int q = 2; q < h_.local_size; ++q) reduce_(acc, h_.buffer(q, i) + at * es_, acc, len);
+        reduce_(h_.buffer(0, first_ + i) + at * es_, h_.buffer(1, first_ + i) + at * es_, acc, len);
+        for (int q = 2; q < h_.local_size; ++q) reduce_(acc, h_.buffer(q, first_ + i) + at * es_, acc, len);
         std::memcpy(mine + at * es_, acc, len * es_);
         Progress();
       }
@@ -193,11 +211,11 @@ class HierarchicalAllreduce {
 
   // Stage 3 for piece `i` of n elements, into `out`.
   void Allgather(char* out, uint64_t i, size_t n) {
-    NodeRound();
+    NodeRound(SharedArena::kHierarchical);
     const BlockLayout slices(n, slices_);
     for (int s = 0; s < slices_; ++s) {
       const size_t at = slices.offset(s) * es_;
-      Copy(out + at, h_.buffer(s % h_.local_size, i) + at, slices.length(s) * es_);
+      Copy(out + at, h_.buffer(s % h_.local_size, first_ + i) + at, slices.length(s) * es_);
     }
   }
 
@@ -214,15 +232,18 @@ class HierarchicalAllreduce {
     for (auto& request : in_flight_) request->Test();
   }
 
-  // Every local rank has finished what it did before this round (release / acquire).
-  void NodeRound() {
+  // Every local rank has finished what it did before this round (release / acquire); returns
+  // the round's sequence number. While waiting, the slices between nodes keep moving.
+  uint64_t NodeRound(uint16_t kind) {
     SharedArena& arena = *h_.node->arena();
     const uint64_t seq = ++h_.node_seq;
-    SharedArena::CallInfo info{
-        0, static_cast<int32_t>(dtype_), static_cast<int32_t>(op_), 0, 0, SharedArena::kHierarchical, 0};
-    info.call = ctx_.call;
-    arena.Post(seq, info);
-    arena.WaitAll(seq, ctx_.timeout_s);
+    arena.Post(seq, AgreementInfo(header_, kind));
+    for (int q = 0; q < arena.size(); ++q) {
+      if (q == arena.rank()) continue;
+      ProgressingRequest arrival(arena.Arrival(q, seq), in_flight_);
+      Wait(arrival, ctx_.timeout_s);
+    }
+    return seq;
   }
 
   static constexpr size_t kCacheBytes = size_t{64} << 10;
@@ -237,6 +258,8 @@ class HierarchicalAllreduce {
   size_t es_;
   ReduceFn reduce_;
   std::vector<std::unique_ptr<Request>> in_flight_;
+  CallHeader header_{};
+  uint64_t first_ = 0;      // the number of this call's first piece (Hierarchy::pieces_staged)
   int slices_ = 1;          // this call's slices of each piece
   std::vector<int> owned_;  // those of them this rank owns
 };

@@ -292,14 +292,12 @@ class CommunicatorImpl : public Communicator {
         Debug("allreduce in place in a shared buffer: no copies");
         return;
       }
+    } else if (UseHierarchical() && GetHierarchy()) {
+      // Checks the call itself, in its first round.
+      return AllreduceHierarchical(Context(current_call_), *hierarchy_, options_.inter_node, send, recv, count, dtype,
+                                   op);
     } else {
       Agree(CallKind::kAllreduce, count, dtype, op);
-    }
-    if (UseHierarchical()) {
-      if (Hierarchy* hierarchy = GetHierarchy()) {
-        return AllreduceHierarchical(Context(current_call_), *hierarchy, options_.inter_node, send, recv, count, dtype,
-                                     op);
-      }
     }
     AllreduceRing(Context(), send, recv, count, dtype, op);
   }
@@ -309,8 +307,9 @@ class CommunicatorImpl : public Communicator {
     return multi_node_ && (options_.algorithm == Algorithm::kAuto || options_.algorithm == Algorithm::kHierarchical);
   }
 
-  // Built by the first call that needs it (collective: every rank gets there in the same call);
-  // null for good where it cannot run, and the ring takes its place.
+  // Built by the first call over several nodes (collective: every rank gets there in the same
+  // call, whatever call it is); null for good where it cannot run: the ring and the flat
+  // agreement take its place.
   Hierarchy* GetHierarchy() {
     if (!hierarchy_built_) {
       hierarchy_ = BuildHierarchy(Context());
@@ -330,6 +329,9 @@ class CommunicatorImpl : public Communicator {
                             dtype ? static_cast<int32_t>(*dtype) : -1,
                             op ? static_cast<int32_t>(*op) : -1,
                             root};
+    // Across nodes, through the hierarchy (built by the first call of any kind, so that ranks
+    // making different calls still build it together).
+    if (multi_node_ && GetHierarchy()) return CheckHeadersAgree(Context(current_call_), *hierarchy_, header);
     CheckHeadersAgree(Context(current_call_), header);
   }
 

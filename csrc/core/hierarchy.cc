@@ -33,6 +33,7 @@ std::unique_ptr<Hierarchy> BuildHierarchy(const CollectiveContext& ctx) {
   const std::vector<int>& mine = members[world.node_of(r)];
 
   auto h = std::make_unique<Hierarchy>();
+  h->node_ranks = mine;
   h->local_size = static_cast<int>(mine.size());
   h->local_rank = static_cast<int>(std::find(mine.begin(), mine.end(), r) - mine.begin());
   for (const auto& node : members) h->slices = std::max(h->slices, static_cast<int>(node.size()));
@@ -53,6 +54,7 @@ std::unique_ptr<Hierarchy> BuildHierarchy(const CollectiveContext& ctx) {
   // Slice s joins its owner on each node. Every rank creates its groups in ascending s, so a
   // group's members never wait on each other in a cycle.
   h->across.resize(h->slices);
+
   for (int s : h->owned) {
     std::vector<int> group;
     for (const auto& node : members) group.push_back(node[s % node.size()]);

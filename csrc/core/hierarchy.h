@@ -17,10 +17,15 @@ struct Hierarchy {
   // of L ranks, local rank l owns the slices s with s % L == l.
   int slices = 0;
   int local_rank = 0, local_size = 1;
+  std::vector<int> node_ranks;  // this node's ranks in the whole communicator, by local rank
   std::vector<int> owned;
   // This node's ranks, with a shared arena; null when this rank is alone on its node.
   std::unique_ptr<Transport> node;
   uint64_t node_seq = 0;  // rounds made through node->arena()
+  // Pieces staged so far, over all calls: piece numbers, and so the staging buffers, carry on
+  // from one call to the next, so that a call's first piece does not overwrite the buffer that
+  // a slower rank may still be copying the last call's result from.
+  uint64_t pieces_staged = 0;
   // Shared staging on the node: local rank q's region is staging + q * staging_stride and holds
   // kStagingBuffers buffers of piece_bytes each.
   std::shared_ptr<void> staging_mapping;
@@ -30,11 +35,13 @@ struct Hierarchy {
   // across[s]: the owners of slice s, one per node (null for slices this rank does not own).
   std::vector<std::unique_ptr<Transport>> across;
 
+  // `piece` counts over all calls (pieces_staged + the piece's index in its call).
   char* buffer(int local, uint64_t piece) const {
     return staging + static_cast<size_t>(local) * staging_stride + (piece % kStagingBuffers) * piece_bytes;
   }
-  // A piece's buffer is written again three pieces later; by then every rank has passed the
-  // round that ended the last read of it (the allgather of the piece before).
+  // A piece's buffer is written again three pieces later, in this call or a later one. The
+  // writer has then passed the allgather round of the piece after it, which every rank posts
+  // only once it has finished copying that piece's result out.
   static constexpr size_t kStagingBuffers = 3;
 };
 

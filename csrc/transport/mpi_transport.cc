@@ -107,7 +107,11 @@ MPI_Op MpiOp(ReduceOp op) {
 
 class MpiTransport : public Transport {
  public:
-  MpiTransport(MPI_Comm parent, bool caller_thread_only) : caller_thread_only_(caller_thread_only) {
+  // `names[q]`: how errors name rank q of `parent` (empty: q). `watch`: the whole communicator's
+  // watch, for a transport over a subgroup of it (null: watch parent's ranks).
+  MpiTransport(MPI_Comm parent, bool caller_thread_only, std::vector<int> names = {},
+               std::shared_ptr<const PeerWatch> watch = nullptr)
+      : caller_thread_only_(caller_thread_only), names_(std::move(names)), watch_(std::move(watch)) {
     int initialized = 0;
     MPI_Initialized(&initialized);
     if (!initialized) throw CommError("pycomm: MPI is not initialised (import mpi4py.MPI first)");
@@ -134,13 +138,20 @@ class MpiTransport : public Transport {
     Check(MPI_Bcast(&node_leader, 1, MPI_INT, 0, node), "MPI_Bcast");
     MPI_Comm_free(&node);
     const std::vector<ProcessIdentity> processes = AllProcesses(node_leader);
-    watch_ = std::make_unique<PeerWatch>(rank_, processes);
+    if (names_.empty()) {
+      for (int q = 0; q < size_; ++q) names_.push_back(q);
+    }
+    // A subgroup's waits notice any rank of the whole communicator dying, and name the first.
+    if (!watch_) watch_ = std::make_shared<PeerWatch>(rank_, processes, names_);
     NumberNodes(processes);
     // PYCOMM_SHM=0 keeps every byte on MPI (like NCCL_SHM_DISABLE): for debugging and tests.
     const char* shm = std::getenv("PYCOMM_SHM");
     const bool shm_allowed = !(shm && std::string(shm) == "0");
     if (local_size_ == size_ && size_ > 1 && shm_allowed) arena_ = CreateArena();
-    if (arena_) arena_->set_peer_watch(watch_.get());
+    if (arena_) {
+      arena_->set_peer_watch(watch_.get());
+      arena_->set_rank_names(names_);
+    }
   }
 
   ~MpiTransport() override {
@@ -163,7 +174,7 @@ class MpiTransport : public Transport {
 #else
     Check(MPI_Isend(buf, CheckedCount(bytes), MPI_BYTE, peer, kTag, comm_, &request), "MPI_Isend");
 #endif
-    return std::make_unique<MpiRequest>(request, peer, MpiRequest::kSend, watch_.get());
+    return std::make_unique<MpiRequest>(request, names_[peer], MpiRequest::kSend, watch_.get());
   }
 
   std::unique_ptr<Request> Irecv(int peer, void* buf, size_t bytes) override {
@@ -173,7 +184,7 @@ class MpiTransport : public Transport {
 #else
     Check(MPI_Irecv(buf, CheckedCount(bytes), MPI_BYTE, peer, kTag, comm_, &request), "MPI_Irecv");
 #endif
-    return std::make_unique<MpiRequest>(request, peer, MpiRequest::kRecv, watch_.get());
+    return std::make_unique<MpiRequest>(request, names_[peer], MpiRequest::kRecv, watch_.get());
   }
 
   std::shared_ptr<void> MapShared(size_t total_bytes) override {
@@ -193,7 +204,9 @@ class MpiTransport : public Transport {
     MPI_Group_free(&part);
     MPI_Group_free(&all);
     Check(rc, "MPI_Comm_create_group");
-    auto transport = std::make_unique<MpiTransport>(sub, caller_thread_only_);
+    std::vector<int> names;
+    for (int q : ranks) names.push_back(names_[q]);
+    auto transport = std::make_unique<MpiTransport>(sub, caller_thread_only_, std::move(names), watch_);
     MPI_Comm_free(&sub);  // the transport holds its own duplicate
     return transport;
   }
@@ -303,8 +316,9 @@ class MpiTransport : public Transport {
   }
 
   const bool caller_thread_only_;
+  std::vector<int> names_;  // per rank: how errors name it
+  std::shared_ptr<const PeerWatch> watch_;
   MPI_Comm comm_ = MPI_COMM_NULL;
-  std::unique_ptr<PeerWatch> watch_;
   std::vector<int> node_of_;  // per rank
   int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1;
   std::unique_ptr<SharedArena> arena_;

@@ -37,13 +37,13 @@ ProcessIdentity ThisProcess(int64_t node) {
   return ProcessIdentity{pid, StartTicks(pid), node};
 }
 
-PeerWatch::PeerWatch(int rank, const std::vector<ProcessIdentity>& ranks) {
+PeerWatch::PeerWatch(int rank, const std::vector<ProcessIdentity>& ranks, const std::vector<int>& names) {
   for (int q = 0; q < static_cast<int>(ranks.size()); ++q) {
     const ProcessIdentity& peer = ranks[q];
     if (q == rank || peer.start_ticks < 0) continue;
     if (StartTicks(peer.pid) != peer.start_ticks) continue;  // not visible from here
     watched_.push_back(peer);
-    watched_ranks_.push_back(q);
+    watched_ranks_.push_back(names.empty() ? q : names[q]);
   }
 }
 

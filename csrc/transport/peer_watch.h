@@ -23,7 +23,9 @@ class PeerWatch {
   // `ranks[q]` is rank q's identity. Ranks whose process this one cannot see (on another
   // machine, or in another pid namespace) are not watched. Simulated nodes of one machine
   // (PYCOMM_NODE_ID) are watched like real ranks of one node.
-  PeerWatch(int rank, const std::vector<ProcessIdentity>& ranks);
+  // `names[q]` is how errors name rank q (its rank in the whole communicator, for a transport over
+  // a subgroup); empty: q itself.
+  PeerWatch(int rank, const std::vector<ProcessIdentity>& ranks, const std::vector<int>& names = {});
 
   // Throws PeerError naming the lowest rank known to have died, if any. Looks at /proc at most
   // every kInterval however often it is called, so waiting loops may call it freely.

@@ -76,13 +76,13 @@ class FlagRequest : public Request {
 void SharedArena::WaitAll(uint64_t seq, double timeout_s) const {
   for (int r = 0; r < size_; ++r) {
     if (r == rank_) continue;
-    FlagRequest request(flag(r), seq, r, watch_);
+    FlagRequest request(flag(r), seq, name(r), watch_);
     Wait(request, timeout_s);
   }
 }
 
 std::unique_ptr<Request> SharedArena::Arrival(int rank, uint64_t seq) const {
-  return std::make_unique<FlagRequest>(flag(rank), seq, rank, watch_);
+  return std::make_unique<FlagRequest>(flag(rank), seq, name(rank), watch_);
 }
 
 std::shared_ptr<void> AllocateLocalArenaMemory(int size, size_t slot_bytes) {

@@ -12,6 +12,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "transport/transport.h"
 
@@ -69,6 +70,9 @@ class SharedArena {
   std::unique_ptr<Request> Arrival(int rank, uint64_t seq) const;
   // Waits also fail at once, naming the rank, when `watch` sees a rank die (null: no watch).
   void set_peer_watch(const PeerWatch* watch) { watch_ = watch; }
+  // How errors name rank q: names[q] (its rank in the whole communicator, for an arena of a
+  // node's ranks); by default q.
+  void set_rank_names(std::vector<int> names) { names_ = std::move(names); }
 
  private:
   // Per rank: its flag, then two CallInfo (double-buffered like the slots), on two cache lines of
@@ -85,6 +89,8 @@ class SharedArena {
   size_t slot_bytes_;
   std::shared_ptr<void> keep_alive_;
   const PeerWatch* watch_ = nullptr;
+  std::vector<int> names_;
+  int name(int rank) const { return names_.empty() ? rank : names_[rank]; }
 };
 
 // Creates an arena in POSIX shared memory: rank 0 creates and sizes the segment, every rank maps

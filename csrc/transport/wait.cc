@@ -67,9 +67,11 @@ void Wait(Request& request, double timeout_s) {
       if (deadline == Clock::time_point{}) {
         deadline = now + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
       } else if (now >= deadline) {
-        throw PeerError("pycomm: timed out after " + std::to_string(timeout_s) + " s waiting for rank " +
-                            std::to_string(request.peer()) + " (PYCOMM_TIMEOUT)",
-                        request.peer());
+        const int peer = request.peer();
+        throw PeerError("pycomm: timed out after " + std::to_string(timeout_s) + " s waiting for " +
+                            (peer >= 0 ? "rank " + std::to_string(peer) : std::string("a collective of MPI's")) +
+                            " (PYCOMM_TIMEOUT)",
+                        peer);
       }
     }
     backoff.Pause();

@@ -109,6 +109,16 @@ def check_stress(comm, failures):
         failures.check(np.array_equal(work.wait(), np.full(100, float(P - 1 + i))), f"async max #{i}")
 
 
+def check_back_to_back(comm, failures):
+    """Small calls right after each other, each of another size: a rank that starts the next call
+    while a peer still copies the last result out must not overwrite what the peer reads."""
+    for i in range(400):
+        n = 1 + (i * 7919) % 61
+        y = comm.allreduce(np.full(n, float(RANK + i)))
+        expected = sum(q + i for q in range(P))
+        failures.check(bool(np.all(y == expected)), f"back-to-back call {i} (n={n}): {y[:3]}, expected {expected}")
+
+
 def check_large_count(failures):
     """More than 2**31 elements: neither MPI's int counts nor any int in the engine may truncate."""
     n = 2**31 + 3
@@ -174,6 +184,9 @@ def main():
     elif mode == "stress":
         with pycomm.Communicator(chunk_bytes=4096) as comm:
             check_stress(comm, failures)
+    elif mode == "back-to-back":
+        with pycomm.Communicator() as comm:
+            check_back_to_back(comm, failures)
     elif mode == "shared":
         check_shared_buffers(failures)
     elif mode == "large":
