@@ -1,11 +1,15 @@
 #include "transport/shared_arena.h"
 
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
+#include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <functional>
 #include <new>
 #include <random>
@@ -42,9 +46,32 @@ SharedArena::CallInfo* SharedArena::info_slot(int rank, uint64_t seq) const {
   return reinterpret_cast<CallInfo*>(base_ + static_cast<size_t>(rank) * kLine + kInfoOffset) + (seq & 1);
 }
 
+namespace {
+
+// The futex word of a flag: its low 32 bits, which change with every post.
+uint32_t* FutexWord(const std::atomic<uint64_t>* flag) {
+  auto* word = reinterpret_cast<uint32_t*>(const_cast<std::atomic<uint64_t>*>(flag));
+  return __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? word : word + 1;
+}
+
+// Not FUTEX_PRIVATE_FLAG: the word lives in memory that other processes map.
+long Futex(uint32_t* word, int op, uint32_t value, const timespec* timeout) {
+  return syscall(SYS_futex, word, op, value, timeout, nullptr, 0);
+}
+
+}  // namespace
+
+std::atomic<uint32_t>* SharedArena::sleepers(int rank) const {
+  return reinterpret_cast<std::atomic<uint32_t>*>(base_ + static_cast<size_t>(rank) * kLine + kSleepersOffset);
+}
+
 void SharedArena::Post(uint64_t seq, const CallInfo& info) {
   *info_slot(rank_, seq) = info;
   flag(rank_)->store(seq, std::memory_order_release);
+  // Paired with the sleeper's count-then-check (both sequentially consistent): either it sees
+  // the new flag, or this sees it counted and wakes it.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (sleepers(rank_)->load(std::memory_order_relaxed) > 0) Futex(FutexWord(flag(rank_)), FUTEX_WAKE, INT_MAX, nullptr);
 }
 
 SharedArena::CallInfo SharedArena::info(int rank, uint64_t seq) const { return *info_slot(rank, seq); }
@@ -54,17 +81,30 @@ namespace {
 // The flags seen as requests, so that waiting shares the spin-yield-sleep schedule and timeout.
 class FlagRequest : public Request {
  public:
-  FlagRequest(const std::atomic<uint64_t>* flag, uint64_t seq, int peer, const PeerWatch* watch)
-      : flag_(flag), seq_(seq), peer_(peer), watch_(watch) {}
+  FlagRequest(const std::atomic<uint64_t>* flag, std::atomic<uint32_t>* sleepers, uint64_t seq, int peer,
+              const PeerWatch* watch)
+      : flag_(flag), sleepers_(sleepers), seq_(seq), peer_(peer), watch_(watch) {}
   bool Test() override {
     if (flag_->load(std::memory_order_acquire) >= seq_) return true;
     if (watch_ && (++polls_ & PeerWatch::kPollMask) == 0) watch_->Check();
     return false;
   }
   int peer() const override { return peer_; }
+  // Sleeps on the flag's futex: the post wakes it at once.
+  void Sleep(std::chrono::microseconds limit) override {
+    sleepers_->fetch_add(1, std::memory_order_seq_cst);
+    const uint64_t now = flag_->load(std::memory_order_seq_cst);
+    if (now < seq_) {
+      const timespec timeout{0, static_cast<long>(limit.count()) * 1000};
+      TightTimerSlack slack;
+      Futex(FutexWord(flag_), FUTEX_WAIT, static_cast<uint32_t>(now), &timeout);
+    }
+    sleepers_->fetch_sub(1, std::memory_order_relaxed);
+  }
 
  private:
   const std::atomic<uint64_t>* flag_;
+  std::atomic<uint32_t>* sleepers_;
   uint64_t seq_;
   int peer_;
   const PeerWatch* watch_;
@@ -76,13 +116,13 @@ class FlagRequest : public Request {
 void SharedArena::WaitAll(uint64_t seq, double timeout_s) const {
   for (int r = 0; r < size_; ++r) {
     if (r == rank_) continue;
-    FlagRequest request(flag(r), seq, name(r), watch_);
+    FlagRequest request(flag(r), sleepers(r), seq, name(r), watch_);
     Wait(request, timeout_s);
   }
 }
 
 std::unique_ptr<Request> SharedArena::Arrival(int rank, uint64_t seq) const {
-  return std::make_unique<FlagRequest>(flag(rank), seq, name(rank), watch_);
+  return std::make_unique<FlagRequest>(flag(rank), sleepers(rank), seq, name(rank), watch_);
 }
 
 std::shared_ptr<void> AllocateLocalArenaMemory(int size, size_t slot_bytes) {

@@ -75,12 +75,14 @@ class SharedArena {
   void set_rank_names(std::vector<int> names) { names_ = std::move(names); }
 
  private:
-  // Per rank: its flag, then two CallInfo (double-buffered like the slots), on two cache lines of
-  // their own: no false sharing, adjacent-line prefetch included.
+  // Per rank: its flag, how many ranks sleep on it, then two CallInfo (double-buffered like the
+  // slots), on two cache lines of their own: no false sharing, adjacent-line prefetch included.
   static constexpr size_t kLine = 128;
+  static constexpr size_t kSleepersOffset = 8;  // ranks asleep on this rank's flag (futex)
   static constexpr size_t kInfoOffset = 16;
   static_assert(kInfoOffset + 2 * sizeof(CallInfo) <= kLine, "a rank's flag and infos share its line");
   std::atomic<uint64_t>* flag(int rank) const;
+  std::atomic<uint32_t>* sleepers(int rank) const;
   CallInfo* info_slot(int rank, uint64_t seq) const;
 
   char* base_;

@@ -6,6 +6,7 @@
 // posted on both sides, as MPI's non-overtaking rule guarantees on a single tag.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <memory>
 #include <vector>
@@ -23,6 +24,10 @@ class Request {
   // Throws PeerError if the peer is known to be gone.
   virtual bool Test() = 0;
   virtual int peer() const = 0;
+  // Called by waits that have polled for a while: blocks until the request may have completed,
+  // or for at most `limit`. The default sleeps for `limit`; a request that can be woken (a
+  // futex on a flag in shared memory) returns as soon as it is.
+  virtual void Sleep(std::chrono::microseconds limit);
 };
 
 class Transport {

@@ -14,10 +14,23 @@ namespace pycomm {
 void Wait(Request& request, double timeout_s);
 void WaitAll(std::vector<std::unique_ptr<Request>>& requests, double timeout_s);
 
-// The spin-yield-sleep schedule shared by every waiting loop; Pause() is called once per failed poll.
+// Linux stretches every timed sleep of a thread by its timer slack (50 us by default): far
+// longer than the microseconds a peer usually needs. While one of these lives, this thread's
+// slack is 1 us; the caller's own slack comes back afterwards.
+class TightTimerSlack {
+ public:
+  TightTimerSlack();
+  ~TightTimerSlack();
+
+ private:
+  int saved_;
+};
+
+// The spin-yield-sleep schedule shared by every waiting loop; Pause() is called once per failed
+// poll, and sleeps through `request` (Request::Sleep) when one is given.
 class Backoff {
  public:
-  void Pause();
+  void Pause(Request* request = nullptr);
   void Reset() { polls_ = 0; }
 
  private:
