@@ -38,11 +38,11 @@ def chunk_bytes(value=None) -> int:
 
 
 # Same order as pycomm::Algorithm in csrc/include/pycomm/pycomm.h.
-ALGORITHMS = ("auto", "ring", "oneshot")
+ALGORITHMS = ("auto", "ring", "oneshot", "hierarchical", "singlecopy")
 
 
 def algorithm(value=None) -> str:
-    """The allreduce algorithm (PYCOMM_ALGO): auto, or ring / oneshot to force one."""
+    """The allreduce algorithm (PYCOMM_ALGO): auto, or ring / oneshot / hierarchical / singlecopy to force one."""
     raw = value if value is not None else _env("PYCOMM_ALGO")
     name = (raw or "auto").lower()
     if name not in ALGORITHMS:

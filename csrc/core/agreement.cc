@@ -49,6 +49,8 @@ std::string Describe(const SharedArena::CallInfo& info) {
       return Describe(AsHeader(info)) + " [one-shot]";
     case SharedArena::kLargeAllreduce:
       return Describe(AsHeader(info)) + " [large]";
+    case SharedArena::kSingleCopy:
+      return Describe(AsHeader(info)) + " [single-copy]";
     default:
       return Describe(AsHeader(info));
   }

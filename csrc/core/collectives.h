@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "pycomm/pycomm.h"
 #include "transport/transport.h"
@@ -52,6 +53,22 @@ struct SharedPlacement {
 // caller runs another algorithm.
 bool AllreduceInSharedBuffer(const CollectiveContext& ctx, const SharedPlacement& placement, bool in_place,
                              size_t count, DataType dtype, ReduceOp op);
+
+// What the single-copy allreduce keeps between calls on one communicator.
+struct SingleCopyState {
+  // Whether every rank can read every other's memory: probed at the first call, agreed by all.
+  enum Status { kUnknown, kAvailable, kUnavailable } status = kUnknown;
+  std::vector<char> buffer;  // the chunks read from peers
+};
+
+// Allreduce on ordinary buffers of ranks that share a node and transport.arena(): rank r reads
+// its peers' pieces of block r straight from their memory (process_vm_readv), reduces them in
+// rank order into its output, then reads the other finished blocks from their owners' outputs.
+// Checks through the arena that all ranks make the same call (MismatchError otherwise). Returns
+// false on every rank, having moved no data, where some rank cannot read its peers' memory; the
+// caller then runs another algorithm.
+bool AllreduceSingleCopy(const CollectiveContext& ctx, SingleCopyState& state, const void* send, void* recv,
+                         size_t count, DataType dtype, ReduceOp op);
 
 // Ring reduce-scatter of size * recv_count elements; this rank's block lands in recv.
 void ReduceScatterRing(const CollectiveContext& ctx, const void* send, void* recv, size_t recv_count, DataType dtype,

@@ -27,6 +27,8 @@ namespace {
 // (measured, docs/algorithms.md): the ring's 2(P-1) dependent steps cost more as P grows.
 constexpr size_t kOneShotMaxBytesTwoRanks = size_t{128} << 10;
 constexpr size_t kOneShotMaxBytesMoreRanks = size_t{512} << 10;
+// From here on, where the ranks share a node, reading peers' buffers directly beats the ring.
+constexpr size_t kSingleCopyMinBytes = 0;
 
 std::atomic<bool> any_peer_failed{false};
 
@@ -45,13 +47,16 @@ class CommunicatorImpl : public Communicator {
     if (!(options_.timeout_s > 0)) throw std::invalid_argument("pycomm: timeout must be positive");
     scratch_.resize(kPipelineDepth * options_.chunk_bytes);
     executor_ = std::make_unique<Executor>(!options_.blocking_only);
-    if (static_cast<int>(options_.algorithm) < 0 || static_cast<int>(options_.algorithm) > 2) {
+    // 3 (hierarchical) is accepted and, until it exists, runs as kAuto would above the one-shot.
+    if (static_cast<int>(options_.algorithm) < 0 || static_cast<int>(options_.algorithm) > 4) {
       throw std::invalid_argument("pycomm: unknown algorithm code " +
                                   std::to_string(static_cast<int>(options_.algorithm)));
     }
     Debug("created over %s transport, size %d, chunk %zu bytes", transport_->name(), size(), options_.chunk_bytes);
-    if (options_.algorithm == Algorithm::kOneShot && !transport_->arena() && size_ > 1) {
-      Debug("algorithm oneshot needs ranks that share memory; the ring runs instead");
+    if ((options_.algorithm == Algorithm::kOneShot || options_.algorithm == Algorithm::kSingleCopy) &&
+        !transport_->arena() && size_ > 1) {
+      Debug("algorithm %s needs ranks that share memory; the ring runs instead",
+            options_.algorithm == Algorithm::kOneShot ? "oneshot" : "singlecopy");
     }
   }
 
@@ -275,15 +280,25 @@ class CommunicatorImpl : public Communicator {
     // The one-shot and shared-buffer paths check the call through the arena.
     if (UseOneShot(bytes)) return AllreduceOneShot(Context(current_call_), send, recv, count, dtype, op);
     // Above the one-shot's range, where the ranks share memory, data in a shared buffer is
-    // reduced in place without copies; the ranks first agree that all of them can.
-    if (transport_->arena() && options_.algorithm == Algorithm::kAuto) {
+    // reduced in place without copies; the ranks first agree that all of them can. Without any
+    // shared buffer (comm.empty is collective: the same answer on every rank) that round is skipped.
+    bool agreed = false;
+    if (transport_->arena() && options_.algorithm == Algorithm::kAuto && last_shared_id_ != 0) {
       if (AllreduceInSharedBuffer(Context(current_call_), Placement(recv, bytes), send == recv, count, dtype, op)) {
         Debug("allreduce in place in a shared buffer: no copies");
         return;
       }
-    } else {
-      Agree(CallKind::kAllreduce, count, dtype, op);
+      agreed = true;
     }
+    // Ordinary buffers: peers read each other's memory directly, where every rank can.
+    if (UseSingleCopy(bytes)) {
+      if (AllreduceSingleCopy(Context(current_call_), single_copy_, send, recv, count, dtype, op)) {
+        Debug("single-copy allreduce: read peers' buffers directly");
+        return;
+      }
+      Debug("single-copy allreduce unavailable (process_vm_readv refused): the ring runs instead");
+    }
+    if (!agreed) Agree(CallKind::kAllreduce, count, dtype, op);
     AllreduceRing(Context(), send, recv, count, dtype, op);
   }
 
@@ -321,8 +336,22 @@ class CommunicatorImpl : public Communicator {
         return false;
       case Algorithm::kAuto:
         return bytes <= (size() == 2 ? kOneShotMaxBytesTwoRanks : kOneShotMaxBytesMoreRanks);
+      default:
+        return false;
     }
-    return false;
+  }
+
+  // Single-copy above the one-shot's range where all ranks share a node (UseOneShot said no).
+  bool UseSingleCopy(size_t bytes) const {
+    if (!transport_->arena()) return false;
+    switch (options_.algorithm) {
+      case Algorithm::kSingleCopy:
+        return true;
+      case Algorithm::kAuto:
+        return bytes >= kSingleCopyMinBytes;
+      default:
+        return false;
+    }
   }
 
   static void Copy(const void* src, void* dst, size_t bytes) {
@@ -370,6 +399,7 @@ class CommunicatorImpl : public Communicator {
   };
   std::vector<Registered> shared_;
   uint32_t last_shared_id_ = 0;
+  SingleCopyState single_copy_;  // only touched inside the executor
   std::atomic<bool> closed_{false};
   std::atomic<bool> broken_{false};
   std::string broken_reason_;

@@ -82,6 +82,8 @@ Options OptionsFromEnvironment() {
       options.algorithm = Algorithm::kRing;
     } else if (name == "oneshot") {
       options.algorithm = Algorithm::kOneShot;
+    } else if (name == "singlecopy") {
+      options.algorithm = Algorithm::kSingleCopy;
     } else {
       Warn("PYCOMM_ALGO", raw);
     }

@@ -39,7 +39,7 @@ class SharedArena {
   // Which step posts: ranks on different steps (say, configured with different algorithms)
   // must see a mismatch, not read each other's unrelated data.
   // kAgreement: a call that then moves its data over the transport only checks here.
-  enum Kind : uint16_t { kOneShot = 1, kLargeAllreduce = 2, kAllocate = 3, kAgreement = 4 };
+  enum Kind : uint16_t { kOneShot = 1, kLargeAllreduce = 2, kAllocate = 3, kAgreement = 4, kSingleCopy = 5 };
 
   struct CallInfo {
     uint64_t count;  // elements (bytes for kAllocate)

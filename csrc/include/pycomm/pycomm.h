@@ -71,6 +71,8 @@ enum class Algorithm : int {
   kAuto = 0,
   kRing,     // chunked, pipelined ring over point-to-point messages: any size, any placement
   kOneShot,  // every rank reduces everyone's data from shared memory: small messages, one node
+  // 3 is reserved for the hierarchical allreduce (reduce-scatter in the node, across nodes, allgather).
+  kSingleCopy = 4,  // ranks read each other's buffers (process_vm_readv): large messages, one node
 };
 
 struct Options {
@@ -81,7 +83,8 @@ struct Options {
   double timeout_s = 300.0;
   // Prefix debug lines on stderr with the rank.
   bool debug = false;
-  // kOneShot runs only where all ranks share a node (elsewhere the ring does).
+  // kOneShot and kSingleCopy run only where all ranks share a node (elsewhere the ring does);
+  // kSingleCopy also only where every rank may read its peers' memory.
   Algorithm algorithm = Algorithm::kAuto;
   // Blocking calls only: no progress thread is started and AllreduceAsync throws CommError.
   // Every operation then runs on the calling thread, so FromMpi accepts MPI at any thread level

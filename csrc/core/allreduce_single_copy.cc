@@ -1,0 +1,142 @@
+// Single-copy allreduce between the ranks of one node, on ordinary (private) buffers: each rank
+// reads its peers' memory with process_vm_readv (transport/peer_memory.h), so no byte passes
+// through a shared segment or a message.
+//   1. Arena round: the ranks agree on the call and publish pid, input and output addresses.
+//   2. Rank r reduces block r: chunk by chunk it reads each peer's piece of block r into a buffer
+//      that stays in cache and reduces all ranks' pieces in rank order into its output.
+//   3. Arena round: every block is finished.
+//   4. Rank r copies every other block straight from its owner's output into its own.
+//   5. Arena round: nobody returns, and so frees or reuses its buffers, while a peer still reads.
+// Per rank that is (P-1)/P n bytes read from peers twice and n/P reduced: close to the shared
+// buffer's floor (docs/algorithms.md), with one kernel copy per byte moved.
+//
+// The first call probes whether every rank can read every other's memory (kernel, Yama,
+// seccomp, PYCOMM_CMA=0) and the ranks agree on the answer in one more round, so that all of
+// them take the same path for the life of the communicator.
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "core/agreement.h"
+#include "core/blocks.h"
+#include "core/collectives.h"
+#include "reduce/reduce.h"
+#include "transport/peer_memory.h"
+#include "transport/shared_arena.h"
+
+namespace pycomm {
+
+namespace {
+
+// Small enough that a chunk read from a peer is still in L2 when it is reduced.
+constexpr size_t kChunkBytes = size_t{128} << 10;
+
+// What each rank puts in its arena slot for step 1.
+struct Published {
+  int64_t pid;
+  const char* send;
+  char* recv;
+  const uint64_t* probe;  // a word every peer can try to read
+};
+
+constexpr uint64_t kProbeValue = 0x70c0c0a0c0ffee01;
+const uint64_t probe_word = kProbeValue;
+
+// One round in which each rank says whether it could read every peer's probe word; true on
+// every rank iff true on all.
+bool ProbeAgreed(const CollectiveContext& ctx, SharedArena& arena, const std::vector<Published>& peers,
+                 const SharedArena::CallInfo& mine) {
+  bool ok = true;
+  for (int q = 0; q < arena.size(); ++q) {
+    if (q == arena.rank()) continue;
+    uint64_t value = 0;
+    ok = ok && TryReadPeer(peers[q].pid, peers[q].probe, &value, sizeof value) && value == kProbeValue;
+  }
+  const uint64_t seq = ++*ctx.arena_seq;
+  *reinterpret_cast<uint8_t*>(arena.slot(arena.rank(), seq)) = ok ? 1 : 0;
+  arena.Post(seq, mine);
+  arena.WaitAll(seq, ctx.timeout_s);
+  for (int q = 0; q < arena.size(); ++q) ok = ok && *reinterpret_cast<const uint8_t*>(arena.slot(q, seq)) == 1;
+  return ok;
+}
+
+void Round(const CollectiveContext& ctx, SharedArena& arena, const SharedArena::CallInfo& mine) {
+  const uint64_t seq = ++*ctx.arena_seq;
+  arena.Post(seq, mine);
+  arena.WaitAll(seq, ctx.timeout_s);
+}
+
+}  // namespace
+
+bool AllreduceSingleCopy(const CollectiveContext& ctx, SingleCopyState& state, const void* send, void* recv,
+                         size_t count, DataType dtype, ReduceOp op) {
+  if (state.status == SingleCopyState::kUnavailable) return false;
+  SharedArena& arena = *ctx.transport.arena();
+  const int P = arena.size(), r = arena.rank();
+  if (state.status == SingleCopyState::kUnknown) AllowPeerReads();
+
+  SharedArena::CallInfo mine{
+      count, static_cast<int32_t>(dtype), static_cast<int32_t>(op), 0, 0, SharedArena::kSingleCopy, 0};
+  mine.call_kind = static_cast<int32_t>(CallKind::kAllreduce);
+  mine.call = ctx.call;
+  const uint64_t seq = ++*ctx.arena_seq;
+  const Published self{static_cast<int64_t>(getpid()), static_cast<const char*>(send), static_cast<char*>(recv),
+                       &probe_word};
+  std::memcpy(arena.slot(r, seq), &self, sizeof self);
+  arena.Post(seq, mine);
+  arena.WaitAll(seq, ctx.timeout_s);
+  CheckCallsAgree(arena, seq, mine);
+  // Copied out now: the slots are reused two rounds later.
+  std::vector<Published> peers(P);
+  for (int q = 0; q < P; ++q) std::memcpy(&peers[q], arena.slot(q, seq), sizeof(Published));
+
+  if (state.status == SingleCopyState::kUnknown) {
+    state.status = ProbeAgreed(ctx, arena, peers, mine) ? SingleCopyState::kAvailable : SingleCopyState::kUnavailable;
+    if (state.status == SingleCopyState::kUnavailable) return false;
+  }
+
+  const size_t es = DataTypeSize(dtype);
+  const ReduceFn reduce = GetReduceFn(dtype, op);
+  const BlockLayout layout(count, P);
+  const size_t chunk = std::max<size_t>(1, std::min(ctx.chunk_bytes, kChunkBytes) / es);
+  state.buffer.resize(2 * chunk * es);
+  char* const acc = state.buffer.data();
+  char* const incoming = acc + chunk * es;
+  char* const out = static_cast<char*>(recv);
+
+  // Step 2. Only the last reduction of a chunk writes the output, after every input of that
+  // chunk was read: in place (send == recv) this rank's own input is consumed before it is
+  // overwritten. Peers meanwhile read other blocks of the input, never block r.
+  const size_t end = layout.offset(r) + layout.length(r);
+  for (size_t begin = layout.offset(r); begin < end; begin += chunk) {
+    const size_t n = std::min(chunk, end - begin), bytes = n * es;
+    auto input = [&](int q, char* into) -> const char* {
+      if (q == r) return static_cast<const char*>(send) + begin * es;
+      ReadPeer(peers[q].pid, q, peers[q].send + begin * es, into, bytes);
+      return into;
+    };
+    char* dst = out + begin * es;
+    const char* left = input(0, acc);
+    for (int q = 1; q < P; ++q) {
+      char* into = q == P - 1 ? dst : acc;
+      reduce(left, input(q, incoming), into, n);
+      left = into;
+    }
+    if (op == ReduceOp::kAvg) ScaleDown(dst, n, dtype, P);
+  }
+  Round(ctx, arena, mine);  // step 3
+
+  // Step 4: the peers' finished blocks, straight into the output.
+  for (int k = 1; k < P; ++k) {
+    const int q = (r + k) % P;
+    const size_t offset = layout.offset(q) * es;
+    ReadPeer(peers[q].pid, q, peers[q].recv + offset, out + offset, layout.length(q) * es);
+  }
+  Round(ctx, arena, mine);  // step 5
+  return true;
+}
+
+}  // namespace pycomm
