@@ -1,16 +1,16 @@
-// Single-copy allreduce between the ranks of one node, on ordinary (private) buffers: each rank
-// reads its peers' memory with process_vm_readv (transport/peer_memory.h), so no byte passes
-// through a shared segment or a message.
+// Single-copy allreduce between the ranks of one node, on ordinary (private) buffers: ranks read
+// and write each other's memory with process_vm_readv / process_vm_writev
+// (transport/peer_memory.h), so no byte passes through a shared segment or a message.
 //   1. Arena round: the ranks agree on the call and publish pid, input and output addresses.
-//   2. Rank r reduces block r: chunk by chunk it reads each peer's piece of block r into a buffer
-//      that stays in cache and reduces all ranks' pieces in rank order into its output.
-//   3. Arena round: every block is finished.
-//   4. Rank r copies every other block straight from its owner's output into its own.
-//   5. Arena round: nobody returns, and so frees or reuses its buffers, while a peer still reads.
-// Per rank that is (P-1)/P n bytes read from peers twice and n/P reduced: close to the shared
-// buffer's floor (docs/algorithms.md), with one kernel copy per byte moved.
+//   2. Rank r owns block r. Chunk by chunk it reads each peer's piece of the block into a buffer
+//      that stays in cache, reduces all ranks' pieces in rank order into its own output, and
+//      writes the finished chunk, still in cache, into every peer's output.
+//   3. Arena round: nobody returns, and so frees or reuses its buffers, before every block is
+//      written everywhere and no peer reads its input any more.
+// Per rank: n bytes read (n/P of them locally), n written (n/P locally), each byte that crosses
+// processes copied once by the kernel; two synchronisations per call.
 //
-// The first call probes whether every rank can read every other's memory (kernel, Yama,
+// The first call probes whether every rank can access every other's memory (kernel, Yama,
 // seccomp, PYCOMM_CMA=0) and the ranks agree on the answer in one more round, so that all of
 // them take the same path for the life of the communicator.
 
@@ -31,7 +31,7 @@ namespace pycomm {
 
 namespace {
 
-// Small enough that a chunk read from a peer is still in L2 when it is reduced.
+// Small enough that a chunk read from a peer is still in L2 when it is reduced and sent on.
 constexpr size_t kChunkBytes = size_t{128} << 10;
 
 // What each rank puts in its arena slot for step 1.
@@ -39,13 +39,13 @@ struct Published {
   int64_t pid;
   const char* send;
   char* recv;
-  const uint64_t* probe;  // a word every peer can try to read
+  uint64_t* probe;  // a word every peer may read and write back unchanged
 };
 
 constexpr uint64_t kProbeValue = 0x70c0c0a0c0ffee01;
-const uint64_t probe_word = kProbeValue;
+uint64_t probe_word = kProbeValue;
 
-// One round in which each rank says whether it could read every peer's probe word; true on
+// One round in which each rank says whether it could access every peer's probe word; true on
 // every rank iff true on all.
 bool ProbeAgreed(const CollectiveContext& ctx, SharedArena& arena, const std::vector<Published>& peers,
                  const SharedArena::CallInfo& mine) {
@@ -53,7 +53,7 @@ bool ProbeAgreed(const CollectiveContext& ctx, SharedArena& arena, const std::ve
   for (int q = 0; q < arena.size(); ++q) {
     if (q == arena.rank()) continue;
     uint64_t value = 0;
-    ok = ok && TryReadPeer(peers[q].pid, peers[q].probe, &value, sizeof value) && value == kProbeValue;
+    ok = ok && TryPeerAccess(peers[q].pid, peers[q].probe, &value, sizeof value) && value == kProbeValue;
   }
   const uint64_t seq = ++*ctx.arena_seq;
   *reinterpret_cast<uint8_t*>(arena.slot(arena.rank(), seq)) = ok ? 1 : 0;
@@ -63,12 +63,6 @@ bool ProbeAgreed(const CollectiveContext& ctx, SharedArena& arena, const std::ve
   return ok;
 }
 
-void Round(const CollectiveContext& ctx, SharedArena& arena, const SharedArena::CallInfo& mine) {
-  const uint64_t seq = ++*ctx.arena_seq;
-  arena.Post(seq, mine);
-  arena.WaitAll(seq, ctx.timeout_s);
-}
-
 }  // namespace
 
 bool AllreduceSingleCopy(const CollectiveContext& ctx, SingleCopyState& state, const void* send, void* recv,
@@ -76,13 +70,13 @@ bool AllreduceSingleCopy(const CollectiveContext& ctx, SingleCopyState& state, c
   if (state.status == SingleCopyState::kUnavailable) return false;
   SharedArena& arena = *ctx.transport.arena();
   const int P = arena.size(), r = arena.rank();
-  if (state.status == SingleCopyState::kUnknown) AllowPeerReads();
+  if (state.status == SingleCopyState::kUnknown) AllowPeerAccess();
 
   SharedArena::CallInfo mine{
       count, static_cast<int32_t>(dtype), static_cast<int32_t>(op), 0, 0, SharedArena::kSingleCopy, 0};
   mine.call_kind = static_cast<int32_t>(CallKind::kAllreduce);
   mine.call = ctx.call;
-  const uint64_t seq = ++*ctx.arena_seq;
+  uint64_t seq = ++*ctx.arena_seq;
   const Published self{static_cast<int64_t>(getpid()), static_cast<const char*>(send), static_cast<char*>(recv),
                        &probe_word};
   std::memcpy(arena.slot(r, seq), &self, sizeof self);
@@ -105,20 +99,19 @@ bool AllreduceSingleCopy(const CollectiveContext& ctx, SingleCopyState& state, c
   state.buffer.resize(2 * chunk * es);
   char* const acc = state.buffer.data();
   char* const incoming = acc + chunk * es;
-  char* const out = static_cast<char*>(recv);
 
-  // Step 2. Only the last reduction of a chunk writes the output, after every input of that
-  // chunk was read: in place (send == recv) this rank's own input is consumed before it is
-  // overwritten. Peers meanwhile read other blocks of the input, never block r.
+  // Step 2. Block r is only ever touched by this rank: in place (send == recv, here or at a
+  // peer) each chunk of an input is read before the same chunk of that output is written, and
+  // only the last reduction of a chunk writes this rank's output.
   const size_t end = layout.offset(r) + layout.length(r);
   for (size_t begin = layout.offset(r); begin < end; begin += chunk) {
-    const size_t n = std::min(chunk, end - begin), bytes = n * es;
+    const size_t n = std::min(chunk, end - begin), bytes = n * es, at = begin * es;
     auto input = [&](int q, char* into) -> const char* {
-      if (q == r) return static_cast<const char*>(send) + begin * es;
-      ReadPeer(peers[q].pid, q, peers[q].send + begin * es, into, bytes);
+      if (q == r) return static_cast<const char*>(send) + at;
+      ReadPeer(peers[q].pid, q, peers[q].send + at, into, bytes);
       return into;
     };
-    char* dst = out + begin * es;
+    char* dst = static_cast<char*>(recv) + at;
     const char* left = input(0, acc);
     for (int q = 1; q < P; ++q) {
       char* into = q == P - 1 ? dst : acc;
@@ -126,16 +119,14 @@ bool AllreduceSingleCopy(const CollectiveContext& ctx, SingleCopyState& state, c
       left = into;
     }
     if (op == ReduceOp::kAvg) ScaleDown(dst, n, dtype, P);
+    for (int k = 1; k < P; ++k) {
+      const int q = (r + k) % P;
+      WritePeer(peers[q].pid, q, dst, peers[q].recv + at, bytes);
+    }
   }
-  Round(ctx, arena, mine);  // step 3
-
-  // Step 4: the peers' finished blocks, straight into the output.
-  for (int k = 1; k < P; ++k) {
-    const int q = (r + k) % P;
-    const size_t offset = layout.offset(q) * es;
-    ReadPeer(peers[q].pid, q, peers[q].recv + offset, out + offset, layout.length(q) * es);
-  }
-  Round(ctx, arena, mine);  // step 5
+  seq = ++*ctx.arena_seq;  // step 3
+  arena.Post(seq, mine);
+  arena.WaitAll(seq, ctx.timeout_s);
   return true;
 }
 

@@ -16,18 +16,20 @@ namespace pycomm {
 
 namespace {
 
-// Reads until done: the kernel may stop short of the whole range. Returns 0 or an errno.
-int ReadAll(int64_t pid, const void* remote, void* local, size_t bytes) {
-  const char* from = static_cast<const char*>(remote);
-  char* to = static_cast<char*>(local);
+// Copies until done: the kernel may stop short of the whole range. Returns 0 or an errno.
+int CopyAll(int64_t pid, bool write, void* remote, void* local, size_t bytes) {
+  char* theirs = static_cast<char*>(remote);
+  char* mine = static_cast<char*>(local);
   while (bytes > 0) {
-    iovec mine{to, bytes}, theirs{const_cast<char*>(from), bytes};
-    const ssize_t got = process_vm_readv(static_cast<pid_t>(pid), &mine, 1, &theirs, 1, 0);
-    if (got < 0 && errno == EINTR) continue;
-    if (got <= 0) return got < 0 ? errno : EFAULT;
-    from += got;
-    to += got;
-    bytes -= static_cast<size_t>(got);
+    iovec here{mine, bytes}, there{theirs, bytes};
+    const pid_t p = static_cast<pid_t>(pid);
+    const ssize_t done =
+        write ? process_vm_writev(p, &here, 1, &there, 1, 0) : process_vm_readv(p, &here, 1, &there, 1, 0);
+    if (done < 0 && errno == EINTR) continue;
+    if (done <= 0) return done < 0 ? errno : EFAULT;
+    theirs += done;
+    mine += done;
+    bytes -= static_cast<size_t>(done);
   }
   return 0;
 }
@@ -41,26 +43,33 @@ bool Exited(int64_t pid) {
   return close == std::string::npos || close + 2 >= stat.size() || std::strchr("ZXx", stat[close + 2]) != nullptr;
 }
 
+void Check(int error, int64_t pid, int peer, const char* what) {
+  if (error == 0) return;
+  const std::string who = "rank " + std::to_string(peer) + " (pid " + std::to_string(pid) + ")";
+  if (error == ESRCH || Exited(pid)) throw PeerError("pycomm: " + who + " has died", peer);
+  throw CommError(std::string("pycomm: ") + what + " the memory of " + who + " failed: " + std::strerror(error));
+}
+
 }  // namespace
 
-void AllowPeerReads() {
+void AllowPeerAccess() {
 #ifdef PR_SET_PTRACER
   prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0);  // EINVAL without Yama: nothing to allow
 #endif
 }
 
-bool TryReadPeer(int64_t pid, const void* remote, void* local, size_t bytes) {
+bool TryPeerAccess(int64_t pid, void* remote, void* local, size_t bytes) {
   const char* disabled = std::getenv("PYCOMM_CMA");
   if (disabled && std::string(disabled) == "0") return false;
-  return ReadAll(pid, remote, local, bytes) == 0;
+  return CopyAll(pid, false, remote, local, bytes) == 0 && CopyAll(pid, true, remote, local, bytes) == 0;
 }
 
 void ReadPeer(int64_t pid, int peer, const void* remote, void* local, size_t bytes) {
-  const int error = ReadAll(pid, remote, local, bytes);
-  if (error == 0) return;
-  const std::string who = "rank " + std::to_string(peer) + " (pid " + std::to_string(pid) + ")";
-  if (error == ESRCH || Exited(pid)) throw PeerError("pycomm: " + who + " has died", peer);
-  throw CommError("pycomm: reading the memory of " + who + " failed: " + std::strerror(error));
+  Check(CopyAll(pid, false, const_cast<void*>(remote), local, bytes), pid, peer, "reading");
+}
+
+void WritePeer(int64_t pid, int peer, const void* local, void* remote, size_t bytes) {
+  Check(CopyAll(pid, true, remote, const_cast<void*>(local), bytes), pid, peer, "writing");
 }
 
 }  // namespace pycomm
