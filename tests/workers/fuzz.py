@@ -43,7 +43,7 @@ world = MPI.COMM_WORLD
 P, RANK = world.size, world.rank
 TIMEOUT_S = 20.0  # per wait on a peer: far above any legitimate wait here, far below the launch's
 KINDS = ("allreduce", "allreduce_async", "reduce_scatter", "allgather", "broadcast", "shared")
-ALGORITHMS = ("auto", "ring", "oneshot")
+ALGORITHMS = ("auto", "ring", "oneshot", "singlecopy")
 # The one-shot/ring cut-over is at 128 KiB (P=2) and 512 KiB (P>2): sizes on both sides of it.
 SIZE_CLASSES = {
     "tiny": (0, 16),  # elements: empty, one, fewer than ranks, not divisible by P
