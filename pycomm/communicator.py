@@ -66,7 +66,7 @@ class Communicator:
     with matching arguments. Works as a context manager; close() is idempotent.
 
     Keyword settings override the environment: `timeout` (PYCOMM_TIMEOUT, seconds),
-    `chunk_bytes` (PYCOMM_CHUNK_BYTES), `algorithm` (PYCOMM_ALGO: auto, ring, oneshot),
+    `chunk_bytes` (PYCOMM_CHUNK_BYTES), `algorithm` (PYCOMM_ALGO: auto, ring, oneshot, singlecopy),
     `debug` (PYCOMM_DEBUG).
     """
 

@@ -23,12 +23,15 @@ namespace pycomm {
 
 namespace {
 
-// Above these the ring's 2(P-1)/P bytes per rank beat the one-shot's P reads of everything
-// (measured, docs/algorithms.md): the ring's 2(P-1) dependent steps cost more as P grows.
-constexpr size_t kOneShotMaxBytesTwoRanks = size_t{128} << 10;
-constexpr size_t kOneShotMaxBytesMoreRanks = size_t{512} << 10;
-// From here on, where the ranks share a node, reading peers' buffers directly beats the ring.
-constexpr size_t kSingleCopyMinBytes = 0;
+// Cut-overs measured on the 2-core VM (docs/algorithms.md). Above these the single-copy
+// allreduce (one kernel copy per byte moved, two synchronisations) beats the one-shot (a copy
+// into the arena, then P reads of everything, one synchronisation)...
+constexpr size_t kOneShotMaxBytesTwoRanks = size_t{12} << 10;
+constexpr size_t kOneShotMaxBytesMoreRanks = size_t{64} << 10;
+// ...and where the ranks cannot access each other's memory, above these the ring's 2(P-1)/P
+// bytes per rank beat the one-shot: its 2(P-1) dependent steps cost more as P grows.
+constexpr size_t kOneShotMaxBytesTwoRanksNoSingleCopy = size_t{128} << 10;
+constexpr size_t kOneShotMaxBytesMoreRanksNoSingleCopy = size_t{512} << 10;
 
 std::atomic<bool> any_peer_failed{false};
 
@@ -47,7 +50,7 @@ class CommunicatorImpl : public Communicator {
     if (!(options_.timeout_s > 0)) throw std::invalid_argument("pycomm: timeout must be positive");
     scratch_.resize(kPipelineDepth * options_.chunk_bytes);
     executor_ = std::make_unique<Executor>(!options_.blocking_only);
-    // 3 (hierarchical) is accepted and, until it exists, runs as kAuto would above the one-shot.
+    // 3 (hierarchical) is reserved; until it exists a forced 3 runs the ring.
     if (static_cast<int>(options_.algorithm) < 0 || static_cast<int>(options_.algorithm) > 4) {
       throw std::invalid_argument("pycomm: unknown algorithm code " +
                                   std::to_string(static_cast<int>(options_.algorithm)));
@@ -291,7 +294,7 @@ class CommunicatorImpl : public Communicator {
       agreed = true;
     }
     // Ordinary buffers: peers read each other's memory directly, where every rank can.
-    if (UseSingleCopy(bytes)) {
+    if (UseSingleCopy()) {
       if (AllreduceSingleCopy(Context(current_call_), single_copy_, send, recv, count, dtype, op)) {
         Debug("single-copy allreduce: read peers' buffers directly");
         return;
@@ -335,23 +338,20 @@ class CommunicatorImpl : public Communicator {
       case Algorithm::kRing:
         return false;
       case Algorithm::kAuto:
+        // Until the first single-copy call has probed (then the same on every rank), as if it works.
+        if (single_copy_.status == SingleCopyState::kUnavailable) {
+          return bytes <= (size() == 2 ? kOneShotMaxBytesTwoRanksNoSingleCopy : kOneShotMaxBytesMoreRanksNoSingleCopy);
+        }
         return bytes <= (size() == 2 ? kOneShotMaxBytesTwoRanks : kOneShotMaxBytesMoreRanks);
       default:
         return false;
     }
   }
 
-  // Single-copy above the one-shot's range where all ranks share a node (UseOneShot said no).
-  bool UseSingleCopy(size_t bytes) const {
-    if (!transport_->arena()) return false;
-    switch (options_.algorithm) {
-      case Algorithm::kSingleCopy:
-        return true;
-      case Algorithm::kAuto:
-        return bytes >= kSingleCopyMinBytes;
-      default:
-        return false;
-    }
+  // Single-copy above the one-shot's range (UseOneShot said no) where all ranks share a node.
+  bool UseSingleCopy() const {
+    return transport_->arena() &&
+           (options_.algorithm == Algorithm::kSingleCopy || options_.algorithm == Algorithm::kAuto);
   }
 
   static void Copy(const void* src, void* dst, size_t bytes) {

@@ -113,7 +113,7 @@ def mismatched_calls(failures):
     # Ranks configured with different algorithms: a mismatch, not one rank reading stale data.
     comm = pycomm.Communicator(algorithm="oneshot" if RANK == 0 else "auto")
     try:
-        comm.allreduce(np.ones(50_000, np.float32))  # 200 KB: above auto's one-shot range at P=2
+        comm.allreduce(np.ones(50_000, np.float32))  # 200 KB: above auto's one-shot range
         failures.check(P > 2, "different algorithms were not detected")
     except pycomm.MismatchError as error:
         # Above the one-shot's range auto reads peers' memory (single-copy) or, where it cannot, the
@@ -216,10 +216,12 @@ def peer_exits_mid_call(failures):
     except pycomm.PeerError as error:
         elapsed = time.monotonic() - start
         print(f"rank {RANK}: PeerError after {elapsed:.2f} s: {error}", flush=True)
-        failures.check("rank 1 (pid" in str(error) and "died" in str(error), f"message: {error}")
+        # A survivor may notice another survivor's exit first (it names that rank then).
+        failures.check(elapsed < 30 and "died" in str(error), f"message: {error}")
     print(f"rank {RANK}: {failures.checked} checks, {len(failures.items)} failed", flush=True)
     for item in failures.items:
         print(f"FAIL rank {RANK}: {item}", flush=True)
+    time.sleep(1.0)  # so that the other survivors see rank 1 die, not this one
     os._exit(1 if failures.items else 0)
 
 
