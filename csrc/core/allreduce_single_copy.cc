@@ -33,7 +33,7 @@ namespace {
 
 // Small enough that a chunk read from a peer is still in L2 when it is reduced and sent on;
 // large enough that the per-call cost of process_vm_readv/writev (about 0.5 us) stays small.
-// Measured at P = 2: 128-256 KiB beat 32-64 KiB by 5-15% (docs/algorithms.md).
+// Measured at P = 2: 128-256 KiB beat 32-64 KiB by 5-18% (docs/algorithms.md).
 constexpr size_t kChunkBytes = size_t{256} << 10;
 
 // What each rank puts in its arena slot for step 1.
