@@ -70,6 +70,14 @@ struct SingleCopyState {
 bool AllreduceSingleCopy(const CollectiveContext& ctx, SingleCopyState& state, const void* send, void* recv,
                          size_t count, DataType dtype, ReduceOp op);
 
+// The same steps for reduce-scatter (rank r reads and reduces block r of every rank's input) and
+// allgather (rank r reads every peer's input into its output). Same contract: false on every
+// rank, nothing moved, where some rank cannot access its peers' memory.
+bool ReduceScatterSingleCopy(const CollectiveContext& ctx, SingleCopyState& state, const void* send, void* recv,
+                             size_t recv_count, DataType dtype, ReduceOp op);
+bool AllgatherSingleCopy(const CollectiveContext& ctx, SingleCopyState& state, const void* send, void* recv,
+                         size_t send_count, DataType dtype);
+
 // Ring reduce-scatter of size * recv_count elements; this rank's block lands in recv.
 void ReduceScatterRing(const CollectiveContext& ctx, const void* send, void* recv, size_t recv_count, DataType dtype,
                        ReduceOp op);

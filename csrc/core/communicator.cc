@@ -97,6 +97,10 @@ class CommunicatorImpl : public Communicator {
     Trace("reduce_scatter", recv_count, dtype, ReduceOpName(op));
     Execute([=] {
       if (size() == 1) return Copy(send, recv, recv_count * DataTypeSize(dtype));
+      if (UseSingleCopy() &&
+          ReduceScatterSingleCopy(Context(current_call_), single_copy_, send, recv, recv_count, dtype, op)) {
+        return;
+      }
       Agree(CallKind::kReduceScatter, recv_count, dtype, op);
       ReduceScatterRing(Context(), send, recv, recv_count, dtype, op);
     });
@@ -106,6 +110,10 @@ class CommunicatorImpl : public Communicator {
     DataTypeSize(dtype);  // rejects unknown dtypes
     Trace("allgather", send_count, dtype, "-");
     Execute([=] {
+      if (size() > 1 && UseSingleCopy() &&
+          AllgatherSingleCopy(Context(current_call_), single_copy_, send, recv, send_count, dtype)) {
+        return;
+      }
       if (size() > 1) Agree(CallKind::kAllgather, send_count, dtype);
       AllgatherRing(Context(), send, recv, send_count, dtype);
     });
@@ -348,7 +356,8 @@ class CommunicatorImpl : public Communicator {
     }
   }
 
-  // Single-copy above the one-shot's range (UseOneShot said no) where all ranks share a node.
+  // Single-copy where all ranks share a node: for allreduce above the one-shot's range
+  // (UseOneShot said no), for reduce-scatter and allgather at any size unless the ring is forced.
   bool UseSingleCopy() const {
     return transport_->arena() &&
            (options_.algorithm == Algorithm::kSingleCopy || options_.algorithm == Algorithm::kAuto);

@@ -161,7 +161,8 @@ def check_shared_buffers(failures):
 
 
 def check_singlecopy_fallback(failures):
-    """PYCOMM_CMA=0 on the last rank only: all ranks agree to run the ring, and keep to it."""
+    """PYCOMM_CMA=0 on the last rank only: all ranks agree to run the ring, and keep to it (also
+    for reduce_scatter and allgather)."""
     import os
 
     if RANK == P - 1:
@@ -174,6 +175,11 @@ def check_singlecopy_fallback(failures):
                     y = comm.allreduce(inputs[RANK], op=op)
                     failures.check(matches(y, inputs, np.dtype(np.float32), op), f"{algorithm} {op} n={n}: {y[:4]}")
                     failures.check(same_on_all_ranks(y), f"{algorithm} {op} n={n}: ranks differ")
+            # Reduce-scatter and allgather go the same way.
+            block = comm.reduce_scatter(np.full((P * 5, 3), RANK + 1, np.float32))
+            failures.check(block.shape == (5, 3) and bool(np.all(block == P * (P + 1) // 2)), f"reduce_scatter {block}")
+            rows = comm.allgather(np.full(4, RANK, np.int64))
+            failures.check(np.array_equal(rows, np.repeat(np.arange(P), 4)), f"allgather {rows}")
 
 
 def main():
