@@ -288,7 +288,7 @@ class CommunicatorImpl : public Communicator {
   void DoAllreduce(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op) {
     const size_t bytes = count * DataTypeSize(dtype);
     if (size() == 1) return Copy(send, recv, bytes);
-    // The one-shot and shared-buffer paths check the call through the arena.
+    // The one-shot, shared-buffer and single-copy paths check the call through the arena.
     if (UseOneShot(bytes)) return AllreduceOneShot(Context(current_call_), send, recv, count, dtype, op);
     // Above the one-shot's range, where the ranks share memory, data in a shared buffer is
     // reduced in place without copies; the ranks first agree that all of them can. Without any
@@ -356,8 +356,8 @@ class CommunicatorImpl : public Communicator {
     }
   }
 
-  // Single-copy where all ranks share a node: for allreduce above the one-shot's range
-  // (UseOneShot said no), for reduce-scatter and allgather at any size unless the ring is forced.
+  // Single-copy (auto or forced) where all ranks share a node: for allreduce above the
+  // one-shot's range (UseOneShot said no), for reduce-scatter and allgather at any size.
   bool UseSingleCopy() const {
     return transport_->arena() &&
            (options_.algorithm == Algorithm::kSingleCopy || options_.algorithm == Algorithm::kAuto);
