@@ -67,8 +67,8 @@ class Communicator:
 
     Keyword settings override the environment: `timeout` (PYCOMM_TIMEOUT, seconds),
     `chunk_bytes` (PYCOMM_CHUNK_BYTES), `algorithm` (PYCOMM_ALGO: auto, ring, oneshot,
-    hierarchical), `inter_node` (PYCOMM_INTER_NODE: how the hierarchical allreduce crosses nodes:
-    auto, mpi, ring), `debug` (PYCOMM_DEBUG).
+    hierarchical, singlecopy), `inter_node` (PYCOMM_INTER_NODE: how the hierarchical allreduce
+    crosses nodes: auto, mpi, ring), `debug` (PYCOMM_DEBUG).
     """
 
     def __init__(self, comm=None, *, timeout=None, chunk_bytes=None, algorithm=None, inter_node=None, debug=None):

@@ -38,7 +38,7 @@ def chunk_bytes(value=None) -> int:
 
 
 # Same order as pycomm::Algorithm in csrc/include/pycomm/pycomm.h.
-ALGORITHMS = ("auto", "ring", "oneshot", "hierarchical")
+ALGORITHMS = ("auto", "ring", "oneshot", "hierarchical", "singlecopy")
 # Same order as pycomm::InterNode.
 INTER_NODE = ("auto", "mpi", "ring")
 
@@ -52,7 +52,8 @@ def _choice(what, value, variable, choices) -> str:
 
 
 def algorithm(value=None) -> str:
-    """The allreduce algorithm (PYCOMM_ALGO): auto, or ring / oneshot / hierarchical to force one."""
+    """The allreduce algorithm (PYCOMM_ALGO): auto, or ring / oneshot / hierarchical / singlecopy to
+    force one."""
     return _choice("algorithm", value, "PYCOMM_ALGO", ALGORITHMS)
 
 

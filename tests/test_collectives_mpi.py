@@ -15,7 +15,7 @@ DTYPE_GROUPS = {
 }
 
 
-@pytest.mark.parametrize("algorithm", ["ring", "oneshot"])
+@pytest.mark.parametrize("algorithm", ["ring", "oneshot", "singlecopy"])
 @pytest.mark.parametrize("group", DTYPE_GROUPS)
 @pytest.mark.parametrize("nprocs", [1, 2, 3, 4])
 def test_allreduce_matrix(nprocs, group, algorithm):
@@ -29,7 +29,7 @@ def test_reduce_scatter_allgather_broadcast_barrier(nprocs):
     run_mpi(nprocs, "collectives.py", "others")
 
 
-@pytest.mark.parametrize("algorithm", ["auto", "ring", "oneshot"])
+@pytest.mark.parametrize("algorithm", ["auto", "ring", "oneshot", "singlecopy"])
 @pytest.mark.parametrize("nprocs", [2, 4])
 def test_back_to_back_and_async(nprocs, algorithm):
     """200 mixed calls back to back; async calls complete in issue order and can be waited in reverse."""
@@ -80,3 +80,22 @@ def test_shared_buffers_copy_nothing():
     )
     result = run_mpi(2, "-c", code)
     assert result.stdout.count("in place in a shared buffer: no copies") == 2, result.stdout
+
+
+@pytest.mark.parametrize("nprocs", [2, 3])
+def test_singlecopy_falls_back_to_the_ring_on_every_rank(nprocs):
+    """One rank cannot read its peers' memory (PYCOMM_CMA=0 there, as where process_vm_readv is
+    refused): the first call's probe fails on it, every rank takes the ring from then on, results
+    stay right, nobody hangs."""
+    result = run_mpi(nprocs, "collectives.py", "singlecopy-fallback", timeout=120)
+    assert result.stdout.count("the ring runs instead") >= 2 * nprocs, result.stdout
+
+
+def test_singlecopy_is_auto_above_the_one_shot():
+    """Plain arrays above the one-shot's range read peers' memory directly."""
+    code = (
+        "import numpy as np, pycomm; c = pycomm.Communicator(debug=True); x = np.ones(1 << 20, np.float32); "
+        "assert (c.allreduce(x) == 2).all()"
+    )
+    result = run_mpi(2, "-c", code)
+    assert result.stdout.count("single-copy allreduce") == 2, result.stdout

@@ -57,9 +57,12 @@ def test_mismatched_calls_over_the_transport(nprocs, shm):
         (3, "exit", 4 << 20, "ring"),
         (4, "exit", 4 << 20, "ring"),  # ranks 2 and 3 wait on live ranks, yet name rank 1
         (2, "exit", 1024, "auto"),  # one-shot through shared memory
-        (4, "exit", 8 << 20, "auto"),  # agreement through the arena, then the ring
+        (4, "exit", 8 << 20, "auto"),  # single-copy
         (2, "stall", 1024, "auto"),
         (3, "stall", 4 << 20, "ring"),
+        (2, "exit", 4 << 20, "singlecopy"),  # peers read each other's memory
+        (4, "exit", 8 << 20, "singlecopy"),
+        (2, "stall", 4 << 20, "singlecopy"),
     ],
 )
 def test_dead_or_stuck_peer_raises_peer_error(nprocs, action, size_bytes, algorithm):
@@ -93,6 +96,20 @@ def test_dead_or_stuck_peer_in_the_hierarchical_allreduce(action):
     for r in (0, 2, 3):
         assert f"rank {r}: PeerError after" in result.stdout, result.stdout
     assert "FAIL" not in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("nprocs", [2, 3])
+def test_peer_exits_in_the_middle_of_a_single_copy_allreduce(nprocs):
+    """Rank 1 exits at a random point inside 64 MiB single-copy allreduces, possibly while a peer
+    reads its memory (process_vm_readv fails with ESRCH): PeerError on every survivor, no hang."""
+    result = run_mpi(
+        nprocs, "lifecycle.py", "exit-mid-call", "singlecopy",
+        check=False, timeout=90, mpirun_args=("-disable-auto-cleanup",),
+    )  # fmt: skip
+    for r in range(nprocs):
+        if r != 1:
+            assert f"rank {r}: PeerError after" in result.stdout, result.stdout
+    assert "rank 1 (pid" in result.stdout and "FAIL" not in result.stdout, result.stdout
 
 
 def test_exit_after_a_dead_peer_does_not_hang():

@@ -39,6 +39,7 @@ std::string Describe(const CallHeader& h) {
   if (h.path == SharedArena::kOneShot) path = " [one-shot]";
   if (h.path == SharedArena::kLargeAllreduce) path = " [large]";
   if (h.path == SharedArena::kHierarchical) path = " [hierarchical]";
+  if (h.path == SharedArena::kSingleCopy) path = " [single-copy]";
   return std::string(KindName(h.kind)) + "(" + args + ") #" + std::to_string(h.seq) + path;
 }
 

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "pycomm/pycomm.h"
 #include "transport/transport.h"
@@ -60,6 +61,30 @@ struct Hierarchy;
 // inside each node; in pieces, pipelined. ctx.transport is the whole communicator.
 void AllreduceHierarchical(const CollectiveContext& ctx, Hierarchy& hierarchy, InterNode inter, const void* send,
                            void* recv, size_t count, DataType dtype, ReduceOp op);
+
+// What the single-copy allreduce keeps between calls on one communicator.
+struct SingleCopyState {
+  // Whether every rank can read every other's memory: probed at the first call, agreed by all.
+  enum Status { kUnknown, kAvailable, kUnavailable } status = kUnknown;
+  std::vector<char> buffer;  // the chunks read from peers
+};
+
+// Allreduce on ordinary buffers of ranks that share a node and transport.arena(): rank r reads
+// its peers' pieces of block r straight from their memory (process_vm_readv), reduces them in
+// rank order into its output, then reads the other finished blocks from their owners' outputs.
+// Checks through the arena that all ranks make the same call (MismatchError otherwise). Returns
+// false on every rank, having moved no data, where some rank cannot read its peers' memory; the
+// caller then runs another algorithm.
+bool AllreduceSingleCopy(const CollectiveContext& ctx, SingleCopyState& state, const void* send, void* recv,
+                         size_t count, DataType dtype, ReduceOp op);
+
+// The same steps for reduce-scatter (rank r reads and reduces block r of every rank's input) and
+// allgather (rank r reads every peer's input into its output). Same contract: false on every
+// rank, nothing moved, where some rank cannot access its peers' memory.
+bool ReduceScatterSingleCopy(const CollectiveContext& ctx, SingleCopyState& state, const void* send, void* recv,
+                             size_t recv_count, DataType dtype, ReduceOp op);
+bool AllgatherSingleCopy(const CollectiveContext& ctx, SingleCopyState& state, const void* send, void* recv,
+                         size_t send_count, DataType dtype);
 
 // Ring reduce-scatter of size * recv_count elements; this rank's block lands in recv.
 void ReduceScatterRing(const CollectiveContext& ctx, const void* send, void* recv, size_t recv_count, DataType dtype,

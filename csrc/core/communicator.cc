@@ -24,10 +24,15 @@ namespace pycomm {
 
 namespace {
 
-// Above these the ring's 2(P-1)/P bytes per rank beat the one-shot's P reads of everything
-// (measured, docs/algorithms.md): the ring's 2(P-1) dependent steps cost more as P grows.
-constexpr size_t kOneShotMaxBytesTwoRanks = size_t{128} << 10;
-constexpr size_t kOneShotMaxBytesMoreRanks = size_t{512} << 10;
+// Cut-overs measured on the 2-core VM (docs/algorithms.md). Above these the single-copy
+// allreduce (one kernel copy per byte moved, two synchronisations) beats the one-shot (a copy
+// into the arena, then P reads of everything, one synchronisation)...
+constexpr size_t kOneShotMaxBytesTwoRanks = size_t{12} << 10;
+constexpr size_t kOneShotMaxBytesMoreRanks = size_t{64} << 10;
+// ...and where the ranks cannot access each other's memory, above these the ring's 2(P-1)/P
+// bytes per rank beat the one-shot: its 2(P-1) dependent steps cost more as P grows.
+constexpr size_t kOneShotMaxBytesTwoRanksNoSingleCopy = size_t{128} << 10;
+constexpr size_t kOneShotMaxBytesMoreRanksNoSingleCopy = size_t{512} << 10;
 
 std::atomic<bool> any_peer_failed{false};
 
@@ -57,8 +62,10 @@ class CommunicatorImpl : public Communicator {
     for (int q = 0; q < size_; ++q) multi_node_ = multi_node_ || transport_->node_of(q) != 0;
     Debug("created over %s transport, size %d, chunk %zu bytes, node %d (local rank %d of %d)", transport_->name(),
           size(), options_.chunk_bytes, transport_->node_of(rank_), local_rank_, local_size_);
-    if (options_.algorithm == Algorithm::kOneShot && !transport_->arena() && size_ > 1) {
-      Debug("algorithm oneshot needs ranks that share memory; the ring runs instead");
+    if ((options_.algorithm == Algorithm::kOneShot || options_.algorithm == Algorithm::kSingleCopy) &&
+        !transport_->arena() && size_ > 1) {
+      Debug("algorithm %s needs ranks that share memory; the ring runs instead",
+            options_.algorithm == Algorithm::kOneShot ? "oneshot" : "singlecopy");
     }
     if (options_.algorithm == Algorithm::kHierarchical && !multi_node_ && size_ > 1) {
       Debug("algorithm hierarchical needs ranks on several nodes; the ring runs instead");
@@ -99,6 +106,10 @@ class CommunicatorImpl : public Communicator {
     Trace("reduce_scatter", recv_count, dtype, ReduceOpName(op));
     Execute([=] {
       if (size() == 1) return Copy(send, recv, recv_count * DataTypeSize(dtype));
+      if (UseSingleCopy() &&
+          ReduceScatterSingleCopy(Context(current_call_), single_copy_, send, recv, recv_count, dtype, op)) {
+        return;
+      }
       Agree(CallKind::kReduceScatter, recv_count, dtype, op);
       ReduceScatterRing(Context(), send, recv, recv_count, dtype, op);
     });
@@ -108,6 +119,10 @@ class CommunicatorImpl : public Communicator {
     DataTypeSize(dtype);  // rejects unknown dtypes
     Trace("allgather", send_count, dtype, "-");
     Execute([=] {
+      if (size() > 1 && UseSingleCopy() &&
+          AllgatherSingleCopy(Context(current_call_), single_copy_, send, recv, send_count, dtype)) {
+        return;
+      }
       if (size() > 1) Agree(CallKind::kAllgather, send_count, dtype);
       AllgatherRing(Context(), send, recv, send_count, dtype);
     });
@@ -283,22 +298,33 @@ class CommunicatorImpl : public Communicator {
   void DoAllreduce(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op) {
     const size_t bytes = count * DataTypeSize(dtype);
     if (size() == 1) return Copy(send, recv, bytes);
-    // The one-shot and shared-buffer paths check the call through the arena.
+    // The one-shot, shared-buffer and single-copy paths check the call through the arena.
     if (UseOneShot(bytes)) return AllreduceOneShot(Context(current_call_), send, recv, count, dtype, op);
     // Above the one-shot's range, where the ranks share memory, data in a shared buffer is
-    // reduced in place without copies; the ranks first agree that all of them can.
-    if (transport_->arena() && options_.algorithm == Algorithm::kAuto) {
+    // reduced in place without copies; the ranks first agree that all of them can. Without any
+    // shared buffer (comm.empty is collective: the same answer on every rank) that round is skipped.
+    bool agreed = false;
+    if (transport_->arena() && options_.algorithm == Algorithm::kAuto && last_shared_id_ != 0) {
       if (AllreduceInSharedBuffer(Context(current_call_), Placement(recv, bytes), send == recv, count, dtype, op)) {
         Debug("allreduce in place in a shared buffer: no copies");
         return;
       }
-    } else if (UseHierarchical() && GetHierarchy()) {
+      agreed = true;
+    }
+    if (UseHierarchical() && GetHierarchy()) {
       // Checks the call itself, in its first round.
       return AllreduceHierarchical(Context(current_call_), *hierarchy_, options_.inter_node, send, recv, count, dtype,
                                    op);
-    } else {
-      Agree(CallKind::kAllreduce, count, dtype, op);
     }
+    // Ordinary buffers: peers read each other's memory directly, where every rank can.
+    if (UseSingleCopy()) {
+      if (AllreduceSingleCopy(Context(current_call_), single_copy_, send, recv, count, dtype, op)) {
+        Debug("single-copy allreduce: read peers' buffers directly");
+        return;
+      }
+      Debug("single-copy allreduce unavailable (process_vm_readv refused): the ring runs instead");
+    }
+    if (!agreed) Agree(CallKind::kAllreduce, count, dtype, op);
     AllreduceRing(Context(), send, recv, count, dtype, op);
   }
 
@@ -357,9 +383,21 @@ class CommunicatorImpl : public Communicator {
       case Algorithm::kHierarchical:
         return false;
       case Algorithm::kAuto:
+        // Until the first single-copy call has probed (then the same on every rank), as if it works.
+        if (single_copy_.status == SingleCopyState::kUnavailable) {
+          return bytes <= (size() == 2 ? kOneShotMaxBytesTwoRanksNoSingleCopy : kOneShotMaxBytesMoreRanksNoSingleCopy);
+        }
         return bytes <= (size() == 2 ? kOneShotMaxBytesTwoRanks : kOneShotMaxBytesMoreRanks);
+      default:
+        return false;
     }
-    return false;
+  }
+
+  // Single-copy (auto or forced) where all ranks share a node: for allreduce above the
+  // one-shot's range (UseOneShot said no), for reduce-scatter and allgather at any size.
+  bool UseSingleCopy() const {
+    return transport_->arena() &&
+           (options_.algorithm == Algorithm::kSingleCopy || options_.algorithm == Algorithm::kAuto);
   }
 
   static void Copy(const void* src, void* dst, size_t bytes) {
@@ -410,6 +448,7 @@ class CommunicatorImpl : public Communicator {
   };
   std::vector<Registered> shared_;
   uint32_t last_shared_id_ = 0;
+  SingleCopyState single_copy_;  // only touched inside the executor
   std::atomic<bool> closed_{false};
   std::atomic<bool> broken_{false};
   std::string broken_reason_;

@@ -84,6 +84,8 @@ Options OptionsFromEnvironment() {
       options.algorithm = Algorithm::kOneShot;
     } else if (name == "hierarchical") {
       options.algorithm = Algorithm::kHierarchical;
+    } else if (name == "singlecopy") {
+      options.algorithm = Algorithm::kSingleCopy;
     } else {
       Warn("PYCOMM_ALGO", raw);
     }

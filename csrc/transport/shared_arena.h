@@ -43,7 +43,14 @@ class SharedArena {
   // must see a mismatch, not read each other's unrelated data.
   // kAgreement: a call that then moves its data over the transport only checks here.
   // kHierarchical: a node round of the hierarchical allreduce (on the node's own arena).
-  enum Kind : uint16_t { kOneShot = 1, kLargeAllreduce = 2, kAllocate = 3, kAgreement = 4, kHierarchical = 5 };
+  enum Kind : uint16_t {
+    kOneShot = 1,
+    kLargeAllreduce = 2,
+    kAllocate = 3,
+    kAgreement = 4,
+    kHierarchical = 5,
+    kSingleCopy = 6,
+  };
 
   struct CallInfo {
     uint64_t count;  // elements (bytes for kAllocate)

@@ -58,7 +58,10 @@ std::string Case(const char* what, int P, size_t n, size_t chunk) {
 }
 
 const char* AlgorithmName(pycomm::Algorithm a) {
-  return a == pycomm::Algorithm::kRing ? "ring" : a == pycomm::Algorithm::kOneShot ? "oneshot" : "auto";
+  return a == pycomm::Algorithm::kRing         ? "ring"
+         : a == pycomm::Algorithm::kOneShot    ? "oneshot"
+         : a == pycomm::Algorithm::kSingleCopy ? "singlecopy"
+                                               : "auto";
 }
 
 // int64 sums are exact, so results must equal the serial sum bit for bit.
@@ -223,7 +226,7 @@ int main() {
   const size_t chunks[] = {8, 24, 4096, size_t{1} << 20};
   for (int P = 1; P <= 5; ++P) {
     for (size_t chunk : chunks) {
-      for (auto algorithm : {pycomm::Algorithm::kRing, pycomm::Algorithm::kOneShot}) {
+      for (auto algorithm : {pycomm::Algorithm::kRing, pycomm::Algorithm::kOneShot, pycomm::Algorithm::kSingleCopy}) {
         for (size_t n :
              {size_t{0}, size_t{1}, size_t{2}, size_t{3}, size_t{5}, size_t{17}, size_t{1000}, size_t{4099}}) {
           TestAllreduce(P, n, chunk, false, algorithm);
@@ -237,6 +240,8 @@ int main() {
     // Larger than one arena slot: the one-shot goes piece by piece, alternating slots.
     TestAllreduce(P, 100003, 1 << 20, false, pycomm::Algorithm::kOneShot);
     TestAllreduce(P, 100003, 1 << 20, true, pycomm::Algorithm::kOneShot);
+    // Several single-copy chunks per block (threads read their own process's memory).
+    TestAllreduce(P, 300007, 1 << 20, true, pycomm::Algorithm::kSingleCopy);
     TestAsyncOrder(P);
     TestCloseRunsQueuedWork(P);
     TestBlockingOnly(P);

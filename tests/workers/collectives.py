@@ -170,6 +170,28 @@ def check_shared_buffers(failures):
     comm.close()
 
 
+def check_singlecopy_fallback(failures):
+    """PYCOMM_CMA=0 on the last rank only: all ranks agree to run the ring, and keep to it (also
+    for reduce_scatter and allgather)."""
+    import os
+
+    if RANK == P - 1:
+        os.environ["PYCOMM_CMA"] = "0"
+    for algorithm in ("singlecopy", "auto"):
+        with pycomm.Communicator(algorithm=algorithm, debug=True, chunk_bytes=4096) as comm:
+            for n in (1, 1000, 300_001):
+                for op in ("sum", "max"):
+                    inputs = [make_input(q, n, np.dtype(np.float32), op) for q in range(P)]
+                    y = comm.allreduce(inputs[RANK], op=op)
+                    failures.check(matches(y, inputs, np.dtype(np.float32), op), f"{algorithm} {op} n={n}: {y[:4]}")
+                    failures.check(same_on_all_ranks(y), f"{algorithm} {op} n={n}: ranks differ")
+            # Reduce-scatter and allgather go the same way.
+            block = comm.reduce_scatter(np.full((P * 5, 3), RANK + 1, np.float32))
+            failures.check(block.shape == (5, 3) and bool(np.all(block == P * (P + 1) // 2)), f"reduce_scatter {block}")
+            rows = comm.allgather(np.full(4, RANK, np.int64))
+            failures.check(np.array_equal(rows, np.repeat(np.arange(P), 4)), f"allgather {rows}")
+
+
 def main():
     mode, dtypes = sys.argv[1], sys.argv[2:] or list(pycomm.SUPPORTED_DTYPES)
     failures = Failures()
@@ -189,6 +211,8 @@ def main():
             check_back_to_back(comm, failures)
     elif mode == "shared":
         check_shared_buffers(failures)
+    elif mode == "singlecopy-fallback":
+        check_singlecopy_fallback(failures)
     elif mode == "large":
         check_large_count(failures)
     else:

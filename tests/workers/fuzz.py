@@ -43,9 +43,10 @@ world = MPI.COMM_WORLD
 P, RANK = world.size, world.rank
 TIMEOUT_S = 20.0  # per wait on a peer: far above any legitimate wait here, far below the launch's
 KINDS = ("allreduce", "allreduce_async", "reduce_scatter", "allgather", "broadcast", "shared")
-ALGORITHMS = ("auto", "ring", "oneshot", "hierarchical")
+ALGORITHMS = ("auto", "ring", "oneshot", "hierarchical", "singlecopy")
 INTER_NODE = ("auto", "mpi", "ring")
-# The one-shot/ring cut-over is at 128 KiB (P=2) and 512 KiB (P>2): sizes on both sides of it.
+# Auto's one-shot/single-copy cut-over is at 12 KiB (P=2) and 64 KiB (P>2), inside "small" for wide
+# dtypes; its one-shot/ring cut-over where peers' memory is out of reach at 128 KiB and 512 KiB.
 SIZE_CLASSES = {
     "tiny": (0, 16),  # elements: empty, one, fewer than ranks, not divisible by P
     "small": (17, 5000),

@@ -113,10 +113,13 @@ def mismatched_calls(failures):
     # Ranks configured with different algorithms: a mismatch, not one rank reading stale data.
     comm = pycomm.Communicator(algorithm="oneshot" if RANK == 0 else "auto")
     try:
-        comm.allreduce(np.ones(50_000, np.float32))  # 200 KB: above auto's one-shot range at P=2
+        comm.allreduce(np.ones(50_000, np.float32))  # 200 KB: above auto's one-shot range
         failures.check(P > 2, "different algorithms were not detected")
     except pycomm.MismatchError as error:
-        failures.check("[one-shot]" in str(error) and "[large]" in str(error), f"message: {error}")
+        # Above the one-shot's range auto reads peers' memory (single-copy) or, where it cannot, the
+        # ranks first agree through the arena ([agreement]); either way a mismatch.
+        text = str(error)
+        failures.check("[one-shot]" in text and ("[single-copy]" in text or "[large]" in text), f"message: {text}")
     comm.close()
 
 
@@ -192,6 +195,36 @@ def injected_fault(failures):
     os._exit(1 if failures.items else 0)
 
 
+def peer_exits_mid_call(failures):
+    """Rank 1 exits from another thread while every rank is inside 64 MiB allreduces (single-copy:
+    reading each other's memory): the others raise PeerError saying it died, at once."""
+    import os
+    import threading
+    import time
+
+    comm = pycomm.Communicator(algorithm=sys.argv[2])
+    x = np.ones(16 << 20, np.float32)
+    y = comm.allreduce(x)
+    failures.check(bool(np.all(y == P)), f"first call: {y[:3]}")
+    if RANK == 1:
+        threading.Timer(0.3, lambda: os._exit(3)).start()
+    start = time.monotonic()
+    try:
+        for _ in range(2000):
+            comm.allreduce(x, out=y)
+        failures.check(False, "no PeerError")
+    except pycomm.PeerError as error:
+        elapsed = time.monotonic() - start
+        print(f"rank {RANK}: PeerError after {elapsed:.2f} s: {error}", flush=True)
+        # A survivor may notice another survivor's exit first (it names that rank then).
+        failures.check(elapsed < 30 and "died" in str(error), f"message: {error}")
+    print(f"rank {RANK}: {failures.checked} checks, {len(failures.items)} failed", flush=True)
+    for item in failures.items:
+        print(f"FAIL rank {RANK}: {item}", flush=True)
+    time.sleep(1.0)  # so that the other survivors see rank 1 die, not this one
+    os._exit(1 if failures.items else 0)
+
+
 def killed_in_a_large_allreduce(failures):
     """Loops over 64 MiB allreduces (shared buffers and plain arrays) until the test kills every rank."""
     comm = pycomm.Communicator()
@@ -213,6 +246,7 @@ def main():
             "mismatch": mismatched_calls,
             "mismatch-transport": mismatched_calls_over_the_transport,
             "fault": injected_fault,
+            "exit-mid-call": peer_exits_mid_call,
             "killed": killed_in_a_large_allreduce,
         }
     )

@@ -74,8 +74,9 @@ enum class Algorithm : int {
   // Reduce-scatter inside each node over shared memory, allreduce of the slices across nodes,
   // allgather inside each node: several nodes. Runs the ring where the ranks share one node.
   kHierarchical,
+  kSingleCopy,  // ranks read each other's buffers (process_vm_readv): large messages, one node
 };
-constexpr int kNumAlgorithms = 4;
+constexpr int kNumAlgorithms = 5;
 
 // How the hierarchical allreduce moves slices between nodes.
 enum class InterNode : int {
@@ -93,7 +94,8 @@ struct Options {
   double timeout_s = 300.0;
   // Prefix debug lines on stderr with the rank.
   bool debug = false;
-  // kOneShot runs only where all ranks share a node (elsewhere the ring does).
+  // kOneShot and kSingleCopy run only where all ranks share a node (elsewhere the ring does);
+  // kSingleCopy also only where every rank may read its peers' memory.
   Algorithm algorithm = Algorithm::kAuto;
   InterNode inter_node = InterNode::kAuto;
   // Blocking calls only: no progress thread is started and AllreduceAsync throws CommError.
