@@ -457,6 +457,10 @@ def write_plot(path: str, rows: list, meta: dict) -> None:
     ax.plot(sizes, [row[key] for row in rows], marker="o", label="pycomm")
     for name in rows[0].get("also", {}) if rows else ():
         ax.plot(sizes, [row["also"][name][key] for row in rows], marker=".", label=f"pycomm {name}")
+    floor_rows = [row for row in rows if row.get("floor_busbw") and key == "busbw"]
+    if floor_rows:
+        floors = [row["floor_busbw"] for row in floor_rows]
+        ax.plot([row["size"] for row in floor_rows], floors, linestyle="--", color="gray", label="memory floor")
     mpi_rows = [row for row in rows if f"mpi_{key}" in row]
     if mpi_rows:
         ax.plot([row["size"] for row in mpi_rows], [row[f"mpi_{key}"] for row in mpi_rows], marker="s", label="MPI")
