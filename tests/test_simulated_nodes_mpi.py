@@ -63,6 +63,14 @@ def test_random_collectives_on_simulated_nodes(nprocs, per_node):
     assert f"fuzz: 40 examples at P={nprocs}" in result.stdout, result.stdout[-2000:]
 
 
+def test_training_across_simulated_nodes():
+    """pycomm.train --check on 2 nodes x 2 ranks: gradients go through the hierarchical allreduce,
+    parameters stay bitwise identical on every rank and match 1-rank training."""
+    env = {"PYCOMM_RANKS_PER_NODE": "2", **NOLOCAL}
+    result = run_mpi(4, "-m", "pycomm.train", "--check", "--steps", "20", timeout=300, env=env)
+    assert "parameters bitwise identical on every rank" in result.stdout, result.stdout[-2000:]
+
+
 def _layout_script():
     return (
         "import numpy as np, pycomm; c = pycomm.Communicator(); "
