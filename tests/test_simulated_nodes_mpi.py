@@ -63,6 +63,14 @@ def test_random_collectives_on_simulated_nodes(nprocs, per_node):
     assert f"fuzz: 40 examples at P={nprocs}" in result.stdout, result.stdout[-2000:]
 
 
+def test_nodes_without_shared_memory_fall_back_to_the_flat_ring():
+    """PYCOMM_SHM=0: no node gets an arena, so every rank keeps the flat ring and the flat
+    agreement, with the same results."""
+    env = {"PYCOMM_RANKS_PER_NODE": "2", "PYCOMM_SHM": "0", "PYCOMM_DEBUG": "1", **NOLOCAL}
+    result = run_mpi(4, "collectives.py", "stress", timeout=300, env=env)
+    assert result.stdout.count("hierarchy unavailable: the ring runs instead") == 4, result.stdout[-2000:]
+
+
 def test_training_across_simulated_nodes():
     """pycomm.train --check on 2 nodes x 2 ranks: gradients go through the hierarchical allreduce,
     parameters stay bitwise identical on every rank and match 1-rank training."""
