@@ -8,9 +8,9 @@
 //   3. allgather on the node: every rank copies each slice from its owner's buffer.
 // Piece i+1's stage 1 runs while piece i's slices cross between nodes, and piece i's stage 3
 // while piece i+1's cross. Pieces are numbered over all calls, and piece i goes through staging
-// buffer i mod 3 (core/hierarchy.h says why that is safe). The first node round also checks that all ranks make the
-// same call (core/agreement.h), before any data leaves a node. Every slice is reduced in one fixed order and then
-// copied, so all ranks get the same bits.
+// buffer i mod 3 (core/hierarchy.h says why that is safe). The first node round also checks that
+// all ranks make the same call (core/agreement.h), before any data leaves a node. Every slice is
+// reduced in one fixed order and then copied, so all ranks get the same bits.
 
 #include <algorithm>
 #include <cstring>
@@ -28,66 +28,6 @@
 namespace pycomm {
 
 namespace {
-
-int Mod(int a, int n) { return ((a % n) + n) % n; }
-
-// A ring allreduce of one slice in place, advanced a step at a time by Test() so that it can run
-// while this rank does other work: reduce-scatter then allgather, one block per step (the slice
-// is already a pipeline piece). Block b is reduced in ring order ending at its owner, then
-// copied, like the blocking ring.
-class RingStepper : public Request {
- public:
-  RingStepper(Transport& group, char* data, size_t count, DataType dtype, ReduceOp op)
-      : group_(group),
-        data_(data),
-        es_(DataTypeSize(dtype)),
-        layout_(count, group.size()),
-        reduce_(GetReduceFn(dtype, op)),
-        received_(new char[layout_.max_length() * es_]) {
-    Start();
-  }
-
-  bool Test() override {
-    while (step_ < Steps()) {
-      if (!send_->Test() || !recv_->Test()) return false;
-      if (step_ < size() - 1) {
-        const int b = Mod(rank() - step_ - 2, size());
-        reduce_(Block(b), received_.get(), Block(b), layout_.length(b));
-      }
-      ++step_;
-      Start();
-    }
-    return true;
-  }
-  int peer() const override { return Mod(rank() - 1, size()); }
-
- private:
-  int rank() const { return group_.rank(); }
-  int size() const { return group_.size(); }
-  int Steps() const { return 2 * (size() - 1); }
-  char* Block(int b) const { return data_ + layout_.offset(b) * es_; }
-
-  // Reduce-scatter step s sends block r-s-1 and receives block r-s-2 to reduce; allgather step
-  // s sends block r-s (finished) and receives block r-s-1 in place.
-  void Start() {
-    if (step_ >= Steps()) return;
-    const int r = rank(), P = size();
-    const bool scatter = step_ < P - 1;
-    const int s = scatter ? step_ : step_ - (P - 1);
-    const int out = Mod(scatter ? r - s - 1 : r - s, P), in = Mod(scatter ? r - s - 2 : r - s - 1, P);
-    recv_ = group_.Irecv(Mod(r - 1, P), scatter ? received_.get() : Block(in), layout_.length(in) * es_);
-    send_ = group_.Isend(Mod(r + 1, P), Block(out), layout_.length(out) * es_);
-  }
-
-  Transport& group_;
-  char* data_;
-  size_t es_;
-  BlockLayout layout_;
-  ReduceFn reduce_;
-  std::unique_ptr<char[]> received_;
-  int step_ = 0;
-  std::unique_ptr<Request> send_, recv_;
-};
 
 // A request whose every poll also advances `others` (MPI moves a message only while some MPI
 // call runs).
@@ -195,7 +135,7 @@ class HierarchicalAllreduce {
       Transport& group = *h_.across[s];
       std::unique_ptr<Request> request;
       if (inter_ != InterNode::kRing) request = group.IallreduceInPlace(slice, len, dtype_, op_);
-      if (!request) request = std::make_unique<RingStepper>(group, slice, len, dtype_, op_);
+      if (!request) request = StartRingAllreduce(group, slice, len, dtype_, op_);
       in_flight_.push_back(std::move(request));
     }
   }

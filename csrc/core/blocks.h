@@ -19,4 +19,7 @@ class BlockLayout {
   size_t extra_;
 };
 
+// a mod n in [0, n), for positions on a ring of n ranks.
+inline int Mod(int a, int n) { return ((a % n) + n) % n; }
+
 }  // namespace pycomm

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "pycomm/pycomm.h"
@@ -29,6 +30,11 @@ constexpr size_t kMinChunkBytes = 8;
 // Ring allreduce: reduce-scatter then allgather, each of size-1 steps, chunked and pipelined.
 void AllreduceRing(const CollectiveContext& ctx, const void* send, void* recv, size_t count, DataType dtype,
                    ReduceOp op);
+
+// The same ring allreduce, in place on `data` over `group`, without blocking: the returned
+// request advances a step each time it is tested (for running beside other work). Each step
+// moves one whole block: meant for pieces of a pipeline. Same bits as AllreduceRing's order.
+std::unique_ptr<Request> StartRingAllreduce(Transport& group, void* data, size_t count, DataType dtype, ReduceOp op);
 
 // One-shot allreduce through transport.arena(): every rank posts its data to its slot, then every
 // rank reduces all slots in rank order, so results are bitwise identical. One synchronisation per

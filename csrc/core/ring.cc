@@ -8,7 +8,9 @@
 // copied, so all ranks end with bitwise identical results.
 //
 // Each block is split into chunks of ctx.chunk_bytes, and RunPipeline keeps several chunks in
-// flight, so that receiving, reducing and sending overlap.
+// flight, so that receiving, reducing and sending overlap. StartRingAllreduce runs the same steps
+// without blocking, one whole block per step, for callers that pipeline pieces themselves (the
+// hierarchical allreduce's slices between nodes).
 
 #include <algorithm>
 #include <cstring>
@@ -22,8 +24,6 @@
 namespace pycomm {
 
 namespace {
-
-int Mod(int a, int n) { return ((a % n) + n) % n; }
 
 // Where unit u of a ring phase falls: its step, and the element range of its chunk in a block.
 class ChunkPlan {
@@ -102,7 +102,67 @@ void AllgatherPhase(const CollectiveContext& ctx, const BlockLayout& layout, con
   RunPipeline(ctx, Mod(r - 1, P), Mod(r + 1, P), (P - 1) * plan.chunks_per_block(), send_of, recv_of, [](size_t) {});
 }
 
+// The non-blocking ring (StartRingAllreduce): one block per step, no chunks (the caller passes
+// pipeline pieces already).
+class RingStepper : public Request {
+ public:
+  RingStepper(Transport& group, char* data, size_t count, DataType dtype, ReduceOp op)
+      : group_(group),
+        data_(data),
+        es_(DataTypeSize(dtype)),
+        layout_(count, group.size()),
+        reduce_(GetReduceFn(dtype, op)),
+        received_(new char[layout_.max_length() * es_]) {
+    Start();
+  }
+
+  bool Test() override {
+    while (step_ < Steps()) {
+      if (!send_->Test() || !recv_->Test()) return false;
+      if (step_ < size() - 1) {
+        const int b = Mod(rank() - step_ - 2, size());
+        reduce_(Block(b), received_.get(), Block(b), layout_.length(b));
+      }
+      ++step_;
+      Start();
+    }
+    return true;
+  }
+  int peer() const override { return Mod(rank() - 1, size()); }
+
+ private:
+  int rank() const { return group_.rank(); }
+  int size() const { return group_.size(); }
+  int Steps() const { return 2 * (size() - 1); }
+  char* Block(int b) const { return data_ + layout_.offset(b) * es_; }
+
+  // Reduce-scatter step s sends block r-s-1 and receives block r-s-2 to reduce; allgather step
+  // s sends block r-s (finished) and receives block r-s-1 in place.
+  void Start() {
+    if (step_ >= Steps()) return;
+    const int r = rank(), P = size();
+    const bool scatter = step_ < P - 1;
+    const int s = scatter ? step_ : step_ - (P - 1);
+    const int out = Mod(scatter ? r - s - 1 : r - s, P), in = Mod(scatter ? r - s - 2 : r - s - 1, P);
+    recv_ = group_.Irecv(Mod(r - 1, P), scatter ? received_.get() : Block(in), layout_.length(in) * es_);
+    send_ = group_.Isend(Mod(r + 1, P), Block(out), layout_.length(out) * es_);
+  }
+
+  Transport& group_;
+  char* data_;
+  size_t es_;
+  BlockLayout layout_;
+  ReduceFn reduce_;
+  std::unique_ptr<char[]> received_;
+  int step_ = 0;
+  std::unique_ptr<Request> send_, recv_;
+};
+
 }  // namespace
+
+std::unique_ptr<Request> StartRingAllreduce(Transport& group, void* data, size_t count, DataType dtype, ReduceOp op) {
+  return std::make_unique<RingStepper>(group, static_cast<char*>(data), count, dtype, op);
+}
 
 void AllreduceRing(const CollectiveContext& ctx, const void* send, void* recv, size_t count, DataType dtype,
                    ReduceOp op) {
