@@ -85,9 +85,11 @@ def test_dead_or_stuck_peer_raises_peer_error(nprocs, action, size_bytes, algori
 
 # The hierarchical allreduce on 2 simulated nodes x 2 ranks: rank 1 dies or stalls while its node
 # partner waits in a shared-memory round and ranks 2 and 3 wait on MPI between nodes.
-@pytest.mark.parametrize("action", ["exit", "stall"])
-def test_dead_or_stuck_peer_in_the_hierarchical_allreduce(action):
-    env = {"PYCOMM_FAULT": f"rank=1,call=3,action={action},seconds=4", "PYCOMM_RANKS_PER_NODE": "2"}
+# Call 1 too: the groups are built when the communicator is created, not by the first call,
+# whose blocking MPI calls would wait forever for a rank that is gone.
+@pytest.mark.parametrize("action, call", [("exit", 3), ("stall", 3), ("exit", 1)])
+def test_dead_or_stuck_peer_in_the_hierarchical_allreduce(action, call):
+    env = {"PYCOMM_FAULT": f"rank=1,call={call},action={action},seconds=4", "PYCOMM_RANKS_PER_NODE": "2"}
     env["MPIR_CVAR_NOLOCAL"] = "1"
     result = run_mpi(
         4, "lifecycle.py", "fault", 8 << 20, "hierarchical", 600 if action == "exit" else 1.5,

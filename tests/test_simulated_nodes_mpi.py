@@ -41,6 +41,21 @@ def test_mismatched_calls_across_nodes(nprocs, per_node):
     run_mpi(nprocs, "lifecycle.py", "mismatch-transport", timeout=120, env=env)
 
 
+def test_ranks_that_cross_nodes_differently_disagree():
+    """Slices crossing by MPI on some ranks and by pycomm's ring on another would never meet: a
+    MismatchError on every rank, not a time-out."""
+    result = run_mpi(4, "node_settings.py", "inter", timeout=120, env={"PYCOMM_RANKS_PER_NODE": "2", **NOLOCAL})
+    for rank in range(4):
+        assert f"rank {rank}: MismatchError" in result.stdout, result.stdout
+    assert "[hierarchical, mpi]" in result.stdout and "rank 3 called allreduce" in result.stdout
+
+
+def test_different_chunk_sizes_fail_at_creation_on_every_rank():
+    """The staging segment is sized from chunk_bytes: ranks that differ get a CommError saying so."""
+    result = run_mpi(4, "node_settings.py", "chunk", timeout=120, env={"PYCOMM_RANKS_PER_NODE": "2", **NOLOCAL})
+    assert result.stdout.count("chunk_bytes differs between ranks (4096 to 65536)") == 4, result.stdout
+
+
 def test_hierarchical_on_uneven_nodes_of_three_and_two():
     """Nodes of 3 and 2 ranks: 3 slices, and local rank 0 of the small node owns two of them."""
     program = [sys.executable, str(WORKERS / "collectives.py"), "allreduce", "float32", "float16", "int64"]

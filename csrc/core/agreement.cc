@@ -38,14 +38,14 @@ std::string Describe(const CallHeader& h) {
   std::string path;
   if (h.path == SharedArena::kOneShot) path = " [one-shot]";
   if (h.path == SharedArena::kLargeAllreduce) path = " [large]";
-  if (h.path == SharedArena::kHierarchical) path = " [hierarchical]";
+  if (h.path == SharedArena::kHierarchical) path = h.variant ? " [hierarchical, ring]" : " [hierarchical, mpi]";
   if (h.path == SharedArena::kSingleCopy) path = " [single-copy]";
   return std::string(KindName(h.kind)) + "(" + args + ") #" + std::to_string(h.seq) + path;
 }
 
 // What a rank posted in an arena, in the words of a header, with the step that posted it.
 CallHeader AsHeader(const SharedArena::CallInfo& info) {
-  return CallHeader{info.call, info.count, info.call_kind, info.dtype, info.op, info.root, info.kind};
+  return CallHeader{info.call, info.count, info.call_kind, info.dtype, info.op, info.root, info.kind, info.variant};
 }
 
 std::string Describe(const SharedArena::CallInfo& info) {
@@ -57,10 +57,10 @@ std::string Describe(const SharedArena::CallInfo& info) {
 
 bool Same(const SharedArena::CallInfo& a, const SharedArena::CallInfo& b) {
   return a.kind == b.kind && a.count == b.count && a.dtype == b.dtype && a.op == b.op && a.root == b.root &&
-         a.call_kind == b.call_kind && a.call == b.call;
+         a.call_kind == b.call_kind && a.call == b.call && a.variant == b.variant;
 }
 
-auto Key(const CallHeader& h) { return std::tie(h.seq, h.kind, h.count, h.dtype, h.op, h.root, h.path); }
+auto Key(const CallHeader& h) { return std::tie(h.seq, h.kind, h.count, h.dtype, h.op, h.root, h.path, h.variant); }
 
 // The smallest and largest header seen so far, each with the lowest rank that made it: a
 // total order, so every rank ends with the same pair whatever the order of the rounds.
@@ -129,6 +129,7 @@ SharedArena::CallInfo AgreementInfo(const CallHeader& header, uint16_t kind) {
   info.root = header.root;
   info.call_kind = header.kind;
   info.call = header.seq;
+  info.variant = header.variant;
   return info;
 }
 

@@ -25,7 +25,9 @@ struct CallHeader {
   // Which step checks the call (a SharedArena::Kind; 0 for the flat exchange): ranks that would
   // move the data by different algorithms disagree.
   int32_t path = 0;
-  int32_t unused = 0;
+  // Within a path, how it moves the data where ranks could be set up differently (the
+  // hierarchical allreduce: 1 when slices cross nodes by pycomm's ring, 0 by MPI's allreduce).
+  int32_t variant = 0;
 };
 
 // Where the ranks share an arena: one flag round through it (kAgreement), checked like the

@@ -40,6 +40,7 @@ class ProgressingRequest : public Request {
     return request_->Test();
   }
   int peer() const override { return request_->peer(); }
+  void Sleep(std::chrono::microseconds limit) override { request_->Sleep(limit); }
 
  private:
   std::unique_ptr<Request> request_;
@@ -70,7 +71,8 @@ class HierarchicalAllreduce {
                          static_cast<int32_t>(dtype_),
                          static_cast<int32_t>(op_),
                          -1,
-                         SharedArena::kHierarchical};
+                         SharedArena::kHierarchical,
+                         inter_ == InterNode::kRing ? 1 : 0};
     const size_t piece = std::max<size_t>(1, h_.piece_bytes / es_);
     const uint64_t pieces = (count + piece - 1) / piece;
     auto begin = [&](uint64_t i) { return i * piece; };

@@ -70,6 +70,13 @@ class CommunicatorImpl : public Communicator {
     if (options_.algorithm == Algorithm::kHierarchical && !multi_node_ && size_ > 1) {
       Debug("algorithm hierarchical needs ranks on several nodes; the ring runs instead");
     }
+    // Built now, while creating the communicator is a collective anyway: built inside a first
+    // call, its blocking MPI calls would hang on a rank that died or made another call.
+    if (multi_node_) {
+      hierarchy_ = BuildHierarchy(Context());
+      Debug(hierarchy_ ? "hierarchy: %d slices across nodes" : "hierarchy unavailable: the ring runs instead",
+            hierarchy_ ? hierarchy_->slices : 0);
+    }
   }
 
   ~CommunicatorImpl() override {
@@ -285,6 +292,9 @@ class CommunicatorImpl : public Communicator {
     } catch (const std::exception& e) {
       broken_reason_ = e.what();
       broken_ = true;
+      // MPI forbids cancelling an abandoned MPI_Iallreduce, which may still write into the
+      // staging segment: that memory (and the groups' communicators) stays for the process's life.
+      if (hierarchy_) hierarchy_.release();
       if (dynamic_cast<const PeerError*>(&e)) any_peer_failed = true;
       throw;
     }
@@ -335,18 +345,9 @@ class CommunicatorImpl : public Communicator {
     return multi_node_ && (options_.algorithm == Algorithm::kAuto || options_.algorithm == Algorithm::kHierarchical);
   }
 
-  // Built by the first call over several nodes (collective: every rank gets there in the same
-  // call, whatever call it is); null for good where it cannot run: the ring and the flat
-  // agreement take its place.
-  Hierarchy* GetHierarchy() {
-    if (!hierarchy_built_) {
-      hierarchy_ = BuildHierarchy(Context());
-      hierarchy_built_ = true;
-      Debug(hierarchy_ ? "hierarchy: %d slices across nodes" : "hierarchy unavailable: the ring runs instead",
-            hierarchy_ ? hierarchy_->slices : 0);
-    }
-    return hierarchy_.get();
-  }
+  // Null where the ranks share one node, or where the hierarchy could not be set up (on every
+  // rank alike): the ring and the flat agreement take its place.
+  Hierarchy* GetHierarchy() { return hierarchy_.get(); }
 
   // Before any data moves over the transport: every rank must be making this same call.
   void Agree(CallKind kind, size_t count, std::optional<DataType> dtype, std::optional<ReduceOp> op = std::nullopt,
@@ -357,9 +358,8 @@ class CommunicatorImpl : public Communicator {
                             dtype ? static_cast<int32_t>(*dtype) : -1,
                             op ? static_cast<int32_t>(*op) : -1,
                             root};
-    // Across nodes, through the hierarchy (built by the first call of any kind, so that ranks
-    // making different calls still build it together).
-    if (multi_node_ && GetHierarchy()) return CheckHeadersAgree(Context(current_call_), *hierarchy_, header);
+    // Across nodes, through the hierarchy.
+    if (GetHierarchy()) return CheckHeadersAgree(Context(current_call_), *hierarchy_, header);
     CheckHeadersAgree(Context(current_call_), header);
   }
 
@@ -434,9 +434,8 @@ class CommunicatorImpl : public Communicator {
   std::unique_ptr<Executor> executor_;
   std::unique_ptr<DeviceCollectives> device_;
   bool multi_node_ = false;               // the ranks span several nodes (fixed at creation)
-  std::unique_ptr<Hierarchy> hierarchy_;  // only touched inside the executor
-  bool hierarchy_built_ = false;
-  std::atomic<int> device_id_{-1};  // device_'s GPU, readable outside the executor
+  std::unique_ptr<Hierarchy> hierarchy_;  // only touched inside the executor (after construction)
+  std::atomic<int> device_id_{-1};        // device_'s GPU, readable outside the executor
   std::atomic<uint64_t> calls_{0};
   const FaultPlan fault_ = FaultPlan::FromEnvironment();
   uint64_t arena_seq_ = 0;                     // only touched inside the executor

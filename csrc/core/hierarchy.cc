@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 
 #include "transport/shared_arena.h"
 
@@ -18,6 +19,16 @@ bool AllRanks(const CollectiveContext& ctx, bool ok) {
   AllreduceRing(ctx, &flag, &flag, 1, DataType::kInt32, ReduceOp::kMin);
   return flag == 1;
 }
+
+// Staging is sized from the chunk: ranks that disagree on it would map different sizes.
+void CheckSameChunk(const CollectiveContext& ctx) {
+  int64_t extremes[2] = {static_cast<int64_t>(ctx.chunk_bytes), -static_cast<int64_t>(ctx.chunk_bytes)};
+  AllreduceRing(ctx, extremes, extremes, 2, DataType::kInt64, ReduceOp::kMax);
+  if (extremes[0] != -extremes[1]) {
+    throw CommError("pycomm: chunk_bytes differs between ranks (" + std::to_string(-extremes[1]) + " to " +
+                    std::to_string(extremes[0]) + "); set PYCOMM_CHUNK_BYTES alike on every rank");
+  }
+}
 }  // namespace
 
 std::unique_ptr<Hierarchy> BuildHierarchy(const CollectiveContext& ctx) {
@@ -30,6 +41,7 @@ std::unique_ptr<Hierarchy> BuildHierarchy(const CollectiveContext& ctx) {
     members[n].push_back(q);
   }
   if (members.size() < 2) return nullptr;  // one node: nothing to build, on every rank alike
+  CheckSameChunk(ctx);
   const std::vector<int>& mine = members[world.node_of(r)];
 
   auto h = std::make_unique<Hierarchy>();

@@ -47,7 +47,8 @@ struct Hierarchy {
 
 // Collective over ctx.transport. Null on every rank where the hierarchy cannot run: the ranks
 // share one node, the transport cannot make subgroups, or some node's shared memory could not be
-// set up. Each piece holds `chunk_bytes` per slice.
+// set up. Each piece holds `chunk_bytes` per slice; CommError on every rank if the ranks'
+// chunk_bytes differ.
 std::unique_ptr<Hierarchy> BuildHierarchy(const CollectiveContext& ctx);
 
 }  // namespace pycomm

@@ -128,7 +128,8 @@ class RingStepper : public Request {
     }
     return true;
   }
-  int peer() const override { return Mod(rank() - 1, size()); }
+  // Named as the transport names it (a rank of the whole communicator for a subgroup).
+  int peer() const override { return recv_->peer(); }
 
  private:
   int rank() const { return group_.rank(); }

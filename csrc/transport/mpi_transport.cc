@@ -206,7 +206,13 @@ class MpiTransport : public Transport {
     Check(rc, "MPI_Comm_create_group");
     std::vector<int> names;
     for (int q : ranks) names.push_back(names_[q]);
-    auto transport = std::make_unique<MpiTransport>(sub, caller_thread_only_, std::move(names), watch_);
+    std::unique_ptr<Transport> transport;
+    try {
+      transport = std::make_unique<MpiTransport>(sub, caller_thread_only_, std::move(names), watch_);
+    } catch (...) {
+      MPI_Comm_free(&sub);
+      throw;
+    }
     MPI_Comm_free(&sub);  // the transport holds its own duplicate
     return transport;
   }

@@ -64,6 +64,7 @@ class SharedArena {
     int32_t root = -1;       // broadcast root
     int32_t call_kind = 0;   // CallKind (core/agreement.h), 0 for kAllocate
     uint64_t call = 0;       // the call's number on its communicator
+    int32_t variant = 0;     // how the step moves data where it has choices (CallHeader::variant)
   };
 
   // Publishes this rank's slot and `info` for call `seq` (release).

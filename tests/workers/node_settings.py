@@ -1,0 +1,34 @@
+"""Ranks set up differently across simulated nodes; run under mpirun by the tests.
+
+usage: node_settings.py inter|chunk
+- inter: rank 3 sends slices between nodes by pycomm's ring, the others by MPI_Iallreduce.
+- chunk: rank 0 has another chunk_bytes than the others.
+Every rank prints the error it got (or "no error").
+"""
+
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+import pycomm
+
+RANK = MPI.COMM_WORLD.rank
+
+
+def main():
+    what = sys.argv[1]
+    try:
+        if what == "inter":
+            comm = pycomm.Communicator(inter_node="ring" if RANK == 3 else "mpi", timeout=20)
+            comm.allreduce(np.ones(1 << 16, np.float32))
+        else:
+            comm = pycomm.Communicator(chunk_bytes=4096 if RANK == 0 else 65536)
+            comm.allreduce(np.ones(10, np.float32))
+        print(f"rank {RANK}: no error", flush=True)
+    except pycomm.CommError as error:
+        print(f"rank {RANK}: {type(error).__name__}: {error}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
