@@ -15,13 +15,13 @@ import json
 import os
 import socket
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
 from mpi4py import MPI
 
 import pycomm
+from pycomm.bench import time_calls
 from pycomm.settings import parse_size
 
 world = MPI.COMM_WORLD
@@ -38,16 +38,8 @@ def start_gloo() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://{address}:{port}", rank=RANK, world_size=P)
 
 
-def time_loop(call, iters: int) -> float:
-    world.Barrier()
-    start = time.perf_counter()
-    for _ in range(iters):
-        call()
-    return world.allreduce((time.perf_counter() - start) / iters, op=MPI.MAX)
-
-
 def iterations(call) -> int:
-    per_call = time_loop(call, 3)
+    per_call = time_calls(call, 3, world)
     return world.bcast(int(min(1000, max(3, 0.2 / max(per_call, 1e-9)))), root=0)
 
 
@@ -94,7 +86,7 @@ def main():
         for _ in range(args.repeats):
             for name, call in engines.items():
                 x.fill_(0.0)  # no overflow to inf over many in-place sums
-                times[name].append(time_loop(call, iters[name]))
+                times[name].append(time_calls(call, iters[name], world))
         med = {name: statistics.median(t) for name, t in times.items()}
         busbw = {name: n * 4 / t * factor / 1e9 for name, t in med.items()}
         row = {

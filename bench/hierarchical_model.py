@@ -16,26 +16,19 @@ predicted busbw. Ranks 0 and 1 of each node pair up across nodes 0 and 1 (2 node
 import argparse
 import json
 import statistics
-import time
 
 import numpy as np
 from mpi4py import MPI
 
 import pycomm
+from pycomm.bench import node_memory_bandwidth, time_calls
 
 world = MPI.COMM_WORLD
 P, RANK = world.size, world.rank
 
 
 def median_time(fn, iters: int, repeats: int = 5, comm=world) -> float:
-    times = []
-    for _ in range(repeats):
-        comm.Barrier()
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        times.append(comm.allreduce((time.perf_counter() - start) / iters, op=MPI.MAX))
-    return statistics.median(times)
+    return statistics.median(time_calls(fn, iters, comm) for _ in range(repeats))
 
 
 def layout():
@@ -65,14 +58,6 @@ def measure_link(local_rank, local_size):
     big_out = np.empty_like(big)
     seconds = median_time(lambda: exchange(big, big_out), 5)
     return alpha, local_size * big.nbytes / seconds
-
-
-def measure_memory(node):
-    """Bytes read + written per second by all ranks of a node copying at once."""
-    src = np.ones(64 << 20, np.uint8)
-    dst = np.empty_like(src)
-    seconds = median_time(lambda: np.copyto(dst, src), 5, comm=node)
-    return node.size * 2 * src.nbytes / seconds
 
 
 def predict_hierarchical(n, p, shared_cpu: bool) -> float:
@@ -110,7 +95,7 @@ def main():
     args = parser.parse_args()
     node, local_rank, local_size, nodes = layout()
     alpha, link_bw = measure_link(local_rank, local_size)
-    memory_bw = world.bcast(measure_memory(node), root=0)
+    memory_bw = world.bcast(node_memory_bandwidth(node), root=0)
     one_node = pycomm.Communicator(node) if node.size > 1 else None
     x8 = np.ones(2, np.float32)
     round_s = median_time(lambda: one_node.allreduce(x8, out=x8), 500) if one_node else 0.0

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
 
 namespace pycomm {
@@ -23,6 +24,23 @@ std::string Lower(std::string text) {
 
 void Warn(const char* name, const char* value) {
   std::fprintf(stderr, "pycomm preload: ignoring %s=%s (cannot read it); using the default\n", name, value);
+}
+
+// `variable` names one of `names` in any case; the enum's values are their positions (the same
+// order as pycomm.settings' tuples).
+template <typename Enum>
+void ReadChoice(const char* variable, std::initializer_list<const char*> names, Enum* out) {
+  const char* raw = Env(variable);
+  if (!raw) return;
+  int value = 0;
+  for (const char* name : names) {
+    if (Lower(raw) == name) {
+      *out = static_cast<Enum>(value);
+      return;
+    }
+    ++value;
+  }
+  Warn(variable, raw);
 }
 
 // "8", "64K", "1M", "2G" (powers of 1024), as pycomm.settings.parse_size reads them.
@@ -74,34 +92,8 @@ Options OptionsFromEnvironment() {
       Warn("PYCOMM_CHUNK_BYTES", raw);
     }
   }
-  if (const char* raw = Env("PYCOMM_ALGO")) {
-    const std::string name = Lower(raw);
-    if (name == "auto") {
-      options.algorithm = Algorithm::kAuto;
-    } else if (name == "ring") {
-      options.algorithm = Algorithm::kRing;
-    } else if (name == "oneshot") {
-      options.algorithm = Algorithm::kOneShot;
-    } else if (name == "hierarchical") {
-      options.algorithm = Algorithm::kHierarchical;
-    } else if (name == "singlecopy") {
-      options.algorithm = Algorithm::kSingleCopy;
-    } else {
-      Warn("PYCOMM_ALGO", raw);
-    }
-  }
-  if (const char* raw = Env("PYCOMM_INTER_NODE")) {
-    const std::string name = Lower(raw);
-    if (name == "auto") {
-      options.inter_node = InterNode::kAuto;
-    } else if (name == "mpi") {
-      options.inter_node = InterNode::kMpi;
-    } else if (name == "ring") {
-      options.inter_node = InterNode::kRing;
-    } else {
-      Warn("PYCOMM_INTER_NODE", raw);
-    }
-  }
+  ReadChoice("PYCOMM_ALGO", {"auto", "ring", "oneshot", "hierarchical", "singlecopy"}, &options.algorithm);
+  ReadChoice("PYCOMM_INTER_NODE", {"auto", "mpi", "ring"}, &options.inter_node);
   return options;
 }
 
