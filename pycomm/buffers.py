@@ -1,18 +1,17 @@
 """Checks and adapts the host arrays users pass, before anything is sent.
 
-numpy arrays pass as they are; torch CPU tensors and other CPU arrays that speak DLPack pass as
-numpy views of the same memory (no copies). Every check here runs on the calling rank only, so
-bad input raises TypeError or ValueError there and leaves the communicator usable.
+numpy arrays pass as they are; torch CPU tensors and other arrays that speak DLPack from host
+memory (CPU, or CUDA pinned host memory) pass as numpy views of the same memory (no copies).
+Every check here runs on the calling rank only, so bad input raises TypeError or ValueError there
+and leaves the communicator usable.
 """
 
 import sys
 
 import numpy as np
 
-from .device_arrays import is_torch_cpu
+from .device_arrays import DLPACK_HOST_READABLE, dlpack_device_type, is_torch_cpu
 from .dtypes import dtype_code
-
-_DLPACK_CPU = 1  # DLDeviceType kDLCPU
 
 
 def as_input(x, what: str = "x") -> np.ndarray:
@@ -27,14 +26,24 @@ def as_input(x, what: str = "x") -> np.ndarray:
 
 def as_output(out, shape: tuple, dtype: np.dtype, what: str = "out") -> np.ndarray:
     """Checks a caller-provided output array against the shape and dtype the call produces."""
-    out = as_input(out, what)
-    if out.dtype != dtype:
-        raise TypeError(f"pycomm: {what} has dtype {out.dtype}, expected {dtype}")
-    if out.shape != tuple(shape):
-        raise ValueError(f"pycomm: {what} has shape {out.shape}, expected {tuple(shape)}")
-    if not out.flags.writeable:
-        raise ValueError(f"pycomm: {what} is read-only")
-    return out
+    view = as_input(out, what)
+    if view.dtype != dtype:
+        raise TypeError(f"pycomm: {what} has dtype {view.dtype}, expected {dtype}")
+    if view.shape != tuple(shape):
+        raise ValueError(f"pycomm: {what} has shape {view.shape}, expected {tuple(shape)}")
+    if not view.flags.writeable:
+        raise ValueError(f"pycomm: {what} is read-only{read_only_hint(out)}")
+    return view
+
+
+def read_only_hint(x) -> str:
+    """Why the numpy view of a DLPack array may be read-only, for error messages ("" for others)."""
+    if isinstance(x, np.ndarray) or is_torch_cpu(x) or dlpack_device_type(x) is None:
+        return ""
+    return (
+        " (it came through DLPack read-only: its producer flags it so, or its __dlpack__ takes no"
+        " max_version and numpy marks what a legacy, unversioned export gives as read-only)"
+    )
 
 
 def output_for(x, view: np.ndarray, out, shape: tuple):
@@ -61,9 +70,11 @@ def _numpy_view(x, what: str) -> np.ndarray:
 
             return x.view(sys.modules["torch"].int16).numpy().view(ml_dtypes.bfloat16)
         return x.numpy()
-    device = getattr(x, "__dlpack_device__", None)
-    if device is not None and int(device()[0]) == _DLPACK_CPU:
+    device_type = dlpack_device_type(x)
+    if device_type in DLPACK_HOST_READABLE:
         return np.from_dlpack(x)
+    if device_type is not None:
+        raise TypeError(f"pycomm: {what} is a DLPack array on device type {device_type}, not in host memory")
     raise TypeError(f"pycomm: {what} must be a numpy array, a CPU tensor or a device array, got {type(x).__name__}")
 
 

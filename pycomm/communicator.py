@@ -12,7 +12,7 @@ from mpi4py import MPI
 
 from . import device_arrays, settings
 from ._native import _core
-from .buffers import as_input, check_no_partial_overlap, output_for
+from .buffers import as_input, check_no_partial_overlap, output_for, read_only_hint
 from .dtypes import dtype_code, is_floating
 from .errors import CommError
 from .ops import ReduceOp, parse_op
@@ -143,6 +143,12 @@ class Communicator:
         rank gets bitwise identical results. For device arrays (torch, cupy) the work is queued on
         `stream` (default: the library's current stream) and the call returns without waiting
         for the GPU.
+
+        Arrays that speak only DLPack (__dlpack__, __dlpack_device__): on a CUDA device they are
+        exported for `stream` (default: the legacy default stream), and need `out=` (pycomm cannot
+        allocate one of them); in host memory they pass as numpy views, the result of an
+        out-of-place call is a numpy array, and in place needs a writable view. The same holds
+        for the other collectives.
         """
         # Fast path for plain numpy arrays with a known op: the native layer checks them and
         # says if anything is unusual, and the full checks below then run (and word the error).
@@ -184,15 +190,15 @@ class Communicator:
         """Reduces `x` over all ranks and returns this rank's block of rows.
 
         x.shape[0] must divide by the communicator size; the result has shape
-        (x.shape[0] // size, *x.shape[1:]).
+        (x.shape[0] // size, *x.shape[1:]), a numpy array for a host DLPack-only x.
         """
         self._check_open()
         if _is_device(x):
-            d = device_arrays.describe(x)
+            d = device_arrays.describe(x, stream=stream)
             op = self._check_op(d.dtype, op)
             shape = self._reduce_scatter_shape(d.shape)
-            o = self._device_output(d, out, shape)
             stream = device_arrays.stream_handle(d, stream)
+            o = self._device_output(d, out, shape, stream)
             code = dtype_code(d.dtype)
             self._native.reduce_scatter_device(d.ptr, o.ptr, _count(shape), code, int(op), d.device, stream)
             return o.obj
@@ -209,16 +215,16 @@ class Communicator:
         """Concatenates every rank's `x` along axis 0, in rank order.
 
         The result has shape (size * x.shape[0], *x.shape[1:]), or (size,) for a 0-d x: the
-        inverse of reduce_scatter's split, as with NCCL's allgather.
+        inverse of reduce_scatter's split, as with NCCL's allgather. A host DLPack-only x gives
+        a numpy array.
         """
         self._check_open()
         if _is_device(x):
-            d = device_arrays.describe(x)
+            d = device_arrays.describe(x, stream=stream)
             shape = self._allgather_shape(d.shape)
-            o = self._device_output(d, out, shape)
-            self._native.allgather_device(
-                d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), d.device, device_arrays.stream_handle(d, stream)
-            )
+            stream = device_arrays.stream_handle(d, stream)
+            o = self._device_output(d, out, shape, stream)
+            self._native.allgather_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), d.device, stream)
             return o.obj
         self._check_host_stream(stream)
         xa = as_input(x)
@@ -233,14 +239,14 @@ class Communicator:
         self._check_open()
         self._check_root(root)
         if _is_device(x):
-            d = device_arrays.describe(x)
+            d = device_arrays.describe(x, stream=stream)
             stream = device_arrays.stream_handle(d, stream)
             self._native.broadcast_device(d.ptr, _count(d.shape), dtype_code(d.dtype), int(root), d.device, stream)
             return x
         self._check_host_stream(stream)
         xa = as_input(x)
         if not xa.flags.writeable:
-            raise ValueError("pycomm: broadcast writes into x, which is read-only")
+            raise ValueError(f"pycomm: broadcast writes into x, which is read-only{read_only_hint(x)}")
         self._native.broadcast(xa, xa.size, dtype_code(xa.dtype), int(root))
         return x
 
@@ -322,20 +328,20 @@ class Communicator:
         return (self.size,) if len(shape) == 0 else (self.size * shape[0],) + tuple(shape[1:])
 
     @staticmethod
-    def _device_output(d, out, shape):
+    def _device_output(d, out, shape, stream: int):
         if out is None:
             return device_arrays.new_array(d, shape)
-        o = device_arrays.check_output(out, d, shape)
+        o = device_arrays.check_output(out, d, shape, stream=stream)
         if o.ptr != d.ptr and _overlap(d, o):
             raise ValueError("pycomm: out overlaps x without being the same memory")
         return o
 
     def _allreduce_device(self, x, op, out, stream):
         self._check_open()
-        d = device_arrays.describe(x)
+        d = device_arrays.describe(x, stream=stream)
         op = self._check_op(d.dtype, op)
-        o = self._device_output(d, out, d.shape)
         stream = device_arrays.stream_handle(d, stream)
+        o = self._device_output(d, out, d.shape, stream)
         self._native.allreduce_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), int(op), d.device, stream)
         return o.obj
 

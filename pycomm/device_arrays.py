@@ -1,9 +1,12 @@
-"""Device (CUDA) arrays: torch CUDA tensors, cupy arrays, anything with __cuda_array_interface__.
+"""Device (CUDA) arrays: torch CUDA tensors, cupy arrays, anything with __cuda_array_interface__,
+and arrays that speak only DLPack (__dlpack__ / __dlpack_device__) on a CUDA device.
 
-Nothing here imports torch or cupy: their modules are only looked up in sys.modules once the
-caller has passed one of their arrays (and so has imported them already).
+Nothing here imports torch, cupy or jax: their modules are only looked up in sys.modules once the
+caller has passed one of their arrays (and so has imported them already). DLPack capsules are read
+with ctypes.
 """
 
+import ctypes
 import sys
 from typing import NamedTuple
 
@@ -18,17 +21,36 @@ class DeviceArray(NamedTuple):
     shape: tuple
     dtype: np.dtype
     device: int
-    library: str  # "torch", "cupy" or "cai"
+    library: str  # "torch", "cupy", "cai" or "dlpack"
+    keep: object = None  # a DLPack capsule: holds the producer's memory while this lives
+
+
+# DLDeviceType values (dlpack.h).
+DLPACK_CPU, DLPACK_CUDA, DLPACK_CUDA_HOST, DLPACK_CUDA_MANAGED = 1, 2, 3, 13
+DLPACK_HOST_READABLE = (DLPACK_CPU, DLPACK_CUDA_HOST)  # taken as numpy views by buffers.py
+_DLPACK_ON_GPU = (DLPACK_CUDA, DLPACK_CUDA_MANAGED)
 
 
 def _is_torch(x) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
 
 
+def dlpack_device_type(x):
+    """x's DLDeviceType if x speaks DLPack (numpy arrays aside), else None."""
+    if isinstance(x, np.ndarray) or not (hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")):
+        return None
+    return int(x.__dlpack_device__()[0])
+
+
 def is_device_array(x) -> bool:
+    """True for arrays that take the device path: torch CUDA tensors, __cuda_array_interface__,
+    and DLPack arrays on any device but the host-readable ones (describe() rejects the unknown)."""
     if _is_torch(x):
         return bool(x.is_cuda)
-    return hasattr(x, "__cuda_array_interface__")
+    if hasattr(x, "__cuda_array_interface__"):
+        return True
+    device_type = dlpack_device_type(x)
+    return device_type is not None and device_type not in DLPACK_HOST_READABLE
 
 
 def is_torch_cpu(x) -> bool:
@@ -47,14 +69,20 @@ def _torch_dtype(t) -> np.dtype:
         raise TypeError(f"pycomm: dtype {t.dtype} is not supported") from None
 
 
-def describe(x, what: str = "x") -> DeviceArray:
-    """Checks a device array (supported dtype, C-contiguous) and returns what the core needs."""
+def describe(x, what: str = "x", stream=None) -> DeviceArray:
+    """Checks a device array (supported dtype, C-contiguous) and returns what the core needs.
+
+    `stream` is the stream the work will be queued on, as stream_handle() takes it (None: the
+    library's own); only DLPack-only arrays need it here, to hand it to their __dlpack__.
+    """
     if _is_torch(x):
         dtype = _torch_dtype(x)
         dtype_code(dtype)
         if not x.is_contiguous():
             raise ValueError(f"pycomm: {what} must be contiguous (use .contiguous())")
         return DeviceArray(x, x.data_ptr(), tuple(x.shape), dtype, x.device.index, "torch")
+    if not hasattr(x, "__cuda_array_interface__"):
+        return _describe_dlpack(x, what, stream)
     iface = x.__cuda_array_interface__
     library = "cupy" if type(x).__module__.startswith("cupy") else "cai"
     # cupy keeps ml_dtypes' bfloat16 as its dtype but reports it as raw bytes ("|V2") here.
@@ -71,6 +99,102 @@ def describe(x, what: str = "x") -> DeviceArray:
     return DeviceArray(x, ptr, shape, dtype, device, library)
 
 
+# DLPack's DLManagedTensor starts with its DLTensor; only that part is read.
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", _DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", _DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),  # in elements; NULL: C-contiguous
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+# A prototype of our own, so that no other user of ctypes.pythonapi sees its argtypes changed.
+_capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi)
+)
+
+# (DLDataTypeCode, bits) -> numpy dtype name; kDLInt 0, kDLUInt 1, kDLFloat 2, kDLBfloat 4, kDLBool 6.
+_DLPACK_DTYPES = {
+    (0, 8): "int8",
+    (0, 16): "int16",
+    (0, 32): "int32",
+    (0, 64): "int64",
+    (1, 8): "uint8",
+    (1, 16): "uint16",
+    (1, 32): "uint32",
+    (1, 64): "uint64",
+    (2, 16): "float16",
+    (2, 32): "float32",
+    (2, 64): "float64",
+    (4, 16): "bfloat16",
+    (6, 8): "bool",
+}
+
+
+def _dlpack_dtype(code: int, bits: int, lanes: int, what: str) -> np.dtype:
+    name = _DLPACK_DTYPES.get((code, bits))
+    if name is None or lanes != 1:
+        raise TypeError(f"pycomm: {what} has DLPack dtype (code {code}, {bits} bits, {lanes} lanes): not supported")
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _describe_dlpack(x, what: str, stream) -> DeviceArray:
+    """A CUDA array that speaks only DLPack: exported with __dlpack__(stream=...) for the stream
+    the work goes on (so the producer orders its pending work before it), read from the legacy
+    "dltensor" capsule. The capsule is kept, not consumed: its destructor frees it."""
+    device_type, device_id = (int(v) for v in x.__dlpack_device__())
+    if device_type not in _DLPACK_ON_GPU:
+        raise TypeError(
+            f"pycomm: {what} is a DLPack array on device type {device_type}; pycomm takes CPU (1), "
+            f"CUDA (2), CUDA host (3) and CUDA managed (13) memory"
+        )
+    handle = 0 if stream is None else _stream_value(stream)
+    # DLPack: stream 0 is ambiguous and never passed; 1 names the legacy default stream.
+    capsule = x.__dlpack__(stream=handle if handle != 0 else 1)
+    try:
+        address = _capsule_pointer(capsule, b"dltensor")
+    except ValueError:
+        raise TypeError(f'pycomm: {what}.__dlpack__() did not return a legacy "dltensor" capsule') from None
+    t = _DLTensor.from_address(address)
+    dtype = _dlpack_dtype(t.dtype.code, t.dtype.bits, t.dtype.lanes, what)
+    dtype_code(dtype)
+    shape = tuple(int(t.shape[i]) for i in range(t.ndim))
+    if t.strides:
+        strides = tuple(int(t.strides[i]) for i in range(t.ndim))
+        if not _is_c_contiguous(shape, strides):
+            raise ValueError(f"pycomm: {what} must be C-contiguous")
+    ptr = (t.data or 0) + t.byte_offset
+    return DeviceArray(x, ptr, shape, dtype, device_id, "dlpack", capsule)
+
+
+def _is_c_contiguous(shape: tuple, strides: tuple) -> bool:
+    """Strides in elements; those of extent-1 axes, and any of an empty array, do not matter."""
+    if 0 in shape:
+        return True
+    step = 1
+    for extent, stride in zip(reversed(shape), reversed(strides)):
+        if extent != 1 and stride != step:
+            return False
+        step *= extent
+    return True
+
+
 def _c_strides(shape: tuple, itemsize: int) -> tuple:
     strides, step = [], itemsize
     for extent in reversed(shape):
@@ -79,10 +203,11 @@ def _c_strides(shape: tuple, itemsize: int) -> tuple:
     return tuple(reversed(strides))
 
 
-def check_output(out, like: DeviceArray, shape: tuple, what: str = "out") -> DeviceArray:
+def check_output(out, like: DeviceArray, shape: tuple, what: str = "out", stream=None) -> DeviceArray:
+    """Checks `out` against x (`like`); `stream` as for describe()."""
     if not is_device_array(out):
         raise TypeError(f"pycomm: {what} must be a device array like x, got {type(out).__name__}")
-    d = describe(out, what)
+    d = describe(out, what, stream)
     if d.dtype != like.dtype:
         raise TypeError(f"pycomm: {what} has dtype {d.dtype}, expected {like.dtype}")
     if d.shape != tuple(shape):
@@ -93,7 +218,7 @@ def check_output(out, like: DeviceArray, shape: tuple, what: str = "out") -> Dev
 
 
 def new_array(like: DeviceArray, shape: tuple) -> DeviceArray:
-    """A new array of x's library, dtype and device."""
+    """A new array of x's library, dtype and device (not for "cai" or "dlpack": pass out=)."""
     if like.library == "torch":
         torch = sys.modules["torch"]
         out = torch.empty(shape, dtype=like.obj.dtype, device=like.obj.device)
@@ -107,18 +232,25 @@ def new_array(like: DeviceArray, shape: tuple) -> DeviceArray:
 
 
 def stream_handle(like: DeviceArray, stream) -> int:
-    """The cudaStream_t to enqueue on: `stream` if given, else the library's current stream."""
+    """The cudaStream_t to enqueue on: `stream` if given, else the library's current stream
+    (0, the legacy default stream, for DLPack-only arrays)."""
     if stream is not None:
-        if isinstance(stream, int):
-            return stream
-        for attribute in ("cuda_stream", "ptr", "handle"):  # torch, cupy, cuda-python
-            value = getattr(stream, attribute, None)
-            if isinstance(value, int):
-                return value
-        raise TypeError(f"pycomm: cannot read a CUDA stream from {type(stream).__name__}")
+        return _stream_value(stream)
     if like.library == "torch":
         return sys.modules["torch"].cuda.current_stream(like.obj.device).cuda_stream
     if like.library == "cupy":
         return sys.modules["cupy"].cuda.get_current_stream().ptr
+    if like.library == "dlpack":
+        return 0
     value = like.obj.__cuda_array_interface__.get("stream")
     return value if isinstance(value, int) else 0
+
+
+def _stream_value(stream) -> int:
+    if isinstance(stream, int):
+        return stream
+    for attribute in ("cuda_stream", "ptr", "handle"):  # torch, cupy, cuda-python
+        value = getattr(stream, attribute, None)
+        if isinstance(value, int):
+            return value
+    raise TypeError(f"pycomm: cannot read a CUDA stream from {type(stream).__name__}")

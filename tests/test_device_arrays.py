@@ -1,5 +1,8 @@
-"""Device-array handling that needs no GPU: reading __cuda_array_interface__, argument checks that
-must fail on the calling rank before any CUDA call or message, and stream handles."""
+"""Device-array handling that needs no GPU: reading __cuda_array_interface__ and DLPack capsules,
+argument checks that must fail on the calling rank before any CUDA call or message, stream
+handles, and DLPack-only arrays in host memory (which take the numpy path)."""
+
+import ctypes
 
 import numpy as np
 import pytest
@@ -106,6 +109,233 @@ def test_import_pulls_in_neither_torch_nor_cupy():
     import subprocess
     import sys
 
-    code = "import sys, pycomm; print(any(m in sys.modules for m in ('torch', 'cupy')))"
+    code = "import sys, pycomm; print(any(m in sys.modules for m in ('torch', 'cupy', 'jax')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "False", result.stderr
+
+
+# -- arrays that speak only DLPack ---------------------------------------------------------------
+
+
+def _patch_dltensor(capsule, code=None, lanes=None):
+    """Rewrites fields of a legacy capsule's DLTensor, at dlpack.h's offsets: dtype code at byte 20,
+    lanes at 22 (data 0, device 8, ndim 16)."""
+    get = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+        ("PyCapsule_GetPointer", ctypes.pythonapi)
+    )
+    tensor = get(capsule, b"dltensor")
+    if code is not None:
+        ctypes.c_uint8.from_address(tensor + 20).value = code
+    if lanes is not None:
+        ctypes.c_uint16.from_address(tensor + 22).value = lanes
+
+
+class FakeDLPackArray:
+    """Speaks only DLPack and says it is on a CUDA device; its capsule is a numpy array's (whose
+    struct says CPU: pycomm must take the device from __dlpack_device__). Memory never touched.
+    Records the streams it was exported for."""
+
+    def __init__(self, array, device=(2, 0), code=None, lanes=None, versioned=False):
+        self.array, self.device, self.code, self.lanes, self.versioned = array, device, code, lanes, versioned
+        self.streams = []
+
+    def __dlpack_device__(self):
+        return self.device
+
+    def __dlpack__(self, stream=None):
+        self.streams.append(stream)
+        if self.versioned:
+            return self.array.__dlpack__(max_version=(1, 0))
+        capsule = self.array.__dlpack__()
+        _patch_dltensor(capsule, self.code, self.lanes)
+        return capsule
+
+
+class NativeRecorder:
+    """Stands in for a communicator's native core: records the *_device calls, passes the rest on."""
+
+    def __init__(self, native):
+        self.native, self.calls = native, []
+
+    def __getattr__(self, name):
+        if name.endswith("_device"):
+            return lambda *args: self.calls.append((name, args))
+        return getattr(self.native, name)
+
+
+@pytest.fixture
+def recorded(comm):
+    comm._native = NativeRecorder(comm._native)
+    yield comm
+    comm._native = comm._native.native
+
+
+def test_dlpack_describe_reads_the_capsule():
+    base = np.zeros((5, 4), np.float32)
+    a = base[2:]  # data that does not start at the allocation
+    f = FakeDLPackArray(a, device=(2, 1))
+    d = device_arrays.describe(f, stream=5)
+    assert (d.ptr, d.shape, d.dtype, d.device, d.library) == (a.ctypes.data, (3, 4), np.dtype(np.float32), 1, "dlpack")
+    assert type(d.keep).__name__ == "PyCapsule" and d.obj is f
+    assert f.streams == [5]
+    assert device_arrays.is_device_array(f)
+    assert device_arrays.describe(FakeDLPackArray(np.zeros(2, np.int64), device=(13, 0))).dtype == np.int64  # managed
+
+
+def test_dlpack_bfloat16_and_contiguous_layouts():
+    import ml_dtypes
+
+    d = device_arrays.describe(FakeDLPackArray(np.zeros(3, np.float16), code=4))  # kDLBfloat, 16 bits
+    assert d.dtype == np.dtype(ml_dtypes.bfloat16)
+    # Strides of extent-1 axes do not matter; nor do an empty array's; 0-d arrays have none.
+    odd = np.lib.stride_tricks.as_strided(np.zeros(64, np.float32), shape=(1, 3), strides=(40, 4))
+    assert device_arrays.describe(FakeDLPackArray(odd)).shape == (1, 3)
+    assert device_arrays.describe(FakeDLPackArray(np.zeros((4, 0), np.float32)[:, ::-1])).shape == (4, 0)
+    assert device_arrays.describe(FakeDLPackArray(np.zeros((), np.float64))).shape == ()
+
+
+@pytest.mark.parametrize(
+    "stream,exported,handle",
+    [(None, 1, 0), (0, 1, 0), (5, 5, 5), (TorchLikeStream(), 77, 77), (CupyLikeStream(), 88, 88)],
+)
+def test_dlpack_exports_for_the_stream_the_work_goes_on(stream, exported, handle):
+    """DLPack never takes stream 0: pycomm's 0 (the legacy default stream) is exported as 1."""
+    f = FakeDLPackArray(np.zeros(3, np.float32))
+    d = device_arrays.describe(f, stream=stream)
+    assert f.streams == [exported]
+    assert device_arrays.stream_handle(d, stream) == handle
+
+
+@pytest.mark.parametrize("stream,exported,handle", [(None, 1, 0), (7, 7, 7), (CupyLikeStream(), 88, 88)])
+def test_dlpack_collectives_pass_one_stream(recorded, stream, exported, handle):
+    """x and out are exported for the very stream the native call is given, in every collective."""
+    x, out = FakeDLPackArray(np.zeros((3, 2), np.float32)), FakeDLPackArray(np.zeros((3, 2), np.float32))
+    assert recorded.allreduce(x, out=out, stream=stream) is out
+    assert recorded.allreduce_async(x, out=x, stream=stream).wait() is x
+    rows = FakeDLPackArray(np.zeros((3, 2), np.float32))
+    assert recorded.reduce_scatter(x, out=rows, stream=stream) is rows  # P = 1: all the rows
+    assert recorded.allgather(x, out=rows, stream=stream) is rows
+    assert recorded.broadcast(x, stream=stream) is x
+    names = [name.removesuffix("_device") for name, _ in recorded._native.calls]
+    assert names == ["allreduce", "allreduce", "reduce_scatter", "allgather", "broadcast"]
+    for name, args in recorded._native.calls:
+        assert args[-1] == handle and args[-2] == 0, (name, args)  # stream, device
+        assert args[0] == x.array.ctypes.data
+    assert recorded._native.calls[0][1][1] == out.array.ctypes.data
+    assert x.streams == [exported] * 6 and out.streams == [exported] and rows.streams == [exported] * 2
+
+
+def test_dlpack_output_of_another_kind_is_exported_for_xs_stream(comm):
+    """x with __cuda_array_interface__ on stream 2: a DLPack out is exported for that stream."""
+    out = FakeDLPackArray(np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        comm.allreduce(FakeDeviceArray((3,), stream=2), out=out)
+    assert out.streams == [2]
+
+
+@pytest.mark.parametrize(
+    "array,error,match",
+    [
+        (FakeDLPackArray(np.zeros((4, 6), np.float32)[:, ::2]), ValueError, "contiguous"),
+        (FakeDLPackArray(np.zeros((3, 4), np.float32).T), ValueError, "contiguous"),
+        (FakeDLPackArray(np.zeros(3, np.complex64)), TypeError, "not supported"),
+        (FakeDLPackArray(np.zeros(3, np.bool_)), TypeError, "not supported"),
+        (FakeDLPackArray(np.zeros(3, np.int16)), TypeError, "not supported"),
+        (FakeDLPackArray(np.zeros(3, np.float32), lanes=2), TypeError, "2 lanes"),
+        (FakeDLPackArray(np.zeros(3, np.float32), code=3), TypeError, "code 3"),  # kDLOpaqueHandle
+        (FakeDLPackArray(np.zeros(3, np.float32), device=(10, 0)), TypeError, "device type 10"),  # ROCm
+        (FakeDLPackArray(np.zeros(3, np.float32), versioned=True), TypeError, "capsule"),
+    ],
+)
+def test_bad_dlpack_arrays_raise_before_anything_is_sent(recorded, array, error, match):
+    for call in (recorded.allreduce, recorded.broadcast, recorded.allgather):
+        with pytest.raises(error, match=match):
+            call(array)
+    assert recorded._native.calls == []
+    assert np.array_equal(recorded.allreduce(np.ones(2)), np.ones(2))  # still usable
+
+
+def test_bad_dlpack_outputs_raise_before_anything_is_sent(recorded):
+    x = FakeDLPackArray(np.zeros(3, np.float32))
+    cases = [
+        (None, TypeError, "out="),  # pycomm cannot allocate one
+        (np.zeros(3, np.float32), TypeError, "device array"),
+        (FakeDLPackArray(np.zeros(4, np.float32)), ValueError, "shape"),
+        (FakeDLPackArray(np.zeros(3, np.float64)), TypeError, "dtype"),
+        (FakeDLPackArray(np.zeros(3, np.float32), device=(2, 1)), ValueError, "GPU 1"),
+        (FakeDLPackArray(x.array[1:]), ValueError, "shape"),
+    ]
+    for out, error, match in cases:
+        with pytest.raises(error, match=match):
+            recorded.allreduce(x, out=out)
+    big = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="overlaps"):
+        recorded.allreduce(FakeDLPackArray(big[:3]), out=FakeDLPackArray(big[1:]))
+    assert recorded._native.calls == []
+
+
+class HostDLPackArray:
+    """Speaks only DLPack, from a numpy array's memory: CPU (1) or CUDA pinned host memory (3).
+    versioned=False: a producer with only the legacy __dlpack__(stream=None)."""
+
+    def __init__(self, array, device_type=1, versioned=True):
+        self.array, self.device_type, self.versioned = array, device_type, versioned
+
+    def __dlpack_device__(self):
+        return (self.device_type, 0)
+
+    def __dlpack__(self, stream=None, **kwargs):
+        if not self.versioned and kwargs:
+            raise TypeError("unexpected keyword arguments")  # as a legacy producer would
+        return self.array.__dlpack__(stream=stream, **kwargs)
+
+
+@pytest.mark.parametrize("device_type", [1, 3])
+def test_host_dlpack_arrays_take_the_numpy_path(comm, device_type):
+    def wrap(a):
+        return HostDLPackArray(a, device_type)
+
+    a = np.arange(12, dtype=np.float32).reshape(6, 2)
+    assert not device_arrays.is_device_array(wrap(a))
+    y = comm.allreduce(wrap(a))
+    assert type(y) is np.ndarray and np.array_equal(y, a)
+    b = np.zeros_like(a)
+    out = wrap(b)
+    assert comm.allreduce(wrap(a), out=out) is out and np.array_equal(b, a)
+    x = wrap(a.copy())
+    assert comm.allreduce(x, op="max", out=x) is x and np.array_equal(x.array, a)
+    b[...] = 0
+    assert comm.allreduce_async(wrap(a), out=out).wait() is out and np.array_equal(b, a)
+    y = comm.allreduce_async(wrap(a)).wait()
+    assert type(y) is np.ndarray and np.array_equal(y, a)
+    y = comm.reduce_scatter(wrap(a))
+    assert type(y) is np.ndarray and np.array_equal(y, a)
+    y = comm.allgather(wrap(a))
+    assert type(y) is np.ndarray and np.array_equal(y, a)
+    assert comm.broadcast(x) is x and np.array_equal(x.array, a)
+    b[...] = 0
+    assert np.array_equal(comm.allreduce(a, out=wrap(b)).array, a) and np.array_equal(b, a)  # numpy x, DLPack out
+
+
+def test_host_dlpack_read_only_views_cannot_be_written(comm):
+    """numpy (2.x) takes what a legacy, unversioned __dlpack__() gives as read-only: such arrays
+    reduce out of place, but in place (out=x, broadcast) raises before anything is sent."""
+    a = np.arange(4, dtype=np.float64)
+    legacy = HostDLPackArray(a, versioned=False)
+    assert np.array_equal(comm.allreduce(legacy), a)
+    with pytest.raises(ValueError, match="read-only.*DLPack"):
+        comm.allreduce(legacy, out=legacy)
+    with pytest.raises(ValueError, match="read-only.*DLPack"):
+        comm.broadcast(legacy)
+    frozen = a.copy()
+    frozen.flags.writeable = False  # flagged read-only by a versioned export
+    with pytest.raises(ValueError, match="read-only"):
+        comm.reduce_scatter(a, out=HostDLPackArray(frozen))
+    assert np.array_equal(comm.allreduce(np.ones(2)), np.ones(2))  # still usable
+
+
+def test_dlpack_arrays_on_other_devices_are_refused(comm):
+    with pytest.raises(TypeError, match="device type 10"):
+        comm.allreduce(np.ones(3), out=HostDLPackArray(np.zeros(3), device_type=10))
+    with pytest.raises(TypeError, match="device type 4"):
+        comm.allreduce(HostDLPackArray(np.zeros(3), device_type=4))  # OpenCL
