@@ -1,5 +1,6 @@
 #include "transport/mpi_transport.h"
 
+#include <dlfcn.h>
 #include <mpi.h>
 
 #include <algorithm>
@@ -17,6 +18,23 @@
 namespace pycomm {
 
 namespace {
+
+// MPIX_Query_cuda_support() is an extension of both MPICH and Open MPI, declared in different
+// headers: looked up at run time in the library that defines MPI_Init, so pycomm builds against
+// either. Python loads that library privately, so the global symbol scope does not have it.
+bool MpiReportsCudaSupport() {
+  static const bool supported = [] {
+    Dl_info info;
+    if (!dladdr(reinterpret_cast<void*>(&MPI_Init), &info) || !info.dli_fname) return false;
+    void* library = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+    if (!library) return false;
+    auto query = reinterpret_cast<int (*)()>(dlsym(library, "MPIX_Query_cuda_support"));
+    const bool yes = query && query() == 1;
+    dlclose(library);
+    return yes;
+  }();
+  return supported;
+}
 
 // All of pycomm's traffic on its private communicator uses one tag, so that MPI's non-overtaking
 // rule gives the ordering the Transport contract promises.
@@ -193,6 +211,8 @@ class MpiTransport : public Transport {
   }
 
   int node_of(int rank) const override { return node_of_[rank]; }
+
+  bool accepts_device_memory() const override { return MpiReportsCudaSupport(); }
 
   std::unique_ptr<Transport> Subgroup(const std::vector<int>& ranks, int tag) override {
     MPI_Group all, part;

@@ -67,6 +67,8 @@ class Transport {
     (void)tag;
     return nullptr;
   }
+  // Whether Isend, Irecv and IallreduceInPlace may be given GPU memory (a CUDA-aware MPI).
+  virtual bool accepts_device_memory() const { return false; }
   // Starts an allreduce of `buf` in place, run by the library beneath the transport (MPI's own
   // MPI_Iallreduce); null where it cannot reduce this dtype and op. kAvg reduces as kSum. Its
   // Request's peer() is -1.
