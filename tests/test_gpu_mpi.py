@@ -30,3 +30,21 @@ def test_device_arrays(nprocs, library, sync):
     if importlib.util.find_spec(library) is None:
         pytest.skip(f"{library} is not installed")
     run_mpi(nprocs, "gpu.py", library, timeout=600, env={"PYCOMM_GPU_SYNC": sync})
+
+
+# Simulated nodes on the one GPU (see tests/test_simulated_nodes_mpi.py): each node's leader does
+# its node's part with CUDA IPC, and the leaders combine theirs through pinned host memory and the
+# CPU ring. 2 nodes x 2 ranks, 4 nodes x 1 rank, uneven nodes of 3 + 1.
+@pytest.mark.parametrize("library, per_node", [("torch", "2"), ("cupy", "1"), ("torch", "3")])
+def test_device_arrays_across_simulated_nodes(library, per_node):
+    if importlib.util.find_spec(library) is None:
+        pytest.skip(f"{library} is not installed")
+    env = {"PYCOMM_RANKS_PER_NODE": per_node, "MPIR_CVAR_NOLOCAL": "1"}
+    run_mpi(4, "gpu.py", library, timeout=600, env=env)
+
+
+def test_more_ranks_on_a_node_than_one_fused_pass_reads():
+    """9 ranks on the GPU: the leader's reduction runs in several passes of at most 8 inputs."""
+    if importlib.util.find_spec("cupy") is None:
+        pytest.skip("cupy is not installed")
+    run_mpi(9, "gpu.py", "cupy", timeout=600)

@@ -7,6 +7,8 @@ import sys
 import pytest
 from launch import WORKERS, run_mpi, run_mpi_program
 
+from pycomm._native import _core
+
 pytestmark = pytest.mark.mpi
 
 NOLOCAL = {"MPIR_CVAR_NOLOCAL": "1"}
@@ -124,3 +126,20 @@ def test_bad_node_setting_fails_on_every_rank():
     result = run_mpi(2, "-c", _layout_script(), env={"PYCOMM_RANKS_PER_NODE": "0"}, check=False)
     assert result.returncode != 0
     assert "PYCOMM_RANKS_PER_NODE" in result.stdout
+
+
+@pytest.mark.skipif(not _core.built_with_cuda(), reason="pycomm was built without CUDA (no nvcc at build time)")
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("mpi", "CommError: pycomm: PYCOMM_GPU_INTER_NODE=mpi, but this MPI does not report CUDA support"),
+        ("nvlink", "ValueError: pycomm: PYCOMM_GPU_INTER_NODE must be auto, mpi or host, got nvlink"),
+    ],
+)
+def test_device_arrays_across_nodes_refuse_bad_settings_on_every_rank(setting, message):
+    """Device arrays across nodes need a CUDA-aware MPI when PYCOMM_GPU_INTER_NODE=mpi (this
+    MPICH is not one); every rank fails alike before any GPU call or message, and an unknown
+    setting is refused the same way."""
+    env = {"PYCOMM_RANKS_PER_NODE": "2", "PYCOMM_GPU_INTER_NODE": setting, **NOLOCAL}
+    result = run_mpi(4, "node_settings.py", "device", timeout=120, env=env)
+    assert result.stdout.count(message) == 4, result.stdout

@@ -28,7 +28,9 @@ class DeviceCollectives {
 
 bool BuiltWithCuda();
 
-// Collective over `transport`. Throws CommError when pycomm was built without CUDA.
-std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport, int device, double timeout_s);
+// Collective over `transport`. Throws CommError when pycomm was built without CUDA. Across nodes
+// the node leaders' host ring moves `chunk_bytes` per message.
+std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport, int device, size_t chunk_bytes,
+                                                           double timeout_s);
 
 }  // namespace pycomm

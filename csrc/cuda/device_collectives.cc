@@ -1,17 +1,21 @@
-// Device collectives for ranks that share a node: each call hands every rank's buffers to the
-// leader of a DeviceGroup, which does the whole collective in one pass over GPU memory (see
-// device_group.h for why and how the ranks are ordered).
+// Device collectives. Inside a node each call hands every rank's buffers to the leader of a
+// DeviceGroup, which does the node's part in one pass over GPU memory (see device_group.h for
+// why and how the ranks are ordered). Across nodes the leaders combine their nodes' parts through
+// CrossNode, and each leader then writes the result into every buffer of its node.
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
 
 #include "core/device.h"
+#include "cuda/cross_node.h"
 #include "cuda/cuda_check.h"
 #include "cuda/device_group.h"
 #include "cuda/reduce_kernels.h"
+#include "cuda/scratch.h"
 
 namespace pycomm {
 
@@ -19,23 +23,84 @@ bool BuiltWithCuda() { return true; }
 
 namespace {
 
+// Distinct from the hierarchy's subgroup tags (core/hierarchy.cc).
+constexpr int kDeviceNodeTag = 0x7A00;
+constexpr int kDeviceLeadersTag = 0x7A01;
+
 char* At(void* base, size_t offset) { return static_cast<char*>(base) + offset; }
+
+std::string Setting(const char* name) {
+  const char* value = std::getenv(name);
+  return value ? value : "";
+}
 
 // PYCOMM_GPU_SYNC=host|stream chooses how ranks order their GPU work (see DeviceSync). Host is
 // the default: measured on an H200 shared by 2 ranks, stream waits across processes cost a
 // context switch (~140 us) per rank and call, host sync 35 us per call in all
 // (bench/results/2026-11-27-h200-gpu.md).
 cuda::DeviceSync SyncFromEnvironment() {
-  const char* value = std::getenv("PYCOMM_GPU_SYNC");
-  if (!value || !*value || std::string(value) == "host") return cuda::DeviceSync::kHost;
-  if (std::string(value) == "stream") return cuda::DeviceSync::kStream;
-  throw std::invalid_argument(std::string("pycomm: PYCOMM_GPU_SYNC must be stream or host, got ") + value);
+  const std::string value = Setting("PYCOMM_GPU_SYNC");
+  if (value.empty() || value == "host") return cuda::DeviceSync::kHost;
+  if (value == "stream") return cuda::DeviceSync::kStream;
+  throw std::invalid_argument("pycomm: PYCOMM_GPU_SYNC must be stream or host, got " + value);
 }
+
+cuda::CrossNodePath CrossNodeFromEnvironment() {
+  const std::string value = Setting("PYCOMM_GPU_INTER_NODE");
+  if (value.empty() || value == "auto") return cuda::CrossNodePath::kAuto;
+  if (value == "mpi") return cuda::CrossNodePath::kMpi;
+  if (value == "host") return cuda::CrossNodePath::kHost;
+  throw std::invalid_argument("pycomm: PYCOMM_GPU_INTER_NODE must be auto, mpi or host, got " + value);
+}
+
+// The communicator's ranks by node: nodes[n] lists node n's ranks in ascending order, and
+// nodes[n][0] is its leader.
+struct NodeLayout {
+  explicit NodeLayout(const Transport& world) : node_of(world.size()) {
+    for (int r = 0; r < world.size(); ++r) {
+      node_of[r] = world.node_of(r);
+      if (node_of[r] >= static_cast<int>(nodes.size())) nodes.resize(node_of[r] + 1);
+      nodes[node_of[r]].push_back(r);
+    }
+    node = node_of[world.rank()];
+    for (const auto& members : nodes) widest = std::max(widest, members.size());
+  }
+  std::vector<int> leaders() const {
+    std::vector<int> out;
+    for (const auto& members : nodes) out.push_back(members[0]);
+    return out;
+  }
+  int local_index(int rank) const {
+    const auto& members = nodes[node_of[rank]];
+    return static_cast<int>(std::find(members.begin(), members.end(), rank) - members.begin());
+  }
+
+  std::vector<int> node_of;
+  std::vector<std::vector<int>> nodes;
+  int node = 0;
+  size_t widest = 0;  // the most ranks on one node
+};
 
 class LeaderCollectives : public DeviceCollectives {
  public:
-  LeaderCollectives(Transport& transport, int device, double timeout_s)
-      : size_(transport.size()), rank_(transport.rank()), group_(transport, device, timeout_s, SyncFromEnvironment()) {}
+  // `node` is the transport among this node's ranks, null when they are the whole communicator.
+  LeaderCollectives(Transport& world, NodeLayout layout, std::unique_ptr<Transport> node, int device, double timeout_s,
+                    cuda::DeviceSync sync)
+      : world_size_(world.size()),
+        rank_(world.rank()),
+        layout_(std::move(layout)),
+        node_(std::move(node)),
+        group_(node_ ? *node_ : world, device, timeout_s, sync) {}
+  ~LeaderCollectives() override {
+    if (scratch_free_) cudaEventDestroy(scratch_free_);
+  }
+
+  // On a node's leader, when the communicator spans several nodes.
+  void ConnectNodes(std::unique_ptr<cuda::CrossNode> across) {
+    cuda::DeviceGuard guard(group_.device());
+    across_ = std::move(across);
+    cuda::Check(cudaEventCreateWithFlags(&scratch_free_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  }
 
   int device() const override { return group_.device(); }
 
@@ -47,44 +112,87 @@ class LeaderCollectives : public DeviceCollectives {
     // same number of buffers.
     std::vector<cuda::BufferRef> buffers = {{const_cast<void*>(send), bytes, true, false}, {recv, bytes, false, true}};
     group_.Run(buffers, Stream(stream), [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
+      if (!count) return;
       std::vector<const void*> inputs;
       std::vector<void*> outputs;
       for (const auto& rank : ptrs) {
         inputs.push_back(rank[0]);
         outputs.push_back(rank[1]);
       }
-      if (count) Reduce(inputs, outputs, count, dtype, op, s);
+      if (!across_) {
+        Reduce(inputs, outputs, count, dtype, op, s);
+        return;
+      }
+      // The node's part lands in the leader's output, is combined across nodes there, and is
+      // then copied (for kAvg: divided) into every output of the node.
+      const ReduceOp partial = Partial(op);
+      if (inputs.size() > 1 || inputs[0] != outputs[0]) Reduce(inputs, {outputs[0]}, count, dtype, partial, s);
+      across_->Allreduce(outputs[0], count, dtype, partial, s);
+      if (outputs.size() > 1 || op == ReduceOp::kAvg) Reduce({outputs[0]}, outputs, count, dtype, op, s);
     });
   }
 
   void ReduceScatter(const void* send, void* recv, size_t recv_count, DataType dtype, ReduceOp op,
                      void* stream) override {
     const size_t block = recv_count * DataTypeSize(dtype);
-    std::vector<cuda::BufferRef> buffers = {{const_cast<void*>(send), block * size_, true, false},
+    std::vector<cuda::BufferRef> buffers = {{const_cast<void*>(send), block * world_size_, true, false},
                                             {recv, block, false, true}};
     group_.Run(buffers, Stream(stream), [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
       if (!recv_count) return;
-      for (int owner = 0; owner < size_; ++owner) {
-        std::vector<const void*> inputs;
-        for (const auto& rank : ptrs) inputs.push_back(At(rank[0], owner * block));
-        Reduce(inputs, {ptrs[owner][1]}, recv_count, dtype, op, s);
+      std::vector<const void*> inputs;
+      for (const auto& rank : ptrs) inputs.push_back(rank[0]);
+      if (!across_) {
+        for (size_t owner = 0; owner < ptrs.size(); ++owner) {
+          std::vector<const void*> blocks;
+          for (const void* input : inputs) blocks.push_back(static_cast<const char*>(input) + owner * block);
+          Reduce(blocks, {ptrs[owner][1]}, recv_count, dtype, op, s);
+        }
+        return;
       }
+      // Across nodes the whole reduction crosses (the leaders' ring is an allreduce), and each
+      // rank of the node takes its block of it.
+      const ReduceOp partial = Partial(op);
+      char* sum = Scratch(block * world_size_, s);
+      Reduce(inputs, {sum}, recv_count * world_size_, dtype, partial, s);
+      across_->Allreduce(sum, recv_count * world_size_, dtype, partial, s);
+      for (size_t local = 0; local < ptrs.size(); ++local) {
+        const int owner = layout_.nodes[layout_.node][local];
+        Reduce({sum + owner * block}, {ptrs[local][1]}, recv_count, dtype, op, s);
+      }
+      ReleaseScratch(s);
     });
   }
 
   void Allgather(const void* send, void* recv, size_t send_count, DataType dtype, void* stream) override {
     const size_t block = send_count * DataTypeSize(dtype);
     std::vector<cuda::BufferRef> buffers = {{const_cast<void*>(send), block, true, false},
-                                            {recv, block * size_, false, true}};
+                                            {recv, block * world_size_, false, true}};
     group_.Run(buffers, Stream(stream), [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
       if (!block) return;
-      for (int to = 0; to < size_; ++to) {
-        for (int from = 0; from < size_; ++from) {
-          if (ptrs[from][0] == At(ptrs[to][1], from * block)) continue;  // in place
-          cuda::Check(cudaMemcpyAsync(At(ptrs[to][1], from * block), ptrs[from][0], block, cudaMemcpyDeviceToDevice, s),
-                      "cudaMemcpyAsync(allgather)");
+      const auto& mine = layout_.nodes[layout_.node];
+      if (!across_) {
+        for (size_t to = 0; to < ptrs.size(); ++to) {
+          for (size_t from = 0; from < ptrs.size(); ++from)
+            Copy(At(ptrs[to][1], from * block), ptrs[from][0], block, s);
+        }
+        return;
+      }
+      // Node n's blocks travel together: slot n of `all` holds its ranks' blocks in local order,
+      // padded to the widest node.
+      const size_t slot = layout_.widest * block;
+      char* all = Scratch(slot * layout_.nodes.size(), s);
+      for (size_t local = 0; local < mine.size(); ++local) {
+        Copy(all + layout_.node * slot + local * block, ptrs[local][0], block, s);
+      }
+      across_->Allgather(all, slot, s);
+      char* leader_out = static_cast<char*>(ptrs[0][1]);
+      for (size_t n = 0; n < layout_.nodes.size(); ++n) {
+        for (size_t local = 0; local < layout_.nodes[n].size(); ++local) {
+          Copy(leader_out + layout_.nodes[n][local] * block, all + n * slot + local * block, block, s);
         }
       }
+      for (size_t local = 1; local < ptrs.size(); ++local) Copy(ptrs[local][1], leader_out, block * world_size_, s);
+      ReleaseScratch(s);
     });
   }
 
@@ -94,43 +202,117 @@ class LeaderCollectives : public DeviceCollectives {
     std::vector<cuda::BufferRef> buffers = {{buf, bytes, is_root, !is_root}};
     group_.Run(buffers, Stream(stream), [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
       if (!bytes) return;
-      for (int to = 0; to < size_; ++to) {
-        if (to == root) continue;
-        cuda::Check(cudaMemcpyAsync(ptrs[to][0], ptrs[root][0], bytes, cudaMemcpyDeviceToDevice, s),
-                    "cudaMemcpyAsync(broadcast)");
+      const bool root_here = layout_.node_of[root] == layout_.node;
+      const int root_local = root_here ? layout_.local_index(root) : 0;
+      if (across_) {
+        // The root's bytes reach this node's leader, then every other buffer of the node.
+        Copy(ptrs[0][0], ptrs[root_local][0], bytes, s);
+        across_->Broadcast(ptrs[0][0], bytes, layout_.node_of[root], s);
       }
+      for (size_t to = 0; to < ptrs.size(); ++to) Copy(ptrs[to][0], ptrs[root_local][0], bytes, s);
     });
   }
 
  private:
   static cudaStream_t Stream(void* stream) { return static_cast<cudaStream_t>(stream); }
 
+  // The op each partial result is combined with: an average is a sum until the last step.
+  static ReduceOp Partial(ReduceOp op) { return op == ReduceOp::kAvg ? ReduceOp::kSum : op; }
+
+  static void Copy(void* to, const void* from, size_t bytes, cudaStream_t s) {
+    if (to == from) return;
+    cuda::Check(cudaMemcpyAsync(to, from, bytes, cudaMemcpyDeviceToDevice, s), "cudaMemcpyAsync");
+  }
+
+  // The leader's device scratch for this call; ReleaseScratch marks where this call is done with it.
+  char* Scratch(size_t bytes, cudaStream_t s) {
+    char* scratch = scratch_.Reserve(bytes);
+    cuda::Check(cudaStreamWaitEvent(s, scratch_free_, 0), "cudaStreamWaitEvent(scratch free)");
+    return scratch;
+  }
+  void ReleaseScratch(cudaStream_t s) {
+    cuda::Check(cudaEventRecord(scratch_free_, s), "cudaEventRecord(scratch free)");
+  }
+
+  // One fused pass reads at most kMaxReduceInputs buffers and writes at most kMaxReduceOutputs.
+  // With more ranks on a node the reduction runs in several passes that accumulate in
+  // outputs[0] (rounded to the dtype between passes), which is then copied to the other outputs.
+  // Every rank still gets the same bits: one pass writes them all.
   void Reduce(const std::vector<const void*>& inputs, const std::vector<void*>& outputs, size_t count, DataType dtype,
               ReduceOp op, cudaStream_t s) {
+    constexpr size_t kIn = cuda::kMaxReduceInputs, kOut = cuda::kMaxReduceOutputs;
+    if (inputs.size() <= kIn && outputs.size() <= kOut) {
+      Launch(inputs, outputs, count, dtype, op, s);
+      return;
+    }
+    const ReduceOp partial = Partial(op);
+    void* acc = outputs[0];
+    size_t next = std::min(inputs.size(), kIn);
+    if (next > 1 || inputs[0] != acc) {
+      Launch(std::vector<const void*>(inputs.begin(), inputs.begin() + next), {acc}, count, dtype, partial, s);
+    }
+    while (next < inputs.size()) {
+      const size_t take = std::min(inputs.size() - next, kIn - 1);
+      std::vector<const void*> group = {acc};
+      group.insert(group.end(), inputs.begin() + next, inputs.begin() + next + take);
+      Launch(group, {acc}, count, dtype, partial, s);
+      next += take;
+    }
+    if (outputs.size() == 1 && op == partial) return;
+    // The first group includes acc itself, so a kAvg divides once and later groups copy.
+    for (size_t first = 0; first < outputs.size(); first += kOut) {
+      const size_t last = std::min(outputs.size(), first + kOut);
+      Launch({acc}, std::vector<void*>(outputs.begin() + first, outputs.begin() + last), count, dtype,
+             first ? partial : op, s);
+    }
+  }
+
+  void Launch(const std::vector<const void*>& inputs, const std::vector<void*>& outputs, size_t count, DataType dtype,
+              ReduceOp op, cudaStream_t s) {
     cuda::Check(cuda::LaunchReduce(inputs.data(), static_cast<int>(inputs.size()), outputs.data(),
-                                   static_cast<int>(outputs.size()), count, dtype, op, size_, s),
+                                   static_cast<int>(outputs.size()), count, dtype, op, world_size_, s),
                 "reduction kernel launch");
   }
 
-  int size_;
+  int world_size_;
   int rank_;
+  NodeLayout layout_;
+  std::unique_ptr<Transport> node_;
   cuda::DeviceGroup group_;
+  std::unique_ptr<cuda::CrossNode> across_;  // on a leader when there are several nodes
+  cuda::Scratch scratch_{cuda::Memory::kDevice};
+  cudaEvent_t scratch_free_ = nullptr;
 };
 
 }  // namespace
 
-std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport, int device, double timeout_s) {
-  // Checked on every rank, before any exchange, so that all fail alike.
-  if (transport.size() > cuda::kMaxReduceInputs) {
-    throw CommError("pycomm: device arrays support at most " + std::to_string(cuda::kMaxReduceInputs) +
-                    " ranks for now, not " + std::to_string(transport.size()));
+std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport, int device, size_t chunk_bytes,
+                                                           double timeout_s) {
+  // Settings are read on every rank before any exchange, so that a bad one fails all alike.
+  const cuda::DeviceSync sync = SyncFromEnvironment();
+  const cuda::CrossNodePath path = CrossNodeFromEnvironment();
+  NodeLayout layout(transport);
+  if (layout.nodes.size() == 1) {
+    return std::make_unique<LeaderCollectives>(transport, std::move(layout), nullptr, device, timeout_s, sync);
   }
-  if (transport.local_size() != transport.size()) {
-    throw CommError("pycomm: device arrays need every rank on one node for now (" +
-                    std::to_string(transport.local_size()) + " of " + std::to_string(transport.size()) +
-                    " ranks are on this node)");
+  if (path == cuda::CrossNodePath::kMpi && !transport.accepts_device_memory()) {
+    throw CommError(
+        "pycomm: PYCOMM_GPU_INTER_NODE=mpi, but this MPI does not report CUDA support (MPIX_Query_cuda_support); "
+        "use auto or host");
   }
-  return std::make_unique<LeaderCollectives>(transport, device, timeout_s);
+  // Subgroups in one order on every rank: this node's, then (on leaders) the leaders'.
+  std::unique_ptr<Transport> node = transport.Subgroup(layout.nodes[layout.node], kDeviceNodeTag);
+  if (!node)
+    throw CommError(std::string("pycomm: device arrays across nodes need subgroups of the ") + transport.name() +
+                    " transport");
+  std::unique_ptr<Transport> leaders;
+  const bool leader = layout.nodes[layout.node][0] == transport.rank();
+  if (leader) leaders = transport.Subgroup(layout.leaders(), kDeviceLeadersTag);
+  auto collectives =
+      std::make_unique<LeaderCollectives>(transport, std::move(layout), std::move(node), device, timeout_s, sync);
+  if (leader)
+    collectives->ConnectNodes(std::make_unique<cuda::CrossNode>(std::move(leaders), chunk_bytes, timeout_s, path));
+  return collectives;
 }
 
 }  // namespace pycomm

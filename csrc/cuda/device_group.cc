@@ -5,6 +5,7 @@
 #include <string>
 
 #include "cuda/cuda_check.h"
+#include "cuda/event_request.h"
 #include "transport/wait.h"
 
 namespace pycomm::cuda {
@@ -55,26 +56,12 @@ DeviceGroup::DeviceGroup(Transport& transport, int device, double timeout_s, Dev
 
 DeviceGroup::~DeviceGroup() {
   DeviceGuard guard(device_);
-  if (staging_) cudaFree(staging_);
   for (int peer = 0; peer < static_cast<int>(peer_ready_.size()); ++peer) {
     if (peer != kLeader && peer_ready_[peer]) cudaEventDestroy(peer_ready_[peer]);
   }
   if (done_) cudaEventDestroy(done_);
   if (ready_) cudaEventDestroy(ready_);
   if (staging_free_) cudaEventDestroy(staging_free_);
-}
-
-void DeviceGroup::EnsureStaging(size_t bytes) {
-  if (bytes <= staging_bytes_) return;
-  // The old staging buffer may still be read by queued work: free it once the device is idle.
-  if (staging_) {
-    Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-    Check(cudaFree(staging_), "cudaFree");
-    staging_ = nullptr;
-  }
-  size_t grown = AlignUp(bytes + bytes / 2);
-  Check(cudaMalloc(&staging_, grown), "cudaMalloc(staging)");
-  staging_bytes_ = grown;
 }
 
 void DeviceGroup::Describe(const std::vector<BufferRef>& buffers, cudaStream_t stream, std::vector<IpcBuffer>* out,
@@ -91,44 +78,22 @@ void DeviceGroup::Describe(const std::vector<BufferRef>& buffers, cudaStream_t s
     }
   }
   if (!staged) return;
-  EnsureStaging(staged);
+  char* staging = staging_.Reserve(staged);
   // The previous call's stage-out, possibly on another stream, must finish before this stage-in.
   Check(cudaStreamWaitEvent(stream, staging_free_, 0), "cudaStreamWaitEvent(staging free)");
-  IpcBuffer staging;
-  if (!exporter_.Export(staging_, &staging)) throw CommError("pycomm: cannot export the CUDA staging buffer");
+  IpcBuffer exported;
+  if (!exporter_.Export(staging, &exported)) throw CommError("pycomm: cannot export the CUDA staging buffer");
   for (size_t i = 0; i < buffers.size(); ++i) {
     if (direct[i]) continue;
-    (*out)[i] = staging;
+    (*out)[i] = exported;
     (*out)[i].offset += (*staged_at)[i];
     if (buffers[i].read) {
-      Check(cudaMemcpyAsync(static_cast<char*>(staging_) + (*staged_at)[i], buffers[i].ptr, buffers[i].bytes,
-                            cudaMemcpyDeviceToDevice, stream),
+      Check(cudaMemcpyAsync(staging + (*staged_at)[i], buffers[i].ptr, buffers[i].bytes, cudaMemcpyDeviceToDevice,
+                            stream),
             "cudaMemcpyAsync(stage in)");
     }
   }
 }
-
-namespace {
-
-// An IPC event seen as a transport request, so that the host waits on it with the usual backoff
-// and timeout.
-class EventRequest : public Request {
- public:
-  EventRequest(cudaEvent_t event, int peer) : event_(event), peer_(peer) {}
-  bool Test() override {
-    cudaError_t err = cudaEventQuery(event_);
-    if (err == cudaErrorNotReady) return false;
-    Check(err, "cudaEventQuery");
-    return true;
-  }
-  int peer() const override { return peer_; }
-
- private:
-  cudaEvent_t event_;
-  int peer_;
-};
-
-}  // namespace
 
 void DeviceGroup::After(cudaEvent_t event, cudaStream_t stream, int peer) {
   if (sync_ == DeviceSync::kStream) {
@@ -174,8 +139,8 @@ void DeviceGroup::Run(const std::vector<BufferRef>& buffers, cudaStream_t stream
       if (staged_at[i] == SIZE_MAX) continue;
       staged = true;
       if (buffers[i].written) {
-        Check(cudaMemcpyAsync(buffers[i].ptr, static_cast<char*>(staging_) + staged_at[i], buffers[i].bytes,
-                              cudaMemcpyDeviceToDevice, stream),
+        Check(cudaMemcpyAsync(buffers[i].ptr, staging_.get() + staged_at[i], buffers[i].bytes, cudaMemcpyDeviceToDevice,
+                              stream),
               "cudaMemcpyAsync(stage out)");
       }
     }

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cuda/ipc_memory.h"
+#include "cuda/scratch.h"
 #include "transport/transport.h"
 
 namespace pycomm::cuda {
@@ -70,7 +71,6 @@ class DeviceGroup {
   // Returns where the leader can reach buffers[i], staging buffers that cannot be exported.
   void Describe(const std::vector<BufferRef>& buffers, cudaStream_t stream, std::vector<IpcBuffer>* out,
                 std::vector<size_t>* staged_at);
-  void EnsureStaging(size_t bytes);
   // Orders `stream` after `event`'s last record: on the device or on the host, as sync_ says.
   void After(cudaEvent_t event, cudaStream_t stream, int peer);
 
@@ -84,8 +84,7 @@ class DeviceGroup {
   std::vector<cudaEvent_t> peer_ready_;  // on the leader: every rank's ready event
   IpcExporter exporter_;
   IpcImporter importer_;
-  void* staging_ = nullptr;  // exportable memory for buffers from stream-ordered pools
-  size_t staging_bytes_ = 0;
+  Scratch staging_{Memory::kDevice};  // exportable memory for buffers from stream-ordered pools
 };
 
 }  // namespace pycomm::cuda

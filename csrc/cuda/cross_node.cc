@@ -1,0 +1,132 @@
+#include "cuda/cross_node.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "cuda/cuda_check.h"
+#include "cuda/event_request.h"
+#include "transport/wait.h"
+
+namespace pycomm::cuda {
+
+namespace {
+
+// Big enough that a piece's ring is not dominated by per-message costs, small enough that the
+// copies of the next piece overlap most of the ring.
+constexpr size_t kPieceBytes = 4 << 20;
+
+// What each leader can do, agreed by taking the minimum over leaders.
+enum PathVote : int32_t { kVoteHost = 1, kVoteMpi = 2 };
+
+}  // namespace
+
+CrossNode::CrossNode(std::unique_ptr<Transport> leaders, size_t chunk_bytes, double timeout_s, CrossNodePath path)
+    : leaders_(std::move(leaders)),
+      chunk_bytes_(std::max(chunk_bytes, kMinChunkBytes)),
+      timeout_s_(timeout_s),
+      ring_scratch_(kPipelineDepth * chunk_bytes_) {
+  const bool cuda_aware = leaders_->accepts_device_memory();
+  int32_t vote = (path == CrossNodePath::kHost || !cuda_aware) ? kVoteHost : kVoteMpi;
+  AllreduceRing(Context(), &vote, &vote, 1, DataType::kInt32, ReduceOp::kMin);
+  through_mpi_ = vote == kVoteMpi;
+  if (path == CrossNodePath::kMpi && !through_mpi_) {
+    // Only where nodes run different MPIs: every leader learns it from the vote.
+    throw CommError("pycomm: PYCOMM_GPU_INTER_NODE=mpi, but some node's MPI is not CUDA-aware");
+  }
+  constexpr unsigned kFlags = cudaEventDisableTiming;
+  for (cudaEvent_t& event : copied_) Check(cudaEventCreateWithFlags(&event, kFlags), "cudaEventCreateWithFlags");
+  Check(cudaEventCreateWithFlags(&pinned_free_, kFlags), "cudaEventCreateWithFlags");
+}
+
+CrossNode::~CrossNode() {
+  for (cudaEvent_t event : copied_) {
+    if (event) cudaEventDestroy(event);
+  }
+  if (pinned_free_) cudaEventDestroy(pinned_free_);
+}
+
+CollectiveContext CrossNode::Context() {
+  return CollectiveContext{*leaders_, chunk_bytes_, timeout_s_, ring_scratch_.data(), &arena_seq_, 0};
+}
+
+void CrossNode::Sync(cudaStream_t stream) {
+  Check(cudaEventRecord(copied_[0], stream), "cudaEventRecord");
+  EventRequest reached(copied_[0], leaders_->rank());
+  Wait(reached, timeout_s_);
+}
+
+char* CrossNode::Pinned(size_t bytes, cudaStream_t stream) {
+  char* pinned = pinned_.Reserve(bytes);
+  Check(cudaStreamWaitEvent(stream, pinned_free_, 0), "cudaStreamWaitEvent(pinned free)");
+  return pinned;
+}
+
+void CrossNode::Allreduce(void* data, size_t count, DataType dtype, ReduceOp op, cudaStream_t stream) {
+  if (!count || nodes() == 1) return;
+  if (op == ReduceOp::kAvg) throw std::logic_error("CrossNode::Allreduce: sum, then divide once");
+  if (through_mpi_) {
+    Sync(stream);  // MPI reads the buffer outside any stream
+    if (auto request = leaders_->IallreduceInPlace(data, count, dtype, op)) {
+      Wait(*request, timeout_s_);
+      return;
+    }
+    // MPI has no float16 or bfloat16: those go through the host like the rest (every leader
+    // sees the same dtype, so all of them take the same path).
+  }
+  const size_t es = DataTypeSize(dtype);
+  const size_t piece_count = std::max<size_t>(1, kPieceBytes / es);
+  const size_t pieces = (count + piece_count - 1) / piece_count;
+  char* device = static_cast<char*>(data);
+  char* host = Pinned(2 * piece_count * es, stream);
+  auto elements = [&](size_t piece) { return std::min(piece_count, count - piece * piece_count); };
+  auto buffer = [&](size_t piece) { return host + (piece % 2) * piece_count * es; };
+  // Piece i goes to buffer i % 2. Everything is on one stream, so the copy of piece i + 2 into a
+  // buffer runs after the copy of piece i back out of it.
+  auto copy_in = [&](size_t piece) {
+    Check(cudaMemcpyAsync(buffer(piece), device + piece * piece_count * es, elements(piece) * es,
+                          cudaMemcpyDeviceToHost, stream),
+          "cudaMemcpyAsync(to host)");
+    Check(cudaEventRecord(copied_[piece % 2], stream), "cudaEventRecord");
+  };
+  copy_in(0);
+  for (size_t piece = 0; piece < pieces; ++piece) {
+    if (piece + 1 < pieces) copy_in(piece + 1);
+    EventRequest arrived(copied_[piece % 2], leaders_->rank());
+    Wait(arrived, timeout_s_);
+    AllreduceRing(Context(), buffer(piece), buffer(piece), elements(piece), dtype, op);
+    Check(cudaMemcpyAsync(device + piece * piece_count * es, buffer(piece), elements(piece) * es,
+                          cudaMemcpyHostToDevice, stream),
+          "cudaMemcpyAsync(to device)");
+  }
+  Check(cudaEventRecord(pinned_free_, stream), "cudaEventRecord(pinned free)");
+}
+
+void CrossNode::Broadcast(void* data, size_t bytes, int root, cudaStream_t stream) {
+  if (!bytes || nodes() == 1) return;
+  char* host = Pinned(bytes, stream);
+  if (node() == root) {
+    Check(cudaMemcpyAsync(host, data, bytes, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync(to host)");
+  }
+  Sync(stream);  // the root's bytes are in `host`; elsewhere the last call is done with it
+  BroadcastChain(Context(), host, bytes, root);
+  if (node() != root) {
+    Check(cudaMemcpyAsync(data, host, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync(to device)");
+  }
+  Check(cudaEventRecord(pinned_free_, stream), "cudaEventRecord(pinned free)");
+}
+
+void CrossNode::Allgather(void* data, size_t block, cudaStream_t stream) {
+  if (!block || nodes() == 1) return;
+  char* host = Pinned(block * nodes(), stream);
+  char* device = static_cast<char*>(data);
+  char* own = host + static_cast<size_t>(node()) * block;
+  Check(cudaMemcpyAsync(own, device + static_cast<size_t>(node()) * block, block, cudaMemcpyDeviceToHost, stream),
+        "cudaMemcpyAsync(to host)");
+  Sync(stream);
+  AllgatherRing(Context(), own, host, block, DataType::kUInt8);
+  Check(cudaMemcpyAsync(device, host, block * nodes(), cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync(to device)");
+  Check(cudaEventRecord(pinned_free_, stream), "cudaEventRecord(pinned free)");
+}
+
+}  // namespace pycomm::cuda

@@ -1,0 +1,65 @@
+// The link between nodes for device collectives. Inside a node one leader rank holds the node's
+// part of a collective in GPU memory (device_collectives.cc); the leaders of all nodes combine
+// their parts here. Through a CUDA-aware MPI straight from GPU memory when the MPI reports that it
+// is one, else through pinned host memory and pycomm's CPU engine, in pieces, so that copying one
+// piece between GPU and host overlaps the ring on another.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "core/collectives.h"
+#include "cuda/scratch.h"
+#include "pycomm/pycomm.h"
+#include "transport/transport.h"
+
+namespace pycomm::cuda {
+
+// PYCOMM_GPU_INTER_NODE: `mpi` needs a CUDA-aware MPI, `host` always stages, `auto` takes MPI
+// when the MPI reports CUDA support.
+enum class CrossNodePath { kAuto, kMpi, kHost };
+
+class CrossNode {
+ public:
+  // `leaders` holds one rank per node, in node order. Collective over it: the leaders agree on
+  // the path, so that none runs MPI's allreduce while another runs the ring.
+  CrossNode(std::unique_ptr<Transport> leaders, size_t chunk_bytes, double timeout_s, CrossNodePath path);
+  ~CrossNode();
+  CrossNode(const CrossNode&) = delete;
+  CrossNode& operator=(const CrossNode&) = delete;
+
+  int node() const { return leaders_->rank(); }
+  int nodes() const { return leaders_->size(); }
+
+  // Each leader's `data` (GPU memory, `count` elements) becomes the reduction over all leaders,
+  // the same bits on every leader. `op` must not be kAvg: the caller sums and divides once.
+  // Work is queued on `stream`; the host waits for it only where the data must cross through it.
+  void Allreduce(void* data, size_t count, DataType dtype, ReduceOp op, cudaStream_t stream);
+  // Leader `root`'s `bytes` of `data` to every leader.
+  void Broadcast(void* data, size_t bytes, int root, cudaStream_t stream);
+  // `data` holds nodes() blocks of `block` bytes; leader i's block i goes to every leader.
+  void Allgather(void* data, size_t block, cudaStream_t stream);
+
+ private:
+  CollectiveContext Context();
+  // Blocks until the work queued on `stream` so far has run (with the usual time-out).
+  void Sync(cudaStream_t stream);
+  // Waits, on `stream`, until the last call's copies out of the pinned buffer have run.
+  char* Pinned(size_t bytes, cudaStream_t stream);
+
+  std::unique_ptr<Transport> leaders_;
+  size_t chunk_bytes_;
+  double timeout_s_;
+  bool through_mpi_ = false;
+  std::vector<char> ring_scratch_;
+  uint64_t arena_seq_ = 0;
+  Scratch pinned_{Memory::kPinnedHost};
+  cudaEvent_t copied_[2] = {nullptr, nullptr};  // a piece has reached the pinned buffer
+  cudaEvent_t pinned_free_ = nullptr;           // the last call's copies out of it have run
+};
+
+}  // namespace pycomm::cuda

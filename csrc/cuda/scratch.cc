@@ -1,0 +1,45 @@
+#include "cuda/scratch.h"
+
+#include "cuda/cuda_check.h"
+
+namespace pycomm::cuda {
+
+namespace {
+
+constexpr size_t kAlign = 256;
+
+void Free(Memory kind, void* ptr) {
+  if (kind == Memory::kDevice) {
+    cudaFree(ptr);
+  } else {
+    cudaFreeHost(ptr);
+  }
+}
+
+}  // namespace
+
+Scratch::~Scratch() {
+  if (ptr_) Free(kind_, ptr_);
+}
+
+char* Scratch::Reserve(size_t bytes) {
+  if (bytes <= bytes_ && ptr_) return ptr_;
+  if (ptr_) {
+    Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    Free(kind_, ptr_);
+    ptr_ = nullptr;
+    bytes_ = 0;
+  }
+  const size_t grown = (bytes + bytes / 2 + kAlign - 1) / kAlign * kAlign;
+  void* p = nullptr;
+  if (kind_ == Memory::kDevice) {
+    Check(cudaMalloc(&p, grown), "cudaMalloc(scratch)");
+  } else {
+    Check(cudaMallocHost(&p, grown), "cudaMallocHost(staging)");
+  }
+  ptr_ = static_cast<char*>(p);
+  bytes_ = grown;
+  return ptr_;
+}
+
+}  // namespace pycomm::cuda
