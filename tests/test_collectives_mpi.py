@@ -29,6 +29,12 @@ def test_reduce_scatter_allgather_broadcast_barrier(nprocs):
     run_mpi(nprocs, "collectives.py", "others")
 
 
+@pytest.mark.parametrize("nprocs", [2, 3])
+def test_host_arrays_that_speak_only_dlpack(nprocs):
+    """CPU arrays seen only through __dlpack__ / __dlpack_device__: every collective, as numpy's."""
+    run_mpi(nprocs, "collectives.py", "dlpack")
+
+
 @pytest.mark.parametrize("algorithm", ["auto", "ring", "oneshot", "singlecopy"])
 @pytest.mark.parametrize("nprocs", [2, 4])
 def test_back_to_back_and_async(nprocs, algorithm):

@@ -6,7 +6,16 @@ usage: collectives.py MODE [DTYPE ...]
 import sys
 
 import numpy as np
-from common import Failures, dtype_op_cases, make_input, matches, np_dtype, reference, same_on_all_ranks
+from common import (
+    DLPackOnly,
+    Failures,
+    dtype_op_cases,
+    make_input,
+    matches,
+    np_dtype,
+    reference,
+    same_on_all_ranks,
+)
 from mpi4py import MPI
 
 import pycomm
@@ -119,6 +128,47 @@ def check_back_to_back(comm, failures):
         failures.check(bool(np.all(y == expected)), f"back-to-back call {i} (n={n}): {y[:3]}, expected {expected}")
 
 
+def check_dlpack_host(comm, failures):
+    """Arrays that speak only DLPack, in host memory: every collective gives what it gives for
+    the numpy arrays behind them, as numpy arrays (out of place) or in their memory."""
+
+    def same(a, b) -> bool:
+        return a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+    for name in ("float32", "float16", "int64"):  # numpy cannot export ml_dtypes' bfloat16 through DLPack
+        dtype = np_dtype(name)
+        for n in (0, 1, 7, 1000, 4099):
+            case = f"dlpack {name} n={n}"
+            inputs = [make_input(q, n, dtype, "sum") for q in range(P)]
+            want = comm.allreduce(inputs[RANK])
+            x = inputs[RANK].copy()
+            y = comm.allreduce(DLPackOnly(x))
+            failures.check(type(y) is np.ndarray and same(y, want), f"{case} out of place")
+            failures.check(same(x, inputs[RANK]), f"{case}: x modified")
+            out = np.full_like(x, 7)
+            failures.check(comm.allreduce(DLPackOnly(x), out=DLPackOnly(out)).array is out, f"{case} out= result")
+            failures.check(same(out, want), f"{case} out=")
+            wrapped = DLPackOnly(x)
+            comm.allreduce(wrapped, out=wrapped)
+            failures.check(same(x, want), f"{case} in place")
+            y = comm.allreduce_async(DLPackOnly(inputs[RANK])).wait()
+            failures.check(type(y) is np.ndarray and same(y, want), f"{case} async")
+        for rows in (0, 1, 5):
+            x = make_input(RANK, rows * P * 3, dtype, "sum").reshape(rows * P, 3)
+            block = comm.reduce_scatter(DLPackOnly(x))
+            failures.check(
+                type(block) is np.ndarray and same(block, comm.reduce_scatter(x)), f"dlpack rs {name} {rows}"
+            )
+            gathered = comm.allgather(DLPackOnly(x[:rows]))
+            want = comm.allgather(x[:rows])
+            failures.check(type(gathered) is np.ndarray and same(gathered, want), f"dlpack allgather {name} {rows}")
+        for root in range(P):
+            buf = make_input(RANK + 10, 1000, dtype, "sum")
+            wrapped = DLPackOnly(buf)
+            failures.check(comm.broadcast(wrapped, root=root) is wrapped, f"dlpack broadcast {name} result")
+            failures.check(same(buf, make_input(root + 10, 1000, dtype, "sum")), f"dlpack broadcast {name} {root}")
+
+
 def check_large_count(failures):
     """More than 2**31 elements: neither MPI's int counts nor any int in the engine may truncate."""
     n = 2**31 + 3
@@ -203,6 +253,9 @@ def main():
         for chunk in (8, 1 << 20):
             with pycomm.Communicator(chunk_bytes=chunk) as comm:
                 check_other_collectives(comm, dtypes, failures)
+    elif mode == "dlpack":
+        with pycomm.Communicator() as comm:
+            check_dlpack_host(comm, failures)
     elif mode == "stress":
         with pycomm.Communicator(chunk_bytes=4096) as comm:
             check_stress(comm, failures)

@@ -84,6 +84,19 @@ def same_on_all_ranks(a: np.ndarray) -> bool:
     return len(set(digests)) == 1
 
 
+class DLPackOnly:
+    """Shows pycomm nothing of `array` (numpy, torch, ...) but its DLPack interface."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __dlpack__(self, **kwargs):
+        return self.array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self.array.__dlpack_device__()
+
+
 def run_mode(modes: dict) -> None:
     """Runs the worker function that sys.argv[1] names, then agrees on the outcome across ranks."""
     failures = Failures()
