@@ -13,23 +13,17 @@ namespace {
 // The driver API calls we need, fetched through the runtime so that pycomm never links
 // libcuda.so: `import pycomm` must work on machines with no driver.
 struct Driver {
-  decltype(&cuMemGetAddressRange) get_address_range = nullptr;
-  decltype(&cuPointerGetAttribute) get_attribute = nullptr;
+  decltype(&cuPointerGetAttributes) get_attributes = nullptr;
 
   static const Driver& Get() {
     static Driver driver = [] {
       Driver d;
       cudaDriverEntryPointQueryResult found;
       void* fn = nullptr;
-      if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 12000, cudaEnableDefault, &found) ==
+      if (cudaGetDriverEntryPointByVersion("cuPointerGetAttributes", &fn, 12000, cudaEnableDefault, &found) ==
               cudaSuccess &&
           found == cudaDriverEntryPointSuccess) {
-        d.get_address_range = reinterpret_cast<decltype(&cuMemGetAddressRange)>(fn);
-      }
-      if (cudaGetDriverEntryPointByVersion("cuPointerGetAttribute", &fn, 12000, cudaEnableDefault, &found) ==
-              cudaSuccess &&
-          found == cudaDriverEntryPointSuccess) {
-        d.get_attribute = reinterpret_cast<decltype(&cuPointerGetAttribute)>(fn);
+        d.get_attributes = reinterpret_cast<decltype(&cuPointerGetAttributes)>(fn);
       }
       return d;
     }();
@@ -41,13 +35,15 @@ struct Driver {
 
 bool IpcExporter::Export(const void* ptr, IpcBuffer* out) {
   const Driver& driver = Driver::Get();
-  if (!driver.get_address_range || !driver.get_attribute) throw CommError("pycomm: CUDA driver entry points missing");
+  if (!driver.get_attributes) throw CommError("pycomm: CUDA driver entry point cuPointerGetAttributes missing");
+  // One driver call per buffer and call: this runs on every collective's critical path.
   CUdeviceptr base = 0;
   size_t size = 0;
-  if (driver.get_address_range(&base, &size, reinterpret_cast<CUdeviceptr>(ptr)) != CUDA_SUCCESS) return false;
   unsigned long long buffer_id = 0;
-  if (driver.get_attribute(&buffer_id, CU_POINTER_ATTRIBUTE_BUFFER_ID, reinterpret_cast<CUdeviceptr>(ptr)) !=
-      CUDA_SUCCESS) {
+  CUpointer_attribute attributes[] = {CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+                                      CU_POINTER_ATTRIBUTE_BUFFER_ID};
+  void* values[] = {&base, &size, &buffer_id};
+  if (driver.get_attributes(3, attributes, values, reinterpret_cast<CUdeviceptr>(ptr)) != CUDA_SUCCESS || !base) {
     return false;
   }
   out->offset = reinterpret_cast<uintptr_t>(ptr) - static_cast<uintptr_t>(base);
