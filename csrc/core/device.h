@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 
 #include "pycomm/pycomm.h"
@@ -28,9 +29,10 @@ class DeviceCollectives {
 
 bool BuiltWithCuda();
 
-// Collective over `transport`. Throws CommError when pycomm was built without CUDA. Across nodes
-// the node leaders' host ring moves `chunk_bytes` per message.
-std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport, int device, size_t chunk_bytes,
-                                                           double timeout_s);
+// Collective over `transport`. Throws CommError when pycomm was built without CUDA. `arena_seq`
+// counts the rounds made through transport.arena() (the communicator's counter: each device call
+// may take some). Across nodes the node leaders' host ring moves `chunk_bytes` per message.
+std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport, uint64_t* arena_seq, int device,
+                                                           size_t chunk_bytes, double timeout_s);
 
 }  // namespace pycomm

@@ -5,7 +5,7 @@ namespace pycomm {
 
 bool BuiltWithCuda() { return false; }
 
-std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport&, int, size_t, double) {
+std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport&, uint64_t*, int, size_t, double) {
   throw CommError("pycomm: this build has no CUDA support (rebuild with a CUDA compiler and PYCOMM_CUDA=ON)");
 }
 

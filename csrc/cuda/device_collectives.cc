@@ -83,14 +83,15 @@ struct NodeLayout {
 
 class LeaderCollectives : public DeviceCollectives {
  public:
-  // `node` is the transport among this node's ranks, null when they are the whole communicator.
-  LeaderCollectives(Transport& world, NodeLayout layout, std::unique_ptr<Transport> node, int device, double timeout_s,
-                    cuda::DeviceSync sync)
+  // `node` is the transport among this node's ranks, null when they are the whole communicator
+  // (whose arena rounds `world_arena_seq` counts).
+  LeaderCollectives(Transport& world, uint64_t* world_arena_seq, NodeLayout layout, std::unique_ptr<Transport> node,
+                    int device, double timeout_s, cuda::DeviceSync sync)
       : world_size_(world.size()),
         rank_(world.rank()),
         layout_(std::move(layout)),
         node_(std::move(node)),
-        group_(node_ ? *node_ : world, device, timeout_s, sync) {}
+        group_(node_ ? *node_ : world, node_ ? &node_arena_seq_ : world_arena_seq, device, timeout_s, sync) {}
   ~LeaderCollectives() override {
     if (scratch_free_) cudaEventDestroy(scratch_free_);
   }
@@ -278,6 +279,7 @@ class LeaderCollectives : public DeviceCollectives {
   int rank_;
   NodeLayout layout_;
   std::unique_ptr<Transport> node_;
+  uint64_t node_arena_seq_ = 0;  // rounds through node_'s arena
   cuda::DeviceGroup group_;
   std::unique_ptr<cuda::CrossNode> across_;  // on a leader when there are several nodes
   cuda::Scratch scratch_{cuda::Memory::kDevice};
@@ -286,14 +288,15 @@ class LeaderCollectives : public DeviceCollectives {
 
 }  // namespace
 
-std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport, int device, size_t chunk_bytes,
-                                                           double timeout_s) {
+std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport, uint64_t* arena_seq, int device,
+                                                           size_t chunk_bytes, double timeout_s) {
   // Settings are read on every rank before any exchange, so that a bad one fails all alike.
   const cuda::DeviceSync sync = SyncFromEnvironment();
   const cuda::CrossNodePath path = CrossNodeFromEnvironment();
   NodeLayout layout(transport);
   if (layout.nodes.size() == 1) {
-    return std::make_unique<LeaderCollectives>(transport, std::move(layout), nullptr, device, timeout_s, sync);
+    return std::make_unique<LeaderCollectives>(transport, arena_seq, std::move(layout), nullptr, device, timeout_s,
+                                               sync);
   }
   if (path == cuda::CrossNodePath::kMpi && !transport.accepts_device_memory()) {
     throw CommError(
@@ -308,8 +311,8 @@ std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport,
   std::unique_ptr<Transport> leaders;
   const bool leader = layout.nodes[layout.node][0] == transport.rank();
   if (leader) leaders = transport.Subgroup(layout.leaders(), kDeviceLeadersTag);
-  auto collectives =
-      std::make_unique<LeaderCollectives>(transport, std::move(layout), std::move(node), device, timeout_s, sync);
+  auto collectives = std::make_unique<LeaderCollectives>(transport, nullptr, std::move(layout), std::move(node), device,
+                                                         timeout_s, sync);
   if (leader)
     collectives->ConnectNodes(std::make_unique<cuda::CrossNode>(std::move(leaders), chunk_bytes, timeout_s, path));
   return collectives;

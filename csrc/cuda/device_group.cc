@@ -28,8 +28,12 @@ void Exchange(Transport& transport, int peer, const void* send, size_t send_byte
 
 }  // namespace
 
-DeviceGroup::DeviceGroup(Transport& transport, int device, double timeout_s, DeviceSync sync)
-    : transport_(transport), device_(device), timeout_s_(timeout_s), sync_(sync) {
+DeviceGroup::DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, double timeout_s, DeviceSync sync)
+    : transport_(transport),
+      exchange_(transport, arena_seq, timeout_s),
+      device_(device),
+      timeout_s_(timeout_s),
+      sync_(sync) {
   DeviceGuard guard(device_);
   const int rank = transport_.rank(), size = transport_.size();
   constexpr unsigned kFlags = cudaEventDisableTiming | cudaEventInterprocess;
@@ -71,6 +75,12 @@ void DeviceGroup::Describe(const std::vector<BufferRef>& buffers, cudaStream_t s
   size_t staged = 0;
   std::vector<bool> direct(buffers.size());
   for (size_t i = 0; i < buffers.size(); ++i) {
+    // An in-place call names one buffer twice: one export serves both.
+    if (i > 0 && direct[i - 1] && buffers[i].ptr == buffers[i - 1].ptr && buffers[i].bytes == buffers[i - 1].bytes) {
+      (*out)[i] = (*out)[i - 1];
+      direct[i] = true;
+      continue;
+    }
     direct[i] = buffers[i].bytes == 0 || exporter_.Export(buffers[i].ptr, &(*out)[i]);
     if (!direct[i]) {
       (*staged_at)[i] = staged;
@@ -128,8 +138,7 @@ void DeviceGroup::Run(const std::vector<BufferRef>& buffers, cudaStream_t stream
     } catch (...) {
       failure = std::current_exception();
     }
-    char token = 0;
-    Exchange(transport_, kLeader, message.data(), message_bytes, &token, 1, timeout_s_);
+    const char token = exchange_.Hand(message.data(), message_bytes);
     if (failure) std::rethrow_exception(failure);
     if (token != 1) throw CommError("pycomm: the collective failed on another rank (see its error)");
     // The leader recorded `done` before telling us, so this waits for this call's work.
@@ -149,10 +158,8 @@ void DeviceGroup::Run(const std::vector<BufferRef>& buffers, cudaStream_t stream
   }
 
   // The leader: its own buffers need no IPC; every peer's arrive as handles.
-  std::vector<std::vector<char>> messages(size, std::vector<char>(message_bytes));
-  std::vector<std::unique_ptr<Request>> recvs;
-  for (int peer = 1; peer < size; ++peer) recvs.push_back(transport_.Irecv(peer, messages[peer].data(), message_bytes));
-  WaitAll(recvs, timeout_s_);
+  std::vector<std::vector<char>> messages;
+  exchange_.Collect(&messages, message_bytes);
   std::exception_ptr failure;
   try {
     std::vector<std::vector<void*>> mapped(size, std::vector<void*>(buffers.size()));
@@ -179,10 +186,7 @@ void DeviceGroup::Run(const std::vector<BufferRef>& buffers, cudaStream_t stream
   } catch (...) {
     failure = std::current_exception();
   }
-  const char token = failure ? 0 : 1;
-  std::vector<std::unique_ptr<Request>> sends;
-  for (int peer = 1; peer < size; ++peer) sends.push_back(transport_.Isend(peer, &token, 1));
-  WaitAll(sends, timeout_s_);
+  exchange_.Answer(failure ? 0 : 1);
   if (failure) std::rethrow_exception(failure);
 }
 

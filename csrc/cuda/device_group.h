@@ -5,10 +5,10 @@
 // every rank's input once and writes every rank's output once moves the fewest bytes through the
 // GPU's memory. Order across processes comes from CUDA IPC events and host messages, never from
 // spinning on the device:
-//   1. every rank records `ready` on its stream (its input is written), then sends the leader the
-//      IPC handles of its buffers;
+//   1. every rank records `ready` on its stream (its input is written), then hands the leader the
+//      IPC handles of its buffers (through the node's shared arena where there is one);
 //   2. the leader makes its stream wait for every `ready`, enqueues the work, records `done`, and
-//      tells every rank;
+//      answers every rank;
 //   3. every rank makes its stream wait for `done`.
 // No call waits for the GPU: each returns once its stream holds the right dependencies, as NCCL's do.
 #pragma once
@@ -21,6 +21,7 @@
 
 #include "cuda/ipc_memory.h"
 #include "cuda/scratch.h"
+#include "transport/leader_exchange.h"
 #include "transport/transport.h"
 
 namespace pycomm::cuda {
@@ -52,7 +53,9 @@ enum class DeviceSync {
 class DeviceGroup {
  public:
   // Collective over `transport`, whose ranks must all be on this node. `device` is this rank's GPU.
-  DeviceGroup(Transport& transport, int device, double timeout_s, DeviceSync sync);
+  // `arena_seq` counts the rounds of transport.arena() (see LeaderExchange); null: hand-offs go
+  // as messages.
+  DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, double timeout_s, DeviceSync sync);
   ~DeviceGroup();
 
   int device() const { return device_; }
@@ -75,6 +78,7 @@ class DeviceGroup {
   void After(cudaEvent_t event, cudaStream_t stream, int peer);
 
   Transport& transport_;
+  LeaderExchange exchange_;  // each call's hand-off to the leader and its answer
   int device_;
   double timeout_s_;
   DeviceSync sync_;

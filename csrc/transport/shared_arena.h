@@ -50,6 +50,7 @@ class SharedArena {
     kAgreement = 4,
     kHierarchical = 5,
     kSingleCopy = 6,
+    kDeviceHandoff = 7,  // a device collective's hand-off to its leader (leader_exchange.h)
   };
 
   struct CallInfo {

@@ -12,7 +12,9 @@
 #include <vector>
 
 #include "pycomm/pycomm.h"
+#include "transport/leader_exchange.h"
 #include "transport/loopback.h"
+#include "transport/shared_arena.h"
 
 namespace {
 
@@ -220,6 +222,54 @@ void TestTimeout() {
   Expect(refused, "a communicator refuses calls after a peer error");
 }
 
+// The device collectives' hand-off to their leader, through the arena (with rounds of other
+// arena users in between, sharing its counter) or through messages; messages too large for an
+// arena slot fall back to messages.
+void TestLeaderExchange(int P, bool through_arena) {
+  auto transports = pycomm::CreateLoopbackTransports(P);
+  std::vector<std::thread> threads;
+  std::vector<int> bad(P, 0);
+  for (int rank = 0; rank < P; ++rank) {
+    threads.emplace_back([&, rank] {
+      pycomm::Transport& t = *transports[rank];
+      uint64_t seq = 0;
+      pycomm::LeaderExchange exchange(t, through_arena ? &seq : nullptr, 30);
+      if (exchange.through_arena() != through_arena) ++bad[rank];
+      for (int i = 0; i < 300; ++i) {
+        const size_t bytes = i % 50 == 7 ? pycomm::kArenaSlotBytes + 8 : 16 + (i % 5) * 40;
+        auto fill = [&](int from) { return static_cast<char>(from * 31 + i); };
+        if (rank == 0) {
+          std::vector<std::vector<char>> messages;
+          exchange.Collect(&messages, bytes);
+          for (int peer = 1; peer < P; ++peer) {
+            if (messages[peer] != std::vector<char>(bytes, fill(peer))) ++bad[rank];
+          }
+          exchange.Answer(static_cast<char>(i % 7 + 1));
+        } else {
+          std::vector<char> message(bytes, fill(rank));
+          if (exchange.Hand(message.data(), message.size()) != static_cast<char>(i % 7 + 1)) ++bad[rank];
+        }
+        if (through_arena && i % 3 == 0) {
+          // Another user of the arena: a full round whose slots every rank reads.
+          pycomm::SharedArena& arena = *t.arena();
+          const uint64_t round = ++seq;
+          std::memset(arena.slot(rank, round), fill(rank) + 1, 64);
+          arena.Post(round, pycomm::SharedArena::CallInfo{});
+          arena.WaitAll(round, 30);
+          for (int q = 0; q < P; ++q) {
+            if (arena.slot(q, round)[63] != static_cast<char>(fill(q) + 1)) ++bad[rank];
+          }
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int rank = 0; rank < P; ++rank) {
+    Expect(bad[rank] == 0, "leader exchange P=" + std::to_string(P) + (through_arena ? " arena" : " messages") +
+                               " rank " + std::to_string(rank) + ": " + std::to_string(bad[rank]) + " wrong");
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -245,6 +295,8 @@ int main() {
     TestAsyncOrder(P);
     TestCloseRunsQueuedWork(P);
     TestBlockingOnly(P);
+    TestLeaderExchange(P, true);
+    TestLeaderExchange(P, false);
   }
   TestTimeout();
   std::printf("%d passed, %d failed\n", g_passed, g_failed);

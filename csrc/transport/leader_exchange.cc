@@ -1,0 +1,99 @@
+#include "transport/leader_exchange.h"
+
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "transport/shared_arena.h"
+#include "transport/wait.h"
+
+namespace pycomm {
+
+namespace {
+
+constexpr int kLeader = 0;
+
+SharedArena::CallInfo HandoffInfo(uint64_t value) {
+  SharedArena::CallInfo info{};
+  info.count = value;
+  info.kind = SharedArena::kDeviceHandoff;
+  return info;
+}
+
+}  // namespace
+
+LeaderExchange::LeaderExchange(Transport& transport, uint64_t* arena_seq, double timeout_s)
+    : transport_(transport), timeout_s_(timeout_s) {
+  if (arena_seq && transport.arena()) {
+    arena_ = transport.arena();
+    arena_seq_ = arena_seq;
+  }
+}
+
+// Through the arena an exchange takes rounds a and a + 1: every rank posts round a (peers with
+// their message in their slot), and the leader posts its answer in round a + 1, which the peers
+// only wait for. A peer writes its slot again no earlier than round a + 2, after it has read the
+// answer, so the leader has read the slot by then; likewise the leader's answer is overwritten
+// (round a + 3) only after every peer has posted round a + 2, so after each has read it.
+char LeaderExchange::Hand(const void* message, size_t bytes) {
+  if (!arena_ || bytes > arena_->slot_bytes()) {
+    char answer = 0;
+    std::unique_ptr<Request> r = transport_.Irecv(kLeader, &answer, 1);
+    std::unique_ptr<Request> s = transport_.Isend(kLeader, message, bytes);
+    Wait(*s, timeout_s_);
+    Wait(*r, timeout_s_);
+    return answer;
+  }
+  const uint64_t round = ++*arena_seq_;
+  ++*arena_seq_;
+  std::memcpy(arena_->slot(arena_->rank(), round), message, bytes);
+  arena_->Post(round, HandoffInfo(bytes));
+  std::unique_ptr<Request> answered = arena_->Arrival(kLeader, round + 1);
+  Wait(*answered, timeout_s_);
+  const SharedArena::CallInfo answer = arena_->info(kLeader, round + 1);
+  if (answer.kind != SharedArena::kDeviceHandoff) {
+    throw MismatchError("pycomm: the leader (rank 0) made another call than this rank's device collective");
+  }
+  return static_cast<char>(answer.count);
+}
+
+void LeaderExchange::Collect(std::vector<std::vector<char>>* messages, size_t bytes) {
+  const int size = transport_.size();
+  messages->assign(size, std::vector<char>(bytes));
+  if (!arena_ || bytes > arena_->slot_bytes()) {
+    std::vector<std::unique_ptr<Request>> recvs;
+    for (int peer = 1; peer < size; ++peer) recvs.push_back(transport_.Irecv(peer, (*messages)[peer].data(), bytes));
+    WaitAll(recvs, timeout_s_);
+    answer_seq_ = 0;
+    return;
+  }
+  const uint64_t round = ++*arena_seq_;
+  ++*arena_seq_;
+  arena_->Post(round, HandoffInfo(bytes));
+  arena_->WaitAll(round, timeout_s_);
+  for (int peer = 1; peer < size; ++peer) {
+    const SharedArena::CallInfo info = arena_->info(peer, round);
+    if (info.kind != SharedArena::kDeviceHandoff || info.count != bytes) {
+      // Answered first, so that the peer fails too instead of waiting for an answer.
+      answer_seq_ = round + 1;
+      Answer(0);
+      throw MismatchError("pycomm: rank " + std::to_string(peer) +
+                          " made another call than the leader's device collective");
+    }
+    std::memcpy((*messages)[peer].data(), arena_->slot(peer, round), bytes);
+  }
+  answer_seq_ = round + 1;
+}
+
+void LeaderExchange::Answer(char answer) {
+  if (answer_seq_) {
+    arena_->Post(answer_seq_, HandoffInfo(static_cast<unsigned char>(answer)));
+    answer_seq_ = 0;
+    return;
+  }
+  std::vector<std::unique_ptr<Request>> sends;
+  for (int peer = 1; peer < transport_.size(); ++peer) sends.push_back(transport_.Isend(peer, &answer, 1));
+  WaitAll(sends, timeout_s_);
+}
+
+}  // namespace pycomm
