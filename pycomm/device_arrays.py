@@ -95,7 +95,8 @@ def describe(x, what: str = "x", stream=None) -> DeviceArray:
     ptr, readonly = iface["data"]
     if readonly:
         raise ValueError(f"pycomm: {what} is read-only")
-    device = getattr(getattr(x, "device", None), "id", 0)
+    # -1: the object does not say; the core asks the driver where ptr lives.
+    device = getattr(getattr(x, "device", None), "id", -1)
     return DeviceArray(x, ptr, shape, dtype, device, library)
 
 
@@ -212,7 +213,7 @@ def check_output(out, like: DeviceArray, shape: tuple, what: str = "out", stream
         raise TypeError(f"pycomm: {what} has dtype {d.dtype}, expected {like.dtype}")
     if d.shape != tuple(shape):
         raise ValueError(f"pycomm: {what} has shape {d.shape}, expected {tuple(shape)}")
-    if d.device != like.device:
+    if d.device != like.device and min(d.device, like.device) >= 0:
         raise ValueError(f"pycomm: {what} is on GPU {d.device}, x on GPU {like.device}")
     return d
 

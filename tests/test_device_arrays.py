@@ -34,7 +34,7 @@ def comm():
 
 def test_describe_reads_the_interface():
     d = device_arrays.describe(FakeDeviceArray((3, 4), "<f2", ptr=4096))
-    assert (d.ptr, d.shape, d.dtype, d.device, d.library) == (4096, (3, 4), np.dtype(np.float16), 0, "cai")
+    assert (d.ptr, d.shape, d.dtype, d.device, d.library) == (4096, (3, 4), np.dtype(np.float16), -1, "cai")
     assert device_arrays.is_device_array(d.obj) and not device_arrays.is_device_array(np.ones(3))
 
 

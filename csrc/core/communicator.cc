@@ -187,7 +187,7 @@ class CommunicatorImpl : public Communicator {
   void AllreduceDevice(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op, int device,
                        void* stream) override {
     CheckOp(dtype, op);
-    CheckDevice(device);
+    CheckDevice(device, send);
     Trace("allreduce(device)", count, dtype, ReduceOpName(op));
     Execute([=] { Device(device).Allreduce(send, recv, count, dtype, op, stream); });
   }
@@ -195,7 +195,7 @@ class CommunicatorImpl : public Communicator {
   void ReduceScatterDevice(const void* send, void* recv, size_t recv_count, DataType dtype, ReduceOp op, int device,
                            void* stream) override {
     CheckOp(dtype, op);
-    CheckDevice(device);
+    CheckDevice(device, send);
     Trace("reduce_scatter(device)", recv_count, dtype, ReduceOpName(op));
     Execute([=] { Device(device).ReduceScatter(send, recv, recv_count, dtype, op, stream); });
   }
@@ -203,14 +203,14 @@ class CommunicatorImpl : public Communicator {
   void AllgatherDevice(const void* send, void* recv, size_t send_count, DataType dtype, int device,
                        void* stream) override {
     DataTypeSize(dtype);  // rejects unknown dtypes
-    CheckDevice(device);
+    CheckDevice(device, send);
     Trace("allgather(device)", send_count, dtype, "-");
     Execute([=] { Device(device).Allgather(send, recv, send_count, dtype, stream); });
   }
 
   void BroadcastDevice(void* buf, size_t count, DataType dtype, int root, int device, void* stream) override {
     CheckRoot(root);
-    CheckDevice(device);
+    CheckDevice(device, buf);
     Trace("broadcast(device)", count, dtype, ("root " + std::to_string(root)).c_str());
     Execute([=] { Device(device).Broadcast(buf, count, dtype, root, stream); });
   }
@@ -249,8 +249,10 @@ class CommunicatorImpl : public Communicator {
     }
   }
 
-  // A bad argument, checked before anything is sent: the communicator stays usable.
-  void CheckDevice(int device) const {
+  // A bad argument, checked before anything is sent: the communicator stays usable. A negative
+  // `device` (the array did not say) is asked of the driver for `ptr`.
+  void CheckDevice(int& device, const void* ptr) const {
+    if (device < 0) device = DeviceOfPointer(ptr);
     int bound = device_id_.load();
     if (bound >= 0 && bound != device) {
       throw std::invalid_argument("pycomm: this communicator's device arrays live on GPU " + std::to_string(bound) +

@@ -29,6 +29,10 @@ class DeviceCollectives {
 
 bool BuiltWithCuda();
 
+// The GPU that `ptr` (device memory) is on, asked of the driver: for arrays that do not say.
+// std::invalid_argument where `ptr` is not GPU memory; CommError without CUDA.
+int DeviceOfPointer(const void* ptr);
+
 // Collective over `transport`. Throws CommError when pycomm was built without CUDA. `arena_seq`
 // counts the rounds made through transport.arena() (the communicator's counter: each device call
 // may take some). Across nodes the node leaders' host ring moves `chunk_bytes` per message.

@@ -5,6 +5,10 @@ namespace pycomm {
 
 bool BuiltWithCuda() { return false; }
 
+int DeviceOfPointer(const void*) {
+  throw CommError("pycomm: this build has no CUDA support (rebuild with a CUDA compiler and PYCOMM_CUDA=ON)");
+}
+
 std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport&, uint64_t*, int, size_t, double) {
   throw CommError("pycomm: this build has no CUDA support (rebuild with a CUDA compiler and PYCOMM_CUDA=ON)");
 }

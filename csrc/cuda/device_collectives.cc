@@ -21,6 +21,15 @@ namespace pycomm {
 
 bool BuiltWithCuda() { return true; }
 
+int DeviceOfPointer(const void* ptr) {
+  cudaPointerAttributes attributes{};
+  cuda::Check(cudaPointerGetAttributes(&attributes, ptr), "cudaPointerGetAttributes");
+  if (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged) {
+    throw std::invalid_argument("pycomm: the array's pointer is not GPU memory");
+  }
+  return attributes.device;
+}
+
 namespace {
 
 // Distinct from the hierarchy's subgroup tags (core/hierarchy.cc).

@@ -157,6 +157,25 @@ def check_pool_memory(comm, lib, failures):
         cupy.cuda.set_allocator(cupy.cuda.MemoryPool().malloc)
 
 
+class InterfaceOnly:
+    """A device array known only by its __cuda_array_interface__ (no library, no .device)."""
+
+    def __init__(self, array):
+        self.array = array
+        self.__cuda_array_interface__ = array.__cuda_array_interface__
+
+
+def check_interface_only(comm, lib, failures):
+    """Such an array's GPU is asked of the driver; in place and out= work as for the library's own."""
+    x = lib.to_device(np.full(1000, RANK + 1.0, np.float32))
+    wrapped = InterfaceOnly(x)
+    comm.allreduce(wrapped, out=wrapped)
+    failures.check(bool(np.all(lib.to_host(x) == P * (P + 1) / 2)), "allreduce of an interface-only array")
+    out = lib.empty_like(x)
+    comm.allreduce(InterfaceOnly(x), out=InterfaceOnly(out))
+    failures.check(bool(np.all(lib.to_host(out) == P * P * (P + 1) / 2)), "interface-only out=")
+
+
 def check_unsupported_dtype(comm, lib, failures):
     """A dtype pycomm cannot reduce raises TypeError on the calling rank before anything is sent."""
     x = lib.to_device(np.zeros(4, np.complex64))
@@ -175,6 +194,7 @@ def main():
         check_other_collectives(comm, lib, failures)
         check_stream_order(comm, lib, failures)
         check_pool_memory(comm, lib, failures)
+        check_interface_only(comm, lib, failures)
         check_unsupported_dtype(comm, lib, failures)
         # Closing right after queuing work: close() waits for every rank's GPU work before it
         # tears down events and IPC mappings that the queued work still uses.
