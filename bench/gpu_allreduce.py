@@ -61,6 +61,34 @@ def copy_bandwidth() -> float:
     return world.size * 2 * a.numel() * 4 / t
 
 
+def latency_breakdown(comm) -> dict:
+    """Where the time of an 8-byte allreduce goes: microseconds per call, slowest rank, each part
+    timed alone in a loop of its own."""
+    from pycomm import device_arrays
+    from pycomm.dtypes import dtype_code
+
+    x = torch.ones(2, device="cuda")
+    stream = torch.cuda.current_stream()
+    d = device_arrays.describe(x)
+    handle = device_arrays.stream_handle(d, None)
+    code = dtype_code(d.dtype)
+    parts = {
+        "pycomm allreduce, in place (the whole call)": lambda: comm.allreduce(x, out=x),
+        "  the core's call alone (no Python checks)": lambda: comm._native.allreduce_device(
+            d.ptr, d.ptr, 2, code, 0, d.device, handle
+        ),
+        "  Python: describe + stream handle": lambda: device_arrays.stream_handle(device_arrays.describe(x), None),
+        "for scale: torch kernel + stream sync": lambda: (x.add_(0), stream.synchronize()),
+        "for scale: empty stream sync": stream.synchronize,
+    }
+    out = {name.strip(): median_time(call, 500) * 1e6 for name, call in parts.items()}
+    if world.rank == 0:
+        print("# latency breakdown at 8 B (us per call, slowest rank):")
+        for name in parts:
+            print(f"#   {name:<46} {out[name.strip()]:8.1f}")
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH")
@@ -115,12 +143,13 @@ def main():
                 f"# 64 MiB: host staging + MPI_Allreduce {t_host * 1e6:.0f} us, pycomm {t_pycomm * 1e6:.0f} us, "
                 f"ratio {t_host / t_pycomm:.1f}x"
             )
+    latency = latency_breakdown(comm)
     comm.close()
     if world.rank == 0 and args.json:
         meta = {"P": P, "device": torch.cuda.get_device_name(0), "copy_GBps": hbm / 1e9, "date": time.strftime("%F")}
         meta["sync"] = os.environ.get("PYCOMM_GPU_SYNC") or "host"
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "host_staging_64MiB": staged}, f, indent=1)
+            json.dump({"meta": meta, "rows": rows, "host_staging_64MiB": staged, "latency_8B": latency}, f, indent=1)
 
 
 if __name__ == "__main__":
