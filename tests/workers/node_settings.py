@@ -9,6 +9,7 @@ Every rank prints the error it got (or "no error").
 """
 
 import sys
+import types
 
 import numpy as np
 from mpi4py import MPI
@@ -23,6 +24,7 @@ class StandInDeviceArray:
 
     def __init__(self, ptr):
         self.__cuda_array_interface__ = {"shape": (4,), "typestr": "<f4", "data": (ptr, False), "version": 3}
+        self.device = types.SimpleNamespace(id=0)  # as cupy says it: no driver call to find the GPU
 
 
 def main():
