@@ -264,7 +264,8 @@ class CommunicatorImpl : public Communicator {
   // stay bound to that GPU.
   DeviceCollectives& Device(int device) {
     if (!device_) {
-      device_ = CreateDeviceCollectives(*transport_, &arena_seq_, device, options_.chunk_bytes, options_.timeout_s);
+      device_ = CreateDeviceCollectives(*transport_, &arena_seq_, GetHierarchy(), device, options_.chunk_bytes,
+                                        options_.timeout_s);
       device_id_ = device;
     }
     return *device_;

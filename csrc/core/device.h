@@ -33,10 +33,16 @@ bool BuiltWithCuda();
 // std::invalid_argument where `ptr` is not GPU memory; CommError without CUDA.
 int DeviceOfPointer(const void* ptr);
 
+struct Hierarchy;
+
 // Collective over `transport`. Throws CommError when pycomm was built without CUDA. `arena_seq`
 // counts the rounds made through transport.arena() (the communicator's counter: each device call
-// may take some). Across nodes the node leaders' host ring moves `chunk_bytes` per message.
-std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport, uint64_t* arena_seq, int device,
-                                                           size_t chunk_bytes, double timeout_s);
+// may take some). Across nodes the device collectives run over the groups of `hierarchy` (its
+// node group, and the owners of slice 0: each node's lowest rank), built with the communicator,
+// so that no blocking MPI call happens inside a call; the node leaders' host ring moves
+// `chunk_bytes` per message.
+std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport, uint64_t* arena_seq,
+                                                           Hierarchy* hierarchy, int device, size_t chunk_bytes,
+                                                           double timeout_s);
 
 }  // namespace pycomm

@@ -21,12 +21,12 @@ enum PathVote : int32_t { kVoteHost = 1, kVoteMpi = 2 };
 
 }  // namespace
 
-CrossNode::CrossNode(std::unique_ptr<Transport> leaders, size_t chunk_bytes, double timeout_s, CrossNodePath path)
-    : leaders_(std::move(leaders)),
+CrossNode::CrossNode(Transport& leaders, size_t chunk_bytes, double timeout_s, CrossNodePath path)
+    : leaders_(leaders),
       chunk_bytes_(std::max(chunk_bytes, kMinChunkBytes)),
       timeout_s_(timeout_s),
       ring_scratch_(kPipelineDepth * chunk_bytes_) {
-  const bool cuda_aware = leaders_->accepts_device_memory();
+  const bool cuda_aware = leaders_.accepts_device_memory();
   int32_t vote = (path == CrossNodePath::kHost || !cuda_aware) ? kVoteHost : kVoteMpi;
   AllreduceRing(Context(), &vote, &vote, 1, DataType::kInt32, ReduceOp::kMin);
   through_mpi_ = vote == kVoteMpi;
@@ -47,12 +47,12 @@ CrossNode::~CrossNode() {
 }
 
 CollectiveContext CrossNode::Context() {
-  return CollectiveContext{*leaders_, chunk_bytes_, timeout_s_, ring_scratch_.data(), &arena_seq_, 0};
+  return CollectiveContext{leaders_, chunk_bytes_, timeout_s_, ring_scratch_.data(), &arena_seq_, 0};
 }
 
 void CrossNode::Sync(cudaStream_t stream) {
   Check(cudaEventRecord(copied_[0], stream), "cudaEventRecord");
-  EventRequest reached(copied_[0], leaders_->rank());
+  EventRequest reached(copied_[0], leaders_.rank());
   Wait(reached, timeout_s_);
 }
 
@@ -67,7 +67,7 @@ void CrossNode::Allreduce(void* data, size_t count, DataType dtype, ReduceOp op,
   if (op == ReduceOp::kAvg) throw std::logic_error("CrossNode::Allreduce: sum, then divide once");
   if (through_mpi_) {
     Sync(stream);  // MPI reads the buffer outside any stream
-    if (auto request = leaders_->IallreduceInPlace(data, count, dtype, op)) {
+    if (auto request = leaders_.IallreduceInPlace(data, count, dtype, op)) {
       Wait(*request, timeout_s_);
       return;
     }
@@ -92,7 +92,7 @@ void CrossNode::Allreduce(void* data, size_t count, DataType dtype, ReduceOp op,
   copy_in(0);
   for (size_t piece = 0; piece < pieces; ++piece) {
     if (piece + 1 < pieces) copy_in(piece + 1);
-    EventRequest arrived(copied_[piece % 2], leaders_->rank());
+    EventRequest arrived(copied_[piece % 2], leaders_.rank());
     Wait(arrived, timeout_s_);
     AllreduceRing(Context(), buffer(piece), buffer(piece), elements(piece), dtype, op);
     Check(cudaMemcpyAsync(device + piece * piece_count * es, buffer(piece), elements(piece) * es,

@@ -25,15 +25,16 @@ enum class CrossNodePath { kAuto, kMpi, kHost };
 
 class CrossNode {
  public:
-  // `leaders` holds one rank per node, in node order. Collective over it: the leaders agree on
-  // the path, so that none runs MPI's allreduce while another runs the ring.
-  CrossNode(std::unique_ptr<Transport> leaders, size_t chunk_bytes, double timeout_s, CrossNodePath path);
+  // `leaders` holds one rank per node, in node order, and outlives this. Collective over it: the
+  // leaders agree on the path, so that none runs MPI's allreduce while another runs the ring.
+  // Creates events on the current device.
+  CrossNode(Transport& leaders, size_t chunk_bytes, double timeout_s, CrossNodePath path);
   ~CrossNode();
   CrossNode(const CrossNode&) = delete;
   CrossNode& operator=(const CrossNode&) = delete;
 
-  int node() const { return leaders_->rank(); }
-  int nodes() const { return leaders_->size(); }
+  int node() const { return leaders_.rank(); }
+  int nodes() const { return leaders_.size(); }
 
   // Each leader's `data` (GPU memory, `count` elements) becomes the reduction over all leaders,
   // the same bits on every leader. `op` must not be kAvg: the caller sums and divides once.
@@ -51,7 +52,7 @@ class CrossNode {
   // Waits, on `stream`, until the last call's copies out of the pinned buffer have run.
   char* Pinned(size_t bytes, cudaStream_t stream);
 
-  std::unique_ptr<Transport> leaders_;
+  Transport& leaders_;
   size_t chunk_bytes_;
   double timeout_s_;
   bool through_mpi_ = false;

@@ -11,11 +11,13 @@
 #include <string>
 
 #include "core/device.h"
+#include "core/hierarchy.h"
 #include "cuda/cross_node.h"
 #include "cuda/cuda_check.h"
 #include "cuda/device_group.h"
 #include "cuda/reduce_kernels.h"
 #include "cuda/scratch.h"
+#include "transport/loopback.h"
 
 namespace pycomm {
 
@@ -31,10 +33,6 @@ int DeviceOfPointer(const void* ptr) {
 }
 
 namespace {
-
-// Distinct from the hierarchy's subgroup tags (core/hierarchy.cc).
-constexpr int kDeviceNodeTag = 0x7A00;
-constexpr int kDeviceLeadersTag = 0x7A01;
 
 char* At(void* base, size_t offset) { return static_cast<char*>(base) + offset; }
 
@@ -74,11 +72,6 @@ struct NodeLayout {
     node = node_of[world.rank()];
     for (const auto& members : nodes) widest = std::max(widest, members.size());
   }
-  std::vector<int> leaders() const {
-    std::vector<int> out;
-    for (const auto& members : nodes) out.push_back(members[0]);
-    return out;
-  }
   int local_index(int rank) const {
     const auto& members = nodes[node_of[rank]];
     return static_cast<int>(std::find(members.begin(), members.end(), rank) - members.begin());
@@ -92,25 +85,28 @@ struct NodeLayout {
 
 class LeaderCollectives : public DeviceCollectives {
  public:
-  // `node` is the transport among this node's ranks, null when they are the whole communicator
-  // (whose arena rounds `world_arena_seq` counts).
-  LeaderCollectives(Transport& world, uint64_t* world_arena_seq, NodeLayout layout, std::unique_ptr<Transport> node,
-                    int device, double timeout_s, cuda::DeviceSync sync)
+  // `node` is the transport among this node's ranks (the whole communicator on one node), and
+  // `node_arena_seq` counts the rounds made through its arena.
+  LeaderCollectives(const Transport& world, NodeLayout layout, Transport& node, uint64_t* node_arena_seq, int device,
+                    double timeout_s, cuda::DeviceSync sync)
       : world_size_(world.size()),
         rank_(world.rank()),
         layout_(std::move(layout)),
-        node_(std::move(node)),
-        group_(node_ ? *node_ : world, node_ ? &node_arena_seq_ : world_arena_seq, device, timeout_s, sync) {}
+        group_(node, node_arena_seq, device, timeout_s, sync) {}
   ~LeaderCollectives() override {
     if (scratch_free_) cudaEventDestroy(scratch_free_);
   }
 
-  // On a node's leader, when the communicator spans several nodes.
-  void ConnectNodes(std::unique_ptr<cuda::CrossNode> across) {
-    cuda::DeviceGuard guard(group_.device());
-    across_ = std::move(across);
+  // On a node's leader, when the communicator spans several nodes: `leaders` (one rank per
+  // node, in node order) outlives this.
+  void ConnectNodes(Transport& leaders, size_t chunk_bytes, double timeout_s, cuda::CrossNodePath path) {
+    cuda::DeviceGuard guard(group_.device());  // the events below belong to this rank's GPU
+    across_ = std::make_unique<cuda::CrossNode>(leaders, chunk_bytes, timeout_s, path);
     cuda::Check(cudaEventCreateWithFlags(&scratch_free_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
   }
+
+  // A rank alone on its node hands its buffers to itself: a group of one over this.
+  void Own(std::unique_ptr<Transport> transport) { own_transport_ = std::move(transport); }
 
   int device() const override { return group_.device(); }
 
@@ -287,8 +283,7 @@ class LeaderCollectives : public DeviceCollectives {
   int world_size_;
   int rank_;
   NodeLayout layout_;
-  std::unique_ptr<Transport> node_;
-  uint64_t node_arena_seq_ = 0;  // rounds through node_'s arena
+  std::unique_ptr<Transport> own_transport_;  // group_'s, for a rank alone on its node (set by Own)
   cuda::DeviceGroup group_;
   std::unique_ptr<cuda::CrossNode> across_;  // on a leader when there are several nodes
   cuda::Scratch scratch_{cuda::Memory::kDevice};
@@ -297,33 +292,40 @@ class LeaderCollectives : public DeviceCollectives {
 
 }  // namespace
 
-std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport, uint64_t* arena_seq, int device,
-                                                           size_t chunk_bytes, double timeout_s) {
+std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport, uint64_t* arena_seq,
+                                                           Hierarchy* hierarchy, int device, size_t chunk_bytes,
+                                                           double timeout_s) {
   // Settings are read on every rank before any exchange, so that a bad one fails all alike.
   const cuda::DeviceSync sync = SyncFromEnvironment();
   const cuda::CrossNodePath path = CrossNodeFromEnvironment();
   NodeLayout layout(transport);
   if (layout.nodes.size() == 1) {
-    return std::make_unique<LeaderCollectives>(transport, arena_seq, std::move(layout), nullptr, device, timeout_s,
+    return std::make_unique<LeaderCollectives>(transport, std::move(layout), transport, arena_seq, device, timeout_s,
                                                sync);
+  }
+  if (!hierarchy) {
+    throw CommError(
+        "pycomm: device arrays across nodes need the node groups, which could not be set up "
+        "(PYCOMM_DEBUG=1 says why)");
   }
   if (path == cuda::CrossNodePath::kMpi && !transport.accepts_device_memory()) {
     throw CommError(
         "pycomm: PYCOMM_GPU_INTER_NODE=mpi, but this MPI does not report CUDA support (MPIX_Query_cuda_support); "
         "use auto or host");
   }
-  // Subgroups in one order on every rank: this node's, then (on leaders) the leaders'.
-  std::unique_ptr<Transport> node = transport.Subgroup(layout.nodes[layout.node], kDeviceNodeTag);
-  if (!node)
-    throw CommError(std::string("pycomm: device arrays across nodes need subgroups of the ") + transport.name() +
-                    " transport");
-  std::unique_ptr<Transport> leaders;
+  // The hierarchy's groups: no MPI call here that could block without a time-out. A rank alone
+  // on its node gets a group of one.
+  std::unique_ptr<Transport> alone;
+  if (!hierarchy->node) alone = std::move(CreateLoopbackTransports(1)[0]);
+  Transport& node = hierarchy->node ? *hierarchy->node : *alone;
+  uint64_t* node_seq = hierarchy->node ? &hierarchy->node_seq : nullptr;
   const bool leader = layout.nodes[layout.node][0] == transport.rank();
-  if (leader) leaders = transport.Subgroup(layout.leaders(), kDeviceLeadersTag);
-  auto collectives = std::make_unique<LeaderCollectives>(transport, nullptr, std::move(layout), std::move(node), device,
-                                                         timeout_s, sync);
-  if (leader)
-    collectives->ConnectNodes(std::make_unique<cuda::CrossNode>(std::move(leaders), chunk_bytes, timeout_s, path));
+  Transport* leaders = leader ? hierarchy->across[0].get() : nullptr;
+  if (leader && !leaders) throw std::logic_error("pycomm: the hierarchy has no group for slice 0 on a node's leader");
+  auto collectives =
+      std::make_unique<LeaderCollectives>(transport, std::move(layout), node, node_seq, device, timeout_s, sync);
+  if (alone) collectives->Own(std::move(alone));
+  if (leader) collectives->ConnectNodes(*leaders, chunk_bytes, timeout_s, path);
   return collectives;
 }
 

@@ -3,6 +3,7 @@
 #include <cuda.h>
 
 #include <cstring>
+#include <iterator>
 
 #include "cuda/cuda_check.h"
 
@@ -63,24 +64,27 @@ bool IpcExporter::Export(const void* ptr, IpcBuffer* out) {
 }
 
 IpcImporter::~IpcImporter() {
-  for (auto& entry : mapped_) cudaIpcCloseMemHandle(entry.second);
+  for (auto& entry : mapped_) cudaIpcCloseMemHandle(entry.second.base);
 }
 
 void* IpcImporter::Open(const IpcBuffer& buffer) {
   std::string key(reinterpret_cast<const char*>(&buffer.handle), sizeof buffer.handle);
   auto it = mapped_.find(key);
-  if (it == mapped_.end()) {
-    if (mapped_.size() >= kMaxMappings) {
-      cudaIpcCloseMemHandle(mapped_[order_.front()]);
-      mapped_.erase(order_.front());
-      order_.pop_front();
-    }
-    void* base = nullptr;
-    Check(cudaIpcOpenMemHandle(&base, buffer.handle, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
-    it = mapped_.emplace(key, base).first;
-    order_.push_back(key);
+  if (it != mapped_.end()) {
+    order_.splice(order_.end(), order_, it->second.use);
+    return static_cast<char*>(it->second.base) + buffer.offset;
   }
-  return static_cast<char*>(it->second) + buffer.offset;
+  if (mapped_.size() >= kMaxMappings) {
+    Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    cudaIpcCloseMemHandle(mapped_.at(order_.front()).base);
+    mapped_.erase(order_.front());
+    order_.pop_front();
+  }
+  void* base = nullptr;
+  Check(cudaIpcOpenMemHandle(&base, buffer.handle, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
+  order_.push_back(key);
+  mapped_.emplace(key, Mapping{base, std::prev(order_.end())});
+  return static_cast<char*>(base) + buffer.offset;
 }
 
 }  // namespace pycomm::cuda

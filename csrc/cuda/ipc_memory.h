@@ -34,7 +34,9 @@ class IpcExporter {
   std::map<uintptr_t, Entry> by_base_;
 };
 
-// Maps peers' allocations into this process; keeps at most kMaxMappings, closing the oldest.
+// Maps peers' allocations into this process; keeps at most kMaxMappings, closing the least
+// recently used (after waiting for the device: queued work may still read it). A call maps far
+// fewer buffers than that, so it never closes one it has just opened or looked up.
 class IpcImporter {
  public:
   ~IpcImporter();
@@ -43,8 +45,12 @@ class IpcImporter {
 
  private:
   static constexpr size_t kMaxMappings = 512;
-  std::map<std::string, void*> mapped_;  // key: the handle's bytes
-  std::list<std::string> order_;         // oldest first
+  struct Mapping {
+    void* base;
+    std::list<std::string>::iterator use;  // its place in order_
+  };
+  std::map<std::string, Mapping> mapped_;  // key: the handle's bytes
+  std::list<std::string> order_;           // least recently used first
 };
 
 }  // namespace pycomm::cuda
