@@ -341,7 +341,8 @@ class Communicator:
         d = device_arrays.describe(x, stream=stream)
         op = self._check_op(d.dtype, op)
         stream = device_arrays.stream_handle(d, stream)
-        o = self._device_output(d, out, d.shape, stream)
+        # In place (out=x), the common case in training loops: x was just checked as the output too.
+        o = d if out is x else self._device_output(d, out, d.shape, stream)
         self._native.allreduce_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), int(op), d.device, stream)
         return o.obj
 
