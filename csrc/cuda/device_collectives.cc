@@ -117,7 +117,9 @@ class LeaderCollectives : public DeviceCollectives {
     // In place the two refs name the same memory; they stay two so that every rank passes the
     // same number of buffers.
     std::vector<cuda::BufferRef> buffers = {{const_cast<void*>(send), bytes, true, false}, {recv, bytes, false, true}};
-    group_.Run(buffers, Stream(stream), [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
+    const cuda::DeviceCall call{cuda::DeviceCall::kAllreduce, static_cast<int32_t>(dtype), static_cast<int32_t>(op), -1,
+                                count};
+    group_.Run(call, buffers, Stream(stream), [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
       if (!count) return;
       std::vector<const void*> inputs;
       std::vector<void*> outputs;
@@ -143,7 +145,9 @@ class LeaderCollectives : public DeviceCollectives {
     const size_t block = recv_count * DataTypeSize(dtype);
     std::vector<cuda::BufferRef> buffers = {{const_cast<void*>(send), block * world_size_, true, false},
                                             {recv, block, false, true}};
-    group_.Run(buffers, Stream(stream), [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
+    const cuda::DeviceCall call{cuda::DeviceCall::kReduceScatter, static_cast<int32_t>(dtype), static_cast<int32_t>(op),
+                                -1, recv_count};
+    group_.Run(call, buffers, Stream(stream), [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
       if (!recv_count) return;
       std::vector<const void*> inputs;
       for (const auto& rank : ptrs) inputs.push_back(rank[0]);
@@ -173,7 +177,8 @@ class LeaderCollectives : public DeviceCollectives {
     const size_t block = send_count * DataTypeSize(dtype);
     std::vector<cuda::BufferRef> buffers = {{const_cast<void*>(send), block, true, false},
                                             {recv, block * world_size_, false, true}};
-    group_.Run(buffers, Stream(stream), [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
+    const cuda::DeviceCall call{cuda::DeviceCall::kAllgather, static_cast<int32_t>(dtype), -1, -1, send_count};
+    group_.Run(call, buffers, Stream(stream), [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
       if (!block) return;
       const auto& mine = layout_.nodes[layout_.node];
       if (!across_) {
@@ -206,7 +211,8 @@ class LeaderCollectives : public DeviceCollectives {
     const size_t bytes = count * DataTypeSize(dtype);
     const bool is_root = rank_ == root;
     std::vector<cuda::BufferRef> buffers = {{buf, bytes, is_root, !is_root}};
-    group_.Run(buffers, Stream(stream), [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
+    const cuda::DeviceCall call{cuda::DeviceCall::kBroadcast, static_cast<int32_t>(dtype), -1, root, count};
+    group_.Run(call, buffers, Stream(stream), [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
       if (!bytes) return;
       const bool root_here = layout_.node_of[root] == layout_.node;
       const int root_local = root_here ? layout_.local_index(root) : 0;

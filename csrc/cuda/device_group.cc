@@ -13,7 +13,18 @@ namespace pycomm::cuda {
 namespace {
 
 constexpr size_t kStagingAlign = 256;
-constexpr size_t kStatusBytes = 8;  // keeps the IPC records that follow 8-byte aligned
+// Every message to the leader starts with a header: a status (so that a rank that failed to
+// prepare its buffers fails the call on every rank at once instead of leaving them to time out),
+// then the call, then the IPC records, 8-byte aligned.
+struct Header {
+  int64_t status;
+  DeviceCall call;
+};
+constexpr size_t kHeaderBytes = sizeof(Header);
+static_assert(kHeaderBytes % 8 == 0, "IPC records stay 8-byte aligned");
+
+// The leader's answer.
+enum Answer : char { kFailed = 0, kDone = 1, kMismatch = LeaderExchange::kMismatch };
 
 size_t AlignUp(size_t n) { return (n + kStagingAlign - 1) / kStagingAlign * kStagingAlign; }
 
@@ -114,15 +125,24 @@ void DeviceGroup::After(cudaEvent_t event, cudaStream_t stream, int peer) {
   }
 }
 
-void DeviceGroup::Run(const std::vector<BufferRef>& buffers, cudaStream_t stream, const LeaderWork& work) {
+std::string DeviceCall::Describe() const {
+  static const char* const kNames[] = {"allreduce", "reduce_scatter", "allgather", "broadcast"};
+  std::string out = std::string(kind >= 0 && kind < 4 ? kNames[kind] : "?") + " " +
+                    DataTypeName(static_cast<DataType>(dtype)) + " x " + std::to_string(count);
+  if (op >= 0) out += std::string(" ") + ReduceOpName(static_cast<ReduceOp>(op));
+  if (root >= 0) out += " root " + std::to_string(root);
+  return out;
+}
+
+void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
+                      const LeaderWork& work) {
   DeviceGuard guard(device_);
   const int rank = transport_.rank(), size = transport_.size();
-  // Every message to the leader starts with a status word, so that a rank that failed to prepare
-  // its buffers fails the call on every rank at once instead of leaving them to time out.
-  const size_t message_bytes = kStatusBytes + buffers.size() * sizeof(IpcBuffer);
+  const size_t message_bytes = kHeaderBytes + buffers.size() * sizeof(IpcBuffer);
 
   if (rank != kLeader) {
     std::vector<char> message(message_bytes, 0);
+    Header header{0, call};
     std::vector<size_t> staged_at;
     std::exception_ptr failure;
     try {
@@ -133,14 +153,19 @@ void DeviceGroup::Run(const std::vector<BufferRef>& buffers, cudaStream_t stream
       } else {
         Check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
       }
-      message[0] = 1;
-      std::memcpy(message.data() + kStatusBytes, mine.data(), mine.size() * sizeof(IpcBuffer));
+      header.status = 1;
+      std::memcpy(message.data() + kHeaderBytes, mine.data(), mine.size() * sizeof(IpcBuffer));
     } catch (...) {
       failure = std::current_exception();
     }
-    const char token = exchange_.Hand(message.data(), message_bytes);
+    std::memcpy(message.data(), &header, sizeof header);
+    const char answer = exchange_.Hand(message.data(), message_bytes);
     if (failure) std::rethrow_exception(failure);
-    if (token != 1) throw CommError("pycomm: the collective failed on another rank (see its error)");
+    if (answer == kMismatch) {
+      throw MismatchError("pycomm: the ranks made different device calls (" + call.Describe() +
+                          " here; the leader's error names them)");
+    }
+    if (answer != kDone) throw CommError("pycomm: the collective failed on another rank (see its error)");
     // The leader recorded `done` before telling us, so this waits for this call's work.
     After(done_, stream, kLeader);
     bool staged = false;
@@ -161,17 +186,25 @@ void DeviceGroup::Run(const std::vector<BufferRef>& buffers, cudaStream_t stream
   std::vector<std::vector<char>> messages;
   exchange_.Collect(&messages, message_bytes);
   std::exception_ptr failure;
+  Answer answer = kDone;
   try {
     std::vector<std::vector<void*>> mapped(size, std::vector<void*>(buffers.size()));
     for (size_t i = 0; i < buffers.size(); ++i) mapped[kLeader][i] = buffers[i].ptr;
     for (int peer = 1; peer < size; ++peer) {
-      if (messages[peer][0] != 1) {
+      Header header;
+      std::memcpy(&header, messages[peer].data(), sizeof header);
+      if (!(header.call == call)) {
+        answer = kMismatch;
+        throw MismatchError("pycomm: the ranks made different device calls: rank " + std::to_string(peer) + " " +
+                            header.call.Describe() + ", rank " + std::to_string(kLeader) + " " + call.Describe());
+      }
+      if (header.status != 1) {
         throw CommError("pycomm: rank " + std::to_string(peer) +
                         " could not prepare its device buffers (see its error)");
       }
     }
     for (int peer = 1; peer < size; ++peer) {
-      const auto* records = reinterpret_cast<const IpcBuffer*>(messages[peer].data() + kStatusBytes);
+      const auto* records = reinterpret_cast<const IpcBuffer*>(messages[peer].data() + kHeaderBytes);
       for (size_t i = 0; i < buffers.size(); ++i) {
         IpcBuffer record;
         std::memcpy(&record, records + i, sizeof record);
@@ -186,7 +219,8 @@ void DeviceGroup::Run(const std::vector<BufferRef>& buffers, cudaStream_t stream
   } catch (...) {
     failure = std::current_exception();
   }
-  exchange_.Answer(failure ? 0 : 1);
+  if (failure && answer == kDone) answer = kFailed;
+  exchange_.Answer(answer);
   if (failure) std::rethrow_exception(failure);
 }
 

@@ -15,8 +15,10 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "cuda/ipc_memory.h"
@@ -32,6 +34,22 @@ struct BufferRef {
   size_t bytes;
   bool read;     // the leader reads it (an input)
   bool written;  // the leader writes it (an output)
+};
+
+// What a call is, compared by the leader across ranks: ranks that made different calls get
+// MismatchError instead of the leader reading their buffers with its own sizes.
+struct DeviceCall {
+  enum Kind : int32_t { kAllreduce, kReduceScatter, kAllgather, kBroadcast };
+  int32_t kind;
+  int32_t dtype;      // DataType
+  int32_t op = -1;    // ReduceOp, -1 where none
+  int32_t root = -1;  // broadcast
+  uint64_t count;     // elements, as the call's own count argument
+
+  bool operator==(const DeviceCall& o) const {
+    return kind == o.kind && dtype == o.dtype && op == o.op && root == o.root && count == o.count;
+  }
+  std::string Describe() const;
 };
 
 // The leader's view of one call: buffers[rank][i] is rank's i-th BufferRef, mapped into the
@@ -61,8 +79,9 @@ class DeviceGroup {
   int device() const { return device_; }
 
   // Runs one collective: every rank passes the same number of buffers, in the same roles.
-  // A failure on any rank fails the call on every rank.
-  void Run(const std::vector<BufferRef>& buffers, cudaStream_t stream, const LeaderWork& work);
+  // A failure on any rank fails the call on every rank; a rank whose `call` differs from the
+  // leader's gets MismatchError, as does the leader.
+  void Run(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream, const LeaderWork& work);
   // Collective: waits until no rank's queued GPU work can still use the group's events or another
   // rank's buffers, so that teardown is safe.
   void Quiesce();

@@ -48,13 +48,16 @@ char LeaderExchange::Hand(const void* message, size_t bytes) {
   ++*arena_seq_;
   std::memcpy(arena_->slot(arena_->rank(), round), message, bytes);
   arena_->Post(round, HandoffInfo(bytes));
-  std::unique_ptr<Request> answered = arena_->Arrival(kLeader, round + 1);
-  Wait(*answered, timeout_s_);
-  const SharedArena::CallInfo answer = arena_->info(kLeader, round + 1);
-  if (answer.kind != SharedArena::kDeviceHandoff) {
-    throw MismatchError("pycomm: the leader (rank 0) made another call than this rank's device collective");
+  // First the leader's own post of this round: a leader in another call (which fails there, on
+  // seeing this post) never answers, and this rank would otherwise wait out the time-out.
+  for (uint64_t step = round; step <= round + 1; ++step) {
+    std::unique_ptr<Request> arrived = arena_->Arrival(kLeader, step);
+    Wait(*arrived, timeout_s_);
+    if (arena_->info(kLeader, step).kind != SharedArena::kDeviceHandoff) {
+      throw MismatchError("pycomm: the leader (rank 0) made another call than this rank's device collective");
+    }
   }
-  return static_cast<char>(answer.count);
+  return static_cast<char>(arena_->info(kLeader, round + 1).count);
 }
 
 void LeaderExchange::Collect(std::vector<std::vector<char>>* messages, size_t bytes) {
@@ -76,7 +79,7 @@ void LeaderExchange::Collect(std::vector<std::vector<char>>* messages, size_t by
     if (info.kind != SharedArena::kDeviceHandoff || info.count != bytes) {
       // Answered first, so that the peer fails too instead of waiting for an answer.
       answer_seq_ = round + 1;
-      Answer(0);
+      Answer(kMismatch);
       throw MismatchError("pycomm: rank " + std::to_string(peer) +
                           " made another call than the leader's device collective");
     }

@@ -21,10 +21,14 @@ class LeaderExchange {
   bool through_arena() const { return arena_ != nullptr; }
 
   // On a peer: hands `message` to the leader, returns its answer. Every rank's message of one
-  // exchange has the same size.
+  // exchange has the same size. Through the arena, MismatchError when the leader is making
+  // another call than a hand-off.
   char Hand(const void* message, size_t bytes);
-  // On the leader: every rank's message (messages[0], the leader's own, is left empty).
+  // On the leader: every rank's message (messages[0], the leader's own, is left empty). Through
+  // the arena, a peer that made another call (another size, or not a hand-off) makes this throw
+  // MismatchError after answering kMismatch.
   void Collect(std::vector<std::vector<char>>* messages, size_t bytes);
+  static constexpr char kMismatch = 2;
   // On the leader, after Collect: answers every peer.
   void Answer(char answer);
 

@@ -2,6 +2,7 @@
 // against a serial reference over many sizes, rank counts and chunk sizes, quickly and without
 // MPI. Prints "N passed, N failed" and exits non-zero on any failure.
 
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -270,6 +271,48 @@ void TestLeaderExchange(int P, bool through_arena) {
   }
 }
 
+// Ranks that make different calls: a peer handing over a message of another size gets the
+// mismatch answer and the leader MismatchError; a peer handing over while the leader makes
+// another arena round gets MismatchError at once, not after the time-out.
+void TestLeaderExchangeMismatch() {
+  auto transports = pycomm::CreateLoopbackTransports(2);
+  uint64_t seqs[2] = {0, 0};
+  pycomm::LeaderExchange leader(*transports[0], &seqs[0], 30), peer(*transports[1], &seqs[1], 30);
+  bool leader_saw = false;
+  char answer = 0;
+  std::thread t([&] {
+    std::vector<std::vector<char>> messages;
+    try {
+      leader.Collect(&messages, 24);
+    } catch (const pycomm::MismatchError&) {
+      leader_saw = true;
+    }
+  });
+  std::vector<char> message(16, 1);
+  answer = peer.Hand(message.data(), message.size());
+  t.join();
+  Expect(leader_saw && answer == pycomm::LeaderExchange::kMismatch, "leader exchange: sizes differ");
+
+  bool peer_saw = false;
+  const auto start = std::chrono::steady_clock::now();
+  std::thread other([&] {
+    // The leader's side of some other arena user's round.
+    pycomm::SharedArena& arena = *transports[0]->arena();
+    const uint64_t round = ++seqs[0];
+    arena.Post(round, pycomm::SharedArena::CallInfo{});
+    arena.WaitAll(round, 30);
+  });
+  try {
+    peer.Hand(message.data(), message.size());
+  } catch (const pycomm::MismatchError&) {
+    peer_saw = true;
+  }
+  other.join();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  Expect(peer_saw && seconds < 10,
+         "leader exchange: the leader makes another call (" + std::to_string(seconds) + " s)");
+}
+
 }  // namespace
 
 int main() {
@@ -299,6 +342,7 @@ int main() {
     TestLeaderExchange(P, false);
   }
   TestTimeout();
+  TestLeaderExchangeMismatch();
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed ? 1 : 0;
 }
