@@ -62,6 +62,23 @@ char* CrossNode::Pinned(size_t bytes, cudaStream_t stream) {
   return pinned;
 }
 
+void CrossNode::Agree(uint64_t signature, Trouble trouble, const std::string& call) {
+  // One max-allreduce tells all three: the worst trouble, and the largest and (through the
+  // complement, which reverses the order) the smallest signature, equal only if all agree.
+  int64_t votes[3] = {trouble, static_cast<int64_t>(signature), static_cast<int64_t>(~signature)};
+  if (auto request = leaders_.IallreduceInPlace(votes, 3, DataType::kInt64, ReduceOp::kMax)) {
+    Wait(*request, timeout_s_);
+  } else {
+    AllreduceRing(Context(), votes, votes, 3, DataType::kInt64, ReduceOp::kMax);
+  }
+  if (trouble != kNone) return;
+  if (votes[0] == kMismatch) throw MismatchError("pycomm: ranks of another node made different device calls");
+  if (votes[0] != kNone) throw CommError("pycomm: the device collective failed on another node (see its error)");
+  if (static_cast<uint64_t>(votes[1]) != signature || static_cast<uint64_t>(~votes[2]) != signature) {
+    throw MismatchError("pycomm: nodes made different device calls (" + call + " on this node)");
+  }
+}
+
 void CrossNode::Allreduce(void* data, size_t count, DataType dtype, ReduceOp op, cudaStream_t stream) {
   if (!count || nodes() == 1) return;
   if (op == ReduceOp::kAvg) throw std::logic_error("CrossNode::Allreduce: sum, then divide once");

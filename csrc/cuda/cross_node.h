@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "core/collectives.h"
@@ -35,6 +36,14 @@ class CrossNode {
 
   int node() const { return leaders_.rank(); }
   int nodes() const { return leaders_.size(); }
+
+  // What stops a node from going on with a call.
+  enum Trouble : int64_t { kNone = 0, kFailed = 1, kMismatch = 2 };
+  // Every leader tells what stops its node, if anything, and what call it makes (`signature`):
+  // MismatchError on every other leader if the calls differ (between nodes or inside one),
+  // CommError if some node failed. Before every call's data crosses, so that no leader waits
+  // for one that has failed. A leader with trouble of its own returns and raises its own error.
+  void Agree(uint64_t signature, Trouble trouble, const std::string& call);
 
   // Each leader's `data` (GPU memory, `count` elements) becomes the reduction over all leaders,
   // the same bits on every leader. `op` must not be kAvg: the caller sums and divides once.

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <functional>
 #include <stdexcept>
 #include <string>
 
@@ -119,25 +120,28 @@ class LeaderCollectives : public DeviceCollectives {
     std::vector<cuda::BufferRef> buffers = {{const_cast<void*>(send), bytes, true, false}, {recv, bytes, false, true}};
     const cuda::DeviceCall call{cuda::DeviceCall::kAllreduce, static_cast<int32_t>(dtype), static_cast<int32_t>(op), -1,
                                 count};
-    group_.Run(call, buffers, Stream(stream), [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
-      if (!count) return;
-      std::vector<const void*> inputs;
-      std::vector<void*> outputs;
-      for (const auto& rank : ptrs) {
-        inputs.push_back(rank[0]);
-        outputs.push_back(rank[1]);
-      }
-      if (!across_) {
-        Reduce(inputs, outputs, count, dtype, op, s);
-        return;
-      }
-      // The node's part lands in the leader's output, is combined across nodes there, and is
-      // then copied (for kAvg: divided) into every output of the node.
-      const ReduceOp partial = Partial(op);
-      if (inputs.size() > 1 || inputs[0] != outputs[0]) Reduce(inputs, {outputs[0]}, count, dtype, partial, s);
-      across_->Allreduce(outputs[0], count, dtype, partial, s);
-      if (outputs.size() > 1 || op == ReduceOp::kAvg) Reduce({outputs[0]}, outputs, count, dtype, op, s);
-    });
+    group_.Run(
+        call, buffers, Stream(stream),
+        [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
+          if (!count) return;
+          std::vector<const void*> inputs;
+          std::vector<void*> outputs;
+          for (const auto& rank : ptrs) {
+            inputs.push_back(rank[0]);
+            outputs.push_back(rank[1]);
+          }
+          if (!across_) {
+            Reduce(inputs, outputs, count, dtype, op, s);
+            return;
+          }
+          // The node's part lands in the leader's output, is combined across nodes there, and is
+          // then copied (for kAvg: divided) into every output of the node.
+          const ReduceOp partial = Partial(op);
+          if (inputs.size() > 1 || inputs[0] != outputs[0]) Reduce(inputs, {outputs[0]}, count, dtype, partial, s);
+          across_->Allreduce(outputs[0], count, dtype, partial, s);
+          if (outputs.size() > 1 || op == ReduceOp::kAvg) Reduce({outputs[0]}, outputs, count, dtype, op, s);
+        },
+        AcrossNodes(call));
   }
 
   void ReduceScatter(const void* send, void* recv, size_t recv_count, DataType dtype, ReduceOp op,
@@ -147,30 +151,33 @@ class LeaderCollectives : public DeviceCollectives {
                                             {recv, block, false, true}};
     const cuda::DeviceCall call{cuda::DeviceCall::kReduceScatter, static_cast<int32_t>(dtype), static_cast<int32_t>(op),
                                 -1, recv_count};
-    group_.Run(call, buffers, Stream(stream), [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
-      if (!recv_count) return;
-      std::vector<const void*> inputs;
-      for (const auto& rank : ptrs) inputs.push_back(rank[0]);
-      if (!across_) {
-        for (size_t owner = 0; owner < ptrs.size(); ++owner) {
-          std::vector<const void*> blocks;
-          for (const void* input : inputs) blocks.push_back(static_cast<const char*>(input) + owner * block);
-          Reduce(blocks, {ptrs[owner][1]}, recv_count, dtype, op, s);
-        }
-        return;
-      }
-      // Across nodes the whole reduction crosses (the leaders' ring is an allreduce), and each
-      // rank of the node takes its block of it.
-      const ReduceOp partial = Partial(op);
-      char* sum = Scratch(block * world_size_, s);
-      Reduce(inputs, {sum}, recv_count * world_size_, dtype, partial, s);
-      across_->Allreduce(sum, recv_count * world_size_, dtype, partial, s);
-      for (size_t local = 0; local < ptrs.size(); ++local) {
-        const int owner = layout_.nodes[layout_.node][local];
-        Reduce({sum + owner * block}, {ptrs[local][1]}, recv_count, dtype, op, s);
-      }
-      ReleaseScratch(s);
-    });
+    group_.Run(
+        call, buffers, Stream(stream),
+        [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
+          if (!recv_count) return;
+          std::vector<const void*> inputs;
+          for (const auto& rank : ptrs) inputs.push_back(rank[0]);
+          if (!across_) {
+            for (size_t owner = 0; owner < ptrs.size(); ++owner) {
+              std::vector<const void*> blocks;
+              for (const void* input : inputs) blocks.push_back(static_cast<const char*>(input) + owner * block);
+              Reduce(blocks, {ptrs[owner][1]}, recv_count, dtype, op, s);
+            }
+            return;
+          }
+          // Across nodes the whole reduction crosses (the leaders' ring is an allreduce), and each
+          // rank of the node takes its block of it.
+          const ReduceOp partial = Partial(op);
+          char* sum = Scratch(block * world_size_, s);
+          Reduce(inputs, {sum}, recv_count * world_size_, dtype, partial, s);
+          across_->Allreduce(sum, recv_count * world_size_, dtype, partial, s);
+          for (size_t local = 0; local < ptrs.size(); ++local) {
+            const int owner = layout_.nodes[layout_.node][local];
+            Reduce({sum + owner * block}, {ptrs[local][1]}, recv_count, dtype, op, s);
+          }
+          ReleaseScratch(s);
+        },
+        AcrossNodes(call));
   }
 
   void Allgather(const void* send, void* recv, size_t send_count, DataType dtype, void* stream) override {
@@ -178,33 +185,36 @@ class LeaderCollectives : public DeviceCollectives {
     std::vector<cuda::BufferRef> buffers = {{const_cast<void*>(send), block, true, false},
                                             {recv, block * world_size_, false, true}};
     const cuda::DeviceCall call{cuda::DeviceCall::kAllgather, static_cast<int32_t>(dtype), -1, -1, send_count};
-    group_.Run(call, buffers, Stream(stream), [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
-      if (!block) return;
-      const auto& mine = layout_.nodes[layout_.node];
-      if (!across_) {
-        for (size_t to = 0; to < ptrs.size(); ++to) {
-          for (size_t from = 0; from < ptrs.size(); ++from)
-            Copy(At(ptrs[to][1], from * block), ptrs[from][0], block, s);
-        }
-        return;
-      }
-      // Node n's blocks travel together: slot n of `all` holds its ranks' blocks in local order,
-      // padded to the widest node.
-      const size_t slot = layout_.widest * block;
-      char* all = Scratch(slot * layout_.nodes.size(), s);
-      for (size_t local = 0; local < mine.size(); ++local) {
-        Copy(all + layout_.node * slot + local * block, ptrs[local][0], block, s);
-      }
-      across_->Allgather(all, slot, s);
-      char* leader_out = static_cast<char*>(ptrs[0][1]);
-      for (size_t n = 0; n < layout_.nodes.size(); ++n) {
-        for (size_t local = 0; local < layout_.nodes[n].size(); ++local) {
-          Copy(leader_out + layout_.nodes[n][local] * block, all + n * slot + local * block, block, s);
-        }
-      }
-      for (size_t local = 1; local < ptrs.size(); ++local) Copy(ptrs[local][1], leader_out, block * world_size_, s);
-      ReleaseScratch(s);
-    });
+    group_.Run(
+        call, buffers, Stream(stream),
+        [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
+          if (!block) return;
+          const auto& mine = layout_.nodes[layout_.node];
+          if (!across_) {
+            for (size_t to = 0; to < ptrs.size(); ++to) {
+              for (size_t from = 0; from < ptrs.size(); ++from)
+                Copy(At(ptrs[to][1], from * block), ptrs[from][0], block, s);
+            }
+            return;
+          }
+          // Node n's blocks travel together: slot n of `all` holds its ranks' blocks in local order,
+          // padded to the widest node.
+          const size_t slot = layout_.widest * block;
+          char* all = Scratch(slot * layout_.nodes.size(), s);
+          for (size_t local = 0; local < mine.size(); ++local) {
+            Copy(all + layout_.node * slot + local * block, ptrs[local][0], block, s);
+          }
+          across_->Allgather(all, slot, s);
+          char* leader_out = static_cast<char*>(ptrs[0][1]);
+          for (size_t n = 0; n < layout_.nodes.size(); ++n) {
+            for (size_t local = 0; local < layout_.nodes[n].size(); ++local) {
+              Copy(leader_out + layout_.nodes[n][local] * block, all + n * slot + local * block, block, s);
+            }
+          }
+          for (size_t local = 1; local < ptrs.size(); ++local) Copy(ptrs[local][1], leader_out, block * world_size_, s);
+          ReleaseScratch(s);
+        },
+        AcrossNodes(call));
   }
 
   void Broadcast(void* buf, size_t count, DataType dtype, int root, void* stream) override {
@@ -212,21 +222,32 @@ class LeaderCollectives : public DeviceCollectives {
     const bool is_root = rank_ == root;
     std::vector<cuda::BufferRef> buffers = {{buf, bytes, is_root, !is_root}};
     const cuda::DeviceCall call{cuda::DeviceCall::kBroadcast, static_cast<int32_t>(dtype), -1, root, count};
-    group_.Run(call, buffers, Stream(stream), [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
-      if (!bytes) return;
-      const bool root_here = layout_.node_of[root] == layout_.node;
-      const int root_local = root_here ? layout_.local_index(root) : 0;
-      if (across_) {
-        // The root's bytes reach this node's leader, then every other buffer of the node.
-        Copy(ptrs[0][0], ptrs[root_local][0], bytes, s);
-        across_->Broadcast(ptrs[0][0], bytes, layout_.node_of[root], s);
-      }
-      for (size_t to = 0; to < ptrs.size(); ++to) Copy(ptrs[to][0], ptrs[root_local][0], bytes, s);
-    });
+    group_.Run(
+        call, buffers, Stream(stream),
+        [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
+          if (!bytes) return;
+          const bool root_here = layout_.node_of[root] == layout_.node;
+          const int root_local = root_here ? layout_.local_index(root) : 0;
+          if (across_) {
+            // The root's bytes reach this node's leader, then every other buffer of the node.
+            Copy(ptrs[0][0], ptrs[root_local][0], bytes, s);
+            across_->Broadcast(ptrs[0][0], bytes, layout_.node_of[root], s);
+          }
+          for (size_t to = 0; to < ptrs.size(); ++to) Copy(ptrs[to][0], ptrs[root_local][0], bytes, s);
+        },
+        AcrossNodes(call));
   }
 
  private:
   static cudaStream_t Stream(void* stream) { return static_cast<cudaStream_t>(stream); }
+
+  // Across nodes, the leaders agree on each call before its data crosses (DeviceGroup::Run).
+  std::function<void(int)> AcrossNodes(const cuda::DeviceCall& call) {
+    if (!across_) return nullptr;
+    return [this, call](int trouble) {
+      across_->Agree(call.Signature(), static_cast<cuda::CrossNode::Trouble>(trouble), call.Describe());
+    };
+  }
 
   // The op each partial result is combined with: an average is a sum until the last step.
   static ReduceOp Partial(ReduceOp op) { return op == ReduceOp::kAvg ? ReduceOp::kSum : op; }

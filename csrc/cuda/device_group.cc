@@ -134,8 +134,20 @@ std::string DeviceCall::Describe() const {
   return out;
 }
 
+uint64_t DeviceCall::Signature() const {
+  uint64_t hash = 14695981039346656037ull;
+  for (uint64_t field : {static_cast<uint64_t>(kind), static_cast<uint64_t>(dtype), static_cast<uint64_t>(op),
+                         static_cast<uint64_t>(root), count}) {
+    for (int byte = 0; byte < 8; ++byte) {
+      hash ^= (field >> (8 * byte)) & 0xFF;
+      hash *= 1099511628211ull;
+    }
+  }
+  return hash;
+}
+
 void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
-                      const LeaderWork& work) {
+                      const LeaderWork& work, const std::function<void(int trouble)>& agree) {
   DeviceGuard guard(device_);
   const int rank = transport_.rank(), size = transport_.size();
   const size_t message_bytes = kHeaderBytes + buffers.size() * sizeof(IpcBuffer);
@@ -187,14 +199,18 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
   exchange_.Collect(&messages, message_bytes);
   std::exception_ptr failure;
   Answer answer = kDone;
+  // The first failure decides the answer; a MismatchError is answered as such.
+  auto fail = [&](Answer why) {
+    if (!failure) {
+      failure = std::current_exception();
+      answer = why;
+    }
+  };
   try {
-    std::vector<std::vector<void*>> mapped(size, std::vector<void*>(buffers.size()));
-    for (size_t i = 0; i < buffers.size(); ++i) mapped[kLeader][i] = buffers[i].ptr;
     for (int peer = 1; peer < size; ++peer) {
       Header header;
       std::memcpy(&header, messages[peer].data(), sizeof header);
       if (!(header.call == call)) {
-        answer = kMismatch;
         throw MismatchError("pycomm: the ranks made different device calls: rank " + std::to_string(peer) + " " +
                             header.call.Describe() + ", rank " + std::to_string(kLeader) + " " + call.Describe());
       }
@@ -203,23 +219,43 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
                         " could not prepare its device buffers (see its error)");
       }
     }
-    for (int peer = 1; peer < size; ++peer) {
-      const auto* records = reinterpret_cast<const IpcBuffer*>(messages[peer].data() + kHeaderBytes);
-      for (size_t i = 0; i < buffers.size(); ++i) {
-        IpcBuffer record;
-        std::memcpy(&record, records + i, sizeof record);
-        mapped[peer][i] = buffers[i].bytes ? importer_.Open(record) : nullptr;
-      }
-      // With stream sync the peer recorded `ready` before sending its handles, so this waits for
-      // its inputs; with host sync they were complete before it sent them.
-      if (sync_ == DeviceSync::kStream) After(peer_ready_[peer], stream, peer);
-    }
-    work(mapped, stream);
-    Check(cudaEventRecord(done_, stream), "cudaEventRecord(done)");
+  } catch (const MismatchError&) {
+    fail(kMismatch);
   } catch (...) {
-    failure = std::current_exception();
+    fail(kFailed);
   }
-  if (failure && answer == kDone) answer = kFailed;
+  // Every node's leader learns whether all nodes can go on, so that none waits for another
+  // that has failed.
+  if (agree) {
+    try {
+      agree(!failure ? 0 : answer == kMismatch ? 2 : 1);
+    } catch (const MismatchError&) {
+      fail(kMismatch);
+    } catch (...) {
+      fail(kFailed);
+    }
+  }
+  if (!failure) {
+    try {
+      std::vector<std::vector<void*>> mapped(size, std::vector<void*>(buffers.size()));
+      for (size_t i = 0; i < buffers.size(); ++i) mapped[kLeader][i] = buffers[i].ptr;
+      for (int peer = 1; peer < size; ++peer) {
+        const auto* records = reinterpret_cast<const IpcBuffer*>(messages[peer].data() + kHeaderBytes);
+        for (size_t i = 0; i < buffers.size(); ++i) {
+          IpcBuffer record;
+          std::memcpy(&record, records + i, sizeof record);
+          mapped[peer][i] = buffers[i].bytes ? importer_.Open(record) : nullptr;
+        }
+        // With stream sync the peer recorded `ready` before sending its handles, so this waits for
+        // its inputs; with host sync they were complete before it sent them.
+        if (sync_ == DeviceSync::kStream) After(peer_ready_[peer], stream, peer);
+      }
+      work(mapped, stream);
+      Check(cudaEventRecord(done_, stream), "cudaEventRecord(done)");
+    } catch (...) {
+      fail(kFailed);
+    }
+  }
   exchange_.Answer(answer);
   if (failure) std::rethrow_exception(failure);
 }

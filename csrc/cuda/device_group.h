@@ -50,6 +50,8 @@ struct DeviceCall {
     return kind == o.kind && dtype == o.dtype && op == o.op && root == o.root && count == o.count;
   }
   std::string Describe() const;
+  // The same on ranks that make the same call (FNV-1a over the fields).
+  uint64_t Signature() const;
 };
 
 // The leader's view of one call: buffers[rank][i] is rank's i-th BufferRef, mapped into the
@@ -80,8 +82,11 @@ class DeviceGroup {
 
   // Runs one collective: every rank passes the same number of buffers, in the same roles.
   // A failure on any rank fails the call on every rank; a rank whose `call` differs from the
-  // leader's gets MismatchError, as does the leader.
-  void Run(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream, const LeaderWork& work);
+  // leader's gets MismatchError, as does the leader. On the leader, `agree` (if any) is told,
+  // before any work, whether the node can go on (0), failed (1) or made mismatched calls (2),
+  // and may throw to stop it: for agreeing with other nodes.
+  void Run(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream, const LeaderWork& work,
+           const std::function<void(int trouble)>& agree = nullptr);
   // Collective: waits until no rank's queued GPU work can still use the group's events or another
   // rank's buffers, so that teardown is safe.
   void Quiesce();

@@ -176,6 +176,19 @@ def check_interface_only(comm, lib, failures):
     failures.check(bool(np.all(lib.to_host(out) == P * P * (P + 1) / 2)), "interface-only out=")
 
 
+def check_mismatch(lib, failures):
+    """Rank 0 reduces 10 elements, the others 20: MismatchError on every rank, no garbage."""
+    if P == 1:
+        return
+    with pycomm.Communicator(timeout=60) as comm:
+        x = lib.to_device(np.ones(10 if RANK == 0 else 20, np.float32))
+        try:
+            comm.allreduce(x, out=x)
+            failures.check(False, "device calls of different counts were not refused")
+        except pycomm.MismatchError as error:
+            failures.check("different device calls" in str(error), f"mismatch message: {error}")
+
+
 def check_unsupported_dtype(comm, lib, failures):
     """A dtype pycomm cannot reduce raises TypeError on the calling rank before anything is sent."""
     x = lib.to_device(np.zeros(4, np.complex64))
@@ -200,6 +213,7 @@ def main():
         # tears down events and IPC mappings that the queued work still uses.
         last = comm.allreduce(lib.to_device(np.full(1 << 22, RANK + 1.0, np.float32)))
     lib.sync()
+    check_mismatch(lib, failures)
     got = lib.to_host(last)
     failures.check(bool(np.all(got == P * (P + 1) / 2)), f"allreduce queued before close: {got[:3]}")
     failures.finish()
