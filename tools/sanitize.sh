@@ -8,7 +8,8 @@
 # 1. builds _core, libpycomm_mpi.so and the C++ test program into build/asan (CMake, gcc);
 # 2. stages a copy of pycomm/ with the sanitized _core and interposer in build/asan/site, first on
 #    PYTHONPATH (nothing is copied into pycomm/, so normal builds are not shadowed);
-# 3. runs the C++ tier (ranks as threads over the loopback transport);
+# 3. runs the C++ tier (ranks as threads over the loopback transport), the device collectives on
+#    the fake CUDA runtime included where the CUDA toolkit is;
 # 4. runs test_api, test_kernels, test_collectives_mpi, test_lifecycle_mpi, test_preload_mpi and
 #    test_train_mpi (not those marked slow or gpu): tools/sanitize/sitecustomize.py preloads
 #    libasan and libubsan into pytest and every Python process it starts, mpirun's ranks included.
@@ -83,6 +84,8 @@ run() { # name, command...
 }
 
 run cpp "$BUILD/pycomm_cpp_tests"
+# Built where the CUDA toolkit's headers are: the device collectives on the fake CUDA runtime.
+if [[ -x $BUILD/pycomm_device_fake_tests ]]; then run cpp-device "$BUILD/pycomm_device_fake_tests"; fi
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider --durations=5 -m "not slow and not gpu" "$@")
 run api "${PYTEST[@]}" tests/test_api.py tests/test_kernels.py
 run collectives "${PYTEST[@]}" tests/test_collectives_mpi.py

@@ -2,6 +2,7 @@
 // against a serial reference over many sizes, rank counts and chunk sizes, quickly and without
 // MPI. Prints "N passed, N failed" and exits non-zero on any failure.
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -23,7 +24,8 @@ using pycomm::Communicator;
 using pycomm::DataType;
 using pycomm::ReduceOp;
 
-int g_passed = 0, g_failed = 0;
+// Ranks are threads, and each checks its own results.
+std::atomic<int> g_passed{0}, g_failed{0};
 
 void Expect(bool ok, const std::string& what) {
   if (ok) {
@@ -343,6 +345,6 @@ int main() {
   }
   TestTimeout();
   TestLeaderExchangeMismatch();
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
+  std::printf("%d passed, %d failed\n", g_passed.load(), g_failed.load());
   return g_failed ? 1 : 0;
 }

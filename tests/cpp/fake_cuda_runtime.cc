@@ -1,0 +1,190 @@
+// A stand-in for the CUDA runtime (and the one driver call pycomm makes) so that the device
+// collectives' host-side logic runs on machines with no GPU: the leader protocol, the hand-off,
+// the layouts across nodes, the host staging between node leaders. Ranks are threads of one
+// process, so "device memory" is ordinary memory, an IPC handle carries a pointer, every copy
+// is done at once and every event has always completed. What it cannot show (asynchrony, real
+// IPC, the kernels) only a GPU run can: bench/gpu_check.sh.
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "cuda/reduce_kernels.h"
+#include "reduce/reduce.h"
+
+namespace {
+
+struct Allocation {
+  size_t size;
+  unsigned long long id;
+};
+
+std::mutex g_mutex;
+std::map<char*, Allocation> g_device;  // by base address
+unsigned long long g_next_id = 1;
+
+// The allocation holding `p`, if it is fake device memory.
+bool Find(const void* p, char** base, Allocation* a) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_device.upper_bound(static_cast<char*>(const_cast<void*>(p)));
+  if (it == g_device.begin()) return false;
+  --it;
+  if (static_cast<const char*>(p) >= it->first + it->second.size) return false;
+  *base = it->first;
+  *a = it->second;
+  return true;
+}
+
+CUresult FakePointerGetAttributes(unsigned int n, CUpointer_attribute* attributes, void** data, CUdeviceptr ptr) {
+  char* base = nullptr;
+  Allocation a{};
+  const bool found = Find(reinterpret_cast<void*>(ptr), &base, &a);
+  for (unsigned i = 0; i < n; ++i) {
+    switch (attributes[i]) {
+      case CU_POINTER_ATTRIBUTE_RANGE_START_ADDR:
+        *static_cast<CUdeviceptr*>(data[i]) = found ? reinterpret_cast<CUdeviceptr>(base) : 0;
+        break;
+      case CU_POINTER_ATTRIBUTE_RANGE_SIZE:
+        *static_cast<size_t*>(data[i]) = found ? a.size : 0;
+        break;
+      case CU_POINTER_ATTRIBUTE_BUFFER_ID:
+        *static_cast<unsigned long long*>(data[i]) = found ? a.id : 0;
+        break;
+      default:
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+  }
+  return CUDA_SUCCESS;
+}
+
+struct FakeEvent {
+  int unused = 0;
+};
+// Events are shared between "processes" through IPC handles and destroyed by both sides: they
+// live until the program ends instead of being freed twice.
+std::vector<std::unique_ptr<FakeEvent>> g_events;
+
+}  // namespace
+
+extern "C" {
+
+cudaError_t cudaMalloc(void** ptr, size_t size) {
+  char* p = static_cast<char*>(std::aligned_alloc(256, (size + 255) / 256 * 256 + 256));
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_device[p] = Allocation{size ? size : 1, g_next_id++};
+  *ptr = p;
+  return cudaSuccess;
+}
+
+cudaError_t cudaFree(void* ptr) {
+  if (!ptr) return cudaSuccess;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    g_device.erase(static_cast<char*>(ptr));
+  }
+  std::free(ptr);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMallocHost(void** ptr, size_t size) {
+  *ptr = std::aligned_alloc(256, (size + 255) / 256 * 256 + 256);
+  return cudaSuccess;
+}
+
+cudaError_t cudaFreeHost(void* ptr) {
+  std::free(ptr);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind, cudaStream_t) {
+  std::memmove(dst, src, count);
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_events.push_back(std::make_unique<FakeEvent>());
+  *event = reinterpret_cast<cudaEvent_t>(g_events.back().get());
+  return cudaSuccess;
+}
+cudaError_t cudaEventDestroy(cudaEvent_t) { return cudaSuccess; }
+cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
+cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned int) { return cudaSuccess; }
+cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+
+cudaError_t cudaIpcGetEventHandle(cudaIpcEventHandle_t* handle, cudaEvent_t event) {
+  std::memset(handle, 0, sizeof *handle);
+  std::memcpy(handle, &event, sizeof event);
+  return cudaSuccess;
+}
+cudaError_t cudaIpcOpenEventHandle(cudaEvent_t* event, cudaIpcEventHandle_t handle) {
+  std::memcpy(event, &handle, sizeof *event);
+  return cudaSuccess;
+}
+cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t* handle, void* ptr) {
+  char* base = nullptr;
+  Allocation a{};
+  if (!Find(ptr, &base, &a) || base != ptr) return cudaErrorInvalidValue;
+  std::memset(handle, 0, sizeof *handle);
+  std::memcpy(handle, &ptr, sizeof ptr);
+  std::memcpy(reinterpret_cast<char*>(handle) + sizeof ptr, &a.id, sizeof a.id);  // distinct per allocation
+  return cudaSuccess;
+}
+cudaError_t cudaIpcOpenMemHandle(void** ptr, cudaIpcMemHandle_t handle, unsigned int) {
+  std::memcpy(ptr, &handle, sizeof *ptr);
+  return cudaSuccess;
+}
+cudaError_t cudaIpcCloseMemHandle(void*) { return cudaSuccess; }
+
+cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attributes, const void* ptr) {
+  char* base = nullptr;
+  Allocation a{};
+  *attributes = cudaPointerAttributes{};
+  attributes->type = Find(ptr, &base, &a) ? cudaMemoryTypeDevice : cudaMemoryTypeUnregistered;
+  attributes->device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+const char* cudaGetErrorString(cudaError_t) { return "fake CUDA runtime error"; }
+
+cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned int, unsigned long long,
+                                             cudaDriverEntryPointQueryResult* status) {
+  const bool known = std::strcmp(symbol, "cuPointerGetAttributes") == 0;
+  *fn = known ? reinterpret_cast<void*>(&FakePointerGetAttributes) : nullptr;
+  if (status) *status = known ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
+  return cudaSuccess;
+}
+
+}  // extern "C"
+
+namespace pycomm::cuda {
+
+// The kernels' contract (reduce_kernels.h) on the CPU kernels: inputs reduced in order, the
+// result (for kAvg divided by avg_divisor) written to every output; an output may be an input.
+cudaError_t LaunchReduce(const void* const* inputs, int num_inputs, void* const* outputs, int num_outputs, size_t n,
+                         DataType dtype, ReduceOp op, int avg_divisor, cudaStream_t) {
+  if (num_inputs < 1 || num_inputs > kMaxReduceInputs || num_outputs > kMaxReduceOutputs) return cudaErrorInvalidValue;
+  const size_t bytes = n * DataTypeSize(dtype);
+  std::vector<char> acc(static_cast<const char*>(inputs[0]), static_cast<const char*>(inputs[0]) + bytes);
+  const ReduceFn fn = GetReduceFn(dtype, op == ReduceOp::kAvg ? ReduceOp::kSum : op);
+  for (int k = 1; k < num_inputs; ++k) fn(acc.data(), inputs[k], acc.data(), n);
+  if (op == ReduceOp::kAvg) ScaleDown(acc.data(), n, dtype, avg_divisor);
+  for (int k = 0; k < num_outputs; ++k) std::memcpy(outputs[k], acc.data(), bytes);
+  return cudaSuccess;
+}
+
+}  // namespace pycomm::cuda

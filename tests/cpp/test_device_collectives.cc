@@ -1,0 +1,228 @@
+// C++ tier for the device collectives, on the fake CUDA runtime (fake_cuda_runtime.cc): ranks are
+// threads, each node's ranks share a loopback transport, the node leaders another one, and the
+// whole communicator's transport says which node each rank is on. Checks every collective against
+// a serial reference on one node (up to 10 ranks: several fused passes) and across nodes (even,
+// one rank each, uneven), several pieces of host staging included, and that ranks making
+// different calls all get MismatchError. Prints "N passed, N failed".
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/device.h"
+#include "core/hierarchy.h"
+#include "transport/loopback.h"
+
+namespace {
+
+using pycomm::DataType;
+using pycomm::ReduceOp;
+using pycomm::Transport;
+
+// Ranks are threads, and each checks its own results.
+std::atomic<int> g_passed{0}, g_failed{0};
+
+void Expect(bool ok, const std::string& what) {
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::printf("FAIL: %s\n", what.c_str());
+  }
+}
+
+// The whole communicator's transport, with ranks placed on nodes.
+class PlacedTransport : public Transport {
+ public:
+  PlacedTransport(std::unique_ptr<Transport> inner, std::vector<int> node_of)
+      : inner_(std::move(inner)), node_of_(std::move(node_of)) {}
+  int rank() const override { return inner_->rank(); }
+  int size() const override { return inner_->size(); }
+  std::unique_ptr<pycomm::Request> Isend(int peer, const void* buf, size_t bytes) override {
+    return inner_->Isend(peer, buf, bytes);
+  }
+  std::unique_ptr<pycomm::Request> Irecv(int peer, void* buf, size_t bytes) override {
+    return inner_->Irecv(peer, buf, bytes);
+  }
+  const char* name() const override { return "placed"; }
+  // On one node it is the node's transport, arena included.
+  pycomm::SharedArena* arena() override { return single_node() ? inner_->arena() : nullptr; }
+  int node_of(int rank) const override { return node_of_[rank]; }
+
+ private:
+  bool single_node() const {
+    for (int n : node_of_) {
+      if (n != 0) return false;
+    }
+    return true;
+  }
+  std::unique_ptr<Transport> inner_;
+  std::vector<int> node_of_;
+};
+
+template <typename T>
+T* DeviceArray(const std::vector<T>& host) {
+  void* p = nullptr;
+  cudaMalloc(&p, host.size() * sizeof(T) + 1);
+  if (!host.empty()) std::memcpy(p, host.data(), host.size() * sizeof(T));
+  return static_cast<T*>(p);
+}
+
+// What every rank runs: body(rank, collectives) on threads, with the groups that a communicator
+// would have built (the hierarchy's node group and the leaders' group) for the placement.
+void RunPlaced(const std::vector<int>& node_of, const std::function<void(int rank, pycomm::DeviceCollectives&)>& body) {
+  const int P = static_cast<int>(node_of.size());
+  int nodes = 0;
+  for (int n : node_of) nodes = std::max(nodes, n + 1);
+  std::vector<std::vector<int>> members(nodes);
+  for (int r = 0; r < P; ++r) members[node_of[r]].push_back(r);
+  auto world = pycomm::CreateLoopbackTransports(P);
+  std::vector<std::vector<std::unique_ptr<Transport>>> node_transports(nodes);
+  for (int n = 0; n < nodes; ++n) node_transports[n] = pycomm::CreateLoopbackTransports(members[n].size());
+  auto leaders = pycomm::CreateLoopbackTransports(nodes);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < P; ++r) {
+    threads.emplace_back([&, r] {
+      PlacedTransport placed(std::move(world[r]), node_of);
+      std::unique_ptr<pycomm::Hierarchy> hierarchy;
+      uint64_t arena_seq = 0;
+      if (nodes > 1) {
+        hierarchy = std::make_unique<pycomm::Hierarchy>();
+        const auto& mine = members[node_of[r]];
+        const int local = static_cast<int>(std::find(mine.begin(), mine.end(), r) - mine.begin());
+        if (mine.size() > 1) hierarchy->node = std::move(node_transports[node_of[r]][local]);
+        hierarchy->across.resize(1);
+        if (local == 0) hierarchy->across[0] = std::move(leaders[node_of[r]]);
+      }
+      try {
+        auto collectives = pycomm::CreateDeviceCollectives(placed, &arena_seq, hierarchy.get(), 0, 4096, 30);
+        body(r, *collectives);
+        collectives->Quiesce();
+      } catch (const std::exception& e) {
+        Expect(false, std::string("rank ") + std::to_string(r) + " threw: " + e.what());
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+}
+
+std::string Layout(const std::vector<int>& node_of) {
+  std::string s = "[";
+  for (int n : node_of) s += std::to_string(n);
+  return s + "]";
+}
+
+bool Same(const void* a, const void* b, size_t bytes) { return bytes == 0 || std::memcmp(a, b, bytes) == 0; }
+
+int64_t Value(int rank, size_t i) { return static_cast<int64_t>((rank + 1) * 1000 + i % 977) - 500; }
+
+void TestAllreduce(const std::vector<int>& node_of, size_t n) {
+  const int P = static_cast<int>(node_of.size());
+  std::vector<int64_t> sum(n, 0);
+  std::vector<float> avg(n, 0);
+  for (int r = 0; r < P; ++r) {
+    for (size_t i = 0; i < n; ++i) sum[i] += Value(r, i);
+  }
+  for (size_t i = 0; i < n; ++i) avg[i] = static_cast<float>(sum[i]) / static_cast<float>(P);
+  RunPlaced(node_of, [&](int r, pycomm::DeviceCollectives& c) {
+    std::vector<int64_t> in(n);
+    std::vector<float> fin(n);
+    for (size_t i = 0; i < n; ++i) in[i] = Value(r, i), fin[i] = static_cast<float>(Value(r, i));
+    int64_t* a = DeviceArray(in);
+    int64_t* out = DeviceArray(std::vector<int64_t>(n, -1));
+    c.Allreduce(a, out, n, DataType::kInt64, ReduceOp::kSum, nullptr);
+    Expect(Same(out, sum.data(), n * 8), "allreduce " + Layout(node_of) + " n=" + std::to_string(n));
+    c.Allreduce(a, a, n, DataType::kInt64, ReduceOp::kSum, nullptr);
+    Expect(Same(a, sum.data(), n * 8), "in place " + Layout(node_of) + " n=" + std::to_string(n));
+    float* f = DeviceArray(fin);
+    c.Allreduce(f, f, n, DataType::kFloat32, ReduceOp::kAvg, nullptr);
+    Expect(Same(f, avg.data(), n * 4), "avg " + Layout(node_of) + " n=" + std::to_string(n));
+    cudaFree(a), cudaFree(out), cudaFree(f);
+  });
+}
+
+void TestOthers(const std::vector<int>& node_of, size_t block) {
+  const int P = static_cast<int>(node_of.size());
+  const std::string where = Layout(node_of) + " block=" + std::to_string(block);
+  RunPlaced(node_of, [&](int r, pycomm::DeviceCollectives& c) {
+    std::vector<int64_t> in(block * P);
+    for (size_t i = 0; i < in.size(); ++i) in[i] = Value(r, i);
+    int64_t* x = DeviceArray(in);
+    int64_t* mine = DeviceArray(std::vector<int64_t>(block, -1));
+    c.ReduceScatter(x, mine, block, DataType::kInt64, ReduceOp::kSum, nullptr);
+    bool ok = true;
+    for (size_t i = 0; i < block; ++i) {
+      int64_t want = 0;
+      for (int q = 0; q < P; ++q) want += Value(q, r * block + i);
+      ok = ok && mine[i] == want;
+    }
+    Expect(ok, "reduce_scatter " + where);
+
+    int64_t* all = DeviceArray(std::vector<int64_t>(block * P, -1));
+    c.Allgather(x, all, block, DataType::kInt64, nullptr);
+    ok = true;
+    for (int q = 0; q < P; ++q) {
+      for (size_t i = 0; i < block; ++i) ok = ok && all[q * block + i] == Value(q, i);
+    }
+    Expect(ok, "allgather " + where);
+
+    for (int root = 0; root < P; ++root) {
+      std::vector<int64_t> mine_in(block);
+      for (size_t i = 0; i < block; ++i) mine_in[i] = Value(r + 7, i);
+      int64_t* buf = DeviceArray(mine_in);
+      c.Broadcast(buf, block, DataType::kInt64, root, nullptr);
+      ok = true;
+      for (size_t i = 0; i < block; ++i) ok = ok && buf[i] == Value(root + 7, i);
+      Expect(ok, "broadcast root " + std::to_string(root) + " " + where);
+      cudaFree(buf);
+    }
+    cudaFree(x), cudaFree(mine), cudaFree(all);
+  });
+}
+
+// Rank 0 reduces 10 elements, every other rank 20: MismatchError everywhere, on one node or several.
+void TestMismatch(const std::vector<int>& node_of) {
+  const int P = static_cast<int>(node_of.size());
+  std::vector<int> mismatched(P, 0);
+  RunPlaced(node_of, [&](int r, pycomm::DeviceCollectives& c) {
+    int64_t* a = DeviceArray(std::vector<int64_t>(20, 1));
+    try {
+      c.Allreduce(a, a, r == 0 ? 10 : 20, DataType::kInt64, ReduceOp::kSum, nullptr);
+    } catch (const pycomm::MismatchError&) {
+      mismatched[r] = 1;
+    }
+    cudaFree(a);
+  });
+  for (int r = 0; r < P; ++r) Expect(mismatched[r] == 1, "mismatch " + Layout(node_of) + " rank " + std::to_string(r));
+}
+
+}  // namespace
+
+int main() {
+  const std::vector<std::vector<int>> layouts = {
+      {0},          {0, 0},       {0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0},  // one node; 10 ranks: several passes
+      {0, 0, 1, 1}, {0, 1, 2, 3}, {0, 0, 1},    {0, 1, 1, 0},  // nodes: even, one rank each, uneven, interleaved
+  };
+  for (const auto& layout : layouts) {
+    for (size_t n : {size_t{0}, size_t{1}, size_t{1000}, size_t{(4 << 20) / 8 * 2 + 3}}) TestAllreduce(layout, n);
+    for (size_t block : {size_t{0}, size_t{1}, size_t{333}}) TestOthers(layout, block);
+    if (layout.size() > 1) TestMismatch(layout);
+  }
+  // Ordered by IPC events on the streams instead of on the host.
+  setenv("PYCOMM_GPU_SYNC", "stream", 1);
+  for (const auto& layout : {std::vector<int>{0, 0, 0}, std::vector<int>{0, 0, 1}}) {
+    TestAllreduce(layout, 1000);
+    TestOthers(layout, 5);
+  }
+  std::printf("%d passed, %d failed\n", g_passed.load(), g_failed.load());
+  return g_failed ? 1 : 0;
+}
