@@ -189,6 +189,26 @@ void TestOthers(const std::vector<int>& node_of, size_t block) {
   });
 }
 
+// Memory that CUDA IPC cannot export (stream-ordered pools; here: memory the fake runtime did not
+// allocate) goes through the group's exportable staging buffer.
+void TestUnexportableMemory(const std::vector<int>& node_of) {
+  const int P = static_cast<int>(node_of.size());
+  const size_t n = 5000;
+  RunPlaced(node_of, [&](int r, pycomm::DeviceCollectives& c) {
+    std::vector<int64_t> a(n), out(n, -1);
+    for (size_t i = 0; i < n; ++i) a[i] = Value(r, i);
+    c.Allreduce(a.data(), out.data(), n, DataType::kInt64, ReduceOp::kSum, nullptr);
+    c.Allreduce(a.data(), a.data(), n, DataType::kInt64, ReduceOp::kSum, nullptr);
+    bool ok = true;
+    for (size_t i = 0; i < n; ++i) {
+      int64_t want = 0;
+      for (int q = 0; q < P; ++q) want += Value(q, i);
+      ok = ok && out[i] == want && a[i] == want;
+    }
+    Expect(ok, "unexportable memory " + Layout(node_of));
+  });
+}
+
 // Rank 0 reduces 10 elements, every other rank 20: MismatchError everywhere, on one node or several.
 void TestMismatch(const std::vector<int>& node_of) {
   const int P = static_cast<int>(node_of.size());
@@ -216,6 +236,7 @@ int main() {
     for (size_t n : {size_t{0}, size_t{1}, size_t{1000}, size_t{(4 << 20) / 8 * 2 + 3}}) TestAllreduce(layout, n);
     for (size_t block : {size_t{0}, size_t{1}, size_t{333}}) TestOthers(layout, block);
     if (layout.size() > 1) TestMismatch(layout);
+    TestUnexportableMemory(layout);
   }
   // Ordered by IPC events on the streams instead of on the host.
   setenv("PYCOMM_GPU_SYNC", "stream", 1);
