@@ -196,10 +196,10 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
 
   // The leader: its own buffers need no IPC; every peer's arrive as handles.
   std::vector<std::vector<char>> messages;
-  exchange_.Collect(&messages, message_bytes);
   std::exception_ptr failure;
   Answer answer = kDone;
-  // The first failure decides the answer; a MismatchError is answered as such.
+  // The first failure decides the answer; a MismatchError is answered as such. Every failure
+  // still reaches the agreement with other nodes and the answer to this node's peers.
   auto fail = [&](Answer why) {
     if (!failure) {
       failure = std::current_exception();
@@ -207,6 +207,7 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
     }
   };
   try {
+    exchange_.Collect(&messages, message_bytes);
     for (int peer = 1; peer < size; ++peer) {
       Header header;
       std::memcpy(&header, messages[peer].data(), sizeof header);

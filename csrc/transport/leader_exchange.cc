@@ -64,28 +64,26 @@ void LeaderExchange::Collect(std::vector<std::vector<char>>* messages, size_t by
   const int size = transport_.size();
   messages->assign(size, std::vector<char>(bytes));
   if (!arena_ || bytes > arena_->slot_bytes()) {
+    answer_seq_ = 0;  // Answer sends messages
     std::vector<std::unique_ptr<Request>> recvs;
     for (int peer = 1; peer < size; ++peer) recvs.push_back(transport_.Irecv(peer, (*messages)[peer].data(), bytes));
     WaitAll(recvs, timeout_s_);
-    answer_seq_ = 0;
     return;
   }
   const uint64_t round = ++*arena_seq_;
   ++*arena_seq_;
+  answer_seq_ = round + 1;  // where Answer goes, whatever happens below
   arena_->Post(round, HandoffInfo(bytes));
   arena_->WaitAll(round, timeout_s_);
   for (int peer = 1; peer < size; ++peer) {
     const SharedArena::CallInfo info = arena_->info(peer, round);
     if (info.kind != SharedArena::kDeviceHandoff || info.count != bytes) {
-      // Answered first, so that the peer fails too instead of waiting for an answer.
-      answer_seq_ = round + 1;
-      Answer(kMismatch);
+      // The caller still answers (kMismatch), so that the peers fail too.
       throw MismatchError("pycomm: rank " + std::to_string(peer) +
                           " made another call than the leader's device collective");
     }
     std::memcpy((*messages)[peer].data(), arena_->slot(peer, round), bytes);
   }
-  answer_seq_ = round + 1;
 }
 
 void LeaderExchange::Answer(char answer) {

@@ -26,7 +26,7 @@ class LeaderExchange {
   char Hand(const void* message, size_t bytes);
   // On the leader: every rank's message (messages[0], the leader's own, is left empty). Through
   // the arena, a peer that made another call (another size, or not a hand-off) makes this throw
-  // MismatchError after answering kMismatch.
+  // MismatchError; the leader must still Answer (kMismatch), as after every Collect.
   void Collect(std::vector<std::vector<char>>* messages, size_t bytes);
   static constexpr char kMismatch = 2;
   // On the leader, after Collect: answers every peer.

@@ -289,6 +289,7 @@ void TestLeaderExchangeMismatch() {
     } catch (const pycomm::MismatchError&) {
       leader_saw = true;
     }
+    leader.Answer(pycomm::LeaderExchange::kMismatch);
   });
   std::vector<char> message(16, 1);
   answer = peer.Hand(message.data(), message.size());

@@ -209,20 +209,28 @@ void TestUnexportableMemory(const std::vector<int>& node_of) {
   });
 }
 
-// Rank 0 reduces 10 elements, every other rank 20: MismatchError everywhere, on one node or several.
-void TestMismatch(const std::vector<int>& node_of) {
+// Rank 0 reduces 10 elements where every other rank reduces 20 (the same hand-off, another call),
+// or rank 1 broadcasts (another hand-off size): MismatchError everywhere, on one node or several.
+void TestMismatch(const std::vector<int>& node_of, bool other_kind) {
   const int P = static_cast<int>(node_of.size());
   std::vector<int> mismatched(P, 0);
   RunPlaced(node_of, [&](int r, pycomm::DeviceCollectives& c) {
     int64_t* a = DeviceArray(std::vector<int64_t>(20, 1));
     try {
-      c.Allreduce(a, a, r == 0 ? 10 : 20, DataType::kInt64, ReduceOp::kSum, nullptr);
+      if (other_kind && r == 1) {
+        c.Broadcast(a, 20, DataType::kInt64, 0, nullptr);
+      } else {
+        c.Allreduce(a, a, !other_kind && r == 0 ? 10 : 20, DataType::kInt64, ReduceOp::kSum, nullptr);
+      }
     } catch (const pycomm::MismatchError&) {
       mismatched[r] = 1;
     }
     cudaFree(a);
   });
-  for (int r = 0; r < P; ++r) Expect(mismatched[r] == 1, "mismatch " + Layout(node_of) + " rank " + std::to_string(r));
+  for (int r = 0; r < P; ++r) {
+    Expect(mismatched[r] == 1, std::string(other_kind ? "broadcast vs allreduce " : "count mismatch ") +
+                                   Layout(node_of) + " rank " + std::to_string(r));
+  }
 }
 
 }  // namespace
@@ -235,7 +243,7 @@ int main() {
   for (const auto& layout : layouts) {
     for (size_t n : {size_t{0}, size_t{1}, size_t{1000}, size_t{(4 << 20) / 8 * 2 + 3}}) TestAllreduce(layout, n);
     for (size_t block : {size_t{0}, size_t{1}, size_t{333}}) TestOthers(layout, block);
-    if (layout.size() > 1) TestMismatch(layout);
+    if (layout.size() > 1) TestMismatch(layout, false), TestMismatch(layout, true);
     TestUnexportableMemory(layout);
   }
   // Ordered by IPC events on the streams instead of on the host.
