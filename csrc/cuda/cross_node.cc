@@ -16,24 +16,14 @@ namespace {
 // copies of the next piece overlap most of the ring.
 constexpr size_t kPieceBytes = 4 << 20;
 
-// What each leader can do, agreed by taking the minimum over leaders.
-enum PathVote : int32_t { kVoteHost = 1, kVoteMpi = 2 };
-
 }  // namespace
 
-CrossNode::CrossNode(Transport& leaders, size_t chunk_bytes, double timeout_s, CrossNodePath path)
+CrossNode::CrossNode(Transport& leaders, size_t chunk_bytes, double timeout_s, bool through_mpi)
     : leaders_(leaders),
       chunk_bytes_(std::max(chunk_bytes, kMinChunkBytes)),
       timeout_s_(timeout_s),
+      through_mpi_(through_mpi),
       ring_scratch_(kPipelineDepth * chunk_bytes_) {
-  const bool cuda_aware = leaders_.accepts_device_memory();
-  int32_t vote = (path == CrossNodePath::kHost || !cuda_aware) ? kVoteHost : kVoteMpi;
-  AllreduceRing(Context(), &vote, &vote, 1, DataType::kInt32, ReduceOp::kMin);
-  through_mpi_ = vote == kVoteMpi;
-  if (path == CrossNodePath::kMpi && !through_mpi_) {
-    // Only where nodes run different MPIs: every leader learns it from the vote.
-    throw CommError("pycomm: PYCOMM_GPU_INTER_NODE=mpi, but some node's MPI is not CUDA-aware");
-  }
   constexpr unsigned kFlags = cudaEventDisableTiming;
   for (cudaEvent_t& event : copied_) Check(cudaEventCreateWithFlags(&event, kFlags), "cudaEventCreateWithFlags");
   Check(cudaEventCreateWithFlags(&pinned_free_, kFlags), "cudaEventCreateWithFlags");
@@ -79,6 +69,11 @@ void CrossNode::Agree(uint64_t signature, Trouble trouble, const std::string& ca
   }
 }
 
+size_t CrossNode::AllreducePinnedBytes(size_t count, DataType dtype) {
+  const size_t es = DataTypeSize(dtype);
+  return 2 * std::min(count, std::max<size_t>(1, kPieceBytes / es)) * es;
+}
+
 void CrossNode::Allreduce(void* data, size_t count, DataType dtype, ReduceOp op, cudaStream_t stream) {
   if (!count || nodes() == 1) return;
   if (op == ReduceOp::kAvg) throw std::logic_error("CrossNode::Allreduce: sum, then divide once");
@@ -92,10 +87,10 @@ void CrossNode::Allreduce(void* data, size_t count, DataType dtype, ReduceOp op,
     // sees the same dtype, so all of them take the same path).
   }
   const size_t es = DataTypeSize(dtype);
-  const size_t piece_count = std::max<size_t>(1, kPieceBytes / es);
+  const size_t piece_count = std::min(count, std::max<size_t>(1, kPieceBytes / es));
   const size_t pieces = (count + piece_count - 1) / piece_count;
   char* device = static_cast<char*>(data);
-  char* host = Pinned(2 * piece_count * es, stream);
+  char* host = Pinned(AllreducePinnedBytes(count, dtype), stream);
   auto elements = [&](size_t piece) { return std::min(piece_count, count - piece * piece_count); };
   auto buffer = [&](size_t piece) { return host + (piece % 2) * piece_count * es; };
   // Piece i goes to buffer i % 2. Everything is on one stream, so the copy of piece i + 2 into a
@@ -121,7 +116,7 @@ void CrossNode::Allreduce(void* data, size_t count, DataType dtype, ReduceOp op,
 
 void CrossNode::Broadcast(void* data, size_t bytes, int root, cudaStream_t stream) {
   if (!bytes || nodes() == 1) return;
-  char* host = Pinned(bytes, stream);
+  char* host = Pinned(BroadcastPinnedBytes(bytes), stream);
   if (node() == root) {
     Check(cudaMemcpyAsync(host, data, bytes, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync(to host)");
   }
@@ -135,7 +130,7 @@ void CrossNode::Broadcast(void* data, size_t bytes, int root, cudaStream_t strea
 
 void CrossNode::Allgather(void* data, size_t block, cudaStream_t stream) {
   if (!block || nodes() == 1) return;
-  char* host = Pinned(block * nodes(), stream);
+  char* host = Pinned(AllgatherPinnedBytes(block), stream);
   char* device = static_cast<char*>(data);
   char* own = host + static_cast<size_t>(node()) * block;
   Check(cudaMemcpyAsync(own, device + static_cast<size_t>(node()) * block, block, cudaMemcpyDeviceToHost, stream),

@@ -20,16 +20,12 @@
 
 namespace pycomm::cuda {
 
-// PYCOMM_GPU_INTER_NODE: `mpi` needs a CUDA-aware MPI, `host` always stages, `auto` takes MPI
-// when the MPI reports CUDA support.
-enum class CrossNodePath { kAuto, kMpi, kHost };
-
 class CrossNode {
  public:
-  // `leaders` holds one rank per node, in node order, and outlives this. Collective over it: the
-  // leaders agree on the path, so that none runs MPI's allreduce while another runs the ring.
-  // Creates events on the current device.
-  CrossNode(Transport& leaders, size_t chunk_bytes, double timeout_s, CrossNodePath path);
+  // `leaders` holds one rank per node, in node order, and outlives this. `through_mpi`: MPI moves
+  // GPU memory itself (a CUDA-aware MPI), the same on every leader. Creates events on the current
+  // device; no communication.
+  CrossNode(Transport& leaders, size_t chunk_bytes, double timeout_s, bool through_mpi);
   ~CrossNode();
   CrossNode(const CrossNode&) = delete;
   CrossNode& operator=(const CrossNode&) = delete;
@@ -44,6 +40,13 @@ class CrossNode {
   // CommError if some node failed. Before every call's data crosses, so that no leader waits
   // for one that has failed. A leader with trouble of its own returns and raises its own error.
   void Agree(uint64_t signature, Trouble trouble, const std::string& call);
+
+  // Pinned host memory for a call to come (the sizes below), reserved before Agree so that a
+  // failure to get it is agreed on too.
+  void ReservePinned(size_t bytes) { pinned_.Reserve(bytes); }
+  static size_t AllreducePinnedBytes(size_t count, DataType dtype);
+  static size_t BroadcastPinnedBytes(size_t bytes) { return bytes; }
+  size_t AllgatherPinnedBytes(size_t block) const { return block * nodes(); }
 
   // Each leader's `data` (GPU memory, `count` elements) becomes the reduction over all leaders,
   // the same bits on every leader. `op` must not be kAvg: the caller sums and divides once.

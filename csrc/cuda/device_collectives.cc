@@ -53,11 +53,15 @@ cuda::DeviceSync SyncFromEnvironment() {
   throw std::invalid_argument("pycomm: PYCOMM_GPU_SYNC must be stream or host, got " + value);
 }
 
-cuda::CrossNodePath CrossNodeFromEnvironment() {
+// PYCOMM_GPU_INTER_NODE: `mpi` needs a CUDA-aware MPI, `host` always stages through pinned host
+// memory, `auto` takes MPI when every node's MPI reports CUDA support.
+enum class CrossNodePath { kAuto, kMpi, kHost };
+
+CrossNodePath CrossNodeFromEnvironment() {
   const std::string value = Setting("PYCOMM_GPU_INTER_NODE");
-  if (value.empty() || value == "auto") return cuda::CrossNodePath::kAuto;
-  if (value == "mpi") return cuda::CrossNodePath::kMpi;
-  if (value == "host") return cuda::CrossNodePath::kHost;
+  if (value.empty() || value == "auto") return CrossNodePath::kAuto;
+  if (value == "mpi") return CrossNodePath::kMpi;
+  if (value == "host") return CrossNodePath::kHost;
   throw std::invalid_argument("pycomm: PYCOMM_GPU_INTER_NODE must be auto, mpi or host, got " + value);
 }
 
@@ -100,9 +104,9 @@ class LeaderCollectives : public DeviceCollectives {
 
   // On a node's leader, when the communicator spans several nodes: `leaders` (one rank per
   // node, in node order) outlives this.
-  void ConnectNodes(Transport& leaders, size_t chunk_bytes, double timeout_s, cuda::CrossNodePath path) {
+  void ConnectNodes(Transport& leaders, size_t chunk_bytes, double timeout_s, bool through_mpi) {
     cuda::DeviceGuard guard(group_.device());  // the events below belong to this rank's GPU
-    across_ = std::make_unique<cuda::CrossNode>(leaders, chunk_bytes, timeout_s, path);
+    across_ = std::make_unique<cuda::CrossNode>(leaders, chunk_bytes, timeout_s, through_mpi);
     cuda::Check(cudaEventCreateWithFlags(&scratch_free_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
   }
 
@@ -141,7 +145,7 @@ class LeaderCollectives : public DeviceCollectives {
           across_->Allreduce(outputs[0], count, dtype, partial, s);
           if (outputs.size() > 1 || op == ReduceOp::kAvg) Reduce({outputs[0]}, outputs, count, dtype, op, s);
         },
-        AcrossNodes(call));
+        AcrossNodes(call, 0, cuda::CrossNode::AllreducePinnedBytes(count, dtype)));
   }
 
   void ReduceScatter(const void* send, void* recv, size_t recv_count, DataType dtype, ReduceOp op,
@@ -177,7 +181,7 @@ class LeaderCollectives : public DeviceCollectives {
           }
           ReleaseScratch(s);
         },
-        AcrossNodes(call));
+        AcrossNodes(call, block * world_size_, cuda::CrossNode::AllreducePinnedBytes(recv_count * world_size_, dtype)));
   }
 
   void Allgather(const void* send, void* recv, size_t send_count, DataType dtype, void* stream) override {
@@ -214,7 +218,8 @@ class LeaderCollectives : public DeviceCollectives {
           for (size_t local = 1; local < ptrs.size(); ++local) Copy(ptrs[local][1], leader_out, block * world_size_, s);
           ReleaseScratch(s);
         },
-        AcrossNodes(call));
+        AcrossNodes(call, layout_.widest * block * layout_.nodes.size(),
+                    layout_.widest * block * layout_.nodes.size()));
   }
 
   void Broadcast(void* buf, size_t count, DataType dtype, int root, void* stream) override {
@@ -235,17 +240,29 @@ class LeaderCollectives : public DeviceCollectives {
           }
           for (size_t to = 0; to < ptrs.size(); ++to) Copy(ptrs[to][0], ptrs[root_local][0], bytes, s);
         },
-        AcrossNodes(call));
+        AcrossNodes(call, 0, cuda::CrossNode::BroadcastPinnedBytes(bytes)));
   }
 
  private:
   static cudaStream_t Stream(void* stream) { return static_cast<cudaStream_t>(stream); }
 
-  // Across nodes, the leaders agree on each call before its data crosses (DeviceGroup::Run).
-  std::function<void(int)> AcrossNodes(const cuda::DeviceCall& call) {
+  // Across nodes, the leaders agree on each call before its data crosses (DeviceGroup::Run),
+  // having first reserved the memory the call needs, so that a failure to get it is agreed on.
+  std::function<void(int)> AcrossNodes(const cuda::DeviceCall& call, size_t scratch_bytes, size_t pinned_bytes) {
     if (!across_) return nullptr;
-    return [this, call](int trouble) {
+    return [this, call, scratch_bytes, pinned_bytes](int trouble) {
+      std::exception_ptr mine;
+      if (trouble == cuda::CrossNode::kNone) {
+        try {
+          if (scratch_bytes) scratch_.Reserve(scratch_bytes);
+          across_->ReservePinned(pinned_bytes);
+        } catch (...) {
+          mine = std::current_exception();
+          trouble = cuda::CrossNode::kFailed;
+        }
+      }
       across_->Agree(call.Signature(), static_cast<cuda::CrossNode::Trouble>(trouble), call.Describe());
+      if (mine) std::rethrow_exception(mine);
     };
   }
 
@@ -317,42 +334,82 @@ class LeaderCollectives : public DeviceCollectives {
   cudaEvent_t scratch_free_ = nullptr;
 };
 
+// Every rank learns whether all of them could do a step of the set-up, so that none goes on to
+// wait for one that could not: the minimum of each of `votes` over the communicator (timed, like
+// every wait).
+void Vote(Transport& transport, double timeout_s, std::vector<int32_t>* votes) {
+  constexpr size_t kChunk = 64;
+  std::vector<char> scratch(kPipelineDepth * kChunk);
+  uint64_t unused_arena_seq = 0;
+  AllreduceRing(CollectiveContext{transport, kChunk, timeout_s, scratch.data(), &unused_arena_seq, 0}, votes->data(),
+                votes->data(), votes->size(), DataType::kInt32, ReduceOp::kMin);
+}
+
+void RaiseIfAnyFailed(const std::exception_ptr& mine, int32_t all_ok) {
+  if (mine) std::rethrow_exception(mine);
+  if (!all_ok) throw CommError("pycomm: setting up the device collectives failed on another rank (see its error)");
+}
+
 }  // namespace
 
 std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport, uint64_t* arena_seq,
                                                            Hierarchy* hierarchy, int device, size_t chunk_bytes,
                                                            double timeout_s) {
-  // Settings are read on every rank before any exchange, so that a bad one fails all alike.
-  const cuda::DeviceSync sync = SyncFromEnvironment();
-  const cuda::CrossNodePath path = CrossNodeFromEnvironment();
   NodeLayout layout(transport);
-  if (layout.nodes.size() == 1) {
-    return std::make_unique<LeaderCollectives>(transport, std::move(layout), transport, arena_seq, device, timeout_s,
-                                               sync);
-  }
-  if (!hierarchy) {
-    throw CommError(
-        "pycomm: device arrays across nodes need the node groups, which could not be set up "
-        "(PYCOMM_DEBUG=1 says why)");
-  }
-  if (path == cuda::CrossNodePath::kMpi && !transport.accepts_device_memory()) {
-    throw CommError(
-        "pycomm: PYCOMM_GPU_INTER_NODE=mpi, but this MPI does not report CUDA support (MPIX_Query_cuda_support); "
-        "use auto or host");
-  }
-  // The hierarchy's groups: no MPI call here that could block without a time-out. A rank alone
-  // on its node gets a group of one.
-  std::unique_ptr<Transport> alone;
-  if (!hierarchy->node) alone = std::move(CreateLoopbackTransports(1)[0]);
-  Transport& node = hierarchy->node ? *hierarchy->node : *alone;
-  uint64_t* node_seq = hierarchy->node ? &hierarchy->node_seq : nullptr;
   const bool leader = layout.nodes[layout.node][0] == transport.rank();
-  Transport* leaders = leader ? hierarchy->across[0].get() : nullptr;
-  if (leader && !leaders) throw std::logic_error("pycomm: the hierarchy has no group for slice 0 on a node's leader");
-  auto collectives =
-      std::make_unique<LeaderCollectives>(transport, std::move(layout), node, node_seq, device, timeout_s, sync);
-  if (alone) collectives->Own(std::move(alone));
-  if (leader) collectives->ConnectNodes(*leaders, chunk_bytes, timeout_s, path);
+  // 1. Settings and what the ranks can do, before any exchange. Votes: all ok; every leader's
+  //    MPI can move GPU memory (and may); nobody forces MPI.
+  std::exception_ptr failure;
+  cuda::DeviceSync sync = cuda::DeviceSync::kHost;
+  std::vector<int32_t> votes = {1, 1, 1};
+  try {
+    sync = SyncFromEnvironment();
+    const CrossNodePath path = CrossNodeFromEnvironment();
+    if (layout.nodes.size() > 1) {
+      if (!hierarchy) {
+        throw CommError(
+            "pycomm: device arrays across nodes need the node groups, which could not be set up "
+            "(PYCOMM_DEBUG=1 says why)");
+      }
+      if (leader && !hierarchy->across[0]) throw std::logic_error("pycomm: no group of the nodes' leaders");
+      votes[1] = !leader || (path != CrossNodePath::kHost && transport.accepts_device_memory());
+      votes[2] = path != CrossNodePath::kMpi;
+    }
+  } catch (...) {
+    failure = std::current_exception();
+    votes[0] = 0;
+  }
+  Vote(transport, timeout_s, &votes);
+  RaiseIfAnyFailed(failure, votes[0]);
+  const bool through_mpi = votes[1] == 1;
+  if (!votes[2] && !through_mpi) {
+    throw CommError(
+        "pycomm: PYCOMM_GPU_INTER_NODE=mpi, but this MPI does not report CUDA support on every node "
+        "(MPIX_Query_cuda_support); use auto or host");
+  }
+  // 2. The groups (the hierarchy's, built with the communicator: no MPI call here that could block
+  //    without a time-out; a rank alone on its node gets a group of one) and their GPU events.
+  std::unique_ptr<LeaderCollectives> collectives;
+  try {
+    if (layout.nodes.size() == 1) {
+      collectives = std::make_unique<LeaderCollectives>(transport, std::move(layout), transport, arena_seq, device,
+                                                        timeout_s, sync);
+    } else {
+      std::unique_ptr<Transport> alone;
+      if (!hierarchy->node) alone = std::move(CreateLoopbackTransports(1)[0]);
+      Transport& node = hierarchy->node ? *hierarchy->node : *alone;
+      uint64_t* node_seq = hierarchy->node ? &hierarchy->node_seq : nullptr;
+      collectives =
+          std::make_unique<LeaderCollectives>(transport, std::move(layout), node, node_seq, device, timeout_s, sync);
+      if (alone) collectives->Own(std::move(alone));
+      if (leader) collectives->ConnectNodes(*hierarchy->across[0], chunk_bytes, timeout_s, through_mpi);
+    }
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  std::vector<int32_t> built = {failure ? 0 : 1};
+  Vote(transport, timeout_s, &built);
+  RaiseIfAnyFailed(failure, built[0]);
   return collectives;
 }
 

@@ -2,6 +2,7 @@
 
 #include <cstring>
 #include <exception>
+#include <optional>
 #include <string>
 
 #include "cuda/cuda_check.h"
@@ -17,7 +18,8 @@ constexpr size_t kStagingAlign = 256;
 // prepare its buffers fails the call on every rank at once instead of leaving them to time out),
 // then the call, then the IPC records, 8-byte aligned.
 struct Header {
-  int64_t status;
+  int32_t status;
+  int32_t sync;  // DeviceSync: ranks must order their GPU work alike, or the leader reads unfinished inputs
   DeviceCall call;
 };
 constexpr size_t kHeaderBytes = sizeof(Header);
@@ -39,38 +41,69 @@ void Exchange(Transport& transport, int peer, const void* send, size_t send_byte
 
 }  // namespace
 
+// What each rank sends in the constructor's one exchange with the leader: its IPC event (peers:
+// `ready`, the leader: `done`), or that it could not make one, so that the exchange completes on
+// every rank either way.
+struct EventRecord {
+  int64_t ok;
+  cudaIpcEventHandle_t handle;
+};
+
 DeviceGroup::DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, double timeout_s, DeviceSync sync)
     : transport_(transport),
       exchange_(transport, arena_seq, timeout_s),
       device_(device),
       timeout_s_(timeout_s),
       sync_(sync) {
-  DeviceGuard guard(device_);
   const int rank = transport_.rank(), size = transport_.size();
-  constexpr unsigned kFlags = cudaEventDisableTiming | cudaEventInterprocess;
-  Check(cudaEventCreateWithFlags(&ready_, kFlags), "cudaEventCreateWithFlags");
-  Check(cudaEventCreateWithFlags(&staging_free_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
-  cudaIpcEventHandle_t handle;
+  std::exception_ptr failure;
+  EventRecord mine{};
+  std::optional<DeviceGuard> guard;
+  try {
+    guard.emplace(device_);
+    constexpr unsigned kFlags = cudaEventDisableTiming | cudaEventInterprocess;
+    Check(cudaEventCreateWithFlags(&ready_, kFlags), "cudaEventCreateWithFlags");
+    Check(cudaEventCreateWithFlags(&staging_free_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    if (rank == kLeader) Check(cudaEventCreateWithFlags(&done_, kFlags), "cudaEventCreateWithFlags");
+    Check(cudaIpcGetEventHandle(&mine.handle, rank == kLeader ? done_ : ready_), "cudaIpcGetEventHandle");
+    mine.ok = 1;
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  auto open = [&](const EventRecord& theirs, int peer, cudaEvent_t* event) {
+    if (failure) return;
+    try {
+      if (!theirs.ok) throw CommError("pycomm: rank " + std::to_string(peer) + " could not set up its GPU events");
+      Check(cudaIpcOpenEventHandle(event, theirs.handle), "cudaIpcOpenEventHandle");
+    } catch (...) {
+      failure = std::current_exception();
+    }
+  };
   if (rank == kLeader) {
-    Check(cudaEventCreateWithFlags(&done_, kFlags), "cudaEventCreateWithFlags");
-    Check(cudaIpcGetEventHandle(&handle, done_), "cudaIpcGetEventHandle");
     peer_ready_.assign(size, nullptr);
     peer_ready_[kLeader] = ready_;
     for (int peer = 1; peer < size; ++peer) {
-      cudaIpcEventHandle_t theirs;
-      Exchange(transport_, peer, &handle, sizeof handle, &theirs, sizeof theirs, timeout_s_);
-      Check(cudaIpcOpenEventHandle(&peer_ready_[peer], theirs), "cudaIpcOpenEventHandle");
+      EventRecord theirs{};
+      Exchange(transport_, peer, &mine, sizeof mine, &theirs, sizeof theirs, timeout_s_);
+      open(theirs, peer, &peer_ready_[peer]);
     }
   } else {
-    Check(cudaIpcGetEventHandle(&handle, ready_), "cudaIpcGetEventHandle");
-    cudaIpcEventHandle_t leaders;
-    Exchange(transport_, kLeader, &handle, sizeof handle, &leaders, sizeof leaders, timeout_s_);
-    Check(cudaIpcOpenEventHandle(&done_, leaders), "cudaIpcOpenEventHandle");
+    EventRecord leaders{};
+    Exchange(transport_, kLeader, &mine, sizeof mine, &leaders, sizeof leaders, timeout_s_);
+    open(leaders, kLeader, &done_);
+  }
+  if (failure) {
+    ReleaseEvents();
+    std::rethrow_exception(failure);
   }
 }
 
 DeviceGroup::~DeviceGroup() {
   DeviceGuard guard(device_);
+  ReleaseEvents();
+}
+
+void DeviceGroup::ReleaseEvents() {
   for (int peer = 0; peer < static_cast<int>(peer_ready_.size()); ++peer) {
     if (peer != kLeader && peer_ready_[peer]) cudaEventDestroy(peer_ready_[peer]);
   }
@@ -154,7 +187,7 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
 
   if (rank != kLeader) {
     std::vector<char> message(message_bytes, 0);
-    Header header{0, call};
+    Header header{0, static_cast<int32_t>(sync_), call};
     std::vector<size_t> staged_at;
     std::exception_ptr failure;
     try {
@@ -196,6 +229,7 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
 
   // The leader: its own buffers need no IPC; every peer's arrive as handles.
   std::vector<std::vector<char>> messages;
+  std::vector<std::vector<void*>> mapped(size, std::vector<void*>(buffers.size()));
   std::exception_ptr failure;
   Answer answer = kDone;
   // The first failure decides the answer; a MismatchError is answered as such. Every failure
@@ -206,6 +240,8 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
       answer = why;
     }
   };
+  // Everything that can fail goes before the agreement with other nodes (which then hear of it),
+  // the peers' buffers mapped included.
   try {
     exchange_.Collect(&messages, message_bytes);
     for (int peer = 1; peer < size; ++peer) {
@@ -215,9 +251,22 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
         throw MismatchError("pycomm: the ranks made different device calls: rank " + std::to_string(peer) + " " +
                             header.call.Describe() + ", rank " + std::to_string(kLeader) + " " + call.Describe());
       }
+      if (header.sync != static_cast<int32_t>(sync_)) {
+        throw MismatchError("pycomm: PYCOMM_GPU_SYNC differs between rank " + std::to_string(peer) + " and rank " +
+                            std::to_string(kLeader) + " (host or stream: set it alike on every rank)");
+      }
       if (header.status != 1) {
         throw CommError("pycomm: rank " + std::to_string(peer) +
                         " could not prepare its device buffers (see its error)");
+      }
+    }
+    for (size_t i = 0; i < buffers.size(); ++i) mapped[kLeader][i] = buffers[i].ptr;
+    for (int peer = 1; peer < size; ++peer) {
+      const auto* records = reinterpret_cast<const IpcBuffer*>(messages[peer].data() + kHeaderBytes);
+      for (size_t i = 0; i < buffers.size(); ++i) {
+        IpcBuffer record;
+        std::memcpy(&record, records + i, sizeof record);
+        mapped[peer][i] = buffers[i].bytes ? importer_.Open(record) : nullptr;
       }
     }
   } catch (const MismatchError&) {
@@ -225,8 +274,6 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
   } catch (...) {
     fail(kFailed);
   }
-  // Every node's leader learns whether all nodes can go on, so that none waits for another
-  // that has failed.
   if (agree) {
     try {
       agree(!failure ? 0 : answer == kMismatch ? 2 : 1);
@@ -238,18 +285,10 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
   }
   if (!failure) {
     try {
-      std::vector<std::vector<void*>> mapped(size, std::vector<void*>(buffers.size()));
-      for (size_t i = 0; i < buffers.size(); ++i) mapped[kLeader][i] = buffers[i].ptr;
-      for (int peer = 1; peer < size; ++peer) {
-        const auto* records = reinterpret_cast<const IpcBuffer*>(messages[peer].data() + kHeaderBytes);
-        for (size_t i = 0; i < buffers.size(); ++i) {
-          IpcBuffer record;
-          std::memcpy(&record, records + i, sizeof record);
-          mapped[peer][i] = buffers[i].bytes ? importer_.Open(record) : nullptr;
-        }
-        // With stream sync the peer recorded `ready` before sending its handles, so this waits for
-        // its inputs; with host sync they were complete before it sent them.
-        if (sync_ == DeviceSync::kStream) After(peer_ready_[peer], stream, peer);
+      // With stream sync each peer recorded `ready` before handing its buffers over, so this
+      // waits for its inputs; with host sync they were complete before it did.
+      if (sync_ == DeviceSync::kStream) {
+        for (int peer = 1; peer < size; ++peer) After(peer_ready_[peer], stream, peer);
       }
       work(mapped, stream);
       Check(cudaEventRecord(done_, stream), "cudaEventRecord(done)");

@@ -98,6 +98,7 @@ class DeviceGroup {
   // Returns where the leader can reach buffers[i], staging buffers that cannot be exported.
   void Describe(const std::vector<BufferRef>& buffers, cudaStream_t stream, std::vector<IpcBuffer>* out,
                 std::vector<size_t>* staged_at);
+  void ReleaseEvents();
   // Orders `stream` after `event`'s last record: on the device or on the host, as sync_ says.
   void After(cudaEvent_t event, cudaStream_t stream, int peer);
 

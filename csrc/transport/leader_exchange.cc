@@ -49,15 +49,24 @@ char LeaderExchange::Hand(const void* message, size_t bytes) {
   std::memcpy(arena_->slot(arena_->rank(), round), message, bytes);
   arena_->Post(round, HandoffInfo(bytes));
   // First the leader's own post of this round: a leader in another call (which fails there, on
-  // seeing this post) never answers, and this rank would otherwise wait out the time-out.
-  for (uint64_t step = round; step <= round + 1; ++step) {
-    std::unique_ptr<Request> arrived = arena_->Arrival(kLeader, step);
-    Wait(*arrived, timeout_s_);
-    if (arena_->info(kLeader, step).kind != SharedArena::kDeviceHandoff) {
-      throw MismatchError("pycomm: the leader (rank 0) made another call than this rank's device collective");
-    }
-  }
-  return static_cast<char>(arena_->info(kLeader, round + 1).count);
+  // seeing this post) never answers, and this rank would otherwise wait out the time-out. That
+  // post's info is overwritten once the leader, having answered, posts round + 2 (its next
+  // call may not wait for this rank first): it counts only if the leader is still at `round`
+  // after it was read.
+  const auto another_call = [] {
+    return MismatchError("pycomm: the leader (rank 0) made another call than this rank's device collective");
+  };
+  std::unique_ptr<Request> posted = arena_->Arrival(kLeader, round);
+  Wait(*posted, timeout_s_);
+  const SharedArena::CallInfo leaders = arena_->info(kLeader, round);
+  if (arena_->posted(kLeader) == round && leaders.kind != SharedArena::kDeviceHandoff) throw another_call();
+  // The answer's info stays until round + 3, which the leader posts only after this rank's
+  // round + 2.
+  std::unique_ptr<Request> answered = arena_->Arrival(kLeader, round + 1);
+  Wait(*answered, timeout_s_);
+  const SharedArena::CallInfo answer = arena_->info(kLeader, round + 1);
+  if (answer.kind != SharedArena::kDeviceHandoff) throw another_call();
+  return static_cast<char>(answer.count);
 }
 
 void LeaderExchange::Collect(std::vector<std::vector<char>>* messages, size_t bytes) {

@@ -76,6 +76,11 @@ void SharedArena::Post(uint64_t seq, const CallInfo& info) {
 
 SharedArena::CallInfo SharedArena::info(int rank, uint64_t seq) const { return *info_slot(rank, seq); }
 
+uint64_t SharedArena::posted(int rank) const {
+  std::atomic_thread_fence(std::memory_order_acquire);  // earlier reads of infos stay before this
+  return flag(rank)->load(std::memory_order_acquire);
+}
+
 namespace {
 
 // The flags seen as requests, so that waiting shares the spin-yield-sleep schedule and timeout.

@@ -75,6 +75,9 @@ class SharedArena {
   // Waits until every rank has posted `seq` (acquire); PeerError naming a late rank after
   // timeout_s.
   void WaitAll(uint64_t seq, double timeout_s) const;
+  // The last round `rank` has posted (acquire). Read after info(rank, seq) and equal to seq, it
+  // says that info was not being overwritten by the round two after (a sequence lock).
+  uint64_t posted(int rank) const;
   // Completes once `rank` has posted `seq`: for waits that must also drive other requests.
   std::unique_ptr<Request> Arrival(int rank, uint64_t seq) const;
   // Waits also fail at once, naming the rank, when `watch` sees a rank die (null: no watch).

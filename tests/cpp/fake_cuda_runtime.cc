@@ -70,11 +70,20 @@ struct FakeEvent {
 // live until the program ends instead of being freed twice.
 std::vector<std::unique_ptr<FakeEvent>> g_events;
 
+thread_local int g_fail = 0;  // fake_cuda::What
+
 }  // namespace
+
+namespace fake_cuda {
+enum What { kNothing, kEvents, kMalloc };
+// From now on this thread's event creations, or device allocations, fail.
+void Fail(What what) { g_fail = what; }
+}  // namespace fake_cuda
 
 extern "C" {
 
 cudaError_t cudaMalloc(void** ptr, size_t size) {
+  if (g_fail == fake_cuda::kMalloc) return cudaErrorMemoryAllocation;
   char* p = static_cast<char*>(std::aligned_alloc(256, (size + 255) / 256 * 256 + 256));
   std::lock_guard<std::mutex> lock(g_mutex);
   g_device[p] = Allocation{size ? size : 1, g_next_id++};
@@ -108,6 +117,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpy
 }
 
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) {
+  if (g_fail == fake_cuda::kEvents) return cudaErrorInitializationError;
   std::lock_guard<std::mutex> lock(g_mutex);
   g_events.push_back(std::make_unique<FakeEvent>());
   *event = reinterpret_cast<cudaEvent_t>(g_events.back().get());

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -16,11 +17,18 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <typeinfo>
 #include <vector>
 
 #include "core/device.h"
 #include "core/hierarchy.h"
 #include "transport/loopback.h"
+
+// Failures the fake runtime injects on the calling thread (fake_cuda_runtime.cc).
+namespace fake_cuda {
+enum What { kNothing, kEvents, kMalloc };
+void Fail(What what);
+}  // namespace fake_cuda
 
 namespace {
 
@@ -79,7 +87,10 @@ T* DeviceArray(const std::vector<T>& host) {
 
 // What every rank runs: body(rank, collectives) on threads, with the groups that a communicator
 // would have built (the hierarchy's node group and the leaders' group) for the placement.
-void RunPlaced(const std::vector<int>& node_of, const std::function<void(int rank, pycomm::DeviceCollectives&)>& body) {
+// With `errors`, each rank's exception (from set-up or body) is kept there, and the timeout is
+// short: tests of failures check that every rank fails at once, not after it.
+void RunPlaced(const std::vector<int>& node_of, const std::function<void(int rank, pycomm::DeviceCollectives&)>& body,
+               std::vector<std::string>* errors = nullptr, const std::function<void(int rank)>& before = nullptr) {
   const int P = static_cast<int>(node_of.size());
   int nodes = 0;
   for (int n : node_of) nodes = std::max(nodes, n + 1);
@@ -103,13 +114,20 @@ void RunPlaced(const std::vector<int>& node_of, const std::function<void(int ran
         hierarchy->across.resize(1);
         if (local == 0) hierarchy->across[0] = std::move(leaders[node_of[r]]);
       }
+      if (before) before(r);
       try {
-        auto collectives = pycomm::CreateDeviceCollectives(placed, &arena_seq, hierarchy.get(), 0, 4096, 30);
+        auto collectives =
+            pycomm::CreateDeviceCollectives(placed, &arena_seq, hierarchy.get(), 0, 4096, errors ? 5 : 30);
         body(r, *collectives);
-        collectives->Quiesce();
+        if (!errors) collectives->Quiesce();
       } catch (const std::exception& e) {
-        Expect(false, std::string("rank ") + std::to_string(r) + " threw: " + e.what());
+        if (errors) {
+          (*errors)[r] = std::string(typeid(e).name()) + ": " + e.what();
+        } else {
+          Expect(false, std::string("rank ") + std::to_string(r) + " threw: " + e.what());
+        }
       }
+      fake_cuda::Fail(fake_cuda::kNothing);
     });
   }
   for (auto& t : threads) t.join();
@@ -233,6 +251,36 @@ void TestMismatch(const std::vector<int>& node_of, bool other_kind) {
   }
 }
 
+// A rank that cannot set up its GPU events, and a node leader that cannot get the device memory
+// for a reduce_scatter across nodes: every rank gets an error at once (well inside the 5 s
+// time-out), none waits it out.
+void TestFailuresReachEveryRank(const std::vector<int>& node_of, fake_cuda::What what, int failing) {
+  const int P = static_cast<int>(node_of.size());
+  std::vector<std::string> errors(P);
+  const auto start = std::chrono::steady_clock::now();
+  RunPlaced(
+      node_of,
+      [&](int r, pycomm::DeviceCollectives& c) {
+        struct Free {
+          void operator()(void* p) const { cudaFree(p); }
+        };
+        std::unique_ptr<int64_t, Free> x(DeviceArray(std::vector<int64_t>(4 * P, 1)));
+        std::unique_ptr<int64_t, Free> mine(DeviceArray(std::vector<int64_t>(4, 0)));
+        if (r == failing) fake_cuda::Fail(what);
+        c.ReduceScatter(x.get(), mine.get(), 4, DataType::kInt64, ReduceOp::kSum, nullptr);
+      },
+      &errors,
+      [&](int r) { fake_cuda::Fail(r == failing && what == fake_cuda::kEvents ? what : fake_cuda::kNothing); });
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const std::string where =
+      Layout(node_of) + (what == fake_cuda::kEvents ? " events" : " malloc") + " on rank " + std::to_string(failing);
+  for (int r = 0; r < P; ++r) {
+    Expect(!errors[r].empty() && errors[r].find("PeerError") == std::string::npos,
+           "failure reaches rank " + std::to_string(r) + " " + where + ": " + errors[r]);
+  }
+  Expect(seconds < 4, "failures " + where + " took " + std::to_string(seconds) + " s");
+}
+
 }  // namespace
 
 int main() {
@@ -246,6 +294,11 @@ int main() {
     if (layout.size() > 1) TestMismatch(layout, false), TestMismatch(layout, true);
     TestUnexportableMemory(layout);
   }
+  TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kEvents, 3);
+  TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kEvents, 0);
+  TestFailuresReachEveryRank({0, 0, 0}, fake_cuda::kEvents, 1);
+  TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kMalloc, 2);  // node 1's leader
+  TestFailuresReachEveryRank({0, 1, 2}, fake_cuda::kMalloc, 0);
   // Ordered by IPC events on the streams instead of on the host.
   setenv("PYCOMM_GPU_SYNC", "stream", 1);
   for (const auto& layout : {std::vector<int>{0, 0, 0}, std::vector<int>{0, 0, 1}}) {
