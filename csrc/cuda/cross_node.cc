@@ -1,6 +1,7 @@
 #include "cuda/cross_node.h"
 
 #include <algorithm>
+#include <memory>
 #include <stdexcept>
 #include <string>
 
@@ -55,11 +56,21 @@ char* CrossNode::Pinned(size_t bytes, cudaStream_t stream) {
 void CrossNode::Agree(uint64_t signature, Trouble trouble, const std::string& call) {
   // One max-allreduce tells all three: the worst trouble, and the largest and (through the
   // complement, which reverses the order) the smallest signature, equal only if all agree.
-  int64_t votes[3] = {trouble, static_cast<int64_t>(signature), static_cast<int64_t>(~signature)};
-  if (auto request = leaders_.IallreduceInPlace(votes, 3, DataType::kInt64, ReduceOp::kMax)) {
-    Wait(*request, timeout_s_);
+  // On the heap: MPI cannot cancel a collective, and one abandoned after a time-out may still
+  // write into its buffer, which is then left allocated.
+  auto votes = std::make_unique<int64_t[]>(3);
+  votes[0] = trouble;
+  votes[1] = static_cast<int64_t>(signature);
+  votes[2] = static_cast<int64_t>(~signature);
+  if (auto request = leaders_.IallreduceInPlace(votes.get(), 3, DataType::kInt64, ReduceOp::kMax)) {
+    try {
+      Wait(*request, timeout_s_);
+    } catch (...) {
+      votes.release();
+      throw;
+    }
   } else {
-    AllreduceRing(Context(), votes, votes, 3, DataType::kInt64, ReduceOp::kMax);
+    AllreduceRing(Context(), votes.get(), votes.get(), 3, DataType::kInt64, ReduceOp::kMax);
   }
   if (trouble != kNone) return;
   if (votes[0] == kMismatch) throw MismatchError("pycomm: ranks of another node made different device calls");
