@@ -52,7 +52,7 @@ timeout 120 ./build/gpu-check/reduce_bench >"$OUT/reduce_bench.txt" 2>&1
 step "kernel check + bandwidth" "exit $? ($(grep -o 'correctness: .*' "$OUT/reduce_bench.txt"))"
 
 # 4. GPU tests
-timeout 420 $PY -m pytest -q -p no:cacheprovider -m gpu -rs tests/ >"$OUT/gpu_tests.txt" 2>&1
+timeout 420 $PY -m pytest -q -p no:cacheprovider -m gpu -rs --durations=8 tests/ >"$OUT/gpu_tests.txt" 2>&1
 step "GPU tests (-m gpu)" "exit $? ($(tail -1 "$OUT/gpu_tests.txt"))"
 
 # 5. GPU allreduce benchmark, with each way of ordering the ranks' GPU work
