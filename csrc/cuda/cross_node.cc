@@ -26,11 +26,18 @@ CrossNode::CrossNode(Transport& leaders, size_t chunk_bytes, double timeout_s, b
       through_mpi_(through_mpi),
       ring_scratch_(kPipelineDepth * chunk_bytes_) {
   constexpr unsigned kFlags = cudaEventDisableTiming;
-  for (cudaEvent_t& event : copied_) Check(cudaEventCreateWithFlags(&event, kFlags), "cudaEventCreateWithFlags");
-  Check(cudaEventCreateWithFlags(&pinned_free_, kFlags), "cudaEventCreateWithFlags");
+  try {
+    for (cudaEvent_t& event : copied_) Check(cudaEventCreateWithFlags(&event, kFlags), "cudaEventCreateWithFlags");
+    Check(cudaEventCreateWithFlags(&pinned_free_, kFlags), "cudaEventCreateWithFlags");
+  } catch (...) {
+    DestroyEvents();  // no destructor runs after a constructor that throws
+    throw;
+  }
 }
 
-CrossNode::~CrossNode() {
+CrossNode::~CrossNode() { DestroyEvents(); }
+
+void CrossNode::DestroyEvents() {
   for (cudaEvent_t event : copied_) {
     if (event) cudaEventDestroy(event);
   }
@@ -80,9 +87,15 @@ void CrossNode::Agree(uint64_t signature, Trouble trouble, const std::string& ca
   }
 }
 
-size_t CrossNode::AllreducePinnedBytes(size_t count, DataType dtype) {
+size_t CrossNode::StagingBytes(size_t count, DataType dtype) {
   const size_t es = DataTypeSize(dtype);
   return 2 * std::min(count, std::max<size_t>(1, kPieceBytes / es)) * es;
+}
+
+size_t CrossNode::AllreducePinnedBytes(size_t count, DataType dtype) const {
+  // MPI has every dtype but float16 and bfloat16 (Transport::IallreduceInPlace).
+  if (through_mpi_ && dtype != DataType::kFloat16 && dtype != DataType::kBFloat16) return 0;
+  return StagingBytes(count, dtype);
 }
 
 void CrossNode::Allreduce(void* data, size_t count, DataType dtype, ReduceOp op, cudaStream_t stream) {
@@ -101,7 +114,7 @@ void CrossNode::Allreduce(void* data, size_t count, DataType dtype, ReduceOp op,
   const size_t piece_count = std::min(count, std::max<size_t>(1, kPieceBytes / es));
   const size_t pieces = (count + piece_count - 1) / piece_count;
   char* device = static_cast<char*>(data);
-  char* host = Pinned(AllreducePinnedBytes(count, dtype), stream);
+  char* host = Pinned(StagingBytes(count, dtype), stream);
   auto elements = [&](size_t piece) { return std::min(piece_count, count - piece * piece_count); };
   auto buffer = [&](size_t piece) { return host + (piece % 2) * piece_count * es; };
   // Piece i goes to buffer i % 2. Everything is on one stream, so the copy of piece i + 2 into a

@@ -43,9 +43,12 @@ class CrossNode {
 
   // Pinned host memory for a call to come (the sizes below), reserved before Agree so that a
   // failure to get it is agreed on too.
-  void ReservePinned(size_t bytes) { pinned_.Reserve(bytes); }
-  static size_t AllreducePinnedBytes(size_t count, DataType dtype);
-  static size_t BroadcastPinnedBytes(size_t bytes) { return bytes; }
+  void ReservePinned(size_t bytes) {
+    if (bytes) pinned_.Reserve(bytes);
+  }
+  // None where MPI moves the data itself (a CUDA-aware MPI and a dtype it has).
+  size_t AllreducePinnedBytes(size_t count, DataType dtype) const;
+  size_t BroadcastPinnedBytes(size_t bytes) const { return bytes; }
   size_t AllgatherPinnedBytes(size_t block) const { return block * nodes(); }
 
   // Each leader's `data` (GPU memory, `count` elements) becomes the reduction over all leaders,
@@ -59,6 +62,9 @@ class CrossNode {
 
  private:
   CollectiveContext Context();
+  void DestroyEvents();
+  // The two pinned buffers of an allreduce through the host.
+  static size_t StagingBytes(size_t count, DataType dtype);
   // Blocks until the work queued on `stream` so far has run (with the usual time-out).
   void Sync(cudaStream_t stream);
   // Waits, on `stream`, until the last call's copies out of the pinned buffer have run.

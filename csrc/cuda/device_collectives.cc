@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <exception>
 #include <functional>
 #include <stdexcept>
 #include <string>
@@ -145,7 +146,7 @@ class LeaderCollectives : public DeviceCollectives {
           across_->Allreduce(outputs[0], count, dtype, partial, s);
           if (outputs.size() > 1 || op == ReduceOp::kAvg) Reduce({outputs[0]}, outputs, count, dtype, op, s);
         },
-        AcrossNodes(call, 0, cuda::CrossNode::AllreducePinnedBytes(count, dtype)));
+        AcrossNodes(call, 0, [=](const cuda::CrossNode& x) { return x.AllreducePinnedBytes(count, dtype); }));
   }
 
   void ReduceScatter(const void* send, void* recv, size_t recv_count, DataType dtype, ReduceOp op,
@@ -181,7 +182,9 @@ class LeaderCollectives : public DeviceCollectives {
           }
           ReleaseScratch(s);
         },
-        AcrossNodes(call, block * world_size_, cuda::CrossNode::AllreducePinnedBytes(recv_count * world_size_, dtype)));
+        AcrossNodes(call, block * world_size_, [n = recv_count * world_size_, dtype](const cuda::CrossNode& x) {
+          return x.AllreducePinnedBytes(n, dtype);
+        }));
   }
 
   void Allgather(const void* send, void* recv, size_t send_count, DataType dtype, void* stream) override {
@@ -218,8 +221,9 @@ class LeaderCollectives : public DeviceCollectives {
           for (size_t local = 1; local < ptrs.size(); ++local) Copy(ptrs[local][1], leader_out, block * world_size_, s);
           ReleaseScratch(s);
         },
-        AcrossNodes(call, layout_.widest * block * layout_.nodes.size(),
-                    layout_.widest * block * layout_.nodes.size()));
+        AcrossNodes(
+            call, layout_.widest * block * layout_.nodes.size(),
+            [slot = layout_.widest * block](const cuda::CrossNode& x) { return x.AllgatherPinnedBytes(slot); }));
   }
 
   void Broadcast(void* buf, size_t count, DataType dtype, int root, void* stream) override {
@@ -240,7 +244,7 @@ class LeaderCollectives : public DeviceCollectives {
           }
           for (size_t to = 0; to < ptrs.size(); ++to) Copy(ptrs[to][0], ptrs[root_local][0], bytes, s);
         },
-        AcrossNodes(call, 0, cuda::CrossNode::BroadcastPinnedBytes(bytes)));
+        AcrossNodes(call, 0, [=](const cuda::CrossNode& x) { return x.BroadcastPinnedBytes(bytes); }));
   }
 
  private:
@@ -248,20 +252,25 @@ class LeaderCollectives : public DeviceCollectives {
 
   // Across nodes, the leaders agree on each call before its data crosses (DeviceGroup::Run),
   // having first reserved the memory the call needs, so that a failure to get it is agreed on.
-  std::function<void(int)> AcrossNodes(const cuda::DeviceCall& call, size_t scratch_bytes, size_t pinned_bytes) {
+  using PinnedBytes = std::function<size_t(const cuda::CrossNode&)>;
+  std::function<void(int)> AcrossNodes(const cuda::DeviceCall& call, size_t scratch_bytes, PinnedBytes pinned) {
     if (!across_) return nullptr;
-    return [this, call, scratch_bytes, pinned_bytes](int trouble) {
+    return [this, call, scratch_bytes, pinned](int trouble) {
       std::exception_ptr mine;
       if (trouble == cuda::CrossNode::kNone) {
         try {
           if (scratch_bytes) scratch_.Reserve(scratch_bytes);
-          across_->ReservePinned(pinned_bytes);
+          across_->ReservePinned(pinned(*across_));
         } catch (...) {
           mine = std::current_exception();
           trouble = cuda::CrossNode::kFailed;
         }
       }
-      across_->Agree(call.Signature(), static_cast<cuda::CrossNode::Trouble>(trouble), call.Describe());
+      try {
+        across_->Agree(call.Signature(), static_cast<cuda::CrossNode::Trouble>(trouble), call.Describe());
+      } catch (...) {
+        if (!mine) throw;  // else this node's own failure is the one to tell
+      }
       if (mine) std::rethrow_exception(mine);
     };
   }
@@ -385,7 +394,7 @@ std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport,
   if (!votes[2] && !through_mpi) {
     throw CommError(
         "pycomm: PYCOMM_GPU_INTER_NODE=mpi, but this MPI does not report CUDA support on every node "
-        "(MPIX_Query_cuda_support); use auto or host");
+        "(MPIX_Query_cuda_support), or some rank set host; use auto or host, alike on every rank");
   }
   // 2. The groups (the hierarchy's, built with the communicator: no MPI call here that could block
   //    without a time-out; a rank alone on its node gets a group of one) and their GPU events.

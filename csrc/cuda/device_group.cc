@@ -39,8 +39,6 @@ void Exchange(Transport& transport, int peer, const void* send, size_t send_byte
   if (r) Wait(*r, timeout_s);
 }
 
-}  // namespace
-
 // What each rank sends in the constructor's one exchange with the leader: its IPC event (peers:
 // `ready`, the leader: `done`), or that it could not make one, so that the exchange completes on
 // every rank either way.
@@ -48,6 +46,8 @@ struct EventRecord {
   int64_t ok;
   cudaIpcEventHandle_t handle;
 };
+
+}  // namespace
 
 DeviceGroup::DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, double timeout_s, DeviceSync sync)
     : transport_(transport),
@@ -79,18 +79,22 @@ DeviceGroup::DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, 
       failure = std::current_exception();
     }
   };
-  if (rank == kLeader) {
-    peer_ready_.assign(size, nullptr);
-    peer_ready_[kLeader] = ready_;
-    for (int peer = 1; peer < size; ++peer) {
-      EventRecord theirs{};
-      Exchange(transport_, peer, &mine, sizeof mine, &theirs, sizeof theirs, timeout_s_);
-      open(theirs, peer, &peer_ready_[peer]);
+  try {
+    if (rank == kLeader) {
+      peer_ready_.assign(size, nullptr);
+      peer_ready_[kLeader] = ready_;
+      for (int peer = 1; peer < size; ++peer) {
+        EventRecord theirs{};
+        Exchange(transport_, peer, &mine, sizeof mine, &theirs, sizeof theirs, timeout_s_);
+        open(theirs, peer, &peer_ready_[peer]);
+      }
+    } else {
+      EventRecord leaders{};
+      Exchange(transport_, kLeader, &mine, sizeof mine, &leaders, sizeof leaders, timeout_s_);
+      open(leaders, kLeader, &done_);
     }
-  } else {
-    EventRecord leaders{};
-    Exchange(transport_, kLeader, &mine, sizeof mine, &leaders, sizeof leaders, timeout_s_);
-    open(leaders, kLeader, &done_);
+  } catch (...) {  // a rank gone or stalled
+    if (!failure) failure = std::current_exception();
   }
   if (failure) {
     ReleaseEvents();

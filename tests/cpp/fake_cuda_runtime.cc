@@ -63,12 +63,20 @@ CUresult FakePointerGetAttributes(unsigned int n, CUpointer_attribute* attribute
   return CUDA_SUCCESS;
 }
 
+// Every event created or opened through IPC is a handle of its own, to be destroyed once: the
+// objects stay until the program ends, so that a second destroy is caught, not a crash.
 struct FakeEvent {
-  int unused = 0;
+  bool live = true;
 };
-// Events are shared between "processes" through IPC handles and destroyed by both sides: they
-// live until the program ends instead of being freed twice.
 std::vector<std::unique_ptr<FakeEvent>> g_events;
+int g_live_events = 0;
+
+cudaEvent_t NewEvent() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_events.push_back(std::make_unique<FakeEvent>());
+  ++g_live_events;
+  return reinterpret_cast<cudaEvent_t>(g_events.back().get());
+}
 
 thread_local int g_fail = 0;  // fake_cuda::What
 
@@ -78,6 +86,11 @@ namespace fake_cuda {
 enum What { kNothing, kEvents, kMalloc };
 // From now on this thread's event creations, or device allocations, fail.
 void Fail(What what) { g_fail = what; }
+// Events created or opened and not yet destroyed, in all threads.
+int LiveEvents() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return g_live_events;
+}
 }  // namespace fake_cuda
 
 extern "C" {
@@ -118,12 +131,17 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpy
 
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) {
   if (g_fail == fake_cuda::kEvents) return cudaErrorInitializationError;
-  std::lock_guard<std::mutex> lock(g_mutex);
-  g_events.push_back(std::make_unique<FakeEvent>());
-  *event = reinterpret_cast<cudaEvent_t>(g_events.back().get());
+  *event = NewEvent();
   return cudaSuccess;
 }
-cudaError_t cudaEventDestroy(cudaEvent_t) { return cudaSuccess; }
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  auto* e = reinterpret_cast<FakeEvent*>(event);
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (!e || !e->live) std::abort();  // destroyed twice, or never made
+  e->live = false;
+  --g_live_events;
+  return cudaSuccess;
+}
 cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
 cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
 cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned int) { return cudaSuccess; }
@@ -135,8 +153,8 @@ cudaError_t cudaIpcGetEventHandle(cudaIpcEventHandle_t* handle, cudaEvent_t even
   std::memcpy(handle, &event, sizeof event);
   return cudaSuccess;
 }
-cudaError_t cudaIpcOpenEventHandle(cudaEvent_t* event, cudaIpcEventHandle_t handle) {
-  std::memcpy(event, &handle, sizeof *event);
+cudaError_t cudaIpcOpenEventHandle(cudaEvent_t* event, cudaIpcEventHandle_t) {
+  *event = NewEvent();  // a handle of its own on the same event: nothing to order here anyway
   return cudaSuccess;
 }
 cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t* handle, void* ptr) {

@@ -28,6 +28,7 @@
 namespace fake_cuda {
 enum What { kNothing, kEvents, kMalloc };
 void Fail(What what);
+int LiveEvents();
 }  // namespace fake_cuda
 
 namespace {
@@ -87,6 +88,12 @@ T* DeviceArray(const std::vector<T>& host) {
 
 // What every rank runs: body(rank, collectives) on threads, with the groups that a communicator
 // would have built (the hierarchy's node group and the leaders' group) for the placement.
+std::string Layout(const std::vector<int>& node_of) {
+  std::string s = "[";
+  for (int n : node_of) s += std::to_string(n);
+  return s + "]";
+}
+
 // With `errors`, each rank's exception (from set-up or body) is kept there, and the timeout is
 // short: tests of failures check that every rank fails at once, not after it.
 void RunPlaced(const std::vector<int>& node_of, const std::function<void(int rank, pycomm::DeviceCollectives&)>& body,
@@ -131,12 +138,8 @@ void RunPlaced(const std::vector<int>& node_of, const std::function<void(int ran
     });
   }
   for (auto& t : threads) t.join();
-}
-
-std::string Layout(const std::vector<int>& node_of) {
-  std::string s = "[";
-  for (int n : node_of) s += std::to_string(n);
-  return s + "]";
+  Expect(fake_cuda::LiveEvents() == 0,
+         "events left after " + Layout(node_of) + ": " + std::to_string(fake_cuda::LiveEvents()));
 }
 
 bool Same(const void* a, const void* b, size_t bytes) { return bytes == 0 || std::memcmp(a, b, bytes) == 0; }
