@@ -34,7 +34,8 @@ def test_collectives_over_loopback(cpp_tests):
 
 def test_device_collectives_over_a_fake_cuda_runtime(cpp_tests):
     """The device collectives' host-side logic (hand-off, layouts across nodes, host staging between
-    node leaders, several fused passes) on tests/cpp/fake_cuda_runtime.cc: built wherever the CUDA
+    node leaders, several fused passes, the ordering of GPU work: the fake runs queued work only
+    once something waits for it) on tests/cpp/fake_cuda_runtime.cc: built wherever the CUDA
     toolkit's headers are (CI's machines have nvcc), no GPU needed."""
     program = cpp_tests.parent / "pycomm_device_fake_tests"
     if not program.exists():

@@ -1,18 +1,26 @@
 // A stand-in for the CUDA runtime (and the one driver call pycomm makes) so that the device
 // collectives' host-side logic runs on machines with no GPU: the leader protocol, the hand-off,
 // the layouts across nodes, the host staging between node leaders. Ranks are threads of one
-// process, so "device memory" is ordinary memory, an IPC handle carries a pointer, every copy
-// is done at once and every event has always completed. What it cannot show (asynchrony, real
-// IPC, the kernels) only a GPU run can: bench/gpu_check.sh.
+// process, so "device memory" is ordinary memory and an IPC handle carries a pointer.
+//
+// Work on a stream is queued and runs only when some thread waits for it (an event query or
+// synchronisation, a stream waiting on an event, a cudaFree), as if the GPU were arbitrarily
+// slow: code that reads a result, or reuses a buffer, without the ordering CUDA requires sees
+// stale data here. Each thread ("process") has its own default stream. What this cannot show
+// (real concurrency, real IPC, the kernels) only a GPU run can: bench/gpu_check.sh.
 
 #include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "cuda/reduce_kernels.h"
@@ -63,19 +71,107 @@ CUresult FakePointerGetAttributes(unsigned int n, CUpointer_attribute* attribute
   return CUDA_SUCCESS;
 }
 
+// A stream: operations in order, run by whichever thread first needs them done.
+struct Stream {
+  std::mutex m;
+  std::deque<std::function<void()>> pending;
+  uint64_t queued = 0;     // operations ever queued
+  uint64_t completed = 0;  // operations run to the end
+  std::thread::id runner;  // the thread running one now, if any
+};
+
+// Streams by (owning thread, handle): the null handle is each thread's own default stream.
+std::map<std::pair<std::thread::id, cudaStream_t>, std::unique_ptr<Stream>> g_streams;
+
+Stream* StreamOf(cudaStream_t handle) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto& s = g_streams[{std::this_thread::get_id(), handle}];
+  if (!s) s = std::make_unique<Stream>();
+  return s.get();
+}
+
+void Enqueue(cudaStream_t handle, std::function<void()> op) {
+  Stream* s = StreamOf(handle);
+  std::lock_guard<std::mutex> lock(s->m);
+  s->pending.push_back(std::move(op));
+  ++s->queued;
+}
+
+// Runs `s` until its first `target` operations have completed. Another thread running it is
+// left to go on; if it stops short, this thread takes over.
+void RunUntil(Stream* s, uint64_t target) {
+  for (;;) {
+    std::function<void()> op;
+    {
+      std::lock_guard<std::mutex> lock(s->m);
+      if (s->completed >= target) return;
+      if (s->runner == std::this_thread::get_id()) std::abort();  // a stream waiting on itself
+      if (s->runner == std::thread::id()) {
+        s->runner = std::this_thread::get_id();
+        op = std::move(s->pending.front());
+        s->pending.pop_front();
+      }
+    }
+    if (!op) {
+      std::this_thread::yield();
+      continue;
+    }
+    op();
+    std::lock_guard<std::mutex> lock(s->m);
+    ++s->completed;
+    s->runner = std::thread::id();
+  }
+}
+
+void RunAll(Stream* s) {
+  uint64_t queued;
+  {
+    std::lock_guard<std::mutex> lock(s->m);
+    queued = s->queued;
+  }
+  RunUntil(s, queued);
+}
+
+// What a real cudaDeviceSynchronize (or a cudaFree) waits for: this "process's" streams.
+void SynchronizeThisThread() {
+  std::vector<Stream*> mine;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    for (auto& [key, stream] : g_streams) {
+      if (key.first == std::this_thread::get_id()) mine.push_back(stream.get());
+    }
+  }
+  for (Stream* s : mine) RunAll(s);
+}
+
+// An event: where on which stream it was last recorded. A handle opened through IPC shares the
+// state of the event it was exported from, as in CUDA.
+struct EventState {
+  std::mutex m;
+  Stream* stream = nullptr;
+  uint64_t position = 0;  // the operations queued on `stream` before the record
+};
 // Every event created or opened through IPC is a handle of its own, to be destroyed once: the
 // objects stay until the program ends, so that a second destroy is caught, not a crash.
 struct FakeEvent {
   bool live = true;
+  std::shared_ptr<EventState> state;
 };
 std::vector<std::unique_ptr<FakeEvent>> g_events;
 int g_live_events = 0;
 
-cudaEvent_t NewEvent() {
+cudaEvent_t NewEvent(std::shared_ptr<EventState> state) {
   std::lock_guard<std::mutex> lock(g_mutex);
   g_events.push_back(std::make_unique<FakeEvent>());
+  g_events.back()->state = std::move(state);
   ++g_live_events;
   return reinterpret_cast<cudaEvent_t>(g_events.back().get());
+}
+
+std::pair<Stream*, uint64_t> LastRecord(cudaEvent_t event) {
+  EventState& state = *reinterpret_cast<FakeEvent*>(event)->state;
+  std::lock_guard<std::mutex> lock(state.m);
+  return {state.stream, state.position};
 }
 
 thread_local int g_fail = 0;  // fake_cuda::What
@@ -106,6 +202,7 @@ cudaError_t cudaMalloc(void** ptr, size_t size) {
 
 cudaError_t cudaFree(void* ptr) {
   if (!ptr) return cudaSuccess;
+  SynchronizeThisThread();  // as CUDA's does: queued work may still use the memory
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     g_device.erase(static_cast<char*>(ptr));
@@ -120,18 +217,19 @@ cudaError_t cudaMallocHost(void** ptr, size_t size) {
 }
 
 cudaError_t cudaFreeHost(void* ptr) {
+  SynchronizeThisThread();
   std::free(ptr);
   return cudaSuccess;
 }
 
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind, cudaStream_t) {
-  std::memmove(dst, src, count);
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind, cudaStream_t stream) {
+  Enqueue(stream, [=] { std::memmove(dst, src, count); });
   return cudaSuccess;
 }
 
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) {
   if (g_fail == fake_cuda::kEvents) return cudaErrorInitializationError;
-  *event = NewEvent();
+  *event = NewEvent(std::make_shared<EventState>());
   return cudaSuccess;
 }
 cudaError_t cudaEventDestroy(cudaEvent_t event) {
@@ -142,19 +240,45 @@ cudaError_t cudaEventDestroy(cudaEvent_t event) {
   --g_live_events;
   return cudaSuccess;
 }
-cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
-cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
-cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned int) { return cudaSuccess; }
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
-cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
+  Stream* s = StreamOf(stream);
+  EventState& state = *reinterpret_cast<FakeEvent*>(event)->state;
+  std::lock_guard<std::mutex> stream_lock(s->m);
+  std::lock_guard<std::mutex> lock(state.m);
+  state.stream = s;
+  state.position = s->queued;
+  return cudaSuccess;
+}
+// Completes the work before the last record (the "GPU" runs it now): never cudaErrorNotReady.
+cudaError_t cudaEventQuery(cudaEvent_t event) {
+  auto [stream, position] = LastRecord(event);
+  if (stream) RunUntil(stream, position);
+  return cudaSuccess;
+}
+// The stream waits for the event's last record at the time of this call, as in CUDA.
+cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int) {
+  auto [waited, position] = LastRecord(event);
+  if (waited) Enqueue(stream, [waited = waited, position = position] { RunUntil(waited, position); });
+  return cudaSuccess;
+}
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+  RunAll(StreamOf(stream));
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceSynchronize(void) {
+  SynchronizeThisThread();
+  return cudaSuccess;
+}
 
 cudaError_t cudaIpcGetEventHandle(cudaIpcEventHandle_t* handle, cudaEvent_t event) {
   std::memset(handle, 0, sizeof *handle);
   std::memcpy(handle, &event, sizeof event);
   return cudaSuccess;
 }
-cudaError_t cudaIpcOpenEventHandle(cudaEvent_t* event, cudaIpcEventHandle_t) {
-  *event = NewEvent();  // a handle of its own on the same event: nothing to order here anyway
+cudaError_t cudaIpcOpenEventHandle(cudaEvent_t* event, cudaIpcEventHandle_t handle) {
+  FakeEvent* exported = nullptr;
+  std::memcpy(&exported, &handle, sizeof exported);
+  *event = NewEvent(exported->state);  // a handle of its own on the same event
   return cudaSuccess;
 }
 cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t* handle, void* ptr) {
@@ -204,14 +328,18 @@ namespace pycomm::cuda {
 // The kernels' contract (reduce_kernels.h) on the CPU kernels: inputs reduced in order, the
 // result (for kAvg divided by avg_divisor) written to every output; an output may be an input.
 cudaError_t LaunchReduce(const void* const* inputs, int num_inputs, void* const* outputs, int num_outputs, size_t n,
-                         DataType dtype, ReduceOp op, int avg_divisor, cudaStream_t) {
+                         DataType dtype, ReduceOp op, int avg_divisor, cudaStream_t stream) {
   if (num_inputs < 1 || num_inputs > kMaxReduceInputs || num_outputs > kMaxReduceOutputs) return cudaErrorInvalidValue;
-  const size_t bytes = n * DataTypeSize(dtype);
-  std::vector<char> acc(static_cast<const char*>(inputs[0]), static_cast<const char*>(inputs[0]) + bytes);
-  const ReduceFn fn = GetReduceFn(dtype, op == ReduceOp::kAvg ? ReduceOp::kSum : op);
-  for (int k = 1; k < num_inputs; ++k) fn(acc.data(), inputs[k], acc.data(), n);
-  if (op == ReduceOp::kAvg) ScaleDown(acc.data(), n, dtype, avg_divisor);
-  for (int k = 0; k < num_outputs; ++k) std::memcpy(outputs[k], acc.data(), bytes);
+  std::vector<const void*> in(inputs, inputs + num_inputs);
+  std::vector<void*> out(outputs, outputs + num_outputs);
+  Enqueue(stream, [=] {
+    const size_t bytes = n * DataTypeSize(dtype);
+    std::vector<char> acc(static_cast<const char*>(in[0]), static_cast<const char*>(in[0]) + bytes);
+    const ReduceFn fn = GetReduceFn(dtype, op == ReduceOp::kAvg ? ReduceOp::kSum : op);
+    for (size_t k = 1; k < in.size(); ++k) fn(acc.data(), in[k], acc.data(), n);
+    if (op == ReduceOp::kAvg) ScaleDown(acc.data(), n, dtype, avg_divisor);
+    for (void* o : out) std::memcpy(o, acc.data(), bytes);
+  });
   return cudaSuccess;
 }
 

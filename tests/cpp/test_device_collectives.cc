@@ -3,7 +3,10 @@
 // whole communicator's transport says which node each rank is on. Checks every collective against
 // a serial reference on one node (up to 10 ranks: several fused passes) and across nodes (even,
 // one rank each, uneven), several pieces of host staging included, and that ranks making
-// different calls all get MismatchError. Prints "N passed, N failed".
+// different calls all get MismatchError. Inputs are written by copies queued on each rank's
+// stream and results read after a stream synchronisation, as a CUDA program would: the fake runs
+// queued work late, so missing ordering inside pycomm shows as wrong results. Prints "N passed,
+// N failed".
 
 #include <cuda_runtime.h>
 
@@ -78,13 +81,21 @@ class PlacedTransport : public Transport {
   std::vector<int> node_of_;
 };
 
+// Device memory filled with `host` by a copy queued on this rank's default stream, which the fake
+// runs only when something waits for it: collectives must order their reads after it.
 template <typename T>
 T* DeviceArray(const std::vector<T>& host) {
+  thread_local std::vector<std::vector<T>> sources;  // what the queued copies read, kept
   void* p = nullptr;
   cudaMalloc(&p, host.size() * sizeof(T) + 1);
-  if (!host.empty()) std::memcpy(p, host.data(), host.size() * sizeof(T));
+  sources.push_back(host);
+  if (!host.empty())
+    cudaMemcpyAsync(p, sources.back().data(), host.size() * sizeof(T), cudaMemcpyHostToDevice, nullptr);
   return static_cast<T*>(p);
 }
+
+// Before the host reads results: the collectives' work is queued on the default stream.
+void Sync() { cudaStreamSynchronize(nullptr); }
 
 // What every rank runs: body(rank, collectives) on threads, with the groups that a communicator
 // would have built (the hierarchy's node group and the leaders' group) for the placement.
@@ -160,12 +171,13 @@ void TestAllreduce(const std::vector<int>& node_of, size_t n) {
     for (size_t i = 0; i < n; ++i) in[i] = Value(r, i), fin[i] = static_cast<float>(Value(r, i));
     int64_t* a = DeviceArray(in);
     int64_t* out = DeviceArray(std::vector<int64_t>(n, -1));
-    c.Allreduce(a, out, n, DataType::kInt64, ReduceOp::kSum, nullptr);
-    Expect(Same(out, sum.data(), n * 8), "allreduce " + Layout(node_of) + " n=" + std::to_string(n));
-    c.Allreduce(a, a, n, DataType::kInt64, ReduceOp::kSum, nullptr);
-    Expect(Same(a, sum.data(), n * 8), "in place " + Layout(node_of) + " n=" + std::to_string(n));
     float* f = DeviceArray(fin);
+    c.Allreduce(a, out, n, DataType::kInt64, ReduceOp::kSum, nullptr);
+    c.Allreduce(a, a, n, DataType::kInt64, ReduceOp::kSum, nullptr);
     c.Allreduce(f, f, n, DataType::kFloat32, ReduceOp::kAvg, nullptr);
+    Sync();
+    Expect(Same(out, sum.data(), n * 8), "allreduce " + Layout(node_of) + " n=" + std::to_string(n));
+    Expect(Same(a, sum.data(), n * 8), "in place " + Layout(node_of) + " n=" + std::to_string(n));
     Expect(Same(f, avg.data(), n * 4), "avg " + Layout(node_of) + " n=" + std::to_string(n));
     cudaFree(a), cudaFree(out), cudaFree(f);
   });
@@ -179,7 +191,17 @@ void TestOthers(const std::vector<int>& node_of, size_t block) {
     for (size_t i = 0; i < in.size(); ++i) in[i] = Value(r, i);
     int64_t* x = DeviceArray(in);
     int64_t* mine = DeviceArray(std::vector<int64_t>(block, -1));
+    int64_t* all = DeviceArray(std::vector<int64_t>(block * P, -1));
+    std::vector<int64_t*> bufs;
+    for (int root = 0; root < P; ++root) {
+      std::vector<int64_t> mine_in(block);
+      for (size_t i = 0; i < block; ++i) mine_in[i] = Value(r + 7 + root, i);
+      bufs.push_back(DeviceArray(mine_in));
+    }
     c.ReduceScatter(x, mine, block, DataType::kInt64, ReduceOp::kSum, nullptr);
+    c.Allgather(x, all, block, DataType::kInt64, nullptr);
+    for (int root = 0; root < P; ++root) c.Broadcast(bufs[root], block, DataType::kInt64, root, nullptr);
+    Sync();
     bool ok = true;
     for (size_t i = 0; i < block; ++i) {
       int64_t want = 0;
@@ -188,8 +210,6 @@ void TestOthers(const std::vector<int>& node_of, size_t block) {
     }
     Expect(ok, "reduce_scatter " + where);
 
-    int64_t* all = DeviceArray(std::vector<int64_t>(block * P, -1));
-    c.Allgather(x, all, block, DataType::kInt64, nullptr);
     ok = true;
     for (int q = 0; q < P; ++q) {
       for (size_t i = 0; i < block; ++i) ok = ok && all[q * block + i] == Value(q, i);
@@ -197,14 +217,10 @@ void TestOthers(const std::vector<int>& node_of, size_t block) {
     Expect(ok, "allgather " + where);
 
     for (int root = 0; root < P; ++root) {
-      std::vector<int64_t> mine_in(block);
-      for (size_t i = 0; i < block; ++i) mine_in[i] = Value(r + 7, i);
-      int64_t* buf = DeviceArray(mine_in);
-      c.Broadcast(buf, block, DataType::kInt64, root, nullptr);
       ok = true;
-      for (size_t i = 0; i < block; ++i) ok = ok && buf[i] == Value(root + 7, i);
+      for (size_t i = 0; i < block; ++i) ok = ok && bufs[root][i] == Value(root + 7 + root, i);
       Expect(ok, "broadcast root " + std::to_string(root) + " " + where);
-      cudaFree(buf);
+      cudaFree(bufs[root]);
     }
     cudaFree(x), cudaFree(mine), cudaFree(all);
   });
@@ -220,6 +236,7 @@ void TestUnexportableMemory(const std::vector<int>& node_of) {
     for (size_t i = 0; i < n; ++i) a[i] = Value(r, i);
     c.Allreduce(a.data(), out.data(), n, DataType::kInt64, ReduceOp::kSum, nullptr);
     c.Allreduce(a.data(), a.data(), n, DataType::kInt64, ReduceOp::kSum, nullptr);
+    Sync();
     bool ok = true;
     for (size_t i = 0; i < n; ++i) {
       int64_t want = 0;
