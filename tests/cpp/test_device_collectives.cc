@@ -84,18 +84,17 @@ class PlacedTransport : public Transport {
 // Device memory filled with `host` by a copy queued on this rank's default stream, which the fake
 // runs only when something waits for it: collectives must order their reads after it.
 template <typename T>
-T* DeviceArray(const std::vector<T>& host) {
+T* DeviceArray(const std::vector<T>& host, cudaStream_t stream = nullptr) {
   thread_local std::vector<std::vector<T>> sources;  // what the queued copies read, kept
   void* p = nullptr;
   cudaMalloc(&p, host.size() * sizeof(T) + 1);
   sources.push_back(host);
-  if (!host.empty())
-    cudaMemcpyAsync(p, sources.back().data(), host.size() * sizeof(T), cudaMemcpyHostToDevice, nullptr);
+  if (!host.empty()) cudaMemcpyAsync(p, sources.back().data(), host.size() * sizeof(T), cudaMemcpyHostToDevice, stream);
   return static_cast<T*>(p);
 }
 
-// Before the host reads results: the collectives' work is queued on the default stream.
-void Sync() { cudaStreamSynchronize(nullptr); }
+// Before the host reads results: the collectives' work is queued on `stream`.
+void Sync(cudaStream_t stream = nullptr) { cudaStreamSynchronize(stream); }
 
 // What every rank runs: body(rank, collectives) on threads, with the groups that a communicator
 // would have built (the hierarchy's node group and the leaders' group) for the placement.
@@ -157,7 +156,9 @@ bool Same(const void* a, const void* b, size_t bytes) { return bytes == 0 || std
 
 int64_t Value(int rank, size_t i) { return static_cast<int64_t>((rank + 1) * 1000 + i % 977) - 500; }
 
-void TestAllreduce(const std::vector<int>& node_of, size_t n) {
+// On `stream` (each rank's own; null: its default stream): inputs written there, the collectives
+// queued there, results read after synchronising only it.
+void TestAllreduce(const std::vector<int>& node_of, size_t n, cudaStream_t stream = nullptr) {
   const int P = static_cast<int>(node_of.size());
   std::vector<int64_t> sum(n, 0);
   std::vector<float> avg(n, 0);
@@ -169,13 +170,13 @@ void TestAllreduce(const std::vector<int>& node_of, size_t n) {
     std::vector<int64_t> in(n);
     std::vector<float> fin(n);
     for (size_t i = 0; i < n; ++i) in[i] = Value(r, i), fin[i] = static_cast<float>(Value(r, i));
-    int64_t* a = DeviceArray(in);
-    int64_t* out = DeviceArray(std::vector<int64_t>(n, -1));
-    float* f = DeviceArray(fin);
-    c.Allreduce(a, out, n, DataType::kInt64, ReduceOp::kSum, nullptr);
-    c.Allreduce(a, a, n, DataType::kInt64, ReduceOp::kSum, nullptr);
-    c.Allreduce(f, f, n, DataType::kFloat32, ReduceOp::kAvg, nullptr);
-    Sync();
+    int64_t* a = DeviceArray(in, stream);
+    int64_t* out = DeviceArray(std::vector<int64_t>(n, -1), stream);
+    float* f = DeviceArray(fin, stream);
+    c.Allreduce(a, out, n, DataType::kInt64, ReduceOp::kSum, stream);
+    c.Allreduce(a, a, n, DataType::kInt64, ReduceOp::kSum, stream);
+    c.Allreduce(f, f, n, DataType::kFloat32, ReduceOp::kAvg, stream);
+    Sync(stream);
     Expect(Same(out, sum.data(), n * 8), "allreduce " + Layout(node_of) + " n=" + std::to_string(n));
     Expect(Same(a, sum.data(), n * 8), "in place " + Layout(node_of) + " n=" + std::to_string(n));
     Expect(Same(f, avg.data(), n * 4), "avg " + Layout(node_of) + " n=" + std::to_string(n));
@@ -319,10 +320,17 @@ int main() {
   TestFailuresReachEveryRank({0, 0, 0}, fake_cuda::kEvents, 1);
   TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kMalloc, 2);  // node 1's leader
   TestFailuresReachEveryRank({0, 1, 2}, fake_cuda::kMalloc, 0);
+  // A stream of each rank's own instead of its default stream.
+  const auto own_stream = reinterpret_cast<cudaStream_t>(0x5);
+  for (const auto& layout : {std::vector<int>{0, 0, 0}, std::vector<int>{0, 0, 1}}) {
+    TestAllreduce(layout, 1000, own_stream);
+    TestAllreduce(layout, (4 << 20) / 8 + 5, own_stream);  // two pieces of host staging
+  }
   // Ordered by IPC events on the streams instead of on the host.
   setenv("PYCOMM_GPU_SYNC", "stream", 1);
   for (const auto& layout : {std::vector<int>{0, 0, 0}, std::vector<int>{0, 0, 1}}) {
     TestAllreduce(layout, 1000);
+    TestAllreduce(layout, 1000, own_stream);
     TestOthers(layout, 5);
   }
   std::printf("%d passed, %d failed\n", g_passed.load(), g_failed.load());
