@@ -340,3 +340,11 @@ def test_dlpack_arrays_on_other_devices_are_refused(comm):
         comm.allreduce(np.ones(3), out=HostDLPackArray(np.zeros(3), device_type=10))
     with pytest.raises(TypeError, match="device type 4"):
         comm.allreduce(HostDLPackArray(np.zeros(3), device_type=4))  # OpenCL
+
+
+def test_device_allgather_x_may_live_in_out_only_as_its_own_block(comm):
+    """In place, x is this rank's block of out; anywhere else in out the copies would overwrite x
+    before every rank has read it: refused before anything is sent."""
+    out = FakeDeviceArray((4,), ptr=0x7F0000000000)
+    with pytest.raises(ValueError, match="own block|this rank's block"):
+        comm.allgather(FakeDeviceArray((4,), ptr=0x7F0000000004), out=out)  # P = 1: the block is all of out

@@ -107,6 +107,11 @@ def check_other_collectives(comm, lib, failures):
         gathered = lib.to_host(comm.allgather(lib.to_device(inputs[RANK][:rows])))
         want = np.concatenate([x[:rows] for x in inputs])
         failures.check(np.array_equal(gathered, want), f"allgather rows={rows}")
+        # In place: x is this rank's block of out.
+        out = lib.to_device(np.zeros((P * rows, 4), dtype))
+        out[RANK * rows : (RANK + 1) * rows] = lib.to_device(inputs[RANK][:rows])
+        comm.allgather(out[RANK * rows : (RANK + 1) * rows], out=out)
+        failures.check(np.array_equal(lib.to_host(out), want), f"allgather in place rows={rows}")
     for root in range(P):
         buf = lib.to_device(make_input(RANK + 10, 5000, dtype, "sum"))
         comm.broadcast(buf, root=root)
