@@ -201,6 +201,11 @@ void TestOthers(const std::vector<int>& node_of, size_t block) {
     }
     c.ReduceScatter(x, mine, block, DataType::kInt64, ReduceOp::kSum, nullptr);
     c.Allgather(x, all, block, DataType::kInt64, nullptr);
+    // In place: x is this rank's block of the output.
+    std::vector<int64_t> placed(block * P, -1);
+    for (size_t i = 0; i < block; ++i) placed[r * block + i] = Value(r, i);
+    int64_t* all_in_place = DeviceArray(placed);
+    c.Allgather(all_in_place + r * block, all_in_place, block, DataType::kInt64, nullptr);
     for (int root = 0; root < P; ++root) c.Broadcast(bufs[root], block, DataType::kInt64, root, nullptr);
     Sync();
     bool ok = true;
@@ -216,6 +221,8 @@ void TestOthers(const std::vector<int>& node_of, size_t block) {
       for (size_t i = 0; i < block; ++i) ok = ok && all[q * block + i] == Value(q, i);
     }
     Expect(ok, "allgather " + where);
+    Expect(Same(all_in_place, all, block * P * 8), "allgather in place " + where);
+    cudaFree(all_in_place);
 
     for (int root = 0; root < P; ++root) {
       ok = true;
