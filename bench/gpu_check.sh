@@ -17,6 +17,11 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 summary=()
 step() { summary+=("$(printf '%-34s %s' "$1" "$2")"); }
+# Everything ends within BUDGET seconds (default 520: the device tool allows 600 a command), so a
+# hang in one step still leaves the logs of the others and the summary: each step gets at most
+# its own limit and what is left.
+BUDGET=${BUDGET:-520}
+limit() { local left=$((BUDGET - SECONDS)); echo $((left < $1 ? (left > 5 ? left : 5) : $1)); }
 
 # 1. MPI
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -48,29 +53,29 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 
 # 3. Kernels
-timeout 120 ./build/gpu-check/reduce_bench >"$OUT/reduce_bench.txt" 2>&1
+timeout "$(limit 120)" ./build/gpu-check/reduce_bench >"$OUT/reduce_bench.txt" 2>&1
 step "kernel check + bandwidth" "exit $? ($(grep -o 'correctness: .*' "$OUT/reduce_bench.txt"))"
 
 # 4. GPU tests
-timeout 420 $PY -m pytest -q -p no:cacheprovider -m gpu -rs --durations=8 tests/ >"$OUT/gpu_tests.txt" 2>&1
+timeout "$(limit 330)" $PY -m pytest -q -p no:cacheprovider -m gpu -rs --durations=8 tests/ >"$OUT/gpu_tests.txt" 2>&1
 step "GPU tests (-m gpu)" "exit $? ($(tail -1 "$OUT/gpu_tests.txt"))"
 
 # 5. GPU allreduce benchmark, with each way of ordering the ranks' GPU work
 for sync in host stream; do
   for p in 2 4; do
     [ $sync = stream ] && [ $p = 4 ] && continue  # measured once (2026-11-27): 2x P=2's flat cost
-    PYCOMM_GPU_SYNC=$sync timeout 120 mpirun -n $p $PY bench/gpu_allreduce.py --json "$OUT/part_${sync}_p$p.json" \
+    PYCOMM_GPU_SYNC=$sync timeout "$(limit 90)" mpirun -n $p $PY bench/gpu_allreduce.py --json "$OUT/part_${sync}_p$p.json" \
       >>"$OUT/gpu_allreduce.txt" 2>&1
     step "GPU allreduce bench $sync P=$p" "exit $?"
   done
 done
 # 5b. Across 2 simulated nodes of 1 rank (leaders combine through pinned host memory + the CPU ring)
-PYCOMM_RANKS_PER_NODE=1 MPIR_CVAR_NOLOCAL=1 timeout 120 mpirun -n 2 $PY bench/gpu_allreduce.py --max-bytes $((64 << 20)) \
+PYCOMM_RANKS_PER_NODE=1 MPIR_CVAR_NOLOCAL=1 timeout "$(limit 90)" mpirun -n 2 $PY bench/gpu_allreduce.py --max-bytes $((64 << 20)) \
   --json "$OUT/part_host_2nodes.json" >>"$OUT/gpu_allreduce.txt" 2>&1
 step "GPU allreduce bench 2 nodes x 1" "exit $?"
 # 6. The trainer on cupy arrays (its data sets come with scikit-learn, which the machine may lack)
 if $PY -c "import sklearn" >/dev/null 2>&1; then
-  timeout 120 mpirun -n 2 $PY -m pycomm.train --device gpu --check --steps 40 --no-progress >"$OUT/train_gpu.txt" 2>&1
+  timeout "$(limit 90)" mpirun -n 2 $PY -m pycomm.train --device gpu --check --steps 40 --no-progress >"$OUT/train_gpu.txt" 2>&1
   step "train --device gpu --check P=2" "exit $?"
 else
   step "train --device gpu --check P=2" "not run: no scikit-learn here"
@@ -94,3 +99,4 @@ cat "$OUT/gpu_allreduce.txt"
 grep -E "FAIL|Error|error" "$OUT/gpu_tests.txt" | head -20
 echo
 printf '%s\n' "${summary[@]}"
+echo "total: $SECONDS s"
