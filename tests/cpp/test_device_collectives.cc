@@ -23,8 +23,10 @@
 #include <typeinfo>
 #include <vector>
 
+#include "core/collectives.h"
 #include "core/device.h"
 #include "core/hierarchy.h"
+#include "reduce/half.h"
 #include "transport/loopback.h"
 
 // Failures the fake runtime injects on the calling thread (fake_cuda_runtime.cc).
@@ -52,6 +54,41 @@ void Expect(bool ok, const std::string& what) {
   }
 }
 
+// Whether the transports play a CUDA-aware MPI (set between runs, read by every rank's thread).
+bool g_cuda_aware = false;
+
+// The leaders' group as a CUDA-aware MPI's: its allreduce takes "device" memory (ordinary memory
+// here) and reduces at once, with pycomm's ring; like MPI, it has no float16 or bfloat16.
+class CudaAwareGroup : public Transport {
+ public:
+  explicit CudaAwareGroup(std::unique_ptr<Transport> inner) : inner_(std::move(inner)) {}
+  int rank() const override { return inner_->rank(); }
+  int size() const override { return inner_->size(); }
+  std::unique_ptr<pycomm::Request> Isend(int peer, const void* buf, size_t bytes) override {
+    return inner_->Isend(peer, buf, bytes);
+  }
+  std::unique_ptr<pycomm::Request> Irecv(int peer, void* buf, size_t bytes) override {
+    return inner_->Irecv(peer, buf, bytes);
+  }
+  const char* name() const override { return "cuda-aware"; }
+  bool accepts_device_memory() const override { return true; }
+  std::unique_ptr<pycomm::Request> IallreduceInPlace(void* buf, size_t count, DataType dtype, ReduceOp op) override {
+    if (dtype == DataType::kFloat16 || dtype == DataType::kBFloat16) return nullptr;
+    std::vector<char> scratch(pycomm::kPipelineDepth * 4096);
+    uint64_t unused_arena_seq = 0;
+    pycomm::AllreduceRing(pycomm::CollectiveContext{*inner_, 4096, 30, scratch.data(), &unused_arena_seq, 0}, buf, buf,
+                          count, dtype, op == ReduceOp::kAvg ? ReduceOp::kSum : op);
+    return std::make_unique<Done>();
+  }
+
+ private:
+  struct Done : pycomm::Request {
+    bool Test() override { return true; }
+    int peer() const override { return -1; }
+  };
+  std::unique_ptr<Transport> inner_;
+};
+
 // The whole communicator's transport, with ranks placed on nodes.
 class PlacedTransport : public Transport {
  public:
@@ -66,6 +103,7 @@ class PlacedTransport : public Transport {
     return inner_->Irecv(peer, buf, bytes);
   }
   const char* name() const override { return "placed"; }
+  bool accepts_device_memory() const override { return g_cuda_aware; }
   // On one node it is the node's transport, arena included.
   pycomm::SharedArena* arena() override { return single_node() ? inner_->arena() : nullptr; }
   int node_of(int rank) const override { return node_of_[rank]; }
@@ -129,7 +167,10 @@ void RunPlaced(const std::vector<int>& node_of, const std::function<void(int ran
         const int local = static_cast<int>(std::find(mine.begin(), mine.end(), r) - mine.begin());
         if (mine.size() > 1) hierarchy->node = std::move(node_transports[node_of[r]][local]);
         hierarchy->across.resize(1);
-        if (local == 0) hierarchy->across[0] = std::move(leaders[node_of[r]]);
+        if (local == 0) {
+          hierarchy->across[0] = std::move(leaders[node_of[r]]);
+          if (g_cuda_aware) hierarchy->across[0] = std::make_unique<CudaAwareGroup>(std::move(hierarchy->across[0]));
+        }
       }
       if (before) before(r);
       try {
@@ -169,14 +210,26 @@ void TestAllreduce(const std::vector<int>& node_of, size_t n, cudaStream_t strea
   RunPlaced(node_of, [&](int r, pycomm::DeviceCollectives& c) {
     std::vector<int64_t> in(n);
     std::vector<float> fin(n);
-    for (size_t i = 0; i < n; ++i) in[i] = Value(r, i), fin[i] = static_cast<float>(Value(r, i));
+    std::vector<uint16_t> hin(n);  // float16: small integers, whose sums are exact
+    for (size_t i = 0; i < n; ++i) {
+      in[i] = Value(r, i), fin[i] = static_cast<float>(Value(r, i));
+      hin[i] = pycomm::FloatToFloat16(static_cast<float>(i % 64 + r));
+    }
+    uint16_t* h = DeviceArray(hin, stream);
     int64_t* a = DeviceArray(in, stream);
     int64_t* out = DeviceArray(std::vector<int64_t>(n, -1), stream);
     float* f = DeviceArray(fin, stream);
     c.Allreduce(a, out, n, DataType::kInt64, ReduceOp::kSum, stream);
     c.Allreduce(a, a, n, DataType::kInt64, ReduceOp::kSum, stream);
     c.Allreduce(f, f, n, DataType::kFloat32, ReduceOp::kAvg, stream);
+    c.Allreduce(h, h, n, DataType::kFloat16, ReduceOp::kSum, stream);
     Sync(stream);
+    bool halves = true;
+    for (size_t i = 0; i < n; ++i) {
+      halves = halves && pycomm::Float16ToFloat(h[i]) == static_cast<float>(P * (i % 64) + P * (P - 1) / 2);
+    }
+    Expect(halves, "float16 " + Layout(node_of) + " n=" + std::to_string(n));
+    cudaFree(h);
     Expect(Same(out, sum.data(), n * 8), "allreduce " + Layout(node_of) + " n=" + std::to_string(n));
     Expect(Same(a, sum.data(), n * 8), "in place " + Layout(node_of) + " n=" + std::to_string(n));
     Expect(Same(f, avg.data(), n * 4), "avg " + Layout(node_of) + " n=" + std::to_string(n));
@@ -327,6 +380,15 @@ int main() {
   TestFailuresReachEveryRank({0, 0, 0}, fake_cuda::kEvents, 1);
   TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kMalloc, 2);  // node 1's leader
   TestFailuresReachEveryRank({0, 1, 2}, fake_cuda::kMalloc, 0);
+  // Between nodes through a CUDA-aware MPI (MPI_Iallreduce straight on GPU memory; float16 still
+  // through the host).
+  g_cuda_aware = true;
+  for (const auto& layout : {std::vector<int>{0, 0, 1, 1}, std::vector<int>{0, 1, 2}, std::vector<int>{0, 0, 1}}) {
+    for (size_t n : {size_t{1}, size_t{1000}, size_t{(4 << 20) / 8 + 5}}) TestAllreduce(layout, n);
+    TestOthers(layout, 33);
+    TestMismatch(layout, true);
+  }
+  g_cuda_aware = false;
   // A stream of each rank's own instead of its default stream.
   const auto own_stream = reinterpret_cast<cudaStream_t>(0x5);
   for (const auto& layout : {std::vector<int>{0, 0, 0}, std::vector<int>{0, 0, 1}}) {
