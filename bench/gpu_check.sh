@@ -17,11 +17,16 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 summary=()
 step() { summary+=("$(printf '%-34s %s' "$1" "$2")"); }
-# Everything ends within BUDGET seconds (default 520: the device tool allows 600 a command), so a
+# Everything ends within GPU_CHECK_BUDGET seconds (default 520: the device tool allows 600 a command), so a
 # hang in one step still leaves the logs of the others and the summary: each step gets at most
 # its own limit and what is left.
-BUDGET=${BUDGET:-520}
-limit() { local left=$((BUDGET - SECONDS)); echo $((left < $1 ? (left > 5 ? left : 5) : $1)); }
+SECONDS=0
+GPU_CHECK_BUDGET=${GPU_CHECK_BUDGET:-520}
+[[ $GPU_CHECK_BUDGET =~ ^[0-9]+$ ]] || { echo "GPU_CHECK_BUDGET must be whole seconds"; exit 2; }
+limit() { local left=$((GPU_CHECK_BUDGET - SECONDS)); echo $((left < $1 ? (left > 5 ? left : 5) : $1)); }
+# SIGINT first (pytest and the launcher then kill the ranks they started and print their output),
+# SIGKILL 10 s later.
+timed() { local seconds=$1; shift; timeout -s INT -k 10 "$seconds" "$@"; }
 
 # 1. MPI
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -41,7 +46,7 @@ cat "$OUT/machine.txt"
 # 2. Build
 cmake -S . -B build/gpu-check -DCMAKE_BUILD_TYPE=Release -DPYCOMM_BUILD_PYTHON=ON -DPYCOMM_CUDA=ON -DPYCOMM_BUILD_GPU_BENCH=ON \
   -DPython_EXECUTABLE="$(command -v $PY)" -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" >"$OUT/build.log" 2>&1 &&
-  cmake --build build/gpu-check -j 16 >>"$OUT/build.log" 2>&1 &&
+  timed "$(limit 300)" cmake --build build/gpu-check -j 16 >>"$OUT/build.log" 2>&1 &&
   cp build/gpu-check/_core*.so pycomm/
 status=$?
 step "build (CUDA, module)" "$([ $status -eq 0 ] && echo ok || echo FAILED)"
@@ -53,29 +58,29 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 
 # 3. Kernels
-timeout "$(limit 120)" ./build/gpu-check/reduce_bench >"$OUT/reduce_bench.txt" 2>&1
+timed "$(limit 120)" ./build/gpu-check/reduce_bench >"$OUT/reduce_bench.txt" 2>&1
 step "kernel check + bandwidth" "exit $? ($(grep -o 'correctness: .*' "$OUT/reduce_bench.txt"))"
 
 # 4. GPU tests
-timeout "$(limit 330)" $PY -m pytest -q -p no:cacheprovider -m gpu -rs --durations=8 tests/ >"$OUT/gpu_tests.txt" 2>&1
+timed "$(limit 330)" $PY -m pytest -q -p no:cacheprovider -m gpu -rs --durations=8 tests/ >"$OUT/gpu_tests.txt" 2>&1
 step "GPU tests (-m gpu)" "exit $? ($(tail -1 "$OUT/gpu_tests.txt"))"
 
 # 5. GPU allreduce benchmark, with each way of ordering the ranks' GPU work
 for sync in host stream; do
   for p in 2 4; do
     [ $sync = stream ] && [ $p = 4 ] && continue  # measured once (2026-11-27): 2x P=2's flat cost
-    PYCOMM_GPU_SYNC=$sync timeout "$(limit 90)" mpirun -n $p $PY bench/gpu_allreduce.py --json "$OUT/part_${sync}_p$p.json" \
+    PYCOMM_GPU_SYNC=$sync timed "$(limit 90)" mpirun -n $p $PY bench/gpu_allreduce.py --json "$OUT/part_${sync}_p$p.json" \
       >>"$OUT/gpu_allreduce.txt" 2>&1
     step "GPU allreduce bench $sync P=$p" "exit $?"
   done
 done
 # 5b. Across 2 simulated nodes of 1 rank (leaders combine through pinned host memory + the CPU ring)
-PYCOMM_RANKS_PER_NODE=1 MPIR_CVAR_NOLOCAL=1 timeout "$(limit 90)" mpirun -n 2 $PY bench/gpu_allreduce.py --max-bytes $((64 << 20)) \
+PYCOMM_RANKS_PER_NODE=1 MPIR_CVAR_NOLOCAL=1 timed "$(limit 90)" mpirun -n 2 $PY bench/gpu_allreduce.py --max-bytes $((64 << 20)) \
   --json "$OUT/part_host_2nodes.json" >>"$OUT/gpu_allreduce.txt" 2>&1
 step "GPU allreduce bench 2 nodes x 1" "exit $?"
 # 6. The trainer on cupy arrays (its data sets come with scikit-learn, which the machine may lack)
 if $PY -c "import sklearn" >/dev/null 2>&1; then
-  timeout "$(limit 90)" mpirun -n 2 $PY -m pycomm.train --device gpu --check --steps 40 --no-progress >"$OUT/train_gpu.txt" 2>&1
+  timed "$(limit 90)" mpirun -n 2 $PY -m pycomm.train --device gpu --check --steps 40 --no-progress >"$OUT/train_gpu.txt" 2>&1
   step "train --device gpu --check P=2" "exit $?"
 else
   step "train --device gpu --check P=2" "not run: no scikit-learn here"

@@ -46,6 +46,11 @@ def run_mpi_program(nprocs: int, argv, *, timeout: float = DEFAULT_TIMEOUT_S, en
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{output}") from None
+    except BaseException:  # pytest itself interrupted (Ctrl-C, a time limit around it): no orphans
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        print(f"interrupted: {' '.join(cmd)}\n{output}", flush=True)
+        raise
     result = subprocess.CompletedProcess(cmd, proc.returncode, output, "")
     if check and proc.returncode != 0:
         raise AssertionError(f"exit code {proc.returncode}: {' '.join(cmd)}\n{output}")
