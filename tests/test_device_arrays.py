@@ -3,6 +3,7 @@ argument checks that must fail on the calling rank before any CUDA call or messa
 handles, and DLPack-only arrays in host memory (which take the numpy path)."""
 
 import ctypes
+from functools import partial
 
 import numpy as np
 import pytest
@@ -348,3 +349,21 @@ def test_device_allgather_x_may_live_in_out_only_as_its_own_block(comm):
     out = FakeDeviceArray((4,), ptr=0x7F0000000000)
     with pytest.raises(ValueError, match="own block|this rank's block"):
         comm.allgather(FakeDeviceArray((4,), ptr=0x7F0000000004), out=out)  # P = 1: the block is all of out
+
+
+@pytest.mark.parametrize("offset, refused", [(0, True), (16, False), (8, True)])
+def test_device_allgather_own_block_on_a_later_rank(offset, refused):
+    """On rank 1 of 2, x may be out's second block (in place) but not its first, nor straddle."""
+    from types import SimpleNamespace
+
+    from pycomm.communicator import Communicator
+
+    base = 0x7F0000000000
+    x = device_arrays.describe(FakeDeviceArray((4,), ptr=base + offset))
+    out = FakeDeviceArray((8,), ptr=base)
+    check = partial(Communicator._allgather_device_output, SimpleNamespace(rank=1), x, out, (8,), 0)
+    if refused:
+        with pytest.raises(ValueError, match="this rank's block"):
+            check()
+    else:
+        assert check().ptr == base

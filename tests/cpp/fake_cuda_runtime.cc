@@ -12,10 +12,12 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -116,7 +118,12 @@ void RunUntil(Stream* s, uint64_t target) {
       std::this_thread::yield();
       continue;
     }
-    op();
+    try {
+      op();
+    } catch (const std::exception& e) {  // a queued operation has no caller to throw to
+      std::fprintf(stderr, "fake CUDA runtime: a queued operation threw: %s\n", e.what());
+      std::abort();
+    }
     std::lock_guard<std::mutex> lock(s->m);
     ++s->completed;
     s->runner = std::thread::id();
@@ -182,6 +189,15 @@ namespace fake_cuda {
 enum What { kNothing, kEvents, kMalloc };
 // From now on this thread's event creations, or device allocations, fail.
 void Fail(What what) { g_fail = what; }
+// A rank's thread ends: its streams run to the end and are forgotten, so that a later thread
+// that gets the same id starts with none.
+void ThreadExit() {
+  SynchronizeThisThread();
+  std::lock_guard<std::mutex> lock(g_mutex);
+  for (auto it = g_streams.begin(); it != g_streams.end();) {
+    it = it->first.first == std::this_thread::get_id() ? g_streams.erase(it) : std::next(it);
+  }
+}
 // Events created or opened and not yet destroyed, in all threads.
 int LiveEvents() {
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -329,7 +345,10 @@ namespace pycomm::cuda {
 // result (for kAvg divided by avg_divisor) written to every output; an output may be an input.
 cudaError_t LaunchReduce(const void* const* inputs, int num_inputs, void* const* outputs, int num_outputs, size_t n,
                          DataType dtype, ReduceOp op, int avg_divisor, cudaStream_t stream) {
-  if (num_inputs < 1 || num_inputs > kMaxReduceInputs || num_outputs > kMaxReduceOutputs) return cudaErrorInvalidValue;
+  if (num_inputs < 1 || num_inputs > kMaxReduceInputs || num_outputs < 1 || num_outputs > kMaxReduceOutputs ||
+      avg_divisor < 1 || (op == ReduceOp::kAvg && !IsFloatingPoint(dtype))) {
+    return cudaErrorInvalidValue;  // checked at launch, as the real LaunchReduce does
+  }
   std::vector<const void*> in(inputs, inputs + num_inputs);
   std::vector<void*> out(outputs, outputs + num_outputs);
   Enqueue(stream, [=] {

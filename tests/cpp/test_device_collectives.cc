@@ -34,6 +34,7 @@ namespace fake_cuda {
 enum What { kNothing, kEvents, kMalloc };
 void Fail(What what);
 int LiveEvents();
+void ThreadExit();
 }  // namespace fake_cuda
 
 namespace {
@@ -186,6 +187,7 @@ void RunPlaced(const std::vector<int>& node_of, const std::function<void(int ran
         }
       }
       fake_cuda::Fail(fake_cuda::kNothing);
+      fake_cuda::ThreadExit();
     });
   }
   for (auto& t : threads) t.join();
