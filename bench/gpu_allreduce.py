@@ -100,7 +100,7 @@ def main():
     hbm = copy_bandwidth()
     rows = []
     if world.rank == 0:
-        sync = os.environ.get("PYCOMM_GPU_SYNC") or "host"
+        sync = os.environ.get("PYCOMM_GPU_SYNC") or "auto"
         name = torch.cuda.get_device_name(0)
         per_node = os.environ.get("PYCOMM_RANKS_PER_NODE")
         nodes = f", simulated nodes of {per_node} rank(s) (the floor is one node's)" if per_node else ""
@@ -149,7 +149,7 @@ def main():
     comm.close()
     if world.rank == 0 and args.json:
         meta = {"P": P, "device": torch.cuda.get_device_name(0), "copy_GBps": hbm / 1e9, "date": time.strftime("%F")}
-        meta["sync"] = os.environ.get("PYCOMM_GPU_SYNC") or "host"
+        meta["sync"] = os.environ.get("PYCOMM_GPU_SYNC") or "auto"
         meta["ranks_per_node"] = os.environ.get("PYCOMM_RANKS_PER_NODE")
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows, "host_staging_64MiB": staged, "latency_8B": latency}, f, indent=1)

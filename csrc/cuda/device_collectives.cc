@@ -43,15 +43,17 @@ std::string Setting(const char* name) {
   return value ? value : "";
 }
 
-// PYCOMM_GPU_SYNC=host|stream chooses how ranks order their GPU work (see DeviceSync). Host is
-// the default: measured on an H200 shared by 2 ranks, stream waits across processes cost a
-// context switch (~140 us) per rank and call, host sync 35 us per call in all
-// (bench/results/2026-11-27-h200-gpu.md).
+// PYCOMM_GPU_SYNC=auto|host|stream chooses how ranks order their GPU work (see DeviceSync).
+// auto (the default) is host where ranks share a GPU: measured on an H200 shared by 2 ranks,
+// stream waits across processes cost a context switch (~140 us) per rank and call, host sync
+// 35 us per call in all (bench/results/2026-11-27-h200-gpu.md); and stream, NCCL's semantics,
+// where each rank has a GPU of its own.
 cuda::DeviceSync SyncFromEnvironment() {
   const std::string value = Setting("PYCOMM_GPU_SYNC");
-  if (value.empty() || value == "host") return cuda::DeviceSync::kHost;
+  if (value.empty() || value == "auto") return cuda::DeviceSync::kAuto;
+  if (value == "host") return cuda::DeviceSync::kHost;
   if (value == "stream") return cuda::DeviceSync::kStream;
-  throw std::invalid_argument("pycomm: PYCOMM_GPU_SYNC must be stream or host, got " + value);
+  throw std::invalid_argument("pycomm: PYCOMM_GPU_SYNC must be auto, stream or host, got " + value);
 }
 
 // PYCOMM_GPU_INTER_NODE: `mpi` needs a CUDA-aware MPI, `host` always stages through pinned host
@@ -115,6 +117,7 @@ class LeaderCollectives : public DeviceCollectives {
   void Own(std::unique_ptr<Transport> transport) { own_transport_ = std::move(transport); }
 
   int device() const override { return group_.device(); }
+  const char* sync_name() const override { return cuda::DeviceSyncName(group_.sync()); }
 
   void Quiesce() override { group_.Quiesce(); }
 
@@ -369,7 +372,7 @@ std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport,
   // 1. Settings and what the ranks can do, before any exchange. Votes: all ok; every leader's
   //    MPI can move GPU memory (and may); nobody forces MPI.
   std::exception_ptr failure;
-  cuda::DeviceSync sync = cuda::DeviceSync::kHost;
+  cuda::DeviceSync sync = cuda::DeviceSync::kAuto;
   std::vector<int32_t> votes = {1, 1, 1};
   try {
     sync = SyncFromEnvironment();

@@ -41,11 +41,25 @@ void Exchange(Transport& transport, int peer, const void* send, size_t send_byte
 
 // What each rank sends in the constructor's one exchange with the leader: its IPC event (peers:
 // `ready`, the leader: `done`), or that it could not make one, so that the exchange completes on
-// every rank either way.
+// every rank either way; and which GPU it is on, so that the leader can tell whether ranks share one.
 struct EventRecord {
-  int64_t ok;
+  int32_t ok;
+  int32_t sync;  // DeviceSync. Peers: as asked for; the leader's answer: what the group uses
+  char gpu[32];  // PCI bus id
   cudaIpcEventHandle_t handle;
 };
+
+// Whether two ranks that could set up are on one GPU.
+bool SomeShareAGpu(const std::vector<EventRecord>& records) {
+  for (size_t a = 0; a < records.size(); ++a) {
+    for (size_t b = a + 1; b < records.size(); ++b) {
+      if (records[a].ok && records[b].ok && std::strncmp(records[a].gpu, records[b].gpu, sizeof records[a].gpu) == 0) {
+        return true;
+      }
+    }
+  }
+  return false;
+}
 
 }  // namespace
 
@@ -58,9 +72,11 @@ DeviceGroup::DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, 
   const int rank = transport_.rank(), size = transport_.size();
   std::exception_ptr failure;
   EventRecord mine{};
+  mine.sync = static_cast<int32_t>(sync);
   std::optional<DeviceGuard> guard;
   try {
     guard.emplace(device_);
+    Check(cudaDeviceGetPCIBusId(mine.gpu, sizeof mine.gpu, device_), "cudaDeviceGetPCIBusId");
     constexpr unsigned kFlags = cudaEventDisableTiming | cudaEventInterprocess;
     Check(cudaEventCreateWithFlags(&ready_, kFlags), "cudaEventCreateWithFlags");
     Check(cudaEventCreateWithFlags(&staging_free_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
@@ -81,16 +97,25 @@ DeviceGroup::DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, 
   };
   try {
     if (rank == kLeader) {
+      // Every peer's record first: the answer says how the group orders its work.
+      std::vector<EventRecord> records(size);
+      records[kLeader] = mine;
+      std::vector<std::unique_ptr<Request>> requests;
+      for (int peer = 1; peer < size; ++peer) {
+        requests.push_back(transport_.Irecv(peer, &records[peer], sizeof(EventRecord)));
+      }
+      WaitAll(requests, timeout_s_);
+      if (sync_ == DeviceSync::kAuto) sync_ = SomeShareAGpu(records) ? DeviceSync::kHost : DeviceSync::kStream;
+      mine.sync = static_cast<int32_t>(sync_);
+      for (int peer = 1; peer < size; ++peer) requests.push_back(transport_.Isend(peer, &mine, sizeof mine));
+      WaitAll(requests, timeout_s_);
       peer_ready_.assign(size, nullptr);
       peer_ready_[kLeader] = ready_;
-      for (int peer = 1; peer < size; ++peer) {
-        EventRecord theirs{};
-        Exchange(transport_, peer, &mine, sizeof mine, &theirs, sizeof theirs, timeout_s_);
-        open(theirs, peer, &peer_ready_[peer]);
-      }
+      for (int peer = 1; peer < size; ++peer) open(records[peer], peer, &peer_ready_[peer]);
     } else {
       EventRecord leaders{};
       Exchange(transport_, kLeader, &mine, sizeof mine, &leaders, sizeof leaders, timeout_s_);
+      if (sync_ == DeviceSync::kAuto) sync_ = static_cast<DeviceSync>(leaders.sync);
       open(leaders, kLeader, &done_);
     }
   } catch (...) {  // a rank gone or stalled
@@ -169,6 +194,10 @@ std::string DeviceCall::Describe() const {
   if (op >= 0) out += std::string(" ") + ReduceOpName(static_cast<ReduceOp>(op));
   if (root >= 0) out += " root " + std::to_string(root);
   return out;
+}
+
+const char* DeviceSyncName(DeviceSync sync) {
+  return sync == DeviceSync::kStream ? "stream" : sync == DeviceSync::kHost ? "host" : "auto";
 }
 
 uint64_t DeviceCall::Signature() const {

@@ -68,17 +68,23 @@ enum class DeviceSync {
   // returning. Only the leader's context runs, so there is no context switch, at the price of
   // peers' calls waiting for the GPU (as MPI_Allreduce would).
   kHost,
+  // kStream where every rank of the group has a GPU of its own (no context switches: NCCL's
+  // semantics for free), kHost where some share one. Decided by the leader at construction.
+  kAuto,
 };
+
+const char* DeviceSyncName(DeviceSync sync);
 
 class DeviceGroup {
  public:
   // Collective over `transport`, whose ranks must all be on this node. `device` is this rank's GPU.
   // `arena_seq` counts the rounds of transport.arena() (see LeaderExchange); null: hand-offs go
-  // as messages.
+  // as messages. `sync`: as asked for on this rank; kAuto takes the leader's decision.
   DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, double timeout_s, DeviceSync sync);
   ~DeviceGroup();
 
   int device() const { return device_; }
+  DeviceSync sync() const { return sync_; }  // never kAuto
 
   // Runs one collective: every rank passes the same number of buffers, in the same roles.
   // A failure on any rank fails the call on every rank; a rank whose `call` differs from the

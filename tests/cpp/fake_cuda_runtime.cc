@@ -12,12 +12,12 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <functional>
-#include <iterator>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -82,12 +82,20 @@ struct Stream {
   std::thread::id runner;  // the thread running one now, if any
 };
 
-// Streams by (owning thread, handle): the null handle is each thread's own default stream.
-std::map<std::pair<std::thread::id, cudaStream_t>, std::unique_ptr<Stream>> g_streams;
+// Each thread ("process") by a number of its own: thread ids are reused once a thread ends.
+uint64_t ThisProcess() {
+  static std::atomic<uint64_t> next{1};
+  thread_local const uint64_t mine = next++;
+  return mine;
+}
+
+// Streams by (owning process, handle): the null handle is each process's own default stream.
+// They stay until the program ends: events recorded on them may outlive their process.
+std::map<std::pair<uint64_t, cudaStream_t>, std::unique_ptr<Stream>> g_streams;
 
 Stream* StreamOf(cudaStream_t handle) {
   std::lock_guard<std::mutex> lock(g_mutex);
-  auto& s = g_streams[{std::this_thread::get_id(), handle}];
+  auto& s = g_streams[{ThisProcess(), handle}];
   if (!s) s = std::make_unique<Stream>();
   return s.get();
 }
@@ -145,7 +153,7 @@ void SynchronizeThisThread() {
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     for (auto& [key, stream] : g_streams) {
-      if (key.first == std::this_thread::get_id()) mine.push_back(stream.get());
+      if (key.first == ThisProcess()) mine.push_back(stream.get());
     }
   }
   for (Stream* s : mine) RunAll(s);
@@ -181,7 +189,8 @@ std::pair<Stream*, uint64_t> LastRecord(cudaEvent_t event) {
   return {state.stream, state.position};
 }
 
-thread_local int g_fail = 0;  // fake_cuda::What
+thread_local int g_fail = 0;          // fake_cuda::What
+thread_local int g_physical_gpu = 0;  // which GPU this "process's" device 0 is (CUDA_VISIBLE_DEVICES)
 
 }  // namespace
 
@@ -189,15 +198,12 @@ namespace fake_cuda {
 enum What { kNothing, kEvents, kMalloc };
 // From now on this thread's event creations, or device allocations, fail.
 void Fail(What what) { g_fail = what; }
-// A rank's thread ends: its streams run to the end and are forgotten, so that a later thread
-// that gets the same id starts with none.
-void ThreadExit() {
-  SynchronizeThisThread();
-  std::lock_guard<std::mutex> lock(g_mutex);
-  for (auto it = g_streams.begin(); it != g_streams.end();) {
-    it = it->first.first == std::this_thread::get_id() ? g_streams.erase(it) : std::next(it);
-  }
-}
+// This thread's device 0 is physical GPU `gpu` (as with one CUDA_VISIBLE_DEVICES per rank); all
+// threads share GPU 0 by default.
+void UseGpu(int gpu) { g_physical_gpu = gpu; }
+// A rank's thread ends: its streams run to the end, so that nothing it queued runs after its
+// memory is gone.
+void ThreadExit() { SynchronizeThisThread(); }
 // Events created or opened and not yet destroyed, in all threads.
 int LiveEvents() {
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -318,6 +324,11 @@ cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attributes, const vo
   *attributes = cudaPointerAttributes{};
   attributes->type = Find(ptr, &base, &a) ? cudaMemoryTypeDevice : cudaMemoryTypeUnregistered;
   attributes->device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetPCIBusId(char* id, int len, int device) {
+  std::snprintf(id, len, "0000:%02x:00.0", g_physical_gpu + device);
   return cudaSuccess;
 }
 

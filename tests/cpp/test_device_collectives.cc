@@ -33,6 +33,7 @@
 namespace fake_cuda {
 enum What { kNothing, kEvents, kMalloc };
 void Fail(What what);
+void UseGpu(int gpu);
 int LiveEvents();
 void ThreadExit();
 }  // namespace fake_cuda
@@ -364,6 +365,32 @@ void TestFailuresReachEveryRank(const std::vector<int>& node_of, fake_cuda::What
   Expect(seconds < 4, "failures " + where + " took " + std::to_string(seconds) + " s");
 }
 
+// PYCOMM_GPU_SYNC=auto: ranks on GPUs of their own order their work on the streams (NCCL's
+// semantics), ranks sharing a GPU on the host; the results are right either way.
+void TestAutoSync(const std::vector<int>& node_of, int gpus) {
+  const int P = static_cast<int>(node_of.size());
+  std::vector<std::string> chosen(P);
+  std::vector<int> right(P, 0);
+  std::vector<std::string> errors(P);
+  RunPlaced(
+      node_of,
+      [&](int r, pycomm::DeviceCollectives& c) {
+        chosen[r] = c.sync_name();
+        int64_t* a = DeviceArray(std::vector<int64_t>(1000, r + 1));
+        c.Allreduce(a, a, 1000, DataType::kInt64, ReduceOp::kSum, nullptr);
+        Sync();
+        right[r] = a[999] == P * (P + 1) / 2;
+        cudaFree(a);
+      },
+      &errors, [&](int r) { fake_cuda::UseGpu(r % gpus); });
+  for (int r = 0; r < P; ++r) {
+    const bool own = gpus >= static_cast<int>(std::count(node_of.begin(), node_of.end(), node_of[r]));
+    const std::string where = Layout(node_of) + " on " + std::to_string(gpus) + " GPUs, rank " + std::to_string(r);
+    Expect(errors[r].empty() && right[r], "auto sync " + where + ": " + errors[r]);
+    Expect(chosen[r] == (own ? "stream" : "host"), "auto sync chose " + chosen[r] + " " + where);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -391,6 +418,10 @@ int main() {
     TestMismatch(layout, true);
   }
   g_cuda_aware = false;
+  TestAutoSync({0, 0, 0, 0}, 4);  // a GPU each
+  TestAutoSync({0, 0, 0, 0}, 2);  // two ranks a GPU
+  TestAutoSync({0, 0, 0}, 1);
+  TestAutoSync({0, 0, 1, 1}, 4);  // each node decides for itself
   // A stream of each rank's own instead of its default stream.
   const auto own_stream = reinterpret_cast<cudaStream_t>(0x5);
   for (const auto& layout : {std::vector<int>{0, 0, 0}, std::vector<int>{0, 0, 1}}) {
