@@ -1,5 +1,6 @@
 """Runs a worker script under `mpirun -n P`, bounded by a timeout, so a bug fails instead of hanging."""
 
+import glob
 import os
 import shutil
 import signal
@@ -15,6 +16,35 @@ def mpirun_path() -> str:
     # The mpich wheel installs mpirun next to the interpreter; prefer it over any other on PATH.
     local = Path(sys.executable).parent / "mpirun"
     return str(local) if local.exists() else (shutil.which("mpirun") or "mpirun")
+
+
+SHM = Path("/dev/shm")
+
+
+def mpi_segments() -> set:
+    """MPICH's shared-memory segments now in /dev/shm."""
+    return {p.name for p in SHM.glob("mpich_shm_*")} if SHM.is_dir() else set()
+
+
+def remove_orphaned_mpi_segments(before: set) -> None:
+    """MPICH unlinks its node's segment in MPI_Finalize, so a job whose ranks die (the fault tests
+    kill some on purpose) leaves it in /dev/shm: removes those that appeared since `before` and
+    that no live process still maps (another job's)."""
+    new = mpi_segments() - before
+    if not new:
+        return
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                text = f.read()
+        except OSError:
+            continue
+        new = {name for name in new if f"/dev/shm/{name}" not in text}
+    for name in new:
+        try:
+            (SHM / name).unlink()
+        except OSError:
+            pass
 
 
 def run_mpi(nprocs: int, worker: str, *args, timeout: float = DEFAULT_TIMEOUT_S, env=None, check=True, mpirun_args=()):
@@ -36,6 +66,7 @@ def run_mpi_program(nprocs: int, argv, *, timeout: float = DEFAULT_TIMEOUT_S, en
     """
     cmd = [mpirun_path(), "-n", str(nprocs), "-prepend-rank", *map(str, mpi_args), *map(str, argv)]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    segments = mpi_segments()
     # A session of its own lets a timeout kill mpirun and every rank it started.
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True
@@ -51,6 +82,9 @@ def run_mpi_program(nprocs: int, argv, *, timeout: float = DEFAULT_TIMEOUT_S, en
         output, _ = proc.communicate()
         print(f"interrupted: {' '.join(cmd)}\n{output}", flush=True)
         raise
+    finally:
+        if proc.returncode is not None:
+            remove_orphaned_mpi_segments(segments)
     result = subprocess.CompletedProcess(cmd, proc.returncode, output, "")
     if check and proc.returncode != 0:
         raise AssertionError(f"exit code {proc.returncode}: {' '.join(cmd)}\n{output}")

