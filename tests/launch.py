@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 WORKERS = Path(__file__).parent / "workers"
@@ -26,25 +27,32 @@ def mpi_segments() -> set:
     return {p.name for p in SHM.glob("mpich_shm_*")} if SHM.is_dir() else set()
 
 
-def remove_orphaned_mpi_segments(before: set) -> None:
-    """MPICH unlinks its node's segment in MPI_Finalize, so a job whose ranks die (the fault tests
-    kill some on purpose) leaves it in /dev/shm: removes those that appeared since `before` and
-    that no live process still maps (another job's)."""
-    new = mpi_segments() - before
-    if not new:
-        return
+def _unmapped(names: set) -> set:
     for maps in glob.glob("/proc/[0-9]*/maps"):
         try:
             with open(maps) as f:
                 text = f.read()
         except OSError:
             continue
-        new = {name for name in new if f"/dev/shm/{name}" not in text}
-    for name in new:
-        try:
-            (SHM / name).unlink()
-        except OSError:
-            pass
+        names = {name for name in names if f"/dev/shm/{name}" not in text}
+    return names
+
+
+def remove_orphaned_mpi_segments(before: set) -> None:
+    """MPICH unlinks its node's segment in MPI_Finalize, so a job whose ranks die (the fault tests
+    kill some on purpose) leaves it in /dev/shm: removes those that appeared since `before` and
+    that no live process still maps (another job's), waiting up to 2 s for killed ranks to go."""
+    new = mpi_segments() - before
+    for _ in range(20):
+        for name in _unmapped(new):
+            try:
+                (SHM / name).unlink()
+            except OSError:
+                pass
+            new.discard(name)
+        if not new:
+            return
+        time.sleep(0.1)
 
 
 def run_mpi(nprocs: int, worker: str, *args, timeout: float = DEFAULT_TIMEOUT_S, env=None, check=True, mpirun_args=()):
