@@ -6,16 +6,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from gpu_marks import gpu_present
 
 ROOT = Path(__file__).resolve().parent.parent
 NVCC = shutil.which("nvcc") or (Path("/usr/local/cuda/bin/nvcc") if Path("/usr/local/cuda/bin/nvcc").exists() else None)
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="no CUDA compiler (nvcc) on this machine")
-
-
-def has_gpu() -> bool:
-    smi = shutil.which("nvidia-smi")
-    return bool(smi) and subprocess.run([smi, "-L"], capture_output=True).returncode == 0
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +33,7 @@ def test_cuda_kernels_compile_without_warnings(gpu_build):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not has_gpu(), reason="no GPU on this machine")
+@pytest.mark.skipif(not gpu_present(), reason="no GPU on this machine")
 def test_gpu_reduce_kernels_match_host_reference(gpu_build):
     bench = [str(gpu_build / "reduce_bench"), str(16 << 20)]
     result = subprocess.run(bench, capture_output=True, text=True, timeout=600)

@@ -1,26 +1,12 @@
 """Device arrays (torch, cupy) at P = 1, 2, 4 ranks sharing one GPU; skipped where no GPU exists."""
 
 import importlib.util
-import shutil
-import subprocess
 
 import pytest
+from gpu_marks import GPU_MPI_MARKS
 from launch import run_mpi
 
-from pycomm._native import _core
-
-
-def _gpu_present() -> bool:
-    smi = shutil.which("nvidia-smi")
-    return bool(smi) and subprocess.run([smi, "-L"], capture_output=True).returncode == 0
-
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.mpi,
-    pytest.mark.skipif(not _gpu_present(), reason="no GPU on this machine"),
-    pytest.mark.skipif(not _core.built_with_cuda(), reason="pycomm was built without CUDA (no nvcc at build time)"),
-]
+pytestmark = GPU_MPI_MARKS
 
 
 @pytest.mark.parametrize("sync", ["stream", "host"])

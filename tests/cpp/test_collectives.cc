@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "expect.h"
 #include "pycomm/pycomm.h"
 #include "transport/leader_exchange.h"
 #include "transport/loopback.h"
@@ -24,17 +25,7 @@ using pycomm::Communicator;
 using pycomm::DataType;
 using pycomm::ReduceOp;
 
-// Ranks are threads, and each checks its own results.
-std::atomic<int> g_passed{0}, g_failed{0};
-
-void Expect(bool ok, const std::string& what) {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::printf("FAIL: %s\n", what.c_str());
-  }
-}
+using pycomm_test::Expect;
 
 // Runs body(comm) on `size` threads, one communicator each, all over one loopback hub.
 void RunRanks(int size, size_t chunk_bytes, const std::function<void(Communicator&)>& body,
@@ -346,6 +337,5 @@ int main() {
   }
   TestTimeout();
   TestLeaderExchangeMismatch();
-  std::printf("%d passed, %d failed\n", g_passed.load(), g_failed.load());
-  return g_failed ? 1 : 0;
+  return pycomm_test::Report();
 }

@@ -26,6 +26,7 @@
 #include "core/collectives.h"
 #include "core/device.h"
 #include "core/hierarchy.h"
+#include "expect.h"
 #include "reduce/half.h"
 #include "transport/loopback.h"
 
@@ -44,26 +45,15 @@ using pycomm::DataType;
 using pycomm::ReduceOp;
 using pycomm::Transport;
 
-// Ranks are threads, and each checks its own results.
-std::atomic<int> g_passed{0}, g_failed{0};
-
-void Expect(bool ok, const std::string& what) {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::printf("FAIL: %s\n", what.c_str());
-  }
-}
+using pycomm_test::Expect;
 
 // Whether the transports play a CUDA-aware MPI (set between runs, read by every rank's thread).
 bool g_cuda_aware = false;
 
-// The leaders' group as a CUDA-aware MPI's: its allreduce takes "device" memory (ordinary memory
-// here) and reduces at once, with pycomm's ring; like MPI, it has no float16 or bfloat16.
-class CudaAwareGroup : public Transport {
+// Passes point-to-point traffic to another transport: the base of the stand-ins below.
+class Forwarding : public Transport {
  public:
-  explicit CudaAwareGroup(std::unique_ptr<Transport> inner) : inner_(std::move(inner)) {}
+  explicit Forwarding(std::unique_ptr<Transport> inner) : inner_(std::move(inner)) {}
   int rank() const override { return inner_->rank(); }
   int size() const override { return inner_->size(); }
   std::unique_ptr<pycomm::Request> Isend(int peer, const void* buf, size_t bytes) override {
@@ -72,6 +62,16 @@ class CudaAwareGroup : public Transport {
   std::unique_ptr<pycomm::Request> Irecv(int peer, void* buf, size_t bytes) override {
     return inner_->Irecv(peer, buf, bytes);
   }
+
+ protected:
+  std::unique_ptr<Transport> inner_;
+};
+
+// The leaders' group as a CUDA-aware MPI's: its allreduce takes "device" memory (ordinary memory
+// here) and reduces at once, with pycomm's ring; like MPI, it has no float16 or bfloat16.
+class CudaAwareGroup : public Forwarding {
+ public:
+  using Forwarding::Forwarding;
   const char* name() const override { return "cuda-aware"; }
   bool accepts_device_memory() const override { return true; }
   std::unique_ptr<pycomm::Request> IallreduceInPlace(void* buf, size_t count, DataType dtype, ReduceOp op) override {
@@ -88,22 +88,13 @@ class CudaAwareGroup : public Transport {
     bool Test() override { return true; }
     int peer() const override { return -1; }
   };
-  std::unique_ptr<Transport> inner_;
 };
 
 // The whole communicator's transport, with ranks placed on nodes.
-class PlacedTransport : public Transport {
+class PlacedTransport : public Forwarding {
  public:
   PlacedTransport(std::unique_ptr<Transport> inner, std::vector<int> node_of)
-      : inner_(std::move(inner)), node_of_(std::move(node_of)) {}
-  int rank() const override { return inner_->rank(); }
-  int size() const override { return inner_->size(); }
-  std::unique_ptr<pycomm::Request> Isend(int peer, const void* buf, size_t bytes) override {
-    return inner_->Isend(peer, buf, bytes);
-  }
-  std::unique_ptr<pycomm::Request> Irecv(int peer, void* buf, size_t bytes) override {
-    return inner_->Irecv(peer, buf, bytes);
-  }
+      : Forwarding(std::move(inner)), node_of_(std::move(node_of)) {}
   const char* name() const override { return "placed"; }
   bool accepts_device_memory() const override { return g_cuda_aware; }
   // On one node it is the node's transport, arena included.
@@ -117,7 +108,6 @@ class PlacedTransport : public Transport {
     }
     return true;
   }
-  std::unique_ptr<Transport> inner_;
   std::vector<int> node_of_;
 };
 
@@ -435,6 +425,5 @@ int main() {
     TestAllreduce(layout, 1000, own_stream);
     TestOthers(layout, 5);
   }
-  std::printf("%d passed, %d failed\n", g_passed.load(), g_failed.load());
-  return g_failed ? 1 : 0;
+  return pycomm_test::Report();
 }
