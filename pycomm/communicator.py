@@ -223,7 +223,7 @@ class Communicator:
             d = device_arrays.describe(x, stream=stream)
             shape = self._allgather_shape(d.shape)
             stream = device_arrays.stream_handle(d, stream)
-            o = self._allgather_device_output(d, out, shape, stream)
+            o = self._device_output(d, out, shape, stream, in_place_at=self._own_block_at(d))
             self._native.allgather_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), d.device, stream)
             return o.obj
         self._check_host_stream(stream)
@@ -327,27 +327,25 @@ class Communicator:
     def _allgather_shape(self, shape: tuple) -> tuple:
         return (self.size,) if len(shape) == 0 else (self.size * shape[0],) + tuple(shape[1:])
 
-    @staticmethod
-    def _device_output(d, out, shape, stream: int):
-        if out is None:
-            return device_arrays.new_array(d, shape)
-        o = device_arrays.check_output(out, d, shape, stream=stream)
-        if o.ptr != d.ptr and _overlap(d, o):
-            raise ValueError("pycomm: out overlaps x without being the same memory")
-        return o
+    def _own_block_at(self, d) -> int:
+        """Where this rank's block of an allgather's output starts, in bytes."""
+        return self.rank * _count(d.shape) * d.dtype.itemsize
 
-    def _allgather_device_output(self, d, out, shape, stream: int):
-        # x may live in out only as this rank's own block (in place): anywhere else, the copies
-        # into out would overwrite x before every rank has read it.
+    @staticmethod
+    def _device_output(d, out, shape, stream: int, in_place_at=None):
+        """out, checked against x; x may overlap it only in place: as the same memory, or for an
+        allgather at `in_place_at` bytes into out (elsewhere the leader's copies would overwrite x
+        before every rank has read it)."""
         if out is None:
             return device_arrays.new_array(d, shape)
         o = device_arrays.check_output(out, d, shape, stream=stream)
-        own_block = o.ptr + self.rank * _count(d.shape) * d.dtype.itemsize
-        if _overlap(d, o) and d.ptr != own_block:
-            raise ValueError(
-                "pycomm: x overlaps out other than as this rank's block of it "
-                "(in place: x = out[rank * n:(rank + 1) * n])"
-            )
+        if _overlap(d, o) and d.ptr != o.ptr + (in_place_at or 0):
+            if in_place_at is not None:
+                raise ValueError(
+                    "pycomm: x overlaps out other than as this rank's block of it "
+                    "(in place: x = out[rank * n:(rank + 1) * n])"
+                )
+            raise ValueError("pycomm: out overlaps x without being the same memory")
         return o
 
     def _allreduce_device(self, x, op, out, stream):

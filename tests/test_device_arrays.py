@@ -361,7 +361,8 @@ def test_device_allgather_own_block_on_a_later_rank(offset, refused):
     base = 0x7F0000000000
     x = device_arrays.describe(FakeDeviceArray((4,), ptr=base + offset))
     out = FakeDeviceArray((8,), ptr=base)
-    check = partial(Communicator._allgather_device_output, SimpleNamespace(rank=1), x, out, (8,), 0)
+    own_block = Communicator._own_block_at(SimpleNamespace(rank=1), x)
+    check = partial(Communicator._device_output, x, out, (8,), 0, in_place_at=own_block)
     if refused:
         with pytest.raises(ValueError, match="this rank's block"):
             check()
