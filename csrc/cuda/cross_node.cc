@@ -60,7 +60,7 @@ char* CrossNode::Pinned(size_t bytes, cudaStream_t stream) {
   return pinned;
 }
 
-void CrossNode::Agree(uint64_t signature, Trouble trouble, const std::string& call) {
+void CrossNode::Agree(uint64_t signature, Trouble trouble, const std::function<std::string()>& describe) {
   // One max-allreduce tells all three: the worst trouble, and the largest and (through the
   // complement, which reverses the order) the smallest signature, equal only if all agree.
   // On the heap: MPI cannot cancel a collective, and one abandoned after a time-out may still
@@ -83,7 +83,7 @@ void CrossNode::Agree(uint64_t signature, Trouble trouble, const std::string& ca
   if (votes[0] == kMismatch) throw MismatchError("pycomm: ranks of another node made different device calls");
   if (votes[0] != kNone) throw CommError("pycomm: the device collective failed on another node (see its error)");
   if (static_cast<uint64_t>(votes[1]) != signature || static_cast<uint64_t>(~votes[2]) != signature) {
-    throw MismatchError("pycomm: nodes made different device calls (" + call + " on this node)");
+    throw MismatchError("pycomm: nodes made different device calls (" + describe() + " on this node)");
   }
 }
 

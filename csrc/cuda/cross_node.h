@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -39,7 +40,8 @@ class CrossNode {
   // MismatchError on every other leader if the calls differ (between nodes or inside one),
   // CommError if some node failed. Before every call's data crosses, so that no leader waits
   // for one that has failed. A leader with trouble of its own returns and raises its own error.
-  void Agree(uint64_t signature, Trouble trouble, const std::string& call);
+  // `describe` names this node's call, for the error only.
+  void Agree(uint64_t signature, Trouble trouble, const std::function<std::string()>& describe);
 
   // Pinned host memory for a call to come (the sizes below), reserved before Agree so that a
   // failure to get it is agreed on too.

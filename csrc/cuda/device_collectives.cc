@@ -270,7 +270,8 @@ class LeaderCollectives : public DeviceCollectives {
         }
       }
       try {
-        across_->Agree(call.Signature(), static_cast<cuda::CrossNode::Trouble>(trouble), call.Describe());
+        across_->Agree(call.Signature(), static_cast<cuda::CrossNode::Trouble>(trouble),
+                       [&call] { return call.Describe(); });
       } catch (...) {
         if (!mine) throw;  // else this node's own failure is the one to tell
       }
