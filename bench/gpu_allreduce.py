@@ -101,10 +101,11 @@ def main():
     rows = []
     if world.rank == 0:
         sync = os.environ.get("PYCOMM_GPU_SYNC") or "auto"
+        work = os.environ.get("PYCOMM_GPU_WORK") or "auto"
         name = torch.cuda.get_device_name(0)
         per_node = os.environ.get("PYCOMM_RANKS_PER_NODE")
         nodes = f", simulated nodes of {per_node} rank(s) (the floor is one node's)" if per_node else ""
-        print(f"# pycomm GPU allreduce: P={P} ranks on {name}, float32 sum, in place, sync={sync}{nodes}")
+        print(f"# pycomm GPU allreduce: P={P} ranks on {name}, float32 sum, in place, sync={sync}, work={work}{nodes}")
         print(f"# device-to-device copy, all ranks at once: {hbm / 1e9:.0f} GB/s (bytes read + written)")
         print(
             f"{'size(B)':>12} {'time(us)':>10} {'host(us)':>9} {'algbw(GB/s)':>12} {'busbw(GB/s)':>12} "
@@ -150,6 +151,7 @@ def main():
     if world.rank == 0 and args.json:
         meta = {"P": P, "device": torch.cuda.get_device_name(0), "copy_GBps": hbm / 1e9, "date": time.strftime("%F")}
         meta["sync"] = os.environ.get("PYCOMM_GPU_SYNC") or "auto"
+        meta["work"] = os.environ.get("PYCOMM_GPU_WORK") or "auto"
         meta["ranks_per_node"] = os.environ.get("PYCOMM_RANKS_PER_NODE")
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows, "host_staging_64MiB": staged, "latency_8B": latency}, f, indent=1)

@@ -5,9 +5,10 @@
 #   3. checks the GPU reduction kernels against a host reference and measures them against a
 #      device-to-device copy (bench/gpu/reduce_bench.cu);
 #   4. runs every test marked gpu: torch, cupy and DLPack-only arrays at P = 1, 2, 4 (and 9) ranks
-#      sharing the GPU, and 4 ranks on simulated nodes (leaders combine through pinned host memory);
+#      sharing the GPU, split work forced at P = 2 and 4, and 4 ranks on simulated nodes (leaders
+#      combine through pinned host memory);
 #   5. runs the GPU allreduce benchmark at P = 2 and 4 (bench/gpu_allreduce.py), host sync, at
-#      P = 2 with stream sync, and at P = 2 on two simulated nodes;
+#      P = 2 with stream sync and with split work, and at P = 2 on two simulated nodes;
 #   6. trains with cupy arrays (python -m pycomm.train --device gpu --check) where scikit-learn exists.
 # Logs and JSON go to $OUT (default build/gpu-check-out); a short summary is printed last.
 set -uo pipefail
@@ -74,6 +75,10 @@ for sync in host stream; do
     step "GPU allreduce bench $sync P=$p" "exit $?"
   done
 done
+# 5a. Split work forced on the one GPU (auto picks it where each rank has a GPU of its own)
+PYCOMM_GPU_WORK=split timed "$(limit 60)" mpirun -n 2 $PY bench/gpu_allreduce.py --max-bytes $((64 << 20)) \
+  --json "$OUT/part_split_p2.json" >>"$OUT/gpu_allreduce.txt" 2>&1
+step "GPU allreduce bench split P=2" "exit $?"
 # 5b. Across 2 simulated nodes of 1 rank (leaders combine through pinned host memory + the CPU ring)
 PYCOMM_RANKS_PER_NODE=1 MPIR_CVAR_NOLOCAL=1 timed "$(limit 90)" mpirun -n 2 $PY bench/gpu_allreduce.py --max-bytes $((64 << 20)) \
   --json "$OUT/part_host_2nodes.json" >>"$OUT/gpu_allreduce.txt" 2>&1

@@ -29,6 +29,16 @@ def test_device_arrays_across_simulated_nodes(library, per_node):
     run_mpi(4, "gpu.py", library, timeout=600, env=env)
 
 
+@pytest.mark.parametrize("nprocs", [2, 4])
+def test_split_work_on_one_gpu(nprocs):
+    """PYCOMM_GPU_WORK=split, which auto picks where each rank has a GPU of its own: each rank
+    reduces its slice of every input into every output. Forced here on the one GPU, to check the
+    protocol and the slices on real CUDA IPC (slow on a shared GPU: stream waits switch contexts)."""
+    if importlib.util.find_spec("cupy") is None:
+        pytest.skip("cupy is not installed")
+    run_mpi(nprocs, "gpu.py", "cupy", timeout=600, env={"PYCOMM_GPU_WORK": "split"})
+
+
 def test_more_ranks_on_a_node_than_one_fused_pass_reads():
     """9 ranks on the GPU: the leader's reduction runs in several passes of at most 8 inputs."""
     if importlib.util.find_spec("cupy") is None:

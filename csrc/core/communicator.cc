@@ -267,7 +267,8 @@ class CommunicatorImpl : public Communicator {
       device_ = CreateDeviceCollectives(*transport_, &arena_seq_, GetHierarchy(), device, options_.chunk_bytes,
                                         options_.timeout_s);
       device_id_ = device;
-      Debug("device collectives on GPU %d, GPU work ordered on the %s", device, device_->sync_name());
+      Debug("device collectives on GPU %d, GPU work ordered on the %s, node work: %s", device, device_->sync_name(),
+            device_->work_name());
     }
     return *device_;
   }

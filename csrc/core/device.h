@@ -17,6 +17,8 @@ class DeviceCollectives {
   virtual int device() const = 0;
   // How the ranks order their GPU work: "host" or "stream" (PYCOMM_GPU_SYNC; auto decided).
   virtual const char* sync_name() const = 0;
+  // Who does a node's work: "leader" or "split" (PYCOMM_GPU_WORK; auto decided).
+  virtual const char* work_name() const = 0;
   // `stream` is a cudaStream_t. Each call enqueues its work there and returns without waiting for
   // the GPU; work queued on `stream` afterwards sees the result.
   virtual void Allreduce(const void* send, void* recv, size_t count, DataType dtype, ReduceOp op, void* stream) = 0;

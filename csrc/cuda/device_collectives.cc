@@ -1,7 +1,8 @@
-// Device collectives. Inside a node each call hands every rank's buffers to the leader of a
-// DeviceGroup, which does the node's part in one pass over GPU memory (see device_group.h for
-// why and how the ranks are ordered). Across nodes the leaders combine their nodes' parts through
-// CrossNode, and each leader then writes the result into every buffer of its node.
+// Device collectives. Inside a node each call hands every rank's buffers to a DeviceGroup: its
+// leader does the node's part in one pass over GPU memory, or, where every rank has a GPU of its
+// own, each rank does its own part (see device_group.h for why and how the ranks are ordered).
+// Across nodes the leaders combine their nodes' parts through CrossNode, and each leader then
+// writes the result into every buffer of its node.
 
 #include <cuda_runtime.h>
 
@@ -56,6 +57,16 @@ cuda::DeviceSync SyncFromEnvironment() {
   throw std::invalid_argument("pycomm: PYCOMM_GPU_SYNC must be auto, stream or host, got " + value);
 }
 
+// PYCOMM_GPU_WORK=auto|leader|split chooses who does a node's work (see DeviceWork). auto (the
+// default) splits it where every rank has a GPU of its own and orders by streams, on one node.
+cuda::DeviceWork WorkFromEnvironment() {
+  const std::string value = Setting("PYCOMM_GPU_WORK");
+  if (value.empty() || value == "auto") return cuda::DeviceWork::kAuto;
+  if (value == "leader") return cuda::DeviceWork::kLeader;
+  if (value == "split") return cuda::DeviceWork::kSplit;
+  throw std::invalid_argument("pycomm: PYCOMM_GPU_WORK must be auto, leader or split, got " + value);
+}
+
 // PYCOMM_GPU_INTER_NODE: `mpi` needs a CUDA-aware MPI, `host` always stages through pinned host
 // memory, `auto` takes MPI when every node's MPI reports CUDA support.
 enum class CrossNodePath { kAuto, kMpi, kHost };
@@ -91,17 +102,35 @@ struct NodeLayout {
   size_t widest = 0;  // the most ranks on one node
 };
 
-class LeaderCollectives : public DeviceCollectives {
+// Elements [first, last) of `count` that part `part` of a split allreduce reduces: equal slices
+// of whole 256-byte granules (the kernels' 16-byte loads stay aligned), at least kMinSliceBytes
+// each, so that a small call goes to the first ranks only instead of a launch on every GPU for a
+// few bytes each. Untuned: no multi-GPU node has measured it yet.
+struct Slice {
+  size_t first, last;
+};
+constexpr size_t kMinSliceBytes = size_t{32} << 10;
+
+Slice SliceOf(size_t count, size_t element_bytes, cuda::WorkPart part) {
+  if (part.parts == 1) return {0, count};
+  const size_t granule = std::max<size_t>(1, 256 / element_bytes);
+  size_t slice = std::max((count + part.parts - 1) / part.parts, kMinSliceBytes / element_bytes);
+  slice = (slice + granule - 1) / granule * granule;
+  const size_t first = std::min(count, part.index * slice);
+  return {first, std::min(count, first + slice)};
+}
+
+class GroupCollectives : public DeviceCollectives {
  public:
   // `node` is the transport among this node's ranks (the whole communicator on one node), and
   // `node_arena_seq` counts the rounds made through its arena.
-  LeaderCollectives(const Transport& world, NodeLayout layout, Transport& node, uint64_t* node_arena_seq, int device,
-                    double timeout_s, cuda::DeviceSync sync)
+  GroupCollectives(const Transport& world, NodeLayout layout, Transport& node, uint64_t* node_arena_seq, int device,
+                   double timeout_s, cuda::DeviceSync sync, cuda::DeviceWork work)
       : world_size_(world.size()),
         rank_(world.rank()),
         layout_(std::move(layout)),
-        group_(node, node_arena_seq, device, timeout_s, sync) {}
-  ~LeaderCollectives() override {
+        group_(node, node_arena_seq, device, timeout_s, sync, work) {}
+  ~GroupCollectives() override {
     if (scratch_free_) cudaEventDestroy(scratch_free_);
   }
 
@@ -118,6 +147,7 @@ class LeaderCollectives : public DeviceCollectives {
 
   int device() const override { return group_.device(); }
   const char* sync_name() const override { return cuda::DeviceSyncName(group_.sync()); }
+  const char* work_name() const override { return cuda::DeviceWorkName(group_.work()); }
 
   void Quiesce() override { group_.Quiesce(); }
 
@@ -130,16 +160,19 @@ class LeaderCollectives : public DeviceCollectives {
                                 count};
     group_.Run(
         call, buffers, Stream(stream),
-        [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
-          if (!count) return;
+        [&](const std::vector<std::vector<void*>>& ptrs, cuda::WorkPart part, cudaStream_t s) {
+          const Slice slice = SliceOf(count, DataTypeSize(dtype), part);
+          if (slice.first == slice.last) return;
+          const size_t offset = slice.first * DataTypeSize(dtype);
           std::vector<const void*> inputs;
           std::vector<void*> outputs;
           for (const auto& rank : ptrs) {
-            inputs.push_back(rank[0]);
-            outputs.push_back(rank[1]);
+            inputs.push_back(At(rank[0], offset));
+            outputs.push_back(At(rank[1], offset));
           }
           if (!across_) {
-            Reduce(inputs, outputs, count, dtype, op, s);
+            // Split, each rank reduces its slice of every input into that slice of every output.
+            Reduce(inputs, outputs, slice.last - slice.first, dtype, op, s);
             return;
           }
           // The node's part lands in the leader's output, is combined across nodes there, and is
@@ -161,12 +194,13 @@ class LeaderCollectives : public DeviceCollectives {
                                 -1, recv_count};
     group_.Run(
         call, buffers, Stream(stream),
-        [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
+        [&](const std::vector<std::vector<void*>>& ptrs, cuda::WorkPart part, cudaStream_t s) {
           if (!recv_count) return;
           std::vector<const void*> inputs;
           for (const auto& rank : ptrs) inputs.push_back(rank[0]);
           if (!across_) {
             for (size_t owner = 0; owner < ptrs.size(); ++owner) {
+              if (!part.owns(owner)) continue;  // split: each rank reduces its own block
               std::vector<const void*> blocks;
               for (const void* input : inputs) blocks.push_back(static_cast<const char*>(input) + owner * block);
               Reduce(blocks, {ptrs[owner][1]}, recv_count, dtype, op, s);
@@ -197,13 +231,16 @@ class LeaderCollectives : public DeviceCollectives {
     const cuda::DeviceCall call{cuda::DeviceCall::kAllgather, static_cast<int32_t>(dtype), -1, -1, send_count};
     group_.Run(
         call, buffers, Stream(stream),
-        [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
+        [&](const std::vector<std::vector<void*>>& ptrs, cuda::WorkPart part, cudaStream_t s) {
           if (!block) return;
           const auto& mine = layout_.nodes[layout_.node];
           if (!across_) {
-            for (size_t to = 0; to < ptrs.size(); ++to) {
-              for (size_t from = 0; from < ptrs.size(); ++from)
-                Copy(At(ptrs[to][1], from * block), ptrs[from][0], block, s);
+            // Split, each rank writes its own block into every output.
+            for (size_t from = 0; from < ptrs.size(); ++from) {
+              if (!part.owns(from)) continue;
+              std::vector<void*> places;
+              for (const auto& to : ptrs) places.push_back(At(to[1], from * block));
+              CopyToAll(ptrs[from][0], places, block, s);
             }
             return;
           }
@@ -236,7 +273,7 @@ class LeaderCollectives : public DeviceCollectives {
     const cuda::DeviceCall call{cuda::DeviceCall::kBroadcast, static_cast<int32_t>(dtype), -1, root, count};
     group_.Run(
         call, buffers, Stream(stream),
-        [&](const std::vector<std::vector<void*>>& ptrs, cudaStream_t s) {
+        [&](const std::vector<std::vector<void*>>& ptrs, cuda::WorkPart part, cudaStream_t s) {
           if (!bytes) return;
           const bool root_here = layout_.node_of[root] == layout_.node;
           const int root_local = root_here ? layout_.local_index(root) : 0;
@@ -245,7 +282,12 @@ class LeaderCollectives : public DeviceCollectives {
             Copy(ptrs[0][0], ptrs[root_local][0], bytes, s);
             across_->Broadcast(ptrs[0][0], bytes, layout_.node_of[root], s);
           }
-          for (size_t to = 0; to < ptrs.size(); ++to) Copy(ptrs[to][0], ptrs[root_local][0], bytes, s);
+          // Split, each rank reads the root's bytes into its own buffer.
+          std::vector<void*> to;
+          for (size_t local = 0; local < ptrs.size(); ++local) {
+            if (part.owns(local)) to.push_back(ptrs[local][0]);
+          }
+          CopyToAll(ptrs[root_local][0], to, bytes, s);
         },
         AcrossNodes(call, 0, [=](const cuda::CrossNode& x) { return x.BroadcastPinnedBytes(bytes); }));
   }
@@ -285,6 +327,21 @@ class LeaderCollectives : public DeviceCollectives {
   static void Copy(void* to, const void* from, size_t bytes, cudaStream_t s) {
     if (to == from) return;
     cuda::Check(cudaMemcpyAsync(to, from, bytes, cudaMemcpyDeviceToDevice, s), "cudaMemcpyAsync");
+  }
+
+  // `bytes` from `from` to each of `to` (`from` itself skipped): one launch per
+  // kMaxReduceOutputs places instead of a copy each, as a one-input uint8 sum, which copies bits.
+  void CopyToAll(const void* from, const std::vector<void*>& to, size_t bytes, cudaStream_t s) {
+    std::vector<void*> places;
+    for (void* place : to) {
+      if (place != from) places.push_back(place);
+    }
+    if (places.size() == 1) return Copy(places[0], from, bytes, s);
+    for (size_t first = 0; first < places.size(); first += cuda::kMaxReduceOutputs) {
+      const size_t last = std::min(places.size(), first + cuda::kMaxReduceOutputs);
+      Launch({from}, std::vector<void*>(places.begin() + first, places.begin() + last), bytes, DataType::kUInt8,
+             ReduceOp::kSum, s);
+    }
   }
 
   // The leader's device scratch for this call; ReleaseScratch marks where this call is done with it.
@@ -374,11 +431,18 @@ std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport,
   //    MPI can move GPU memory (and may); nobody forces MPI.
   std::exception_ptr failure;
   cuda::DeviceSync sync = cuda::DeviceSync::kAuto;
+  cuda::DeviceWork work = cuda::DeviceWork::kAuto;
   std::vector<int32_t> votes = {1, 1, 1};
   try {
     sync = SyncFromEnvironment();
+    work = WorkFromEnvironment();
     const CrossNodePath path = CrossNodeFromEnvironment();
     if (layout.nodes.size() > 1) {
+      // Across nodes the leaders combine their nodes' sums: the leader does its node's part.
+      if (work == cuda::DeviceWork::kSplit) {
+        throw std::invalid_argument("pycomm: PYCOMM_GPU_WORK=split works on one node only; use auto or leader");
+      }
+      work = cuda::DeviceWork::kLeader;
       if (!hierarchy) {
         throw CommError(
             "pycomm: device arrays across nodes need the node groups, which could not be set up "
@@ -402,18 +466,18 @@ std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport,
   }
   // 2. The groups (the hierarchy's, built with the communicator: no MPI call here that could block
   //    without a time-out; a rank alone on its node gets a group of one) and their GPU events.
-  std::unique_ptr<LeaderCollectives> collectives;
+  std::unique_ptr<GroupCollectives> collectives;
   try {
     if (layout.nodes.size() == 1) {
-      collectives = std::make_unique<LeaderCollectives>(transport, std::move(layout), transport, arena_seq, device,
-                                                        timeout_s, sync);
+      collectives = std::make_unique<GroupCollectives>(transport, std::move(layout), transport, arena_seq, device,
+                                                       timeout_s, sync, work);
     } else {
       std::unique_ptr<Transport> alone;
       if (!hierarchy->node) alone = std::move(CreateLoopbackTransports(1)[0]);
       Transport& node = hierarchy->node ? *hierarchy->node : *alone;
       uint64_t* node_seq = hierarchy->node ? &hierarchy->node_seq : nullptr;
-      collectives =
-          std::make_unique<LeaderCollectives>(transport, std::move(layout), node, node_seq, device, timeout_s, sync);
+      collectives = std::make_unique<GroupCollectives>(transport, std::move(layout), node, node_seq, device, timeout_s,
+                                                       sync, work);
       if (alone) collectives->Own(std::move(alone));
       if (leader) collectives->ConnectNodes(*hierarchy->across[0], chunk_bytes, timeout_s, through_mpi);
     }

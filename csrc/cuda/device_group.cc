@@ -39,14 +39,16 @@ void Exchange(Transport& transport, int peer, const void* send, size_t send_byte
   if (r) Wait(*r, timeout_s);
 }
 
-// What each rank sends in the constructor's one exchange with the leader: its IPC event (peers:
-// `ready`, the leader: `done`), or that it could not make one, so that the exchange completes on
-// every rank either way; and which GPU it is on, so that the leader can tell whether ranks share one.
+// What each rank sends in the constructor's one exchange with the leader: its IPC events, or that
+// it could not make them, so that the exchange completes on every rank either way; and which GPU
+// it is on, so that the leader can tell whether ranks share one. The leader answers with every
+// rank's record, its own saying what the group uses.
 struct EventRecord {
   int32_t ok;
-  int32_t sync;  // DeviceSync. Peers: as asked for; the leader's answer: what the group uses
+  int32_t sync;  // DeviceSync
+  int32_t work;  // DeviceWork
   char gpu[32];  // PCI bus id
-  cudaIpcEventHandle_t handle;
+  cudaIpcEventHandle_t ready, done;
 };
 
 // Whether two ranks that could set up are on one GPU.
@@ -61,65 +63,106 @@ bool SomeShareAGpu(const std::vector<EventRecord>& records) {
   return false;
 }
 
+// The leader's decision from every rank's record (each as asked for on its rank): throws where
+// the ranks asked for different things, or for what cannot be.
+void Decide(const std::vector<EventRecord>& records, DeviceSync* sync, DeviceWork* work) {
+  for (size_t peer = 1; peer < records.size(); ++peer) {
+    if (records[peer].ok &&
+        (records[peer].sync != static_cast<int32_t>(*sync) || records[peer].work != static_cast<int32_t>(*work))) {
+      throw MismatchError("pycomm: PYCOMM_GPU_SYNC or PYCOMM_GPU_WORK differs between rank " + std::to_string(peer) +
+                          " and rank 0 of a node: set them alike on every rank");
+    }
+  }
+  const bool shared = SomeShareAGpu(records);
+  if (*work == DeviceWork::kSplit) {
+    if (*sync == DeviceSync::kHost) {
+      throw std::invalid_argument("pycomm: PYCOMM_GPU_WORK=split needs PYCOMM_GPU_SYNC=stream or auto, not host");
+    }
+    *sync = DeviceSync::kStream;
+  }
+  if (*sync == DeviceSync::kAuto) *sync = shared ? DeviceSync::kHost : DeviceSync::kStream;
+  if (*work == DeviceWork::kAuto) {
+    *work = records.size() > 1 && !shared && *sync == DeviceSync::kStream ? DeviceWork::kSplit : DeviceWork::kLeader;
+  }
+}
+
 }  // namespace
 
-DeviceGroup::DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, double timeout_s, DeviceSync sync)
+DeviceGroup::DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, double timeout_s, DeviceSync sync,
+                         DeviceWork work)
     : transport_(transport),
       exchange_(transport, arena_seq, timeout_s),
       device_(device),
       timeout_s_(timeout_s),
-      sync_(sync) {
+      sync_(sync),
+      work_(work) {
   const int rank = transport_.rank(), size = transport_.size();
   std::exception_ptr failure;
   EventRecord mine{};
   mine.sync = static_cast<int32_t>(sync);
+  mine.work = static_cast<int32_t>(work);
   std::optional<DeviceGuard> guard;
   try {
     guard.emplace(device_);
     Check(cudaDeviceGetPCIBusId(mine.gpu, sizeof mine.gpu, device_), "cudaDeviceGetPCIBusId");
     constexpr unsigned kFlags = cudaEventDisableTiming | cudaEventInterprocess;
     Check(cudaEventCreateWithFlags(&ready_, kFlags), "cudaEventCreateWithFlags");
+    Check(cudaEventCreateWithFlags(&done_, kFlags), "cudaEventCreateWithFlags");
     Check(cudaEventCreateWithFlags(&staging_free_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
-    if (rank == kLeader) Check(cudaEventCreateWithFlags(&done_, kFlags), "cudaEventCreateWithFlags");
-    Check(cudaIpcGetEventHandle(&mine.handle, rank == kLeader ? done_ : ready_), "cudaIpcGetEventHandle");
+    Check(cudaIpcGetEventHandle(&mine.ready, ready_), "cudaIpcGetEventHandle");
+    Check(cudaIpcGetEventHandle(&mine.done, done_), "cudaIpcGetEventHandle");
     mine.ok = 1;
   } catch (...) {
     failure = std::current_exception();
   }
-  auto open = [&](const EventRecord& theirs, int peer, cudaEvent_t* event) {
-    if (failure) return;
-    try {
-      if (!theirs.ok) throw CommError("pycomm: rank " + std::to_string(peer) + " could not set up its GPU events");
-      Check(cudaIpcOpenEventHandle(event, theirs.handle), "cudaIpcOpenEventHandle");
-    } catch (...) {
-      failure = std::current_exception();
-    }
-  };
+  std::vector<EventRecord> records(size);
   try {
     if (rank == kLeader) {
-      // Every peer's record first: the answer says how the group orders its work.
-      std::vector<EventRecord> records(size);
+      // Every peer's record first: the answer says how the group orders and shares its work.
       records[kLeader] = mine;
       std::vector<std::unique_ptr<Request>> requests;
       for (int peer = 1; peer < size; ++peer) {
         requests.push_back(transport_.Irecv(peer, &records[peer], sizeof(EventRecord)));
       }
       WaitAll(requests, timeout_s_);
-      if (sync_ == DeviceSync::kAuto) sync_ = SomeShareAGpu(records) ? DeviceSync::kHost : DeviceSync::kStream;
-      mine.sync = static_cast<int32_t>(sync_);
-      for (int peer = 1; peer < size; ++peer) requests.push_back(transport_.Isend(peer, &mine, sizeof mine));
+      try {
+        Decide(records, &sync_, &work_);
+      } catch (...) {
+        if (!failure) failure = std::current_exception();
+      }
+      records[kLeader].ok = !failure;
+      records[kLeader].sync = static_cast<int32_t>(sync_);
+      records[kLeader].work = static_cast<int32_t>(work_);
+      for (int peer = 1; peer < size; ++peer) {
+        requests.push_back(transport_.Isend(peer, records.data(), records.size() * sizeof(EventRecord)));
+      }
       WaitAll(requests, timeout_s_);
-      peer_ready_.assign(size, nullptr);
-      peer_ready_[kLeader] = ready_;
-      for (int peer = 1; peer < size; ++peer) open(records[peer], peer, &peer_ready_[peer]);
     } else {
-      EventRecord leaders{};
-      Exchange(transport_, kLeader, &mine, sizeof mine, &leaders, sizeof leaders, timeout_s_);
-      if (sync_ == DeviceSync::kAuto) sync_ = static_cast<DeviceSync>(leaders.sync);
-      open(leaders, kLeader, &done_);
+      Exchange(transport_, kLeader, &mine, sizeof mine, records.data(), records.size() * sizeof(EventRecord),
+               timeout_s_);
+      sync_ = static_cast<DeviceSync>(records[kLeader].sync);
+      work_ = static_cast<DeviceWork>(records[kLeader].work);
     }
   } catch (...) {  // a rank gone or stalled
     if (!failure) failure = std::current_exception();
+  }
+  // The events this rank waits for.
+  peer_ready_.assign(size, nullptr);
+  peer_done_.assign(size, nullptr);
+  for (int peer = 0; peer < size && !failure; ++peer) {
+    const bool split = work_ == DeviceWork::kSplit;
+    const bool wait_ready = peer != rank && (split || rank == kLeader);
+    const bool wait_done = peer != rank && (split || peer == kLeader);
+    if (!wait_ready && !wait_done) continue;
+    try {
+      if (!records[peer].ok) {
+        throw CommError("pycomm: rank " + std::to_string(peer) + " of the node could not set up (see its error)");
+      }
+      if (wait_ready) Check(cudaIpcOpenEventHandle(&peer_ready_[peer], records[peer].ready), "cudaIpcOpenEventHandle");
+      if (wait_done) Check(cudaIpcOpenEventHandle(&peer_done_[peer], records[peer].done), "cudaIpcOpenEventHandle");
+    } catch (...) {
+      failure = std::current_exception();
+    }
   }
   if (failure) {
     ReleaseEvents();
@@ -133,12 +176,16 @@ DeviceGroup::~DeviceGroup() {
 }
 
 void DeviceGroup::ReleaseEvents() {
-  for (int peer = 0; peer < static_cast<int>(peer_ready_.size()); ++peer) {
-    if (peer != kLeader && peer_ready_[peer]) cudaEventDestroy(peer_ready_[peer]);
+  for (auto* events : {&peer_ready_, &peer_done_}) {
+    for (cudaEvent_t event : *events) {
+      if (event) cudaEventDestroy(event);
+    }
+    events->clear();
   }
-  if (done_) cudaEventDestroy(done_);
-  if (ready_) cudaEventDestroy(ready_);
-  if (staging_free_) cudaEventDestroy(staging_free_);
+  for (cudaEvent_t* event : {&ready_, &done_, &staging_free_}) {
+    if (*event) cudaEventDestroy(*event);
+    *event = nullptr;
+  }
 }
 
 void DeviceGroup::Describe(const std::vector<BufferRef>& buffers, cudaStream_t stream, std::vector<IpcBuffer>* out,
@@ -200,6 +247,10 @@ const char* DeviceSyncName(DeviceSync sync) {
   return sync == DeviceSync::kStream ? "stream" : sync == DeviceSync::kHost ? "host" : "auto";
 }
 
+const char* DeviceWorkName(DeviceWork work) {
+  return work == DeviceWork::kSplit ? "split" : work == DeviceWork::kLeader ? "leader" : "auto";
+}
+
 uint64_t DeviceCall::Signature() const {
   uint64_t hash = 14695981039346656037ull;
   for (uint64_t field : {static_cast<uint64_t>(kind), static_cast<uint64_t>(dtype), static_cast<uint64_t>(op),
@@ -212,9 +263,52 @@ uint64_t DeviceCall::Signature() const {
   return hash;
 }
 
+void DeviceGroup::StageOut(const std::vector<BufferRef>& buffers, const std::vector<size_t>& staged_at,
+                           cudaStream_t stream) {
+  bool staged = false;
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    if (staged_at[i] == SIZE_MAX) continue;
+    staged = true;
+    if (buffers[i].written) {
+      Check(cudaMemcpyAsync(buffers[i].ptr, staging_.get() + staged_at[i], buffers[i].bytes, cudaMemcpyDeviceToDevice,
+                            stream),
+            "cudaMemcpyAsync(stage out)");
+    }
+  }
+  if (staged) Check(cudaEventRecord(staging_free_, stream), "cudaEventRecord(staging free)");
+}
+
+void DeviceGroup::CheckCalls(const DeviceCall& call, const std::vector<std::vector<char>>& messages) const {
+  for (int peer = 1; peer < static_cast<int>(messages.size()); ++peer) {
+    Header header;
+    std::memcpy(&header, messages[peer].data(), sizeof header);
+    if (!(header.call == call)) {
+      throw MismatchError("pycomm: the ranks made different device calls: rank " + std::to_string(peer) + " " +
+                          header.call.Describe() + ", rank " + std::to_string(kLeader) + " " + call.Describe());
+    }
+    if (header.sync != static_cast<int32_t>(sync_)) {
+      throw MismatchError("pycomm: PYCOMM_GPU_SYNC differs between rank " + std::to_string(peer) + " and rank " +
+                          std::to_string(kLeader) + " (host or stream: set it alike on every rank)");
+    }
+    if (header.status != 1) {
+      throw CommError("pycomm: rank " + std::to_string(peer) + " could not prepare its device buffers (see its error)");
+    }
+  }
+}
+
 void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
-                      const LeaderWork& work, const std::function<void(int trouble)>& agree) {
+                      const GroupWork& work, const std::function<void(int trouble)>& agree) {
   DeviceGuard guard(device_);
+  if (work_ == DeviceWork::kSplit) {
+    if (agree) throw std::logic_error("pycomm: split device work agrees with no other node");
+    RunSplit(call, buffers, stream, work);
+  } else {
+    RunLeader(call, buffers, stream, work, agree);
+  }
+}
+
+void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
+                            const GroupWork& work, const std::function<void(int trouble)>& agree) {
   const int rank = transport_.rank(), size = transport_.size();
   const size_t message_bytes = kHeaderBytes + buffers.size() * sizeof(IpcBuffer);
 
@@ -245,18 +339,8 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
     }
     if (answer != kDone) throw CommError("pycomm: the collective failed on another rank (see its error)");
     // The leader recorded `done` before telling us, so this waits for this call's work.
-    After(done_, stream, kLeader);
-    bool staged = false;
-    for (size_t i = 0; i < buffers.size(); ++i) {
-      if (staged_at[i] == SIZE_MAX) continue;
-      staged = true;
-      if (buffers[i].written) {
-        Check(cudaMemcpyAsync(buffers[i].ptr, staging_.get() + staged_at[i], buffers[i].bytes, cudaMemcpyDeviceToDevice,
-                              stream),
-              "cudaMemcpyAsync(stage out)");
-      }
-    }
-    if (staged) Check(cudaEventRecord(staging_free_, stream), "cudaEventRecord(staging free)");
+    After(peer_done_[kLeader], stream, kLeader);
+    StageOut(buffers, staged_at, stream);
     return;
   }
 
@@ -277,22 +361,7 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
   // the peers' buffers mapped included.
   try {
     exchange_.Collect(&messages, message_bytes);
-    for (int peer = 1; peer < size; ++peer) {
-      Header header;
-      std::memcpy(&header, messages[peer].data(), sizeof header);
-      if (!(header.call == call)) {
-        throw MismatchError("pycomm: the ranks made different device calls: rank " + std::to_string(peer) + " " +
-                            header.call.Describe() + ", rank " + std::to_string(kLeader) + " " + call.Describe());
-      }
-      if (header.sync != static_cast<int32_t>(sync_)) {
-        throw MismatchError("pycomm: PYCOMM_GPU_SYNC differs between rank " + std::to_string(peer) + " and rank " +
-                            std::to_string(kLeader) + " (host or stream: set it alike on every rank)");
-      }
-      if (header.status != 1) {
-        throw CommError("pycomm: rank " + std::to_string(peer) +
-                        " could not prepare its device buffers (see its error)");
-      }
-    }
+    CheckCalls(call, messages);
     for (size_t i = 0; i < buffers.size(); ++i) mapped[kLeader][i] = buffers[i].ptr;
     for (int peer = 1; peer < size; ++peer) {
       const auto* records = reinterpret_cast<const IpcBuffer*>(messages[peer].data() + kHeaderBytes);
@@ -323,7 +392,7 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
       if (sync_ == DeviceSync::kStream) {
         for (int peer = 1; peer < size; ++peer) After(peer_ready_[peer], stream, peer);
       }
-      work(mapped, stream);
+      work(mapped, WorkPart{}, stream);
       Check(cudaEventRecord(done_, stream), "cudaEventRecord(done)");
     } catch (...) {
       fail(kFailed);
@@ -331,6 +400,110 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
   }
   exchange_.Answer(answer);
   if (failure) std::rethrow_exception(failure);
+}
+
+char DeviceGroup::ExchangeAll(const std::vector<char>& message, std::vector<char>* table,
+                              const std::function<void(const std::vector<std::vector<char>>&)>& check,
+                              const std::exception_ptr& failure) {
+  const int size = transport_.size();
+  const size_t bytes = message.size();
+  table->assign(size * bytes, 0);
+  if (transport_.rank() != kLeader) return exchange_.Hand(message.data(), bytes, table->data(), table->size());
+  char answer = failure ? kFailed : kDone;
+  std::exception_ptr checked;
+  try {
+    std::vector<std::vector<char>> messages;
+    exchange_.Collect(&messages, bytes, table->size());
+    messages[kLeader] = message;
+    check(messages);
+    for (int q = 0; q < size; ++q) std::memcpy(table->data() + q * bytes, messages[q].data(), bytes);
+  } catch (const MismatchError&) {
+    checked = std::current_exception();
+    if (answer == kDone) answer = kMismatch;
+  } catch (...) {
+    checked = std::current_exception();
+    answer = kFailed;
+  }
+  exchange_.Answer(answer, table->data());
+  if (checked && !failure) std::rethrow_exception(checked);  // else the caller tells its own
+  return answer;
+}
+
+void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
+                           const GroupWork& work) {
+  const int rank = transport_.rank(), size = transport_.size();
+  const size_t message_bytes = kHeaderBytes + buffers.size() * sizeof(IpcBuffer);
+  // 1. Every rank's buffers (and that its inputs are ready) to every rank, the calls checked.
+  std::vector<char> message(message_bytes, 0);
+  Header header{0, static_cast<int32_t>(sync_), call};
+  std::vector<size_t> staged_at;
+  std::exception_ptr failure;
+  try {
+    std::vector<IpcBuffer> mine;
+    Describe(buffers, stream, &mine, &staged_at);
+    Check(cudaEventRecord(ready_, stream), "cudaEventRecord(ready)");
+    header.status = 1;
+    std::memcpy(message.data() + kHeaderBytes, mine.data(), mine.size() * sizeof(IpcBuffer));
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  std::memcpy(message.data(), &header, sizeof header);
+  std::vector<char> table;
+  const char answer =
+      ExchangeAll(message, &table, [&](const std::vector<std::vector<char>>& all) { CheckCalls(call, all); }, failure);
+  if (failure) std::rethrow_exception(failure);
+  if (answer == kMismatch) {
+    throw MismatchError("pycomm: the ranks made different device calls (" + call.Describe() +
+                        " here; the leader's error names them)");
+  }
+  if (answer != kDone) throw CommError("pycomm: the collective failed on another rank (see its error)");
+
+  // 2. Every rank queues its part after every rank's `ready`, then records its `done`.
+  std::vector<std::vector<void*>> mapped(size, std::vector<void*>(buffers.size()));
+  int32_t queued = 0;
+  try {
+    for (int q = 0; q < size; ++q) {
+      const auto* records = reinterpret_cast<const IpcBuffer*>(table.data() + q * message_bytes + kHeaderBytes);
+      for (size_t i = 0; i < buffers.size(); ++i) {
+        if (q == rank) {
+          // Where the other ranks reach this buffer: this rank's part must go there too.
+          mapped[q][i] = staged_at[i] == SIZE_MAX ? buffers[i].ptr : staging_.get() + staged_at[i];
+          continue;
+        }
+        IpcBuffer record;
+        std::memcpy(&record, records + i, sizeof record);
+        mapped[q][i] = buffers[i].bytes ? importer_.Open(record) : nullptr;
+      }
+    }
+    for (int q = 0; q < size; ++q) {
+      if (q != rank) After(peer_ready_[q], stream, q);
+    }
+    work(mapped, WorkPart{rank, size}, stream);
+    Check(cudaEventRecord(done_, stream), "cudaEventRecord(done)");
+    queued = 1;
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  std::vector<char> status(sizeof queued), statuses;
+  std::memcpy(status.data(), &queued, sizeof queued);
+  const char all_queued = ExchangeAll(
+      status, &statuses,
+      [&](const std::vector<std::vector<char>>& all) {
+        for (int q = 1; q < size; ++q) {
+          int32_t theirs;
+          std::memcpy(&theirs, all[q].data(), sizeof theirs);
+          if (theirs != 1) throw CommError("pycomm: rank " + std::to_string(q) + " could not queue its device work");
+        }
+      },
+      failure);
+  if (failure) std::rethrow_exception(failure);
+  if (all_queued != kDone) throw CommError("pycomm: the collective failed on another rank (see its error)");
+
+  // 3. This rank's outputs are whole once every rank's part is done.
+  for (int q = 0; q < size; ++q) {
+    if (q != rank) After(peer_done_[q], stream, q);
+  }
+  StageOut(buffers, staged_at, stream);
 }
 
 void DeviceGroup::Quiesce() {

@@ -1,16 +1,30 @@
-// Ranks of one node that hand their device buffers to a leader rank for each collective.
+// Ranks of one node that hand their device buffers to each other for each collective, in one
+// of two ways (DeviceWork):
 //
-// Several ranks may share one GPU, and processes on one GPU do not run kernels concurrently, so
-// splitting a collective's work across them gains nothing: one kernel on the leader that reads
-// every rank's input once and writes every rank's output once moves the fewest bytes through the
-// GPU's memory. Order across processes comes from CUDA IPC events and host messages, never from
-// spinning on the device:
+// Leader: several ranks may share one GPU, and processes on one GPU do not run kernels
+// concurrently, so splitting a collective's work across them gains nothing: one kernel on the
+// leader that reads every rank's input once and writes every rank's output once moves the fewest
+// bytes through the GPU's memory. Order across processes comes from CUDA IPC events and host
+// messages, never from spinning on the device:
 //   1. every rank records `ready` on its stream (its input is written), then hands the leader the
 //      IPC handles of its buffers (through the node's shared arena where there is one);
 //   2. the leader makes its stream wait for every `ready`, enqueues the work, records `done`, and
 //      answers every rank;
 //   3. every rank makes its stream wait for `done`.
-// No call waits for the GPU: each returns once its stream holds the right dependencies, as NCCL's do.
+//
+// Split: where every rank has a GPU of its own, each does its part of the work (its slice of an
+// allreduce, read from every input and written to every output), so that every GPU's copy
+// engines and links work at once:
+//   1. every rank records `ready` and hands the leader its handles; the leader checks the calls
+//      and sends every rank all the handles;
+//   2. every rank waits for every `ready`, enqueues its part, records its `done`, and tells the
+//      leader whether it could; the leader answers every rank;
+//   3. every rank waits for every `done`.
+//   The second hand-off also keeps the events safe to reuse: no rank records `ready` or `done`
+//   again before every rank has queued its waits for the last records.
+//
+// No call waits for the GPU (host sync aside): each returns once its stream holds the right
+// dependencies, as NCCL's do.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -54,9 +68,19 @@ struct DeviceCall {
   uint64_t Signature() const;
 };
 
-// The leader's view of one call: buffers[rank][i] is rank's i-th BufferRef, mapped into the
-// leader's address space.
-using LeaderWork = std::function<void(const std::vector<std::vector<void*>>& buffers, cudaStream_t stream)>;
+// Which part of a call's work the calling rank does: all of it on the leader (parts == 1), or
+// part `index` of `parts`, one per rank, when the work is split.
+struct WorkPart {
+  int index = 0;
+  int parts = 1;
+  // For work made of one item per rank (a block, an output): whether this rank does `item`.
+  bool owns(size_t item) const { return parts == 1 || static_cast<int>(item) == index; }
+};
+
+// One rank's work of a call: buffers[rank][i] is rank's i-th BufferRef, mapped into the calling
+// rank's address space.
+using GroupWork =
+    std::function<void(const std::vector<std::vector<void*>>& buffers, WorkPart part, cudaStream_t stream)>;
 
 // How ranks wait for each other's GPU work.
 enum class DeviceSync {
@@ -75,23 +99,37 @@ enum class DeviceSync {
 
 const char* DeviceSyncName(DeviceSync sync);
 
+// Who does a node's work (see the top of this file).
+enum class DeviceWork {
+  kLeader,
+  kSplit,  // needs kStream: every rank queues work of its own
+  // kSplit where every rank of the group has a GPU of its own and sync is kStream, else kLeader.
+  kAuto,
+};
+
+const char* DeviceWorkName(DeviceWork work);
+
 class DeviceGroup {
  public:
   // Collective over `transport`, whose ranks must all be on this node. `device` is this rank's GPU.
   // `arena_seq` counts the rounds of transport.arena() (see LeaderExchange); null: hand-offs go
-  // as messages. `sync`: as asked for on this rank; kAuto takes the leader's decision.
-  DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, double timeout_s, DeviceSync sync);
+  // as messages. `sync`, `work`: as asked for on this rank (alike on every rank); kAuto takes
+  // the leader's decision.
+  DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, double timeout_s, DeviceSync sync,
+              DeviceWork work);
   ~DeviceGroup();
 
   int device() const { return device_; }
   DeviceSync sync() const { return sync_; }  // never kAuto
+  DeviceWork work() const { return work_; }  // never kAuto
 
   // Runs one collective: every rank passes the same number of buffers, in the same roles.
+  // `work` runs on the leader (WorkPart{0, 1}), or with kSplit on every rank (its own part).
   // A failure on any rank fails the call on every rank; a rank whose `call` differs from the
-  // leader's gets MismatchError, as does the leader. On the leader, `agree` (if any) is told,
-  // before any work, whether the node can go on (0), failed (1) or made mismatched calls (2),
-  // and may throw to stop it: for agreeing with other nodes.
-  void Run(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream, const LeaderWork& work,
+  // leader's gets MismatchError, as does the leader. On the leader, `agree` (if any; not with
+  // kSplit) is told, before any work, whether the node can go on (0), failed (1) or made
+  // mismatched calls (2), and may throw to stop it: for agreeing with other nodes.
+  void Run(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream, const GroupWork& work,
            const std::function<void(int trouble)>& agree = nullptr);
   // Collective: waits until no rank's queued GPU work can still use the group's events or another
   // rank's buffers, so that teardown is safe.
@@ -101,9 +139,25 @@ class DeviceGroup {
   static constexpr int kLeader = 0;
   struct Message;
 
-  // Returns where the leader can reach buffers[i], staging buffers that cannot be exported.
+  void RunLeader(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
+                 const GroupWork& work, const std::function<void(int trouble)>& agree);
+  void RunSplit(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
+                const GroupWork& work);
+  // Returns where other ranks can reach buffers[i], staging buffers that cannot be exported
+  // (staged_at[i]: where in staging_; SIZE_MAX: not staged).
   void Describe(const std::vector<BufferRef>& buffers, cudaStream_t stream, std::vector<IpcBuffer>* out,
                 std::vector<size_t>* staged_at);
+  // After the call's work: copies staged outputs back to the caller's buffers.
+  void StageOut(const std::vector<BufferRef>& buffers, const std::vector<size_t>& staged_at, cudaStream_t stream);
+  // On the leader: throws MismatchError or CommError unless every peer's message (header first)
+  // says it made `call`, ordered alike, and could prepare its buffers.
+  void CheckCalls(const DeviceCall& call, const std::vector<std::vector<char>>& messages) const;
+  // Split work's hand-off: every rank's `message` (one size on all) reaches every rank, in
+  // `table` (rank q's at q * message.size()), once the leader has checked them with `check`.
+  // Returns the leader's answer: kFailed where `failure` (this rank's own) is set on any rank.
+  char ExchangeAll(const std::vector<char>& message, std::vector<char>* table,
+                   const std::function<void(const std::vector<std::vector<char>>&)>& check,
+                   const std::exception_ptr& failure);
   void ReleaseEvents();
   // Orders `stream` after `event`'s last record: on the device or on the host, as sync_ says.
   void After(cudaEvent_t event, cudaStream_t stream, int peer);
@@ -113,10 +167,14 @@ class DeviceGroup {
   int device_;
   double timeout_s_;
   DeviceSync sync_;
-  cudaEvent_t ready_ = nullptr;          // this rank's: its inputs are written
-  cudaEvent_t staging_free_ = nullptr;   // this rank's: the last stage-out has read staging_
-  cudaEvent_t done_ = nullptr;           // the leader's (opened through IPC on other ranks)
-  std::vector<cudaEvent_t> peer_ready_;  // on the leader: every rank's ready event
+  DeviceWork work_;
+  cudaEvent_t ready_ = nullptr;         // this rank's: its inputs are written
+  cudaEvent_t done_ = nullptr;          // this rank's: the work it queued is done
+  cudaEvent_t staging_free_ = nullptr;  // this rank's: the last stage-out has read staging_
+  // Other ranks' ready and done events, opened through IPC where this rank waits for them
+  // (null elsewhere): the leader waits for every `ready`, its peers for the leader's `done`;
+  // split, every rank for every other's.
+  std::vector<cudaEvent_t> peer_ready_, peer_done_;
   IpcExporter exporter_;
   IpcImporter importer_;
   Scratch staging_{Memory::kDevice};  // exportable memory for buffers from stream-ordered pools

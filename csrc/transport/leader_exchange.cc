@@ -30,19 +30,25 @@ LeaderExchange::LeaderExchange(Transport& transport, uint64_t* arena_seq, double
   }
 }
 
+bool LeaderExchange::ThroughArena(size_t bytes, size_t reply_bytes) const {
+  return arena_ && bytes <= arena_->slot_bytes() && reply_bytes <= arena_->slot_bytes();
+}
+
 // Through the arena an exchange takes rounds a and a + 1: every rank posts round a (peers with
-// their message in their slot), and the leader posts its answer in round a + 1, which the peers
-// only wait for. A peer writes its slot again no earlier than round a + 2, after it has read the
-// answer, so the leader has read the slot by then; likewise the leader's answer is overwritten
-// (round a + 3) only after every peer has posted round a + 2, so after each has read it.
-char LeaderExchange::Hand(const void* message, size_t bytes) {
-  if (!arena_ || bytes > arena_->slot_bytes()) {
-    char answer = 0;
-    std::unique_ptr<Request> r = transport_.Irecv(kLeader, &answer, 1);
+// their message in their slot), and the leader posts its answer in round a + 1 (its reply in its
+// slot), which the peers only wait for. A peer writes its slot again no earlier than round a + 2,
+// after it has read the answer, so the leader has read the slot by then; likewise the leader's
+// answer and reply are overwritten (round a + 3) only after every peer has posted round a + 2, so
+// after each has read them. Through messages the answer is one message: its byte, then the reply.
+char LeaderExchange::Hand(const void* message, size_t bytes, void* reply, size_t reply_bytes) {
+  if (!ThroughArena(bytes, reply_bytes)) {
+    std::vector<char> answer(1 + reply_bytes);
+    std::unique_ptr<Request> r = transport_.Irecv(kLeader, answer.data(), answer.size());
     std::unique_ptr<Request> s = transport_.Isend(kLeader, message, bytes);
     Wait(*s, timeout_s_);
     Wait(*r, timeout_s_);
-    return answer;
+    if (reply_bytes) std::memcpy(reply, answer.data() + 1, reply_bytes);
+    return answer[0];
   }
   const uint64_t round = ++*arena_seq_;
   ++*arena_seq_;
@@ -66,13 +72,15 @@ char LeaderExchange::Hand(const void* message, size_t bytes) {
   Wait(*answered, timeout_s_);
   const SharedArena::CallInfo answer = arena_->info(kLeader, round + 1);
   if (answer.kind != SharedArena::kDeviceHandoff) throw another_call();
+  if (reply_bytes) std::memcpy(reply, arena_->slot(kLeader, round + 1), reply_bytes);
   return static_cast<char>(answer.count);
 }
 
-void LeaderExchange::Collect(std::vector<std::vector<char>>* messages, size_t bytes) {
+void LeaderExchange::Collect(std::vector<std::vector<char>>* messages, size_t bytes, size_t reply_bytes) {
   const int size = transport_.size();
   messages->assign(size, std::vector<char>(bytes));
-  if (!arena_ || bytes > arena_->slot_bytes()) {
+  reply_bytes_ = reply_bytes;
+  if (!ThroughArena(bytes, reply_bytes)) {
     answer_seq_ = 0;  // Answer sends messages
     std::vector<std::unique_ptr<Request>> recvs;
     for (int peer = 1; peer < size; ++peer) recvs.push_back(transport_.Irecv(peer, (*messages)[peer].data(), bytes));
@@ -95,14 +103,22 @@ void LeaderExchange::Collect(std::vector<std::vector<char>>* messages, size_t by
   }
 }
 
-void LeaderExchange::Answer(char answer) {
+void LeaderExchange::Answer(char answer, const void* reply) {
   if (answer_seq_) {
+    char* slot = arena_->slot(kLeader, answer_seq_);
+    if (reply_bytes_ && reply) std::memcpy(slot, reply, reply_bytes_);
+    if (reply_bytes_ && !reply) std::memset(slot, 0, reply_bytes_);
     arena_->Post(answer_seq_, HandoffInfo(static_cast<unsigned char>(answer)));
     answer_seq_ = 0;
     return;
   }
+  std::vector<char> message(1 + reply_bytes_, 0);
+  message[0] = answer;
+  if (reply_bytes_ && reply) std::memcpy(message.data() + 1, reply, reply_bytes_);
   std::vector<std::unique_ptr<Request>> sends;
-  for (int peer = 1; peer < transport_.size(); ++peer) sends.push_back(transport_.Isend(peer, &answer, 1));
+  for (int peer = 1; peer < transport_.size(); ++peer) {
+    sends.push_back(transport_.Isend(peer, message.data(), message.size()));
+  }
   WaitAll(sends, timeout_s_);
 }
 

@@ -195,8 +195,8 @@ thread_local int g_physical_gpu = 0;  // which GPU this "process's" device 0 is 
 }  // namespace
 
 namespace fake_cuda {
-enum What { kNothing, kEvents, kMalloc };
-// From now on this thread's event creations, or device allocations, fail.
+enum What { kNothing, kEvents, kMalloc, kLaunch };
+// From now on this thread's event creations, device allocations, or kernel launches fail.
 void Fail(What what) { g_fail = what; }
 // This thread's device 0 is physical GPU `gpu` (as with one CUDA_VISIBLE_DEVICES per rank); all
 // threads share GPU 0 by default.
@@ -360,6 +360,7 @@ cudaError_t LaunchReduce(const void* const* inputs, int num_inputs, void* const*
       avg_divisor < 1 || (op == ReduceOp::kAvg && !IsFloatingPoint(dtype))) {
     return cudaErrorInvalidValue;  // checked at launch, as the real LaunchReduce does
   }
+  if (g_fail == fake_cuda::kLaunch) return cudaErrorLaunchFailure;
   std::vector<const void*> in(inputs, inputs + num_inputs);
   std::vector<void*> out(outputs, outputs + num_outputs);
   Enqueue(stream, [=] {

@@ -217,8 +217,8 @@ void TestTimeout() {
 }
 
 // The device collectives' hand-off to their leader, through the arena (with rounds of other
-// arena users in between, sharing its counter) or through messages; messages too large for an
-// arena slot fall back to messages.
+// arena users in between, sharing its counter) or through messages, with and without a reply;
+// messages or replies too large for an arena slot fall back to messages.
 void TestLeaderExchange(int P, bool through_arena) {
   auto transports = pycomm::CreateLoopbackTransports(P);
   std::vector<std::thread> threads;
@@ -231,17 +231,24 @@ void TestLeaderExchange(int P, bool through_arena) {
       if (exchange.through_arena() != through_arena) ++bad[rank];
       for (int i = 0; i < 300; ++i) {
         const size_t bytes = i % 50 == 7 ? pycomm::kArenaSlotBytes + 8 : 16 + (i % 5) * 40;
+        // A reply every other call, one too large for a slot now and then.
+        const size_t reply_bytes = i % 2 ? 0 : i % 50 == 10 ? pycomm::kArenaSlotBytes + 16 : 8 + (i % 3) * 24;
         auto fill = [&](int from) { return static_cast<char>(from * 31 + i); };
+        const std::vector<char> want_reply(reply_bytes, static_cast<char>(i * 3 + 1));
         if (rank == 0) {
           std::vector<std::vector<char>> messages;
-          exchange.Collect(&messages, bytes);
+          exchange.Collect(&messages, bytes, reply_bytes);
           for (int peer = 1; peer < P; ++peer) {
             if (messages[peer] != std::vector<char>(bytes, fill(peer))) ++bad[rank];
           }
-          exchange.Answer(static_cast<char>(i % 7 + 1));
+          exchange.Answer(static_cast<char>(i % 7 + 1), want_reply.data());
         } else {
-          std::vector<char> message(bytes, fill(rank));
-          if (exchange.Hand(message.data(), message.size()) != static_cast<char>(i % 7 + 1)) ++bad[rank];
+          std::vector<char> message(bytes, fill(rank)), reply(reply_bytes);
+          if (exchange.Hand(message.data(), message.size(), reply.data(), reply_bytes) !=
+              static_cast<char>(i % 7 + 1)) {
+            ++bad[rank];
+          }
+          if (reply != want_reply) ++bad[rank];
         }
         if (through_arena && i % 3 == 0) {
           // Another user of the arena: a full round whose slots every rank reads.

@@ -32,7 +32,7 @@
 
 // Failures the fake runtime injects on the calling thread (fake_cuda_runtime.cc).
 namespace fake_cuda {
-enum What { kNothing, kEvents, kMalloc };
+enum What { kNothing, kEvents, kMalloc, kLaunch };
 void Fail(What what);
 void UseGpu(int gpu);
 int LiveEvents();
@@ -49,6 +49,8 @@ using pycomm_test::Expect;
 
 // Whether the transports play a CUDA-aware MPI (set between runs, read by every rank's thread).
 bool g_cuda_aware = false;
+// Whether every rank has a GPU of its own (else all share GPU 0), set between runs.
+bool g_own_gpus = false;
 
 // Passes point-to-point traffic to another transport: the base of the stand-ins below.
 class Forwarding : public Transport {
@@ -150,6 +152,7 @@ void RunPlaced(const std::vector<int>& node_of, const std::function<void(int ran
   std::vector<std::thread> threads;
   for (int r = 0; r < P; ++r) {
     threads.emplace_back([&, r] {
+      fake_cuda::UseGpu(g_own_gpus ? r : 0);
       PlacedTransport placed(std::move(world[r]), node_of);
       std::unique_ptr<pycomm::Hierarchy> hierarchy;
       uint64_t arena_seq = 0;
@@ -359,13 +362,14 @@ void TestFailuresReachEveryRank(const std::vector<int>& node_of, fake_cuda::What
 // semantics), ranks sharing a GPU on the host; the results are right either way.
 void TestAutoSync(const std::vector<int>& node_of, int gpus) {
   const int P = static_cast<int>(node_of.size());
-  std::vector<std::string> chosen(P);
+  std::vector<std::string> chosen(P), work(P);
   std::vector<int> right(P, 0);
   std::vector<std::string> errors(P);
   RunPlaced(
       node_of,
       [&](int r, pycomm::DeviceCollectives& c) {
         chosen[r] = c.sync_name();
+        work[r] = c.work_name();
         int64_t* a = DeviceArray(std::vector<int64_t>(1000, r + 1));
         c.Allreduce(a, a, 1000, DataType::kInt64, ReduceOp::kSum, nullptr);
         Sync();
@@ -378,7 +382,87 @@ void TestAutoSync(const std::vector<int>& node_of, int gpus) {
     const std::string where = Layout(node_of) + " on " + std::to_string(gpus) + " GPUs, rank " + std::to_string(r);
     Expect(errors[r].empty() && right[r], "auto sync " + where + ": " + errors[r]);
     Expect(chosen[r] == (own ? "stream" : "host"), "auto sync chose " + chosen[r] + " " + where);
+    // Split where each has its own GPU, on one node (across nodes the leaders combine sums).
+    const bool one_node = std::count(node_of.begin(), node_of.end(), 0) == P;
+    Expect(work[r] == (own && one_node && P > 1 ? "split" : "leader"), "auto work chose " + work[r] + " " + where);
   }
+}
+
+// Split work: many calls in a row, alternating between two streams, each call's input written
+// on its stream just before: a rank that records its events again before every rank has queued
+// its waits for the last records would deadlock the fake's streams or read the wrong call.
+void TestManyCalls(const std::vector<int>& node_of, size_t n) {
+  const int P = static_cast<int>(node_of.size());
+  constexpr int kCalls = 24;
+  const auto own_stream = reinterpret_cast<cudaStream_t>(0x7);
+  RunPlaced(node_of, [&](int r, pycomm::DeviceCollectives& c) {
+    std::vector<std::vector<int64_t>> inputs(kCalls, std::vector<int64_t>(n));
+    for (int call = 0; call < kCalls; ++call) {
+      for (size_t i = 0; i < n; ++i) inputs[call][i] = (r + 1) * (call + 1) + static_cast<int64_t>(i % 13);
+    }
+    int64_t* a = DeviceArray(std::vector<int64_t>(n, 0));
+    int64_t* results = DeviceArray(std::vector<int64_t>(n * kCalls, -1));
+    Sync();
+    for (int call = 0; call < kCalls; ++call) {
+      cudaStream_t s = call % 2 ? own_stream : nullptr;
+      Sync(call % 2 ? nullptr : own_stream);  // the other stream's last use of `a` is done
+      cudaMemcpyAsync(a, inputs[call].data(), n * 8, cudaMemcpyHostToDevice, s);
+      c.Allreduce(a, a, n, DataType::kInt64, ReduceOp::kSum, s);
+      cudaMemcpyAsync(results + call * n, a, n * 8, cudaMemcpyDeviceToDevice, s);
+    }
+    Sync(own_stream), Sync();
+    bool ok = true;
+    for (int call = 0; call < kCalls; ++call) {
+      for (size_t i = 0; i < n; ++i) {
+        const int64_t want = static_cast<int64_t>(P * (P + 1) / 2) * (call + 1) + P * static_cast<int64_t>(i % 13);
+        ok = ok && results[call * n + i] == want;
+      }
+    }
+    Expect(ok, "many calls " + Layout(node_of) + " n=" + std::to_string(n) + " work " + c.work_name());
+    cudaFree(a), cudaFree(results);
+  });
+}
+
+// Split work: a rank whose kernel launch fails (after every rank has its peers' buffers, before
+// the second hand-off) fails the call on every rank at once; after a Quiesce (the other ranks'
+// parts may still write into every output) the next call works.
+void TestSplitLaunchFailure(const std::vector<int>& node_of, int failing) {
+  const int P = static_cast<int>(node_of.size());
+  const size_t n = 10007;  // a slice on each of the first 3 ranks
+  std::vector<std::string> errors(P);
+  std::vector<int> failed(P, 0), right(P, 0);
+  const auto start = std::chrono::steady_clock::now();
+  RunPlaced(
+      node_of,
+      [&](int r, pycomm::DeviceCollectives& c) {
+        int64_t* a = DeviceArray(std::vector<int64_t>(n, r + 1));
+        if (r == failing) fake_cuda::Fail(fake_cuda::kLaunch);
+        try {
+          c.Allreduce(a, a, n, DataType::kInt64, ReduceOp::kSum, nullptr);
+        } catch (const pycomm::CommError&) {
+          failed[r] = 1;
+        }
+        fake_cuda::Fail(fake_cuda::kNothing);
+        // The other ranks' parts of the failed call may still write into `a`.
+        c.Quiesce();
+        const std::vector<int64_t> again(n, r + 1);
+        cudaMemcpyAsync(a, again.data(), n * 8, cudaMemcpyHostToDevice, nullptr);
+        Sync();
+        c.Allreduce(a, a, n, DataType::kInt64, ReduceOp::kSum, nullptr);
+        Sync();
+        right[r] = a[0] == P * (P + 1) / 2 && a[n - 1] == P * (P + 1) / 2;
+        cudaFree(a);
+        c.Quiesce();
+      },
+      &errors);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  for (int r = 0; r < P; ++r) {
+    const std::string where = Layout(node_of) + " launch fails on rank " + std::to_string(failing) + ", rank " +
+                              std::to_string(r) + ": " + errors[r];
+    Expect(errors[r].empty() && failed[r] && right[r],
+           "split failure " + where + " failed " + std::to_string(failed[r]) + " right " + std::to_string(right[r]));
+  }
+  Expect(seconds < 4, "split failure took " + std::to_string(seconds) + " s");
 }
 
 }  // namespace
@@ -425,5 +509,27 @@ int main() {
     TestAllreduce(layout, 1000, own_stream);
     TestOthers(layout, 5);
   }
+  unsetenv("PYCOMM_GPU_SYNC");
+  // Split work: every rank on a GPU of its own (auto splits), and forced on a shared GPU.
+  for (bool own : {true, false}) {
+    g_own_gpus = own;
+    if (!own) setenv("PYCOMM_GPU_WORK", "split", 1);
+    for (const auto& layout : {std::vector<int>{0, 0}, std::vector<int>{0, 0, 0, 0}, std::vector<int>(10, 0)}) {
+      for (size_t n : {size_t{0}, size_t{1}, size_t{1000}, size_t{10007}, size_t{(4 << 20) / 8 * 2 + 3}}) {
+        TestAllreduce(layout, n);
+      }
+      TestAllreduce(layout, 10007, own_stream);
+      for (size_t block : {size_t{0}, size_t{1}, size_t{333}}) TestOthers(layout, block);
+      TestMismatch(layout, false), TestMismatch(layout, true);
+      TestUnexportableMemory(layout);
+      TestManyCalls(layout, 10007);
+    }
+    TestSplitLaunchFailure({0, 0, 0}, 1);
+    TestSplitLaunchFailure({0, 0, 0, 0}, 0);
+    TestFailuresReachEveryRank({0, 0, 0}, fake_cuda::kEvents, 2);
+  }
+  TestManyCalls({0, 0, 0}, 10007);  // the leader's protocol, for comparison
+  g_own_gpus = false;
+  unsetenv("PYCOMM_GPU_WORK");
   return pycomm_test::Report();
 }
