@@ -198,7 +198,8 @@ class Communicator:
             op = self._check_op(d.dtype, op)
             shape = self._reduce_scatter_shape(d.shape)
             stream = device_arrays.stream_handle(d, stream)
-            o = self._device_output(d, out, shape, stream)
+            # In place (NCCL's form): out is this rank's block of x, which only this rank reads.
+            o = self._device_output(d, out, shape, stream, in_place_at=-self._own_block_at(shape, d.dtype))
             code = dtype_code(d.dtype)
             self._native.reduce_scatter_device(d.ptr, o.ptr, _count(shape), code, int(op), d.device, stream)
             return o.obj
@@ -223,7 +224,7 @@ class Communicator:
             d = device_arrays.describe(x, stream=stream)
             shape = self._allgather_shape(d.shape)
             stream = device_arrays.stream_handle(d, stream)
-            o = self._device_output(d, out, shape, stream, in_place_at=self._own_block_at(d))
+            o = self._device_output(d, out, shape, stream, in_place_at=self._own_block_at(d.shape, d.dtype))
             self._native.allgather_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), d.device, stream)
             return o.obj
         self._check_host_stream(stream)
@@ -327,23 +328,30 @@ class Communicator:
     def _allgather_shape(self, shape: tuple) -> tuple:
         return (self.size,) if len(shape) == 0 else (self.size * shape[0],) + tuple(shape[1:])
 
-    def _own_block_at(self, d) -> int:
-        """Where this rank's block of an allgather's output starts, in bytes."""
-        return self.rank * _count(d.shape) * d.dtype.itemsize
+    def _own_block_at(self, block_shape, dtype) -> int:
+        """Where this rank's block (of block_shape) starts in the whole of an allgather's output
+        or a reduce_scatter's input, in bytes."""
+        return self.rank * _count(block_shape) * dtype.itemsize
 
     @staticmethod
     def _device_output(d, out, shape, stream: int, in_place_at=None):
-        """out, checked against x; x may overlap it only in place: as the same memory, or for an
-        allgather at `in_place_at` bytes into out (elsewhere the leader's copies would overwrite x
-        before every rank has read it)."""
+        """out, checked against x; x may overlap it only in place: as the same memory, or x at
+        `in_place_at` bytes into out (allgather: x is this rank's block of out; reduce_scatter, a
+        negative offset: out is this rank's block of x). Elsewhere one rank's writes could land
+        where another rank has yet to read."""
         if out is None:
             return device_arrays.new_array(d, shape)
         o = device_arrays.check_output(out, d, shape, stream=stream)
         if _overlap(d, o) and d.ptr != o.ptr + (in_place_at or 0):
-            if in_place_at is not None:
+            if in_place_at is not None and in_place_at >= 0:
                 raise ValueError(
                     "pycomm: x overlaps out other than as this rank's block of it "
                     "(in place: x = out[rank * n:(rank + 1) * n])"
+                )
+            if in_place_at is not None:
+                raise ValueError(
+                    "pycomm: out overlaps x other than as this rank's block of it "
+                    "(in place: out = x[rank * n:(rank + 1) * n])"
                 )
             raise ValueError("pycomm: out overlaps x without being the same memory")
         return o

@@ -2,7 +2,8 @@
 // leader does the node's part in one pass over GPU memory, or, where every rank has a GPU of its
 // own, each rank does its own part (see device_group.h for why and how the ranks are ordered).
 // Across nodes the leaders combine their nodes' parts through CrossNode, and each leader then
-// writes the result into every buffer of its node.
+// writes the result into every buffer of its node; split, each slice's owners do so for their
+// slice of an allreduce, over the hierarchy's slice groups.
 
 #include <cuda_runtime.h>
 
@@ -134,12 +135,41 @@ class GroupCollectives : public DeviceCollectives {
     if (scratch_free_) cudaEventDestroy(scratch_free_);
   }
 
+  bool splits() const { return group_.work() == cuda::DeviceWork::kSplit; }
+
   // On a node's leader, when the communicator spans several nodes: `leaders` (one rank per
   // node, in node order) outlives this.
   void ConnectNodes(Transport& leaders, size_t chunk_bytes, double timeout_s, bool through_mpi) {
     cuda::DeviceGuard guard(group_.device());  // the events below belong to this rank's GPU
     across_ = std::make_unique<cuda::CrossNode>(leaders, chunk_bytes, timeout_s, through_mpi);
     cuda::Check(cudaEventCreateWithFlags(&scratch_free_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  }
+
+  // With split work across nodes, on every rank (after ConnectNodes on the leader): the link to
+  // the owners of each slice this rank owns (the hierarchy's groups, which outlive this).
+  void ConnectSlices(const Hierarchy& hierarchy, size_t chunk_bytes, double timeout_s, bool through_mpi) {
+    cuda::DeviceGuard guard(group_.device());
+    slices_ = hierarchy.slices;
+    if (slices_ < 1 || hierarchy.owned.empty()) throw std::logic_error("pycomm: no slices for split device work");
+    for (int slice : hierarchy.owned) {
+      if (!hierarchy.across[slice] || (slice == 0 && !across_)) {
+        throw std::logic_error("pycomm: no group of the owners of slice " + std::to_string(slice));
+      }
+      if (slice == 0) {  // the owners of slice 0 are the leaders
+        slice_links_.emplace_back(0, across_.get());
+        continue;
+      }
+      own_links_.push_back(
+          std::make_unique<cuda::CrossNode>(*hierarchy.across[slice], chunk_bytes, timeout_s, through_mpi));
+      slice_links_.emplace_back(slice, own_links_.back().get());
+    }
+  }
+
+  // Collective: the leader's protocol from now on (some node's group could not split).
+  void LeaveWorkToLeader() {
+    group_.LeaveWorkToLeader();
+    slice_links_.clear();
+    own_links_.clear();
   }
 
   // A rank alone on its node hands its buffers to itself: a group of one over this.
@@ -161,28 +191,48 @@ class GroupCollectives : public DeviceCollectives {
     group_.Run(
         call, buffers, Stream(stream),
         [&](const std::vector<std::vector<void*>>& ptrs, cuda::WorkPart part, cudaStream_t s) {
-          const Slice slice = SliceOf(count, DataTypeSize(dtype), part);
-          if (slice.first == slice.last) return;
-          const size_t offset = slice.first * DataTypeSize(dtype);
-          std::vector<const void*> inputs;
-          std::vector<void*> outputs;
-          for (const auto& rank : ptrs) {
-            inputs.push_back(At(rank[0], offset));
-            outputs.push_back(At(rank[1], offset));
-          }
-          if (!across_) {
+          const size_t es = DataTypeSize(dtype);
+          auto at = [&](Slice slice, std::vector<const void*>* inputs, std::vector<void*>* outputs) {
+            for (const auto& rank : ptrs) {
+              inputs->push_back(At(rank[0], slice.first * es));
+              outputs->push_back(At(rank[1], slice.first * es));
+            }
+          };
+          if (!MultiNode()) {
             // Split, each rank reduces its slice of every input into that slice of every output.
+            const Slice slice = SliceOf(count, es, part);
+            if (slice.first == slice.last) return;
+            std::vector<const void*> inputs;
+            std::vector<void*> outputs;
+            at(slice, &inputs, &outputs);
+            // Passes beyond one (over 8 ranks) accumulate in the first output: this rank's own.
+            std::swap(outputs[0], outputs[part.index]);
             Reduce(inputs, outputs, slice.last - slice.first, dtype, op, s);
             return;
           }
-          // The node's part lands in the leader's output, is combined across nodes there, and is
-          // then copied (for kAvg: divided) into every output of the node.
+          // Each slice of the node's sum lands in its owner's output (the leader owns them all
+          // unless split), is combined across nodes there with that slice's owners, and is then
+          // copied (for kAvg: divided) into every output of the node.
           const ReduceOp partial = Partial(op);
-          if (inputs.size() > 1 || inputs[0] != outputs[0]) Reduce(inputs, {outputs[0]}, count, dtype, partial, s);
-          across_->Allreduce(outputs[0], count, dtype, partial, s);
-          if (outputs.size() > 1 || op == ReduceOp::kAvg) Reduce({outputs[0]}, outputs, count, dtype, op, s);
+          const auto links = Links(part);
+          for (const auto& [index, link] : links) {
+            const Slice slice = part.split ? SliceOf(count, es, cuda::WorkPart{index, slices_}) : Slice{0, count};
+            const size_t n = slice.last - slice.first;
+            if (!n) continue;
+            std::vector<const void*> inputs;
+            std::vector<void*> outputs;
+            at(slice, &inputs, &outputs);
+            void* mine = outputs[part.index];
+            if (inputs.size() > 1 || inputs[0] != mine) Reduce(inputs, {mine}, n, dtype, partial, s);
+            link->Allreduce(mine, n, dtype, partial, s);
+            if (outputs.size() > 1 || op == ReduceOp::kAvg) Reduce({mine}, outputs, n, dtype, op, s);
+          }
         },
-        AcrossNodes(call, 0, [=](const cuda::CrossNode& x) { return x.AllreducePinnedBytes(count, dtype); }));
+        AcrossNodes(call, 0, [=](const cuda::CrossNode& link, int slice, bool split) {
+          const Slice part =
+              split ? SliceOf(count, DataTypeSize(dtype), cuda::WorkPart{slice, slices_}) : Slice{0, count};
+          return link.AllreducePinnedBytes(part.last - part.first, dtype);
+        }));
   }
 
   void ReduceScatter(const void* send, void* recv, size_t recv_count, DataType dtype, ReduceOp op,
@@ -198,7 +248,7 @@ class GroupCollectives : public DeviceCollectives {
           if (!recv_count) return;
           std::vector<const void*> inputs;
           for (const auto& rank : ptrs) inputs.push_back(rank[0]);
-          if (!across_) {
+          if (!MultiNode()) {
             for (size_t owner = 0; owner < ptrs.size(); ++owner) {
               if (!part.owns(owner)) continue;  // split: each rank reduces its own block
               std::vector<const void*> blocks;
@@ -208,7 +258,8 @@ class GroupCollectives : public DeviceCollectives {
             return;
           }
           // Across nodes the whole reduction crosses (the leaders' ring is an allreduce), and each
-          // rank of the node takes its block of it.
+          // rank of the node takes its block of it. The leader does it all, split or not.
+          if (!part.owns(0)) return;
           const ReduceOp partial = Partial(op);
           char* sum = Scratch(block * world_size_, s);
           Reduce(inputs, {sum}, recv_count * world_size_, dtype, partial, s);
@@ -219,9 +270,10 @@ class GroupCollectives : public DeviceCollectives {
           }
           ReleaseScratch(s);
         },
-        AcrossNodes(call, block * world_size_, [n = recv_count * world_size_, dtype](const cuda::CrossNode& x) {
-          return x.AllreducePinnedBytes(n, dtype);
-        }));
+        AcrossNodes(call, block * world_size_,
+                    [n = recv_count * world_size_, dtype](const cuda::CrossNode& link, int slice, bool) {
+                      return slice == 0 ? link.AllreducePinnedBytes(n, dtype) : 0;
+                    }));
   }
 
   void Allgather(const void* send, void* recv, size_t send_count, DataType dtype, void* stream) override {
@@ -234,7 +286,7 @@ class GroupCollectives : public DeviceCollectives {
         [&](const std::vector<std::vector<void*>>& ptrs, cuda::WorkPart part, cudaStream_t s) {
           if (!block) return;
           const auto& mine = layout_.nodes[layout_.node];
-          if (!across_) {
+          if (!MultiNode()) {
             // Split, each rank writes its own block into every output.
             for (size_t from = 0; from < ptrs.size(); ++from) {
               if (!part.owns(from)) continue;
@@ -245,7 +297,8 @@ class GroupCollectives : public DeviceCollectives {
             return;
           }
           // Node n's blocks travel together: slot n of `all` holds its ranks' blocks in local order,
-          // padded to the widest node.
+          // padded to the widest node. The leader does it all, split or not.
+          if (!part.owns(0)) return;
           const size_t slot = layout_.widest * block;
           char* all = Scratch(slot * layout_.nodes.size(), s);
           for (size_t local = 0; local < mine.size(); ++local) {
@@ -261,9 +314,10 @@ class GroupCollectives : public DeviceCollectives {
           for (size_t local = 1; local < ptrs.size(); ++local) Copy(ptrs[local][1], leader_out, block * world_size_, s);
           ReleaseScratch(s);
         },
-        AcrossNodes(
-            call, layout_.widest * block * layout_.nodes.size(),
-            [slot = layout_.widest * block](const cuda::CrossNode& x) { return x.AllgatherPinnedBytes(slot); }));
+        AcrossNodes(call, layout_.widest * block * layout_.nodes.size(),
+                    [slot = layout_.widest * block](const cuda::CrossNode& link, int slice, bool) {
+                      return slice == 0 ? link.AllgatherPinnedBytes(slot) : 0;
+                    }));
   }
 
   void Broadcast(void* buf, size_t count, DataType dtype, int root, void* stream) override {
@@ -277,47 +331,71 @@ class GroupCollectives : public DeviceCollectives {
           if (!bytes) return;
           const bool root_here = layout_.node_of[root] == layout_.node;
           const int root_local = root_here ? layout_.local_index(root) : 0;
-          if (across_) {
-            // The root's bytes reach this node's leader, then every other buffer of the node.
+          if (MultiNode()) {
+            // The root's bytes reach this node's leader, then every other buffer of the node. The
+            // leader does it all, split or not.
+            if (!part.owns(0)) return;
             Copy(ptrs[0][0], ptrs[root_local][0], bytes, s);
             across_->Broadcast(ptrs[0][0], bytes, layout_.node_of[root], s);
+            part = cuda::WorkPart{};
           }
-          // Split, each rank reads the root's bytes into its own buffer.
+          // Split on one node, each rank reads the root's bytes into its own buffer.
           std::vector<void*> to;
           for (size_t local = 0; local < ptrs.size(); ++local) {
             if (part.owns(local)) to.push_back(ptrs[local][0]);
           }
           CopyToAll(ptrs[root_local][0], to, bytes, s);
         },
-        AcrossNodes(call, 0, [=](const cuda::CrossNode& x) { return x.BroadcastPinnedBytes(bytes); }));
+        AcrossNodes(call, 0, [=](const cuda::CrossNode& link, int slice, bool) {
+          return slice == 0 ? link.BroadcastPinnedBytes(bytes) : 0;
+        }));
   }
 
  private:
   static cudaStream_t Stream(void* stream) { return static_cast<cudaStream_t>(stream); }
 
-  // Across nodes, the leaders agree on each call before its data crosses (DeviceGroup::Run),
-  // having first reserved the memory the call needs, so that a failure to get it is agreed on.
-  using PinnedBytes = std::function<size_t(const cuda::CrossNode&)>;
-  std::function<void(int)> AcrossNodes(const cuda::DeviceCall& call, size_t scratch_bytes, PinnedBytes pinned) {
-    if (!across_) return nullptr;
-    return [this, call, scratch_bytes, pinned](int trouble) {
-      std::exception_ptr mine;
-      if (trouble == cuda::CrossNode::kNone) {
+  bool MultiNode() const { return layout_.nodes.size() > 1; }
+
+  // The links over which this rank's part of a call crosses between nodes, with the slice each
+  // carries: the leaders' (the leader's protocol), or one per slice this rank owns (split).
+  std::vector<std::pair<int, cuda::CrossNode*>> Links(cuda::WorkPart part) const {
+    if (part.split) return slice_links_;
+    return {{0, across_.get()}};
+  }
+
+  // Across nodes, each call is agreed on over every link before its data crosses
+  // (DeviceGroup::Run), the memory it needs reserved first, so that a failure to get it is agreed
+  // on too. `pinned(link, slice, split)`: the pinned memory the call needs on that link.
+  // Split, every link agrees, the slice owners of every call (the leaders' own included): each
+  // agreement over a link that carries nothing in this call still tells the others whether this
+  // node can go on, so that none waits for a node that has failed.
+  using PinnedBytes = std::function<size_t(const cuda::CrossNode& link, int slice, bool split)>;
+  cuda::CrossNodeAgreement AcrossNodes(const cuda::DeviceCall& call, size_t scratch_bytes, PinnedBytes pinned) {
+    if (!MultiNode()) return nullptr;
+    return [this, call, scratch_bytes, pinned](int trouble, cuda::WorkPart part) {
+      std::exception_ptr mine, theirs;
+      for (const auto& [slice, link] : Links(part)) {
+        if (trouble == cuda::CrossNode::kNone && !mine && !theirs) {
+          try {
+            if (scratch_bytes && slice == 0) scratch_.Reserve(scratch_bytes);
+            link->ReservePinned(pinned(*link, slice, part.split));
+          } catch (...) {
+            mine = std::current_exception();
+          }
+        }
+        // A failure here, or on a link agreed on before, is this rank's trouble on the rest.
+        const int told = trouble != cuda::CrossNode::kNone ? trouble
+                         : mine || theirs                  ? static_cast<int>(cuda::CrossNode::kFailed)
+                                                           : 0;
         try {
-          if (scratch_bytes) scratch_.Reserve(scratch_bytes);
-          across_->ReservePinned(pinned(*across_));
+          link->Agree(call.Signature(), static_cast<cuda::CrossNode::Trouble>(told),
+                      [&call] { return call.Describe(); });
         } catch (...) {
-          mine = std::current_exception();
-          trouble = cuda::CrossNode::kFailed;
+          if (!theirs) theirs = std::current_exception();
         }
       }
-      try {
-        across_->Agree(call.Signature(), static_cast<cuda::CrossNode::Trouble>(trouble),
-                       [&call] { return call.Describe(); });
-      } catch (...) {
-        if (!mine) throw;  // else this node's own failure is the one to tell
-      }
-      if (mine) std::rethrow_exception(mine);
+      if (mine) std::rethrow_exception(mine);  // this rank's own failure is the one to tell
+      if (theirs) std::rethrow_exception(theirs);
     };
   }
 
@@ -331,12 +409,20 @@ class GroupCollectives : public DeviceCollectives {
 
   // `bytes` from `from` to each of `to` (`from` itself skipped): one launch per
   // kMaxReduceOutputs places instead of a copy each, as a one-input uint8 sum, which copies bits.
+  // The kernel's 16-byte loads need every pointer 16-byte aligned (else it goes byte by byte):
+  // otherwise, copies.
   void CopyToAll(const void* from, const std::vector<void*>& to, size_t bytes, cudaStream_t s) {
     std::vector<void*> places;
+    bool aligned = reinterpret_cast<uintptr_t>(from) % 16 == 0;
     for (void* place : to) {
-      if (place != from) places.push_back(place);
+      if (place == from) continue;
+      places.push_back(place);
+      aligned = aligned && reinterpret_cast<uintptr_t>(place) % 16 == 0;
     }
-    if (places.size() == 1) return Copy(places[0], from, bytes, s);
+    if (places.size() == 1 || !aligned) {
+      for (void* place : places) Copy(place, from, bytes, s);
+      return;
+    }
     for (size_t first = 0; first < places.size(); first += cuda::kMaxReduceOutputs) {
       const size_t last = std::min(places.size(), first + cuda::kMaxReduceOutputs);
       Launch({from}, std::vector<void*>(places.begin() + first, places.begin() + last), bytes, DataType::kUInt8,
@@ -358,7 +444,7 @@ class GroupCollectives : public DeviceCollectives {
   // With more ranks on a node the reduction runs in several passes that accumulate in
   // outputs[0] (rounded to the dtype between passes), which is then copied to the other outputs.
   // Every rank still gets the same bits: one pass writes them all.
-  void Reduce(const std::vector<const void*>& inputs, const std::vector<void*>& outputs, size_t count, DataType dtype,
+  void Reduce(std::vector<const void*> inputs, const std::vector<void*>& outputs, size_t count, DataType dtype,
               ReduceOp op, cudaStream_t s) {
     constexpr size_t kIn = cuda::kMaxReduceInputs, kOut = cuda::kMaxReduceOutputs;
     if (inputs.size() <= kIn && outputs.size() <= kOut) {
@@ -367,6 +453,10 @@ class GroupCollectives : public DeviceCollectives {
     }
     const ReduceOp partial = Partial(op);
     void* acc = outputs[0];
+    // In place, acc may be an input that a later pass would read after the first overwrote it:
+    // that input goes first instead (a fixed order still, so every run gets the same bits).
+    const auto late = std::find(inputs.begin() + std::min(inputs.size(), kIn), inputs.end(), acc);
+    if (late != inputs.end()) std::rotate(inputs.begin(), late, late + 1);
     size_t next = std::min(inputs.size(), kIn);
     if (next > 1 || inputs[0] != acc) {
       Launch(std::vector<const void*>(inputs.begin(), inputs.begin() + next), {acc}, count, dtype, partial, s);
@@ -400,6 +490,11 @@ class GroupCollectives : public DeviceCollectives {
   std::unique_ptr<Transport> own_transport_;  // group_'s, for a rank alone on its node (set by Own)
   cuda::DeviceGroup group_;
   std::unique_ptr<cuda::CrossNode> across_;  // on a leader when there are several nodes
+  // Split across nodes: the slices' count (the most ranks on a node), and this rank's slices with
+  // their links (slice 0's is across_); own_links_ holds the others.
+  int slices_ = 0;
+  std::vector<std::pair<int, cuda::CrossNode*>> slice_links_;
+  std::vector<std::unique_ptr<cuda::CrossNode>> own_links_;
   cuda::Scratch scratch_{cuda::Memory::kDevice};
   cudaEvent_t scratch_free_ = nullptr;
 };
@@ -437,19 +532,16 @@ std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport,
     sync = SyncFromEnvironment();
     work = WorkFromEnvironment();
     const CrossNodePath path = CrossNodeFromEnvironment();
+    // A rank alone has nothing to split.
+    if (transport.size() == 1 && work == cuda::DeviceWork::kAuto) work = cuda::DeviceWork::kLeader;
     if (layout.nodes.size() > 1) {
-      // Across nodes the leaders combine their nodes' sums: the leader does its node's part.
-      if (work == cuda::DeviceWork::kSplit) {
-        throw std::invalid_argument("pycomm: PYCOMM_GPU_WORK=split works on one node only; use auto or leader");
-      }
-      work = cuda::DeviceWork::kLeader;
       if (!hierarchy) {
         throw CommError(
             "pycomm: device arrays across nodes need the node groups, which could not be set up "
             "(PYCOMM_DEBUG=1 says why)");
       }
       if (leader && !hierarchy->across[0]) throw std::logic_error("pycomm: no group of the nodes' leaders");
-      votes[1] = !leader || (path != CrossNodePath::kHost && transport.accepts_device_memory());
+      votes[1] = path != CrossNodePath::kHost && transport.accepts_device_memory();
       votes[2] = path != CrossNodePath::kMpi;
     }
   } catch (...) {
@@ -466,6 +558,7 @@ std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport,
   }
   // 2. The groups (the hierarchy's, built with the communicator: no MPI call here that could block
   //    without a time-out; a rank alone on its node gets a group of one) and their GPU events.
+  //    Across nodes, work is split only where every node's group splits it (votes[1]).
   std::unique_ptr<GroupCollectives> collectives;
   try {
     if (layout.nodes.size() == 1) {
@@ -480,13 +573,15 @@ std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport,
                                                        sync, work);
       if (alone) collectives->Own(std::move(alone));
       if (leader) collectives->ConnectNodes(*hierarchy->across[0], chunk_bytes, timeout_s, through_mpi);
+      if (collectives->splits()) collectives->ConnectSlices(*hierarchy, chunk_bytes, timeout_s, through_mpi);
     }
   } catch (...) {
     failure = std::current_exception();
   }
-  std::vector<int32_t> built = {failure ? 0 : 1};
+  std::vector<int32_t> built = {failure ? 0 : 1, collectives && collectives->splits() ? 1 : 0};
   Vote(transport, timeout_s, &built);
   RaiseIfAnyFailed(failure, built[0]);
+  if (!built[1] && collectives->splits()) collectives->LeaveWorkToLeader();
   return collectives;
 }
 

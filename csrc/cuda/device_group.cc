@@ -45,9 +45,10 @@ void Exchange(Transport& transport, int peer, const void* send, size_t send_byte
 // rank's record, its own saying what the group uses.
 struct EventRecord {
   int32_t ok;
-  int32_t sync;  // DeviceSync
-  int32_t work;  // DeviceWork
-  char gpu[32];  // PCI bus id
+  int32_t sync;      // DeviceSync
+  int32_t work;      // DeviceWork
+  int32_t mismatch;  // the leader's: the ranks asked for settings that conflict
+  char gpu[32];      // PCI bus id
   cudaIpcEventHandle_t ready, done;
 };
 
@@ -63,16 +64,29 @@ bool SomeShareAGpu(const std::vector<EventRecord>& records) {
   return false;
 }
 
-// The leader's decision from every rank's record (each as asked for on its rank): throws where
-// the ranks asked for different things, or for what cannot be.
-void Decide(const std::vector<EventRecord>& records, DeviceSync* sync, DeviceWork* work) {
-  for (size_t peer = 1; peer < records.size(); ++peer) {
-    if (records[peer].ok &&
-        (records[peer].sync != static_cast<int32_t>(*sync) || records[peer].work != static_cast<int32_t>(*work))) {
-      throw MismatchError("pycomm: PYCOMM_GPU_SYNC or PYCOMM_GPU_WORK differs between rank " + std::to_string(peer) +
-                          " and rank 0 of a node: set them alike on every rank");
+// What the ranks asked for together: a value some rank set (auto where none did), or
+// MismatchError where two set different ones.
+template <typename Setting>
+Setting Together(const std::vector<EventRecord>& records, int32_t EventRecord::* field, Setting automatic,
+                 const char* name) {
+  Setting chosen = automatic;
+  for (size_t q = 0; q < records.size(); ++q) {
+    const auto asked = static_cast<Setting>(records[q].*field);
+    if (!records[q].ok || asked == automatic) continue;
+    if (chosen != automatic && asked != chosen) {
+      throw MismatchError(std::string("pycomm: ") + name + " differs between ranks of a node (rank " +
+                          std::to_string(q) + " and a lower one): set it alike on every rank");
     }
+    chosen = asked;
   }
+  return chosen;
+}
+
+// The leader's decision from every rank's record (each as asked for on its rank): throws where
+// the ranks asked for conflicting things, or for what cannot be.
+void Decide(const std::vector<EventRecord>& records, DeviceSync* sync, DeviceWork* work) {
+  *sync = Together(records, &EventRecord::sync, DeviceSync::kAuto, "PYCOMM_GPU_SYNC");
+  *work = Together(records, &EventRecord::work, DeviceWork::kAuto, "PYCOMM_GPU_WORK");
   const bool shared = SomeShareAGpu(records);
   if (*work == DeviceWork::kSplit) {
     if (*sync == DeviceSync::kHost) {
@@ -82,7 +96,7 @@ void Decide(const std::vector<EventRecord>& records, DeviceSync* sync, DeviceWor
   }
   if (*sync == DeviceSync::kAuto) *sync = shared ? DeviceSync::kHost : DeviceSync::kStream;
   if (*work == DeviceWork::kAuto) {
-    *work = records.size() > 1 && !shared && *sync == DeviceSync::kStream ? DeviceWork::kSplit : DeviceWork::kLeader;
+    *work = !shared && *sync == DeviceSync::kStream ? DeviceWork::kSplit : DeviceWork::kLeader;
   }
 }
 
@@ -127,6 +141,9 @@ DeviceGroup::DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, 
       WaitAll(requests, timeout_s_);
       try {
         Decide(records, &sync_, &work_);
+      } catch (const MismatchError&) {
+        records[kLeader].mismatch = 1;
+        if (!failure) failure = std::current_exception();
       } catch (...) {
         if (!failure) failure = std::current_exception();
       }
@@ -155,6 +172,11 @@ DeviceGroup::DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, 
     const bool wait_done = peer != rank && (split || peer == kLeader);
     if (!wait_ready && !wait_done) continue;
     try {
+      if (records[peer].mismatch) {
+        throw MismatchError(
+            "pycomm: PYCOMM_GPU_SYNC or PYCOMM_GPU_WORK differs between ranks of this node (the "
+            "error of the node's first rank says which)");
+      }
       if (!records[peer].ok) {
         throw CommError("pycomm: rank " + std::to_string(peer) + " of the node could not set up (see its error)");
       }
@@ -297,18 +319,17 @@ void DeviceGroup::CheckCalls(const DeviceCall& call, const std::vector<std::vect
 }
 
 void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
-                      const GroupWork& work, const std::function<void(int trouble)>& agree) {
+                      const GroupWork& work, const CrossNodeAgreement& agree) {
   DeviceGuard guard(device_);
   if (work_ == DeviceWork::kSplit) {
-    if (agree) throw std::logic_error("pycomm: split device work agrees with no other node");
-    RunSplit(call, buffers, stream, work);
+    RunSplit(call, buffers, stream, work, agree);
   } else {
     RunLeader(call, buffers, stream, work, agree);
   }
 }
 
 void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
-                            const GroupWork& work, const std::function<void(int trouble)>& agree) {
+                            const GroupWork& work, const CrossNodeAgreement& agree) {
   const int rank = transport_.rank(), size = transport_.size();
   const size_t message_bytes = kHeaderBytes + buffers.size() * sizeof(IpcBuffer);
 
@@ -378,7 +399,7 @@ void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>
   }
   if (agree) {
     try {
-      agree(!failure ? 0 : answer == kMismatch ? 2 : 1);
+      agree(!failure ? 0 : answer == kMismatch ? 2 : 1, WorkPart{});
     } catch (const MismatchError&) {
       fail(kMismatch);
     } catch (...) {
@@ -404,33 +425,35 @@ void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>
 
 char DeviceGroup::ExchangeAll(const std::vector<char>& message, std::vector<char>* table,
                               const std::function<void(const std::vector<std::vector<char>>&)>& check,
-                              const std::exception_ptr& failure) {
+                              const std::exception_ptr& failure, std::exception_ptr* error) {
   const int size = transport_.size();
   const size_t bytes = message.size();
   table->assign(size * bytes, 0);
-  if (transport_.rank() != kLeader) return exchange_.Hand(message.data(), bytes, table->data(), table->size());
   char answer = failure ? kFailed : kDone;
-  std::exception_ptr checked;
   try {
+    if (transport_.rank() != kLeader) return exchange_.Hand(message.data(), bytes, table->data(), table->size());
     std::vector<std::vector<char>> messages;
     exchange_.Collect(&messages, bytes, table->size());
     messages[kLeader] = message;
     check(messages);
     for (int q = 0; q < size; ++q) std::memcpy(table->data() + q * bytes, messages[q].data(), bytes);
   } catch (const MismatchError&) {
-    checked = std::current_exception();
+    *error = std::current_exception();
     if (answer == kDone) answer = kMismatch;
   } catch (...) {
-    checked = std::current_exception();
+    *error = std::current_exception();
     answer = kFailed;
   }
-  exchange_.Answer(answer, table->data());
-  if (checked && !failure) std::rethrow_exception(checked);  // else the caller tells its own
+  if (transport_.rank() == kLeader) {
+    // No reply where the call fails: a peer stalled past the time-out may still be reading the
+    // last one.
+    exchange_.Answer(answer, answer == kDone ? table->data() : nullptr);
+  }
   return answer;
 }
 
 void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
-                           const GroupWork& work) {
+                           const GroupWork& work, const CrossNodeAgreement& agree) {
   const int rank = transport_.rank(), size = transport_.size();
   const size_t message_bytes = kHeaderBytes + buffers.size() * sizeof(IpcBuffer);
   // 1. Every rank's buffers (and that its inputs are ready) to every rank, the calls checked.
@@ -449,16 +472,29 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
   }
   std::memcpy(message.data(), &header, sizeof header);
   std::vector<char> table;
-  const char answer =
-      ExchangeAll(message, &table, [&](const std::vector<std::vector<char>>& all) { CheckCalls(call, all); }, failure);
-  if (failure) std::rethrow_exception(failure);
-  if (answer == kMismatch) {
-    throw MismatchError("pycomm: the ranks made different device calls (" + call.Describe() +
-                        " here; the leader's error names them)");
+  std::exception_ptr checked;  // the leader's check's error, or this rank's hand-off's
+  const char answer = ExchangeAll(
+      message, &table, [&](const std::vector<std::vector<char>>& all) { CheckCalls(call, all); }, failure, &checked);
+  const WorkPart part{rank, size, true};
+  if (failure || checked || answer != kDone) {
+    // Other nodes hear of it before this node gives up (they would otherwise wait for it).
+    if (agree) {
+      try {
+        agree(answer == kMismatch ? 2 : 1, part);
+      } catch (...) {  // this node's own error is the one to tell
+      }
+    }
+    if (failure) std::rethrow_exception(failure);
+    if (checked) std::rethrow_exception(checked);
+    if (answer == kMismatch) {
+      throw MismatchError("pycomm: the ranks made different device calls (" + call.Describe() +
+                          " here; the leader's error names them)");
+    }
+    throw CommError("pycomm: the collective failed on another rank (see its error)");
   }
-  if (answer != kDone) throw CommError("pycomm: the collective failed on another rank (see its error)");
 
-  // 2. Every rank queues its part after every rank's `ready`, then records its `done`.
+  // 2. Every rank maps the others' buffers, agrees with other nodes, queues its part after
+  //    every rank's `ready`, then records its `done`.
   std::vector<std::vector<void*>> mapped(size, std::vector<void*>(buffers.size()));
   int32_t queued = 0;
   try {
@@ -475,14 +511,27 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
         mapped[q][i] = buffers[i].bytes ? importer_.Open(record) : nullptr;
       }
     }
-    for (int q = 0; q < size; ++q) {
-      if (q != rank) After(peer_ready_[q], stream, q);
-    }
-    work(mapped, WorkPart{rank, size}, stream);
-    Check(cudaEventRecord(done_, stream), "cudaEventRecord(done)");
-    queued = 1;
   } catch (...) {
     failure = std::current_exception();
+  }
+  if (agree) {
+    try {
+      agree(failure ? 1 : 0, part);
+    } catch (...) {
+      if (!failure) failure = std::current_exception();
+    }
+  }
+  if (!failure) {
+    try {
+      for (int q = 0; q < size; ++q) {
+        if (q != rank) After(peer_ready_[q], stream, q);
+      }
+      work(mapped, part, stream);
+      Check(cudaEventRecord(done_, stream), "cudaEventRecord(done)");
+      queued = 1;
+    } catch (...) {
+      failure = std::current_exception();
+    }
   }
   std::vector<char> status(sizeof queued), statuses;
   std::memcpy(status.data(), &queued, sizeof queued);
@@ -495,8 +544,9 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
           if (theirs != 1) throw CommError("pycomm: rank " + std::to_string(q) + " could not queue its device work");
         }
       },
-      failure);
+      failure, &checked);
   if (failure) std::rethrow_exception(failure);
+  if (checked) std::rethrow_exception(checked);
   if (all_queued != kDone) throw CommError("pycomm: the collective failed on another rank (see its error)");
 
   // 3. This rank's outputs are whole once every rank's part is done.

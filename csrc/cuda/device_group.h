@@ -17,8 +17,9 @@
 // engines and links work at once:
 //   1. every rank records `ready` and hands the leader its handles; the leader checks the calls
 //      and sends every rank all the handles;
-//   2. every rank waits for every `ready`, enqueues its part, records its `done`, and tells the
-//      leader whether it could; the leader answers every rank;
+//   2. every rank maps the others' buffers, agrees with other nodes (if any), waits for every
+//      `ready`, enqueues its part, records its `done`, and tells the leader whether it could; the
+//      leader answers every rank;
 //   3. every rank waits for every `done`.
 //   The second hand-off also keeps the events safe to reuse: no rank records `ready` or `done`
 //   again before every rank has queued its waits for the last records.
@@ -69,10 +70,12 @@ struct DeviceCall {
 };
 
 // Which part of a call's work the calling rank does: all of it on the leader (parts == 1), or
-// part `index` of `parts`, one per rank, when the work is split.
+// part `index` of `parts`, one per rank, when the work is split (a group of one splits too:
+// across nodes its rank then owns every slice).
 struct WorkPart {
   int index = 0;
   int parts = 1;
+  bool split = false;
   // For work made of one item per rank (a block, an output): whether this rank does `item`.
   bool owns(size_t item) const { return parts == 1 || static_cast<int>(item) == index; }
 };
@@ -81,6 +84,11 @@ struct WorkPart {
 // rank's address space.
 using GroupWork =
     std::function<void(const std::vector<std::vector<void*>>& buffers, WorkPart part, cudaStream_t stream)>;
+
+// Agreeing with other nodes before a call's data crosses: told whether this node (the leader's
+// protocol) or this rank (split) can go on (0), failed (1) or made mismatched calls (2), with the
+// part of the work that follows; may throw to stop it.
+using CrossNodeAgreement = std::function<void(int trouble, WorkPart part)>;
 
 // How ranks wait for each other's GPU work.
 enum class DeviceSync {
@@ -103,7 +111,8 @@ const char* DeviceSyncName(DeviceSync sync);
 enum class DeviceWork {
   kLeader,
   kSplit,  // needs kStream: every rank queues work of its own
-  // kSplit where every rank of the group has a GPU of its own and sync is kStream, else kLeader.
+  // kSplit where every rank of the group has a GPU of its own and sync is kStream, else kLeader
+  // (a group of one included: across nodes its rank then owns every slice).
   kAuto,
 };
 
@@ -126,11 +135,13 @@ class DeviceGroup {
   // Runs one collective: every rank passes the same number of buffers, in the same roles.
   // `work` runs on the leader (WorkPart{0, 1}), or with kSplit on every rank (its own part).
   // A failure on any rank fails the call on every rank; a rank whose `call` differs from the
-  // leader's gets MismatchError, as does the leader. On the leader, `agree` (if any; not with
-  // kSplit) is told, before any work, whether the node can go on (0), failed (1) or made
-  // mismatched calls (2), and may throw to stop it: for agreeing with other nodes.
+  // leader's gets MismatchError, as does the leader. `agree` (if any) runs before any work, even
+  // after a failure, so that other nodes hear of it: on the leader, or with kSplit on every rank.
   void Run(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream, const GroupWork& work,
-           const std::function<void(int trouble)>& agree = nullptr);
+           const CrossNodeAgreement& agree = nullptr);
+  // Collective, between calls: the leader's protocol from now on (where other nodes' groups
+  // could not split their work, say).
+  void LeaveWorkToLeader() { work_ = DeviceWork::kLeader; }
   // Collective: waits until no rank's queued GPU work can still use the group's events or another
   // rank's buffers, so that teardown is safe.
   void Quiesce();
@@ -140,9 +151,9 @@ class DeviceGroup {
   struct Message;
 
   void RunLeader(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
-                 const GroupWork& work, const std::function<void(int trouble)>& agree);
+                 const GroupWork& work, const CrossNodeAgreement& agree);
   void RunSplit(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
-                const GroupWork& work);
+                const GroupWork& work, const CrossNodeAgreement& agree);
   // Returns where other ranks can reach buffers[i], staging buffers that cannot be exported
   // (staged_at[i]: where in staging_; SIZE_MAX: not staged).
   void Describe(const std::vector<BufferRef>& buffers, cudaStream_t stream, std::vector<IpcBuffer>* out,
@@ -155,9 +166,10 @@ class DeviceGroup {
   // Split work's hand-off: every rank's `message` (one size on all) reaches every rank, in
   // `table` (rank q's at q * message.size()), once the leader has checked them with `check`.
   // Returns the leader's answer: kFailed where `failure` (this rank's own) is set on any rank.
+  // Throws nothing: `error` gets the leader's check's error, or a peer's hand-off's.
   char ExchangeAll(const std::vector<char>& message, std::vector<char>* table,
                    const std::function<void(const std::vector<std::vector<char>>&)>& check,
-                   const std::exception_ptr& failure);
+                   const std::exception_ptr& failure, std::exception_ptr* error);
   void ReleaseEvents();
   // Orders `stream` after `event`'s last record: on the device or on the host, as sync_ says.
   void After(cudaEvent_t event, cudaStream_t stream, int peer);

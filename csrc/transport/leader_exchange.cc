@@ -105,9 +105,7 @@ void LeaderExchange::Collect(std::vector<std::vector<char>>* messages, size_t by
 
 void LeaderExchange::Answer(char answer, const void* reply) {
   if (answer_seq_) {
-    char* slot = arena_->slot(kLeader, answer_seq_);
-    if (reply_bytes_ && reply) std::memcpy(slot, reply, reply_bytes_);
-    if (reply_bytes_ && !reply) std::memset(slot, 0, reply_bytes_);
+    if (reply_bytes_ && reply) std::memcpy(arena_->slot(kLeader, answer_seq_), reply, reply_bytes_);
     arena_->Post(answer_seq_, HandoffInfo(static_cast<unsigned char>(answer)));
     answer_seq_ = 0;
     return;

@@ -32,7 +32,7 @@ class LeaderExchange {
   void Collect(std::vector<std::vector<char>>* messages, size_t bytes, size_t reply_bytes = 0);
   static constexpr char kMismatch = 2;
   // On the leader, after Collect: answers every peer, with Collect's reply_bytes from `reply`
-  // (zeros where null).
+  // (where null, the peers' reply is left undefined: for answers that say the call failed).
   void Answer(char answer, const void* reply = nullptr);
 
  private:

@@ -41,15 +41,33 @@ class Hub {
   std::shared_ptr<void> arena_memory_;  // the ranks are threads: ordinary memory is shared
 };
 
+// A receive dropped before it completes (a wait that timed out) is withdrawn, as MpiRequest
+// cancels one: a late peer must not write into a buffer its owner has freed. A send stays, as
+// MPI's does.
 class LoopbackRequest : public Request {
  public:
-  LoopbackRequest(std::shared_ptr<std::atomic<bool>> done, int peer) : done_(std::move(done)), peer_(peer) {}
+  // `queue`: the receives of `channel` for a receive, null for a send.
+  LoopbackRequest(std::shared_ptr<std::atomic<bool>> done, int peer, Channel* channel, std::deque<Pending>* queue)
+      : done_(std::move(done)), peer_(peer), channel_(channel), queue_(queue) {}
+  ~LoopbackRequest() override {
+    if (!queue_) return;
+    std::lock_guard<std::mutex> lock(channel_->mu);
+    if (done_->load(std::memory_order_acquire)) return;
+    for (auto it = queue_->begin(); it != queue_->end(); ++it) {
+      if (it->done == done_) {
+        queue_->erase(it);
+        return;
+      }
+    }
+  }
   bool Test() override { return done_->load(std::memory_order_acquire); }
   int peer() const override { return peer_; }
 
  private:
   std::shared_ptr<std::atomic<bool>> done_;
   int peer_;
+  Channel* channel_;
+  std::deque<Pending>* queue_;
 };
 
 void Deliver(const Pending& send, const Pending& recv) {
@@ -85,7 +103,7 @@ class LoopbackTransport : public Transport {
       Deliver(send, ch.recvs.front());
       ch.recvs.pop_front();
     }
-    return std::make_unique<LoopbackRequest>(send.done, peer);
+    return std::make_unique<LoopbackRequest>(send.done, peer, &ch, nullptr);
   }
 
   std::unique_ptr<Request> Irecv(int peer, void* buf, size_t bytes) override {
@@ -98,7 +116,7 @@ class LoopbackTransport : public Transport {
       Deliver(ch.sends.front(), recv);
       ch.sends.pop_front();
     }
-    return std::make_unique<LoopbackRequest>(recv.done, peer);
+    return std::make_unique<LoopbackRequest>(recv.done, peer, &ch, &ch.recvs);
   }
 
  private:

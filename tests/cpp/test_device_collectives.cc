@@ -3,7 +3,8 @@
 // whole communicator's transport says which node each rank is on. Checks every collective against
 // a serial reference on one node (up to 10 ranks: several fused passes) and across nodes (even,
 // one rank each, uneven), several pieces of host staging included, and that ranks making
-// different calls all get MismatchError. Inputs are written by copies queued on each rank's
+// different calls all get MismatchError; with the leader's protocol and with split work (each
+// rank on a GPU of its own, or forced on a shared one). Inputs are written by copies queued on each rank's
 // stream and results read after a stream synchronisation, as a CUDA program would: the fake runs
 // queued work late, so missing ordering inside pycomm shows as wrong results. Prints "N passed,
 // N failed".
@@ -148,7 +149,17 @@ void RunPlaced(const std::vector<int>& node_of, const std::function<void(int ran
   auto world = pycomm::CreateLoopbackTransports(P);
   std::vector<std::vector<std::unique_ptr<Transport>>> node_transports(nodes);
   for (int n = 0; n < nodes; ++n) node_transports[n] = pycomm::CreateLoopbackTransports(members[n].size());
-  auto leaders = pycomm::CreateLoopbackTransports(nodes);
+  // As BuildHierarchy makes them: slice s's owners are node n's rank s % (its size), one per
+  // node, ranked in ascending order; slice 0's are the nodes' leaders.
+  int slices = 0;
+  for (const auto& m : members) slices = std::max(slices, static_cast<int>(m.size()));
+  std::vector<std::vector<int>> slice_members(slices);
+  std::vector<std::vector<std::unique_ptr<Transport>>> slice_transports(slices);
+  for (int s = 0; s < slices && nodes > 1; ++s) {
+    for (const auto& m : members) slice_members[s].push_back(m[s % m.size()]);
+    std::sort(slice_members[s].begin(), slice_members[s].end());
+    slice_transports[s] = pycomm::CreateLoopbackTransports(nodes);
+  }
   std::vector<std::thread> threads;
   for (int r = 0; r < P; ++r) {
     threads.emplace_back([&, r] {
@@ -161,10 +172,17 @@ void RunPlaced(const std::vector<int>& node_of, const std::function<void(int ran
         const auto& mine = members[node_of[r]];
         const int local = static_cast<int>(std::find(mine.begin(), mine.end(), r) - mine.begin());
         if (mine.size() > 1) hierarchy->node = std::move(node_transports[node_of[r]][local]);
-        hierarchy->across.resize(1);
-        if (local == 0) {
-          hierarchy->across[0] = std::move(leaders[node_of[r]]);
-          if (g_cuda_aware) hierarchy->across[0] = std::make_unique<CudaAwareGroup>(std::move(hierarchy->across[0]));
+        hierarchy->slices = slices;
+        hierarchy->local_rank = local;
+        hierarchy->local_size = static_cast<int>(mine.size());
+        hierarchy->node_ranks = mine;
+        hierarchy->across.resize(slices);
+        for (int s = local; s < slices; s += static_cast<int>(mine.size())) {
+          hierarchy->owned.push_back(s);
+          const auto& group = slice_members[s];
+          const size_t at = std::find(group.begin(), group.end(), r) - group.begin();
+          hierarchy->across[s] = std::move(slice_transports[s][at]);
+          if (g_cuda_aware) hierarchy->across[s] = std::make_unique<CudaAwareGroup>(std::move(hierarchy->across[s]));
         }
       }
       if (before) before(r);
@@ -249,6 +267,9 @@ void TestOthers(const std::vector<int>& node_of, size_t block) {
       bufs.push_back(DeviceArray(mine_in));
     }
     c.ReduceScatter(x, mine, block, DataType::kInt64, ReduceOp::kSum, nullptr);
+    // In place (NCCL's form): the output is this rank's block of the input.
+    int64_t* x_in_place = DeviceArray(in);
+    c.ReduceScatter(x_in_place, x_in_place + r * block, block, DataType::kInt64, ReduceOp::kSum, nullptr);
     c.Allgather(x, all, block, DataType::kInt64, nullptr);
     // In place: x is this rank's block of the output.
     std::vector<int64_t> placed(block * P, -1);
@@ -264,6 +285,8 @@ void TestOthers(const std::vector<int>& node_of, size_t block) {
       ok = ok && mine[i] == want;
     }
     Expect(ok, "reduce_scatter " + where);
+    Expect(Same(x_in_place + r * block, mine, block * 8), "reduce_scatter in place " + where);
+    cudaFree(x_in_place);
 
     ok = true;
     for (int q = 0; q < P; ++q) {
@@ -382,9 +405,10 @@ void TestAutoSync(const std::vector<int>& node_of, int gpus) {
     const std::string where = Layout(node_of) + " on " + std::to_string(gpus) + " GPUs, rank " + std::to_string(r);
     Expect(errors[r].empty() && right[r], "auto sync " + where + ": " + errors[r]);
     Expect(chosen[r] == (own ? "stream" : "host"), "auto sync chose " + chosen[r] + " " + where);
-    // Split where each has its own GPU, on one node (across nodes the leaders combine sums).
-    const bool one_node = std::count(node_of.begin(), node_of.end(), 0) == P;
-    Expect(work[r] == (own && one_node && P > 1 ? "split" : "leader"), "auto work chose " + work[r] + " " + where);
+    // Split where each has its own GPU: across nodes, only where every node's ranks do.
+    bool all_own = true;
+    for (int q = 0; q < P; ++q) all_own = all_own && gpus >= std::count(node_of.begin(), node_of.end(), node_of[q]);
+    Expect(work[r] == (all_own && P > 1 ? "split" : "leader"), "auto work chose " + work[r] + " " + where);
   }
 }
 
@@ -510,11 +534,14 @@ int main() {
     TestOthers(layout, 5);
   }
   unsetenv("PYCOMM_GPU_SYNC");
-  // Split work: every rank on a GPU of its own (auto splits), and forced on a shared GPU.
+  // Split work: every rank on a GPU of its own (auto splits), and forced on a shared GPU; on
+  // one node, and across nodes (each rank's slices cross with their owners on other nodes).
   for (bool own : {true, false}) {
     g_own_gpus = own;
     if (!own) setenv("PYCOMM_GPU_WORK", "split", 1);
-    for (const auto& layout : {std::vector<int>{0, 0}, std::vector<int>{0, 0, 0, 0}, std::vector<int>(10, 0)}) {
+    for (const auto& layout : {std::vector<int>{0, 0}, std::vector<int>{0, 0, 0, 0}, std::vector<int>(10, 0),
+                               std::vector<int>{0, 0, 1, 1}, std::vector<int>{0, 1, 2, 3}, std::vector<int>{0, 0, 1},
+                               std::vector<int>{0, 1, 1, 0}, std::vector<int>{0, 0, 0, 1, 1}}) {
       for (size_t n : {size_t{0}, size_t{1}, size_t{1000}, size_t{10007}, size_t{(4 << 20) / 8 * 2 + 3}}) {
         TestAllreduce(layout, n);
       }
@@ -527,8 +554,21 @@ int main() {
     TestSplitLaunchFailure({0, 0, 0}, 1);
     TestSplitLaunchFailure({0, 0, 0, 0}, 0);
     TestFailuresReachEveryRank({0, 0, 0}, fake_cuda::kEvents, 2);
+    // Across nodes, failures before the agreement: set-up, and the scratch of a reduce_scatter
+    // (which the leaders still do alone) on node 1's leader.
+    TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kEvents, 3);
+    TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kMalloc, 2);
+    TestFailuresReachEveryRank({0, 0, 1}, fake_cuda::kMalloc, 2);
   }
-  TestManyCalls({0, 0, 0}, 10007);  // the leader's protocol, for comparison
+  unsetenv("PYCOMM_GPU_WORK");
+  // Split across nodes, each slice's owners through a CUDA-aware MPI.
+  g_own_gpus = g_cuda_aware = true;
+  TestAllreduce({0, 0, 1, 1}, 10007);
+  TestAllreduce({0, 0, 1}, (4 << 20) / 8 + 5);
+  TestOthers({0, 1, 1, 0}, 33);
+  g_cuda_aware = false;
+  setenv("PYCOMM_GPU_WORK", "leader", 1);  // on GPUs of their own, for comparison
+  TestManyCalls({0, 0, 0}, 10007);
   g_own_gpus = false;
   unsetenv("PYCOMM_GPU_WORK");
   return pycomm_test::Report();

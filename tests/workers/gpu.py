@@ -104,6 +104,11 @@ def check_other_collectives(comm, lib, failures):
         parts = [x[RANK * rows : (RANK + 1) * rows].ravel() for x in inputs]
         ok = block.shape == (rows, 4) and matches(block.ravel(), parts, dtype, "sum")
         failures.check(ok, f"reduce_scatter rows={rows}")
+        # In place (NCCL's form): out is this rank's block of x.
+        x = lib.to_device(inputs[RANK])
+        comm.reduce_scatter(x, out=x[RANK * rows : (RANK + 1) * rows])
+        in_place = lib.to_host(x[RANK * rows : (RANK + 1) * rows])
+        failures.check(np.array_equal(in_place, block), f"reduce_scatter in place rows={rows}")
         gathered = lib.to_host(comm.allgather(lib.to_device(inputs[RANK][:rows])))
         want = np.concatenate([x[:rows] for x in inputs])
         failures.check(np.array_equal(gathered, want), f"allgather rows={rows}")
