@@ -5,8 +5,8 @@
 #   3. checks the GPU reduction kernels against a host reference and measures them against a
 #      device-to-device copy (bench/gpu/reduce_bench.cu);
 #   4. runs every test marked gpu: torch, cupy and DLPack-only arrays at P = 1, 2, 4 (and 9) ranks
-#      sharing the GPU, split work forced at P = 2 and 4, and 4 ranks on simulated nodes (leaders
-#      combine through pinned host memory);
+#      sharing the GPU, split work forced at P = 2 and 4, and 4 ranks on simulated nodes (leaders,
+#      or split, every slice's owners, combine through pinned host memory);
 #   5. runs the GPU allreduce benchmark at P = 2 and 4 (bench/gpu_allreduce.py), host sync, at
 #      P = 2 with stream sync and with split work, and at P = 2 on two simulated nodes;
 #   6. trains with cupy arrays (python -m pycomm.train --device gpu --check) where scikit-learn exists.

@@ -20,12 +20,22 @@ def test_device_arrays(nprocs, library, sync):
 
 # Simulated nodes on the one GPU (see tests/test_simulated_nodes_mpi.py): each node's leader does
 # its node's part with CUDA IPC, and the leaders combine theirs through pinned host memory and the
-# CPU ring. 2 nodes x 2 ranks, 4 nodes x 1 rank, uneven nodes of 3 + 1.
-@pytest.mark.parametrize("library, per_node", [("torch", "2"), ("cupy", "1"), ("torch", "3")])
-def test_device_arrays_across_simulated_nodes(library, per_node):
+# CPU ring. 2 nodes x 2 ranks, 4 nodes x 1 rank, uneven nodes of 3 + 1; and split work forced on
+# 2 x 2 and 3 + 1 (every slice's owners cross together).
+@pytest.mark.parametrize(
+    "library, per_node, work",
+    [
+        ("torch", "2", "auto"),
+        ("cupy", "1", "auto"),
+        ("torch", "3", "auto"),
+        ("cupy", "2", "split"),
+        ("torch", "3", "split"),
+    ],
+)
+def test_device_arrays_across_simulated_nodes(library, per_node, work):
     if importlib.util.find_spec(library) is None:
         pytest.skip(f"{library} is not installed")
-    env = {"PYCOMM_RANKS_PER_NODE": per_node, "MPIR_CVAR_NOLOCAL": "1"}
+    env = {"PYCOMM_RANKS_PER_NODE": per_node, "MPIR_CVAR_NOLOCAL": "1", "PYCOMM_GPU_WORK": work}
     run_mpi(4, "gpu.py", library, timeout=600, env=env)
 
 
