@@ -199,7 +199,7 @@ class Communicator:
             shape = self._reduce_scatter_shape(d.shape)
             stream = device_arrays.stream_handle(d, stream)
             # In place (NCCL's form): out is this rank's block of x, which only this rank reads.
-            o = self._device_output(d, out, shape, stream, in_place_at=-self._own_block_at(shape, d.dtype))
+            o = self._device_output(d, out, shape, stream, out_in_x_at=self._own_block_at(shape, d.dtype))
             code = dtype_code(d.dtype)
             self._native.reduce_scatter_device(d.ptr, o.ptr, _count(shape), code, int(op), d.device, stream)
             return o.obj
@@ -224,7 +224,7 @@ class Communicator:
             d = device_arrays.describe(x, stream=stream)
             shape = self._allgather_shape(d.shape)
             stream = device_arrays.stream_handle(d, stream)
-            o = self._device_output(d, out, shape, stream, in_place_at=self._own_block_at(d.shape, d.dtype))
+            o = self._device_output(d, out, shape, stream, x_in_out_at=self._own_block_at(d.shape, d.dtype))
             self._native.allgather_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), d.device, stream)
             return o.obj
         self._check_host_stream(stream)
@@ -334,25 +334,29 @@ class Communicator:
         return self.rank * _count(block_shape) * dtype.itemsize
 
     @staticmethod
-    def _device_output(d, out, shape, stream: int, in_place_at=None):
-        """out, checked against x; x may overlap it only in place: as the same memory, or x at
-        `in_place_at` bytes into out (allgather: x is this rank's block of out; reduce_scatter, a
-        negative offset: out is this rank's block of x). Elsewhere one rank's writes could land
-        where another rank has yet to read."""
+    def _device_output(d, out, shape, stream: int, x_in_out_at=None, out_in_x_at=None):
+        """out, checked against x; they may overlap only in place: as the same memory, x at
+        `x_in_out_at` bytes into out (allgather: x is this rank's block of out), or out at
+        `out_in_x_at` bytes into x (reduce_scatter: out is this rank's block of x). Elsewhere one
+        rank's writes could land where another rank has yet to read."""
         if out is None:
             return device_arrays.new_array(d, shape)
         o = device_arrays.check_output(out, d, shape, stream=stream)
-        if _overlap(d, o) and d.ptr != o.ptr + (in_place_at or 0):
-            if in_place_at is not None and in_place_at >= 0:
+        if not _overlap(d, o):
+            return o
+        if x_in_out_at is not None:
+            if d.ptr != o.ptr + x_in_out_at:
                 raise ValueError(
                     "pycomm: x overlaps out other than as this rank's block of it "
                     "(in place: x = out[rank * n:(rank + 1) * n])"
                 )
-            if in_place_at is not None:
+        elif out_in_x_at is not None:
+            if o.ptr != d.ptr + out_in_x_at:
                 raise ValueError(
                     "pycomm: out overlaps x other than as this rank's block of it "
                     "(in place: out = x[rank * n:(rank + 1) * n])"
                 )
+        elif d.ptr != o.ptr:
             raise ValueError("pycomm: out overlaps x without being the same memory")
         return o
 

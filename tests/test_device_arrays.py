@@ -362,7 +362,7 @@ def test_device_allgather_own_block_on_a_later_rank(offset, refused):
     x = device_arrays.describe(FakeDeviceArray((4,), ptr=base + offset))
     out = FakeDeviceArray((8,), ptr=base)
     own_block = Communicator._own_block_at(SimpleNamespace(rank=1), x.shape, x.dtype)
-    check = partial(Communicator._device_output, x, out, (8,), 0, in_place_at=own_block)
+    check = partial(Communicator._device_output, x, out, (8,), 0, x_in_out_at=own_block)
     if refused:
         with pytest.raises(ValueError, match="this rank's block"):
             check()
@@ -370,9 +370,11 @@ def test_device_allgather_own_block_on_a_later_rank(offset, refused):
         assert check().ptr == base
 
 
-@pytest.mark.parametrize("offset, refused", [(0, True), (16, False), (8, True)])
-def test_device_reduce_scatter_out_only_as_own_block_of_x(offset, refused):
-    """On rank 1 of 2, out may be x's second block (NCCL's in place) but not its first, where rank 0
+@pytest.mark.parametrize(
+    "rank, offset, refused", [(1, 0, True), (1, 16, False), (1, 8, True), (0, 0, False), (0, 16, True)]
+)
+def test_device_reduce_scatter_out_only_as_own_block_of_x(rank, offset, refused):
+    """out may be x's block of this rank (NCCL's in place) but not another's, where that rank
     reads every rank's x while this rank may already write its result, nor straddle."""
     from types import SimpleNamespace
 
@@ -381,10 +383,10 @@ def test_device_reduce_scatter_out_only_as_own_block_of_x(offset, refused):
     base = 0x7F0000000000
     x = device_arrays.describe(FakeDeviceArray((8,), ptr=base))
     out = FakeDeviceArray((4,), ptr=base + offset)
-    own_block = Communicator._own_block_at(SimpleNamespace(rank=1), (4,), x.dtype)
-    check = partial(Communicator._device_output, x, out, (4,), 0, in_place_at=-own_block)
+    own_block = Communicator._own_block_at(SimpleNamespace(rank=rank), (4,), x.dtype)
+    check = partial(Communicator._device_output, x, out, (4,), 0, out_in_x_at=own_block)
     if refused:
         with pytest.raises(ValueError, match="out = x\\[rank"):
             check()
     else:
-        assert check().ptr == base + 16
+        assert check().ptr == base + offset

@@ -368,37 +368,32 @@ class GroupCollectives : public DeviceCollectives {
   // on too. `pinned(link, slice, split)`: the pinned memory the call needs on that link.
   // Split, every link agrees, the slice owners of every call (the leaders' own included): each
   // agreement over a link that carries nothing in this call still tells the others whether this
-  // node can go on, so that none waits for a node that has failed.
+  // node can go on, so that none waits for a node that has failed. Every rank of a node tells
+  // every link the same, so every link reaches the same verdict.
   using PinnedBytes = std::function<size_t(const cuda::CrossNode& link, int slice, bool split)>;
   cuda::CrossNodeAgreement AcrossNodes(const cuda::DeviceCall& call, size_t scratch_bytes, PinnedBytes pinned) {
-    if (!MultiNode()) return nullptr;
-    return [this, call, scratch_bytes, pinned](int trouble, cuda::WorkPart part) {
-      std::exception_ptr mine, theirs;
+    if (!MultiNode()) return {};
+    cuda::CrossNodeAgreement across;
+    across.prepare = [this, scratch_bytes, pinned](cuda::WorkPart part) {
       for (const auto& [slice, link] : Links(part)) {
-        if (trouble == cuda::CrossNode::kNone && !mine && !theirs) {
-          try {
-            if (scratch_bytes && slice == 0) scratch_.Reserve(scratch_bytes);
-            link->ReservePinned(pinned(*link, slice, part.split));
-          } catch (...) {
-            mine = std::current_exception();
-          }
-        }
-        // A failure here, or on a link agreed on before, is this rank's trouble on the rest.
-        const int told = trouble != cuda::CrossNode::kNone ? trouble
-                         : mine || theirs                  ? static_cast<int>(cuda::CrossNode::kFailed)
-                                                           : 0;
+        if (scratch_bytes && slice == 0) scratch_.Reserve(scratch_bytes);
+        link->ReservePinned(pinned(*link, slice, part.split));
+      }
+    };
+    across.agree = [this, call](int trouble, cuda::WorkPart part) {
+      std::exception_ptr first;
+      for (const auto& [slice, link] : Links(part)) {
         try {
-          link->Agree(call.Signature(), static_cast<cuda::CrossNode::Trouble>(told),
+          link->Agree(call.Signature(), static_cast<cuda::CrossNode::Trouble>(trouble),
                       [&call] { return call.Describe(); });
         } catch (...) {
-          if (!theirs) theirs = std::current_exception();
+          if (!first) first = std::current_exception();  // the others still hear this node
         }
       }
-      if (mine) std::rethrow_exception(mine);  // this rank's own failure is the one to tell
-      if (theirs) std::rethrow_exception(theirs);
+      if (first) std::rethrow_exception(first);
     };
+    return across;
   }
-
   // The op each partial result is combined with: an average is a sum until the last step.
   static ReduceOp Partial(ReduceOp op) { return op == ReduceOp::kAvg ? ReduceOp::kSum : op; }
 

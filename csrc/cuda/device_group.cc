@@ -392,6 +392,7 @@ void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>
         mapped[peer][i] = buffers[i].bytes ? importer_.Open(record) : nullptr;
       }
     }
+    if (agree) agree.prepare(WorkPart{});
   } catch (const MismatchError&) {
     fail(kMismatch);
   } catch (...) {
@@ -399,7 +400,7 @@ void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>
   }
   if (agree) {
     try {
-      agree(!failure ? 0 : answer == kMismatch ? 2 : 1, WorkPart{});
+      agree.agree(!failure ? 0 : answer == kMismatch ? 2 : 1, WorkPart{});
     } catch (const MismatchError&) {
       fail(kMismatch);
     } catch (...) {
@@ -480,7 +481,7 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
     // Other nodes hear of it before this node gives up (they would otherwise wait for it).
     if (agree) {
       try {
-        agree(answer == kMismatch ? 2 : 1, part);
+        agree.agree(answer == kMismatch ? 2 : 1, part);
       } catch (...) {  // this node's own error is the one to tell
       }
     }
@@ -493,8 +494,8 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
     throw CommError("pycomm: the collective failed on another rank (see its error)");
   }
 
-  // 2. Every rank maps the others' buffers, agrees with other nodes, queues its part after
-  //    every rank's `ready`, then records its `done`.
+  // 2. Every rank maps the others' buffers, agrees with other nodes (the node's verdict first),
+  //    queues its part after every rank's `ready`, then records its `done`.
   std::vector<std::vector<void*>> mapped(size, std::vector<void*>(buffers.size()));
   int32_t queued = 0;
   try {
@@ -515,10 +516,32 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
     failure = std::current_exception();
   }
   if (agree) {
+    if (!failure) {
+      try {
+        agree.prepare(part);
+      } catch (...) {
+        failure = std::current_exception();
+      }
+    }
+    // The node's verdict first, so that every rank of it tells each of its links the same: no
+    // link then goes on to move data while another, on some rank, stops.
+    std::vector<char> ready(1, failure ? 0 : 1), all_ready;
+    std::exception_ptr unused;  // a failed hand-off is a failed verdict
+    const char verdict = ExchangeAll(
+        ready, &all_ready,
+        [&](const std::vector<std::vector<char>>& all) {
+          for (int q = 1; q < size; ++q) {
+            if (all[q][0] != 1) throw CommError("pycomm: rank " + std::to_string(q) + " could not prepare");
+          }
+        },
+        failure, &unused);
     try {
-      agree(failure ? 1 : 0, part);
+      agree.agree(verdict == kDone ? 0 : 1, part);
     } catch (...) {
       if (!failure) failure = std::current_exception();
+    }
+    if (!failure && verdict != kDone) {
+      failure = std::make_exception_ptr(CommError("pycomm: the collective failed on another rank (see its error)"));
     }
   }
   if (!failure) {

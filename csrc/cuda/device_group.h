@@ -85,10 +85,15 @@ struct WorkPart {
 using GroupWork =
     std::function<void(const std::vector<std::vector<void*>>& buffers, WorkPart part, cudaStream_t stream)>;
 
-// Agreeing with other nodes before a call's data crosses: told whether this node (the leader's
-// protocol) or this rank (split) can go on (0), failed (1) or made mismatched calls (2), with the
-// part of the work that follows; may throw to stop it.
-using CrossNodeAgreement = std::function<void(int trouble, WorkPart part)>;
+// Agreeing with other nodes before a call's data crosses. `prepare` reserves what the part of the
+// work needs (and may throw); `agree` is told whether this node can go on (0), failed (1) or made
+// mismatched calls (2), the same on every rank of the node that calls it, and may throw to stop
+// the call.
+struct CrossNodeAgreement {
+  std::function<void(WorkPart part)> prepare;
+  std::function<void(int trouble, WorkPart part)> agree;
+  explicit operator bool() const { return static_cast<bool>(agree); }
+};
 
 // How ranks wait for each other's GPU work.
 enum class DeviceSync {
@@ -138,7 +143,7 @@ class DeviceGroup {
   // leader's gets MismatchError, as does the leader. `agree` (if any) runs before any work, even
   // after a failure, so that other nodes hear of it: on the leader, or with kSplit on every rank.
   void Run(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream, const GroupWork& work,
-           const CrossNodeAgreement& agree = nullptr);
+           const CrossNodeAgreement& agree = {});
   // Collective, between calls: the leader's protocol from now on (where other nodes' groups
   // could not split their work, say).
   void LeaveWorkToLeader() { work_ = DeviceWork::kLeader; }

@@ -5,6 +5,7 @@
 #include <deque>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "pycomm/pycomm.h"
 #include "transport/shared_arena.h"
@@ -17,6 +18,7 @@ struct Pending {
   void* buf;  // the receiver's buffer, or the sender's (const-cast) buffer
   size_t bytes;
   std::shared_ptr<std::atomic<bool>> done;
+  std::shared_ptr<std::vector<char>> kept;  // a send's bytes, once its sender has dropped it
 };
 
 // Messages from one sender to one receiver: whichever side arrives first waits in its queue.
@@ -41,23 +43,28 @@ class Hub {
   std::shared_ptr<void> arena_memory_;  // the ranks are threads: ordinary memory is shared
 };
 
-// A receive dropped before it completes (a wait that timed out) is withdrawn, as MpiRequest
+// Dropped before it completes (a wait that timed out), a receive is withdrawn, as MpiRequest
 // cancels one: a late peer must not write into a buffer its owner has freed. A send stays, as
-// MPI's does.
+// MPI's does, with a copy of its bytes: its owner may free them.
 class LoopbackRequest : public Request {
  public:
-  // `queue`: the receives of `channel` for a receive, null for a send.
-  LoopbackRequest(std::shared_ptr<std::atomic<bool>> done, int peer, Channel* channel, std::deque<Pending>* queue)
-      : done_(std::move(done)), peer_(peer), channel_(channel), queue_(queue) {}
+  LoopbackRequest(std::shared_ptr<std::atomic<bool>> done, int peer, std::shared_ptr<Hub> hub, Channel* channel,
+                  bool receive)
+      : done_(std::move(done)), peer_(peer), hub_(std::move(hub)), channel_(channel), receive_(receive) {}
   ~LoopbackRequest() override {
-    if (!queue_) return;
     std::lock_guard<std::mutex> lock(channel_->mu);
     if (done_->load(std::memory_order_acquire)) return;
-    for (auto it = queue_->begin(); it != queue_->end(); ++it) {
-      if (it->done == done_) {
-        queue_->erase(it);
-        return;
+    std::deque<Pending>& queue = receive_ ? channel_->recvs : channel_->sends;
+    for (auto it = queue.begin(); it != queue.end(); ++it) {
+      if (it->done != done_) continue;
+      if (receive_) {
+        queue.erase(it);
+      } else {
+        const char* bytes = static_cast<const char*>(it->buf);
+        it->kept = std::make_shared<std::vector<char>>(bytes, bytes + it->bytes);
+        it->buf = it->kept->data();
       }
+      return;
     }
   }
   bool Test() override { return done_->load(std::memory_order_acquire); }
@@ -66,8 +73,9 @@ class LoopbackRequest : public Request {
  private:
   std::shared_ptr<std::atomic<bool>> done_;
   int peer_;
+  std::shared_ptr<Hub> hub_;  // keeps channel_
   Channel* channel_;
-  std::deque<Pending>* queue_;
+  bool receive_;
 };
 
 void Deliver(const Pending& send, const Pending& recv) {
@@ -94,7 +102,7 @@ class LoopbackTransport : public Transport {
   SharedArena* arena() override { return &arena_; }
 
   std::unique_ptr<Request> Isend(int peer, const void* buf, size_t bytes) override {
-    Pending send{const_cast<void*>(buf), bytes, std::make_shared<std::atomic<bool>>(false)};
+    Pending send{const_cast<void*>(buf), bytes, std::make_shared<std::atomic<bool>>(false), nullptr};
     Channel& ch = hub_->channel(rank_, peer);
     std::lock_guard<std::mutex> lock(ch.mu);
     if (ch.recvs.empty()) {
@@ -103,11 +111,11 @@ class LoopbackTransport : public Transport {
       Deliver(send, ch.recvs.front());
       ch.recvs.pop_front();
     }
-    return std::make_unique<LoopbackRequest>(send.done, peer, &ch, nullptr);
+    return std::make_unique<LoopbackRequest>(send.done, peer, hub_, &ch, false);
   }
 
   std::unique_ptr<Request> Irecv(int peer, void* buf, size_t bytes) override {
-    Pending recv{buf, bytes, std::make_shared<std::atomic<bool>>(false)};
+    Pending recv{buf, bytes, std::make_shared<std::atomic<bool>>(false), nullptr};
     Channel& ch = hub_->channel(peer, rank_);
     std::lock_guard<std::mutex> lock(ch.mu);
     if (ch.sends.empty()) {
@@ -116,7 +124,7 @@ class LoopbackTransport : public Transport {
       Deliver(ch.sends.front(), recv);
       ch.sends.pop_front();
     }
-    return std::make_unique<LoopbackRequest>(recv.done, peer, &ch, &ch.recvs);
+    return std::make_unique<LoopbackRequest>(recv.done, peer, hub_, &ch, true);
   }
 
  private:

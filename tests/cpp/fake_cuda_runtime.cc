@@ -195,8 +195,9 @@ thread_local int g_physical_gpu = 0;  // which GPU this "process's" device 0 is 
 }  // namespace
 
 namespace fake_cuda {
-enum What { kNothing, kEvents, kMalloc, kLaunch };
-// From now on this thread's event creations, device allocations, or kernel launches fail.
+enum What { kNothing, kEvents, kMalloc, kLaunch, kMallocHost };
+// From now on this thread's event creations, device allocations, kernel launches, or pinned host
+// allocations fail.
 void Fail(What what) { g_fail = what; }
 // This thread's device 0 is physical GPU `gpu` (as with one CUDA_VISIBLE_DEVICES per rank); all
 // threads share GPU 0 by default.
@@ -234,6 +235,7 @@ cudaError_t cudaFree(void* ptr) {
 }
 
 cudaError_t cudaMallocHost(void** ptr, size_t size) {
+  if (g_fail == fake_cuda::kMallocHost) return cudaErrorMemoryAllocation;
   *ptr = std::aligned_alloc(256, (size + 255) / 256 * 256 + 256);
   return cudaSuccess;
 }

@@ -33,7 +33,7 @@
 
 // Failures the fake runtime injects on the calling thread (fake_cuda_runtime.cc).
 namespace fake_cuda {
-enum What { kNothing, kEvents, kMalloc, kLaunch };
+enum What { kNothing, kEvents, kMalloc, kLaunch, kMallocHost };
 void Fail(What what);
 void UseGpu(int gpu);
 int LiveEvents();
@@ -354,7 +354,10 @@ void TestMismatch(const std::vector<int>& node_of, bool other_kind) {
 // A rank that cannot set up its GPU events, and a node leader that cannot get the device memory
 // for a reduce_scatter across nodes: every rank gets an error at once (well inside the 5 s
 // time-out), none waits it out.
-void TestFailuresReachEveryRank(const std::vector<int>& node_of, fake_cuda::What what, int failing) {
+// `allreduce`: an allreduce of that many elements instead (split across nodes, every rank's slice
+// crosses on its own link).
+void TestFailuresReachEveryRank(const std::vector<int>& node_of, fake_cuda::What what, int failing,
+                                size_t allreduce = 0) {
   const int P = static_cast<int>(node_of.size());
   std::vector<std::string> errors(P);
   const auto start = std::chrono::steady_clock::now();
@@ -366,14 +369,19 @@ void TestFailuresReachEveryRank(const std::vector<int>& node_of, fake_cuda::What
         };
         std::unique_ptr<int64_t, Free> x(DeviceArray(std::vector<int64_t>(4 * P, 1)));
         std::unique_ptr<int64_t, Free> mine(DeviceArray(std::vector<int64_t>(4, 0)));
+        std::unique_ptr<int64_t, Free> a(DeviceArray(std::vector<int64_t>(allreduce, 1)));
         if (r == failing) fake_cuda::Fail(what);
-        c.ReduceScatter(x.get(), mine.get(), 4, DataType::kInt64, ReduceOp::kSum, nullptr);
+        if (allreduce) {
+          c.Allreduce(a.get(), a.get(), allreduce, DataType::kInt64, ReduceOp::kSum, nullptr);
+        } else {
+          c.ReduceScatter(x.get(), mine.get(), 4, DataType::kInt64, ReduceOp::kSum, nullptr);
+        }
       },
       &errors,
       [&](int r) { fake_cuda::Fail(r == failing && what == fake_cuda::kEvents ? what : fake_cuda::kNothing); });
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  const std::string where =
-      Layout(node_of) + (what == fake_cuda::kEvents ? " events" : " malloc") + " on rank " + std::to_string(failing);
+  const char* const kWhat[] = {"", " events", " malloc", " launch", " pinned"};
+  const std::string where = Layout(node_of) + kWhat[what] + " on rank " + std::to_string(failing);
   for (int r = 0; r < P; ++r) {
     Expect(!errors[r].empty() && errors[r].find("PeerError") == std::string::npos,
            "failure reaches rank " + std::to_string(r) + " " + where + ": " + errors[r]);
@@ -559,6 +567,11 @@ int main() {
     TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kEvents, 3);
     TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kMalloc, 2);
     TestFailuresReachEveryRank({0, 0, 1}, fake_cuda::kMalloc, 2);
+    // A rank that cannot get the pinned memory its slice's crossing needs, next to a rank that
+    // owns several slices (and so agrees over several links): its node fails on every link.
+    TestFailuresReachEveryRank({0, 0, 1}, fake_cuda::kMallocHost, 1, 10007);
+    TestFailuresReachEveryRank({0, 0, 1, 1, 1}, fake_cuda::kMallocHost, 4, 10007);
+    TestFailuresReachEveryRank({0, 0, 1, 1, 1}, fake_cuda::kMallocHost, 1, 10007);
   }
   unsetenv("PYCOMM_GPU_WORK");
   // Split across nodes, each slice's owners through a CUDA-aware MPI.
