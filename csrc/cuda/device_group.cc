@@ -446,9 +446,14 @@ char DeviceGroup::ExchangeAll(const std::vector<char>& message, std::vector<char
     answer = kFailed;
   }
   if (transport_.rank() == kLeader) {
-    // No reply where the call fails: a peer stalled past the time-out may still be reading the
-    // last one.
-    exchange_.Answer(answer, answer == kDone ? table->data() : nullptr);
+    try {
+      // No reply where the call fails: a peer stalled past the time-out may still be reading the
+      // last one.
+      exchange_.Answer(answer, answer == kDone ? table->data() : nullptr);
+    } catch (...) {  // a peer gone: the call fails here too
+      if (!*error) *error = std::current_exception();
+      answer = kFailed;
+    }
   }
   return answer;
 }
@@ -526,7 +531,7 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
     // The node's verdict first, so that every rank of it tells each of its links the same: no
     // link then goes on to move data while another, on some rank, stops.
     std::vector<char> ready(1, failure ? 0 : 1), all_ready;
-    std::exception_ptr unused;  // a failed hand-off is a failed verdict
+    std::exception_ptr handoff;  // this hand-off's own failure, if any: a failed verdict
     const char verdict = ExchangeAll(
         ready, &all_ready,
         [&](const std::vector<std::vector<char>>& all) {
@@ -534,12 +539,13 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
             if (all[q][0] != 1) throw CommError("pycomm: rank " + std::to_string(q) + " could not prepare");
           }
         },
-        failure, &unused);
+        failure, &handoff);
     try {
-      agree.agree(verdict == kDone ? 0 : 1, part);
+      agree.agree(verdict == kDone && !failure ? 0 : 1, part);
     } catch (...) {
       if (!failure) failure = std::current_exception();
     }
+    if (!failure && handoff) failure = handoff;
     if (!failure && verdict != kDone) {
       failure = std::make_exception_ptr(CommError("pycomm: the collective failed on another rank (see its error)"));
     }
