@@ -27,6 +27,7 @@
 #include "core/collectives.h"
 #include "core/device.h"
 #include "core/hierarchy.h"
+#include "cuda/device_group.h"
 #include "expect.h"
 #include "reduce/half.h"
 #include "transport/loopback.h"
@@ -497,6 +498,52 @@ void TestSplitLaunchFailure(const std::vector<int>& node_of, int failing) {
   Expect(seconds < 4, "split failure took " + std::to_string(seconds) + " s");
 }
 
+// PYCOMM_GPU_SYNC and PYCOMM_GPU_WORK as each rank of a node asked (groups made directly, so that
+// ranks can ask differently): a value set on some ranks wins over auto on the others; values
+// that conflict, or split with host ordering, fail on every rank, quickly.
+struct Asked {
+  pycomm::cuda::DeviceSync sync;
+  pycomm::cuda::DeviceWork work;
+};
+
+void TestSettingsTogether(const std::vector<Asked>& asked, const std::string& want_sync, const std::string& want_work) {
+  const int P = static_cast<int>(asked.size());
+  auto transports = pycomm::CreateLoopbackTransports(P);
+  std::vector<std::string> sync(P), work(P), error(P);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < P; ++r) {
+    threads.emplace_back([&, r] {
+      uint64_t seq = 0;
+      try {
+        pycomm::cuda::DeviceGroup group(*transports[r], &seq, 0, 5, asked[r].sync, asked[r].work);
+        sync[r] = pycomm::cuda::DeviceSyncName(group.sync());
+        work[r] = pycomm::cuda::DeviceWorkName(group.work());
+      } catch (const pycomm::MismatchError& e) {
+        error[r] = "mismatch";
+      } catch (const std::exception& e) {
+        error[r] = "error";
+      }
+      fake_cuda::ThreadExit();
+    });
+  }
+  for (auto& t : threads) t.join();
+  std::string where = "settings";
+  for (const auto& a : asked) {
+    where += std::string(" ") + pycomm::cuda::DeviceSyncName(a.sync) + "/" + pycomm::cuda::DeviceWorkName(a.work);
+  }
+  for (int r = 0; r < P; ++r) {
+    if (want_sync == "mismatch" || want_sync == "error") {
+      // The leader names the cause; every peer hears that the settings differ, or that set-up failed.
+      const bool ok = want_sync == "mismatch" ? error[r] == "mismatch" : !error[r].empty();
+      Expect(ok, where + ": rank " + std::to_string(r) + " got " + (error[r].empty() ? "no error" : error[r]));
+    } else {
+      Expect(error[r].empty() && sync[r] == want_sync && work[r] == want_work,
+             where + ": rank " + std::to_string(r) + " chose " + sync[r] + "/" + work[r] + " " + error[r]);
+    }
+  }
+  Expect(fake_cuda::LiveEvents() == 0, where + ": events left");
+}
+
 }  // namespace
 
 int main() {
@@ -584,5 +631,14 @@ int main() {
   TestManyCalls({0, 0, 0}, 10007);
   g_own_gpus = false;
   unsetenv("PYCOMM_GPU_WORK");
+  // Settings asked differently on the ranks of one node (all on one GPU).
+  using S = pycomm::cuda::DeviceSync;
+  using W = pycomm::cuda::DeviceWork;
+  TestSettingsTogether({{S::kAuto, W::kAuto}, {S::kStream, W::kAuto}, {S::kAuto, W::kAuto}}, "stream", "leader");
+  TestSettingsTogether({{S::kAuto, W::kAuto}, {S::kAuto, W::kSplit}, {S::kAuto, W::kAuto}}, "stream", "split");
+  TestSettingsTogether({{S::kAuto, W::kAuto}, {S::kAuto, W::kAuto}}, "host", "leader");
+  TestSettingsTogether({{S::kHost, W::kAuto}, {S::kAuto, W::kAuto}, {S::kStream, W::kAuto}}, "mismatch", "");
+  TestSettingsTogether({{S::kAuto, W::kLeader}, {S::kAuto, W::kSplit}}, "mismatch", "");
+  TestSettingsTogether({{S::kHost, W::kAuto}, {S::kAuto, W::kSplit}}, "error", "");
   return pycomm_test::Report();
 }
