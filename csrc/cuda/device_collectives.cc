@@ -13,6 +13,8 @@
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "core/device.h"
 #include "core/hierarchy.h"
@@ -40,9 +42,19 @@ namespace {
 
 char* At(void* base, size_t offset) { return static_cast<char*>(base) + offset; }
 
-std::string Setting(const char* name) {
-  const char* value = std::getenv(name);
-  return value ? value : "";
+// The setting `name` as one of `choices` (its name, its value); the first is the default, taken
+// also where the setting is empty.
+template <typename T>
+T Choice(const char* name, const std::vector<std::pair<std::string, T>>& choices) {
+  const char* set = std::getenv(name);
+  const std::string value = set ? set : "";
+  if (value.empty()) return choices[0].second;
+  std::string names;  // "a, b or c"
+  for (size_t i = 0; i < choices.size(); ++i) {
+    if (value == choices[i].first) return choices[i].second;
+    names += (i == 0 ? "" : i + 1 == choices.size() ? " or " : ", ") + choices[i].first;
+  }
+  throw std::invalid_argument(std::string("pycomm: ") + name + " must be " + names + ", got " + value);
 }
 
 // PYCOMM_GPU_SYNC=auto|host|stream chooses how ranks order their GPU work (see DeviceSync).
@@ -51,21 +63,15 @@ std::string Setting(const char* name) {
 // 35 us per call in all (bench/results/2026-11-27-h200-gpu.md); and stream, NCCL's semantics,
 // where each rank has a GPU of its own.
 cuda::DeviceSync SyncFromEnvironment() {
-  const std::string value = Setting("PYCOMM_GPU_SYNC");
-  if (value.empty() || value == "auto") return cuda::DeviceSync::kAuto;
-  if (value == "host") return cuda::DeviceSync::kHost;
-  if (value == "stream") return cuda::DeviceSync::kStream;
-  throw std::invalid_argument("pycomm: PYCOMM_GPU_SYNC must be auto, stream or host, got " + value);
+  using S = cuda::DeviceSync;
+  return Choice<S>("PYCOMM_GPU_SYNC", {{"auto", S::kAuto}, {"stream", S::kStream}, {"host", S::kHost}});
 }
 
 // PYCOMM_GPU_WORK=auto|leader|split chooses who does a node's work (see DeviceWork). auto (the
-// default) splits it where every rank has a GPU of its own and orders by streams, on one node.
+// default) splits it where every rank, on every node, has a GPU of its own and orders by streams.
 cuda::DeviceWork WorkFromEnvironment() {
-  const std::string value = Setting("PYCOMM_GPU_WORK");
-  if (value.empty() || value == "auto") return cuda::DeviceWork::kAuto;
-  if (value == "leader") return cuda::DeviceWork::kLeader;
-  if (value == "split") return cuda::DeviceWork::kSplit;
-  throw std::invalid_argument("pycomm: PYCOMM_GPU_WORK must be auto, leader or split, got " + value);
+  using W = cuda::DeviceWork;
+  return Choice<W>("PYCOMM_GPU_WORK", {{"auto", W::kAuto}, {"leader", W::kLeader}, {"split", W::kSplit}});
 }
 
 // PYCOMM_GPU_INTER_NODE: `mpi` needs a CUDA-aware MPI, `host` always stages through pinned host
@@ -73,11 +79,8 @@ cuda::DeviceWork WorkFromEnvironment() {
 enum class CrossNodePath { kAuto, kMpi, kHost };
 
 CrossNodePath CrossNodeFromEnvironment() {
-  const std::string value = Setting("PYCOMM_GPU_INTER_NODE");
-  if (value.empty() || value == "auto") return CrossNodePath::kAuto;
-  if (value == "mpi") return CrossNodePath::kMpi;
-  if (value == "host") return CrossNodePath::kHost;
-  throw std::invalid_argument("pycomm: PYCOMM_GPU_INTER_NODE must be auto, mpi or host, got " + value);
+  using C = CrossNodePath;
+  return Choice<C>("PYCOMM_GPU_INTER_NODE", {{"auto", C::kAuto}, {"mpi", C::kMpi}, {"host", C::kHost}});
 }
 
 // The communicator's ranks by node: nodes[n] lists node n's ranks in ascending order, and

@@ -300,6 +300,29 @@ void DeviceGroup::StageOut(const std::vector<BufferRef>& buffers, const std::vec
   if (staged) Check(cudaEventRecord(staging_free_, stream), "cudaEventRecord(staging free)");
 }
 
+std::exception_ptr DeviceGroup::Prepare(const DeviceCall& call, const std::vector<BufferRef>& buffers,
+                                        cudaStream_t stream, std::vector<char>* message,
+                                        std::vector<size_t>* staged_at) {
+  message->assign(kHeaderBytes + buffers.size() * sizeof(IpcBuffer), 0);
+  Header header{0, static_cast<int32_t>(sync_), call};
+  std::exception_ptr failure;
+  try {
+    std::vector<IpcBuffer> mine;
+    Describe(buffers, stream, &mine, staged_at);
+    if (sync_ == DeviceSync::kStream) {
+      Check(cudaEventRecord(ready_, stream), "cudaEventRecord(ready)");
+    } else {
+      Check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    }
+    header.status = 1;
+    std::memcpy(message->data() + kHeaderBytes, mine.data(), mine.size() * sizeof(IpcBuffer));
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  std::memcpy(message->data(), &header, sizeof header);
+  return failure;
+}
+
 void DeviceGroup::CheckCalls(const DeviceCall& call, const std::vector<std::vector<char>>& messages) const {
   for (int peer = 1; peer < static_cast<int>(messages.size()); ++peer) {
     Header header;
@@ -334,24 +357,9 @@ void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>
   const size_t message_bytes = kHeaderBytes + buffers.size() * sizeof(IpcBuffer);
 
   if (rank != kLeader) {
-    std::vector<char> message(message_bytes, 0);
-    Header header{0, static_cast<int32_t>(sync_), call};
+    std::vector<char> message;
     std::vector<size_t> staged_at;
-    std::exception_ptr failure;
-    try {
-      std::vector<IpcBuffer> mine;
-      Describe(buffers, stream, &mine, &staged_at);
-      if (sync_ == DeviceSync::kStream) {
-        Check(cudaEventRecord(ready_, stream), "cudaEventRecord(ready)");
-      } else {
-        Check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-      }
-      header.status = 1;
-      std::memcpy(message.data() + kHeaderBytes, mine.data(), mine.size() * sizeof(IpcBuffer));
-    } catch (...) {
-      failure = std::current_exception();
-    }
-    std::memcpy(message.data(), &header, sizeof header);
+    const std::exception_ptr failure = Prepare(call, buffers, stream, &message, &staged_at);
     const char answer = exchange_.Hand(message.data(), message_bytes);
     if (failure) std::rethrow_exception(failure);
     if (answer == kMismatch) {
@@ -463,20 +471,9 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
   const int rank = transport_.rank(), size = transport_.size();
   const size_t message_bytes = kHeaderBytes + buffers.size() * sizeof(IpcBuffer);
   // 1. Every rank's buffers (and that its inputs are ready) to every rank, the calls checked.
-  std::vector<char> message(message_bytes, 0);
-  Header header{0, static_cast<int32_t>(sync_), call};
+  std::vector<char> message;
   std::vector<size_t> staged_at;
-  std::exception_ptr failure;
-  try {
-    std::vector<IpcBuffer> mine;
-    Describe(buffers, stream, &mine, &staged_at);
-    Check(cudaEventRecord(ready_, stream), "cudaEventRecord(ready)");
-    header.status = 1;
-    std::memcpy(message.data() + kHeaderBytes, mine.data(), mine.size() * sizeof(IpcBuffer));
-  } catch (...) {
-    failure = std::current_exception();
-  }
-  std::memcpy(message.data(), &header, sizeof header);
+  std::exception_ptr failure = Prepare(call, buffers, stream, &message, &staged_at);
   std::vector<char> table;
   std::exception_ptr checked;  // the leader's check's error, or this rank's hand-off's
   const char answer = ExchangeAll(

@@ -163,6 +163,11 @@ class DeviceGroup {
   // (staged_at[i]: where in staging_; SIZE_MAX: not staged).
   void Describe(const std::vector<BufferRef>& buffers, cudaStream_t stream, std::vector<IpcBuffer>* out,
                 std::vector<size_t>* staged_at);
+  // A rank's hand-off message (header, then where others reach its buffers), once its inputs are
+  // ready: `ready` recorded (stream sync) or its stream synchronised (host sync). Returns this
+  // rank's failure, if any: the message then says so (status 0) and the call fails everywhere.
+  std::exception_ptr Prepare(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
+                             std::vector<char>* message, std::vector<size_t>* staged_at);
   // After the call's work: copies staged outputs back to the caller's buffers.
   void StageOut(const std::vector<BufferRef>& buffers, const std::vector<size_t>& staged_at, cudaStream_t stream);
   // On the leader: throws MismatchError or CommError unless every peer's message (header first)
