@@ -23,6 +23,7 @@ class DeviceArray(NamedTuple):
     device: int
     library: str  # "torch", "cupy", "cai" or "dlpack"
     keep: object = None  # a DLPack capsule: holds the producer's memory while this lives
+    producer_stream: object = None  # __cuda_array_interface__'s "stream", if it names one
 
 
 # DLDeviceType values (dlpack.h).
@@ -31,8 +32,31 @@ DLPACK_HOST_READABLE = (DLPACK_CPU, DLPACK_CUDA_HOST)  # taken as numpy views by
 _DLPACK_ON_GPU = (DLPACK_CUDA, DLPACK_CUDA_MANAGED)
 
 
+# How arrays of a type are read, found once per type: a device call costs a few microseconds of
+# Python, and hasattr(x, "__cuda_array_interface__") alone builds the whole dict on each call.
+_TORCH, _CUPY, _OTHER = "torch", "cupy", "other"
+_kinds = {}
+
+
+def _kind(x) -> str:
+    """torch tensors; cupy arrays (always on a GPU); or "other", checked object by object, since
+    a class may define __cuda_array_interface__ and raise for arrays in host memory (jax does)."""
+    cls = type(x)
+    kind = _kinds.get(cls)
+    if kind is None:
+        module = cls.__module__ or ""
+        if module.startswith("torch") and hasattr(cls, "data_ptr"):
+            kind = _TORCH
+        elif module.startswith("cupy") and hasattr(cls, "__cuda_array_interface__"):
+            kind = _CUPY
+        else:
+            kind = _OTHER
+        _kinds[cls] = kind
+    return kind
+
+
 def _is_torch(x) -> bool:
-    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
+    return _kind(x) == _TORCH
 
 
 def dlpack_device_type(x):
@@ -45,9 +69,10 @@ def dlpack_device_type(x):
 def is_device_array(x) -> bool:
     """True for arrays that take the device path: torch CUDA tensors, __cuda_array_interface__,
     and DLPack arrays on any device but the host-readable ones (describe() rejects the unknown)."""
-    if _is_torch(x):
+    kind = _kind(x)
+    if kind == _TORCH:
         return bool(x.is_cuda)
-    if hasattr(x, "__cuda_array_interface__"):
+    if kind != _OTHER or hasattr(x, "__cuda_array_interface__"):
         return True
     device_type = dlpack_device_type(x)
     return device_type is not None and device_type not in DLPACK_HOST_READABLE
@@ -57,16 +82,25 @@ def is_torch_cpu(x) -> bool:
     return _is_torch(x) and not x.is_cuda
 
 
+_torch_dtypes = {}  # torch dtype -> numpy dtype, for those seen before
+
+
 def _torch_dtype(t) -> np.dtype:
+    dtype = _torch_dtypes.get(t.dtype)
+    if dtype is not None:
+        return dtype
     name = str(t.dtype).removeprefix("torch.")
     if name == "bfloat16":
         import ml_dtypes
 
-        return np.dtype(ml_dtypes.bfloat16)
-    try:
-        return np.dtype(name)
-    except TypeError:
-        raise TypeError(f"pycomm: dtype {t.dtype} is not supported") from None
+        dtype = np.dtype(ml_dtypes.bfloat16)
+    else:
+        try:
+            dtype = np.dtype(name)
+        except TypeError:
+            raise TypeError(f"pycomm: dtype {t.dtype} is not supported") from None
+    _torch_dtypes[t.dtype] = dtype
+    return dtype
 
 
 def describe(x, what: str = "x", stream=None) -> DeviceArray:
@@ -75,18 +109,25 @@ def describe(x, what: str = "x", stream=None) -> DeviceArray:
     `stream` is the stream the work will be queued on, as stream_handle() takes it (None: the
     library's own); only DLPack-only arrays need it here, to hand it to their __dlpack__.
     """
-    if _is_torch(x):
+    kind = _kind(x)
+    if kind == _TORCH:
         dtype = _torch_dtype(x)
         dtype_code(dtype)
         if not x.is_contiguous():
             raise ValueError(f"pycomm: {what} must be contiguous (use .contiguous())")
-        return DeviceArray(x, x.data_ptr(), tuple(x.shape), dtype, x.device.index, "torch")
-    if not hasattr(x, "__cuda_array_interface__"):
+        return DeviceArray(x, x.data_ptr(), tuple(x.shape), dtype, x.get_device(), "torch")
+    if kind == _CUPY:
+        # Its own attributes, which __cuda_array_interface__ is built from on each read. cupy
+        # keeps ml_dtypes' bfloat16 as its dtype (the interface says raw bytes, "|V2").
+        dtype = np.dtype(x.dtype)
+        dtype_code(dtype)
+        if not x.flags.c_contiguous:
+            raise ValueError(f"pycomm: {what} must be C-contiguous")
+        return DeviceArray(x, x.data.ptr, tuple(x.shape), dtype, x.device.id, "cupy")
+    iface = getattr(x, "__cuda_array_interface__", None)
+    if iface is None:
         return _describe_dlpack(x, what, stream)
-    iface = x.__cuda_array_interface__
-    library = "cupy" if type(x).__module__.startswith("cupy") else "cai"
-    # cupy keeps ml_dtypes' bfloat16 as its dtype but reports it as raw bytes ("|V2") here.
-    dtype = np.dtype(x.dtype) if library == "cupy" else np.dtype(iface["typestr"])
+    dtype = np.dtype(iface["typestr"])
     dtype_code(dtype)
     shape = tuple(iface["shape"])
     strides = iface.get("strides")
@@ -97,7 +138,7 @@ def describe(x, what: str = "x", stream=None) -> DeviceArray:
         raise ValueError(f"pycomm: {what} is read-only")
     # -1: the object does not say; the core asks the driver where ptr lives.
     device = getattr(getattr(x, "device", None), "id", -1)
-    return DeviceArray(x, ptr, shape, dtype, device, library)
+    return DeviceArray(x, ptr, shape, dtype, device, "cai", None, iface.get("stream"))
 
 
 # DLPack's DLManagedTensor starts with its DLTensor; only that part is read.
@@ -238,12 +279,15 @@ def stream_handle(like: DeviceArray, stream) -> int:
     if stream is not None:
         return _stream_value(stream)
     if like.library == "torch":
-        return sys.modules["torch"].cuda.current_stream(like.obj.device).cuda_stream
+        torch = sys.modules["torch"]
+        # The raw handle without building a Stream object (CUDA builds of torch have it).
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        if raw is not None:
+            return raw(like.device)
+        return torch.cuda.current_stream(like.obj.device).cuda_stream
     if like.library == "cupy":
         return sys.modules["cupy"].cuda.get_current_stream().ptr
-    if like.library == "dlpack":
-        return 0
-    value = like.obj.__cuda_array_interface__.get("stream")
+    value = like.producer_stream
     return value if isinstance(value, int) else 0
 
 

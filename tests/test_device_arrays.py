@@ -4,12 +4,14 @@ handles, and DLPack-only arrays in host memory (which take the numpy path)."""
 
 import ctypes
 from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import pycomm
 from pycomm import device_arrays
+from pycomm.dtypes import dtype_code
 
 
 class FakeDeviceArray:
@@ -99,6 +101,83 @@ def test_stream_handles():
     assert device_arrays.stream_handle(d, CupyLikeStream()) == 88
     with pytest.raises(TypeError, match="stream"):
         device_arrays.stream_handle(d, "default")
+
+
+class CupyLikeArray:
+    """cupy.ndarray's attributes as pycomm reads them; reading its interface dict fails the test."""
+
+    def __init__(self, shape, dtype="float32", ptr=0x7F0000001000, device=1, c_contiguous=True):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.data = SimpleNamespace(ptr=ptr)
+        self.flags = SimpleNamespace(c_contiguous=c_contiguous)
+        self.device = SimpleNamespace(id=device)
+
+    @property
+    def __cuda_array_interface__(self):
+        raise AssertionError("cupy arrays are read from their attributes")
+
+
+CupyLikeArray.__module__ = "cupy"
+
+
+def test_cupy_arrays_are_read_from_their_attributes(recorded):
+    x = CupyLikeArray((2, 3), "int32")
+    assert device_arrays.is_device_array(x)
+    d = device_arrays.describe(x)
+    assert (d.ptr, d.shape, d.dtype, d.device, d.library) == (0x7F0000001000, (2, 3), np.dtype(np.int32), 1, "cupy")
+    assert recorded.allreduce(x, op="max", out=x, stream=9) is x
+    args = (0x7F0000001000, 0x7F0000001000, 6, dtype_code(np.dtype(np.int32)), int(pycomm.ReduceOp.MAX), 1, 9)
+    assert recorded._native.calls == [("allreduce_device", args)]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        recorded.allreduce(CupyLikeArray((4,), c_contiguous=False), stream=9)
+    with pytest.raises(TypeError, match="not supported"):
+        recorded.allreduce(CupyLikeArray((4,), "complex64"), stream=9)
+    assert len(recorded._native.calls) == 1
+
+
+def test_torch_tensors_are_described_from_their_attributes():
+    """On CPU tensors (describe does not ask where a tensor lives; is_device_array does)."""
+    torch = pytest.importorskip("torch")
+    import ml_dtypes
+
+    for _ in range(2):  # the second time through the dtype cache
+        t = torch.zeros(4, 2, dtype=torch.bfloat16)
+        d = device_arrays.describe(t)
+        assert (d.ptr, d.shape, d.dtype, d.device, d.library) == (t.data_ptr(), (4, 2), ml_dtypes.bfloat16, -1, "torch")
+        assert device_arrays.describe(torch.zeros(3, dtype=torch.int64)).dtype == np.int64
+        assert not device_arrays.is_device_array(t)
+        with pytest.raises(TypeError, match="not supported"):
+            device_arrays.describe(torch.zeros(3, dtype=torch.complex64))
+        with pytest.raises(ValueError, match="contiguous"):
+            device_arrays.describe(t.t())
+
+
+class MaybeOnGpu:
+    """Like a jax array: its class defines __cuda_array_interface__, which raises for an array in
+    host memory (that one speaks DLPack as a CPU array)."""
+
+    def __init__(self, array, gpu_ptr=None):
+        self.array, self.gpu_ptr = array, gpu_ptr
+
+    @property
+    def __cuda_array_interface__(self):
+        if self.gpu_ptr is None:
+            raise AttributeError("not on a GPU")
+        return {"shape": self.array.shape, "typestr": self.array.dtype.str, "data": (self.gpu_ptr, False), "version": 3}
+
+    def __dlpack_device__(self):
+        return (1, 0)
+
+    def __dlpack__(self, stream=None, **kwargs):
+        return self.array.__dlpack__(stream=stream, **kwargs)
+
+
+def test_a_class_with_the_interface_is_still_asked_array_by_array(comm):
+    host, gpu = MaybeOnGpu(np.arange(3.0)), MaybeOnGpu(np.arange(3.0), gpu_ptr=4096)
+    for _ in range(2):  # the second time with what is known of the class
+        assert not device_arrays.is_device_array(host) and device_arrays.is_device_array(gpu)
+        assert np.array_equal(comm.allreduce(host), np.arange(3.0))
+        assert device_arrays.describe(gpu).ptr == 4096
 
 
 def test_no_output_allocator_for_unknown_libraries(comm):
