@@ -85,11 +85,11 @@ def main() -> None:
     try:
         buf = np.zeros(2, np.float32)
         baseline = per_call_us(lambda: MPI.COMM_SELF.Allreduce(MPI.IN_PLACE, buf), args.calls, args.repeat)
-        print(f"{'call':44s} {'us/call':>8s} {'vs MPI':>7s}")
-        print(f"{'mpi4py COMM_SELF.Allreduce, 8 B (baseline)':44s} {baseline:8.2f} {1.0:7.2f}")
+        print(f"{'call':50s} {'us/call':>8s} {'vs MPI':>7s}")
+        print(f"{'mpi4py COMM_SELF.Allreduce, 8 B (baseline)':50s} {baseline:8.2f} {1.0:7.2f}")
         for name, array in [("cupy-like array", CupyLikeArray(2)), ("interface-only array", CaiArray(2))]:
             cost = per_call_us(lambda a=array: comm.allreduce(a, out=a), args.calls, args.repeat)
-            print(f"{'pycomm allreduce(x, out=x), ' + name:44s} {cost:8.2f} {cost / baseline:7.2f}")
+            print(f"{'pycomm allreduce(x, out=x), ' + name:50s} {cost:8.2f} {cost / baseline:7.2f}")
     finally:
         comm._native = native
         comm.close()
