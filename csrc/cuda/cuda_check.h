@@ -16,19 +16,4 @@ inline void Check(cudaError_t err, const char* what) {
   }
 }
 
-// Makes `device` current for the lifetime of the guard, then restores the caller's device.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    Check(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device) Check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
-
 }  // namespace pycomm::cuda

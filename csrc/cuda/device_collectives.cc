@@ -21,6 +21,7 @@
 #include "cuda/cross_node.h"
 #include "cuda/cuda_check.h"
 #include "cuda/device_group.h"
+#include "cuda/driver.h"
 #include "cuda/reduce_kernels.h"
 #include "cuda/scratch.h"
 #include "transport/loopback.h"

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cuda/cuda_check.h"
+#include "cuda/driver.h"
 #include "cuda/event_request.h"
 #include "transport/wait.h"
 
@@ -197,13 +198,17 @@ DeviceGroup::~DeviceGroup() {
   ReleaseEvents();
 }
 
-void DeviceGroup::ReleaseEvents() {
+void DeviceGroup::ReleasePeerEvents() {
   for (auto* events : {&peer_ready_, &peer_done_}) {
     for (cudaEvent_t event : *events) {
       if (event) cudaEventDestroy(event);
     }
     events->clear();
   }
+}
+
+void DeviceGroup::ReleaseEvents() {
+  ReleasePeerEvents();
   for (cudaEvent_t* event : {&ready_, &done_, &staging_free_}) {
     if (*event) cudaEventDestroy(*event);
     *event = nullptr;
@@ -343,6 +348,7 @@ void DeviceGroup::CheckCalls(const DeviceCall& call, const std::vector<std::vect
 
 void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
                       const GroupWork& work, const CrossNodeAgreement& agree) {
+  if (quiesced_) throw CommError("pycomm: the device collectives are closed");
   DeviceGuard guard(device_);
   if (work_ == DeviceWork::kSplit) {
     RunSplit(call, buffers, stream, work, agree);
@@ -585,8 +591,11 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
 void DeviceGroup::Quiesce() {
   DeviceGuard guard(device_);
   Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-  // A barrier through the leader: nobody destroys events or unmaps buffers that a peer's queued
-  // work may still use.
+  quiesced_ = true;
+  importer_.CloseAll();
+  ReleasePeerEvents();
+  // A barrier through the leader: nobody destroys events or frees buffers that a peer's queued
+  // work may still use, or that a peer still has open.
   char token = 1, reply = 0;
   if (transport_.rank() != kLeader) {
     Exchange(transport_, kLeader, &token, 1, &reply, 1, timeout_s_);

@@ -147,8 +147,9 @@ class DeviceGroup {
   // Collective, between calls: the leader's protocol from now on (where other nodes' groups
   // could not split their work, say).
   void LeaveWorkToLeader() { work_ = DeviceWork::kLeader; }
-  // Collective: waits until no rank's queued GPU work can still use the group's events or another
-  // rank's buffers, so that teardown is safe.
+  // Collective, the group's last call: waits until no rank's queued GPU work can still use the
+  // group's events or another rank's buffers, and closes what this rank opened of others' before
+  // any rank goes on to free its own (CUDA leaves freeing what a peer still has open undefined).
   void Quiesce();
 
  private:
@@ -180,6 +181,7 @@ class DeviceGroup {
   char ExchangeAll(const std::vector<char>& message, std::vector<char>* table,
                    const std::function<void(const std::vector<std::vector<char>>&)>& check,
                    const std::exception_ptr& failure, std::exception_ptr* error);
+  void ReleasePeerEvents();
   void ReleaseEvents();
   // Orders `stream` after `event`'s last record: on the device or on the host, as sync_ says.
   void After(cudaEvent_t event, cudaStream_t stream, int peer);
@@ -190,6 +192,7 @@ class DeviceGroup {
   double timeout_s_;
   DeviceSync sync_;
   DeviceWork work_;
+  bool quiesced_ = false;
   cudaEvent_t ready_ = nullptr;         // this rank's: its inputs are written
   cudaEvent_t done_ = nullptr;          // this rank's: the work it queued is done
   cudaEvent_t staging_free_ = nullptr;  // this rank's: the last stage-out has read staging_

@@ -1,38 +1,12 @@
 #include "cuda/ipc_memory.h"
 
-#include <cuda.h>
-
 #include <cstring>
 #include <iterator>
 
 #include "cuda/cuda_check.h"
+#include "cuda/driver.h"
 
 namespace pycomm::cuda {
-
-namespace {
-
-// The driver API calls we need, fetched through the runtime so that pycomm never links
-// libcuda.so: `import pycomm` must work on machines with no driver.
-struct Driver {
-  decltype(&cuPointerGetAttributes) get_attributes = nullptr;
-
-  static const Driver& Get() {
-    static Driver driver = [] {
-      Driver d;
-      cudaDriverEntryPointQueryResult found;
-      void* fn = nullptr;
-      if (cudaGetDriverEntryPointByVersion("cuPointerGetAttributes", &fn, 12000, cudaEnableDefault, &found) ==
-              cudaSuccess &&
-          found == cudaDriverEntryPointSuccess) {
-        d.get_attributes = reinterpret_cast<decltype(&cuPointerGetAttributes)>(fn);
-      }
-      return d;
-    }();
-    return driver;
-  }
-};
-
-}  // namespace
 
 bool IpcExporter::Export(const void* ptr, IpcBuffer* out) {
   const Driver& driver = Driver::Get();
@@ -63,8 +37,10 @@ bool IpcExporter::Export(const void* ptr, IpcBuffer* out) {
   return true;
 }
 
-IpcImporter::~IpcImporter() {
+void IpcImporter::CloseAll() {
   for (auto& entry : mapped_) cudaIpcCloseMemHandle(entry.second.base);
+  mapped_.clear();
+  order_.clear();
 }
 
 void* IpcImporter::Open(const IpcBuffer& buffer) {

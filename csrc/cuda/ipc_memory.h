@@ -39,9 +39,11 @@ class IpcExporter {
 // fewer buffers than that, so it never closes one it has just opened or looked up.
 class IpcImporter {
  public:
-  ~IpcImporter();
+  ~IpcImporter() { CloseAll(); }
   // The address of the peer's buffer in this process.
   void* Open(const IpcBuffer& buffer);
+  // Unmaps every buffer (no queued work may read them any more).
+  void CloseAll();
 
  private:
   static constexpr size_t kMaxMappings = 512;

@@ -190,6 +190,9 @@ cudaError_t LaunchReduce(const void* const* inputs, int num_inputs, void* const*
     return cudaErrorInvalidValue;
   }
   if (n == 0) return cudaSuccess;
+  // A launch's errors are read back with cudaGetLastError: drop one that an earlier, ignored
+  // failure left (a cudaFree or an unmapping that failed), or this launch would be blamed for it.
+  cudaGetLastError();
   Inputs in{};
   for (int k = 0; k < num_inputs; ++k) in.ptr[k] = inputs[k];
   Outputs out{};

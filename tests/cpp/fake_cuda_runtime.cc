@@ -1,4 +1,4 @@
-// A stand-in for the CUDA runtime (and the one driver call pycomm makes) so that the device
+// A stand-in for the CUDA runtime (and the driver calls pycomm makes) so that the device
 // collectives' host-side logic runs on machines with no GPU: the leader protocol, the hand-off,
 // the layouts across nodes, the host staging between node leaders. Ranks are threads of one
 // process, so "device memory" is ordinary memory and an IPC handle carries a pointer.
@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -174,6 +175,10 @@ struct FakeEvent {
 };
 std::vector<std::unique_ptr<FakeEvent>> g_events;
 int g_live_events = 0;
+// Device allocations opened through IPC and not yet closed (by base address, under g_mutex), and
+// how many were freed while some importer still had them open (CUDA: undefined behaviour).
+std::map<void*, int> g_ipc_opens;
+int g_freed_while_open = 0;
 
 cudaEvent_t NewEvent(std::shared_ptr<EventState> state) {
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -191,6 +196,26 @@ std::pair<Stream*, uint64_t> LastRecord(cudaEvent_t event) {
 
 thread_local int g_fail = 0;          // fake_cuda::What
 thread_local int g_physical_gpu = 0;  // which GPU this "process's" device 0 is (CUDA_VISIBLE_DEVICES)
+// The device whose primary context is current on this thread (-1: none, as on a new thread), and
+// a bit for each device whose primary context this "process" has made.
+thread_local int g_current_device = -1;
+thread_local unsigned g_contexts_made = 0;
+
+void MakeCurrent(int device) {
+  g_current_device = device;
+  g_contexts_made |= 1u << device;
+}
+
+// A context is the device's number + 1, so that none is null.
+CUresult FakeCtxGetCurrent(CUcontext* context) {
+  *context = g_current_device < 0 ? nullptr : reinterpret_cast<CUcontext>(static_cast<uintptr_t>(g_current_device) + 1);
+  return CUDA_SUCCESS;
+}
+
+CUresult FakeCtxSetCurrent(CUcontext context) {
+  g_current_device = context ? static_cast<int>(reinterpret_cast<uintptr_t>(context)) - 1 : -1;
+  return CUDA_SUCCESS;
+}
 
 }  // namespace
 
@@ -204,7 +229,21 @@ void Fail(What what) { g_fail = what; }
 void UseGpu(int gpu) { g_physical_gpu = gpu; }
 // A rank's thread ends: its streams run to the end, so that nothing it queued runs after its
 // memory is gone.
-void ThreadExit() { SynchronizeThisThread(); }
+void ThreadExit() {
+  SynchronizeThisThread();
+  g_current_device = -1;
+  g_contexts_made = 0;
+}
+// The device whose context is current on this thread (-1: none); none from now on.
+int CurrentDevice() { return g_current_device; }
+void DropContext() { g_current_device = -1; }
+// Whether this thread ("process") has made `device`'s primary context.
+bool MadeContext(int device) { return g_contexts_made & (1u << device); }
+// Device allocations freed while another thread ("process") still had them open through IPC.
+int FreedWhileOpen() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return g_freed_while_open;
+}
 // Events created or opened and not yet destroyed, in all threads.
 int LiveEvents() {
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -229,6 +268,7 @@ cudaError_t cudaFree(void* ptr) {
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     g_device.erase(static_cast<char*>(ptr));
+    if (g_ipc_opens.count(ptr)) ++g_freed_while_open;
   }
   std::free(ptr);
   return cudaSuccess;
@@ -316,9 +356,17 @@ cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t* handle, void* ptr) {
 }
 cudaError_t cudaIpcOpenMemHandle(void** ptr, cudaIpcMemHandle_t handle, unsigned int) {
   std::memcpy(ptr, &handle, sizeof *ptr);
+  std::lock_guard<std::mutex> lock(g_mutex);
+  ++g_ipc_opens[*ptr];
   return cudaSuccess;
 }
-cudaError_t cudaIpcCloseMemHandle(void*) { return cudaSuccess; }
+cudaError_t cudaIpcCloseMemHandle(void* ptr) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_ipc_opens.find(ptr);
+  if (it == g_ipc_opens.end()) return cudaErrorInvalidValue;
+  if (--it->second == 0) g_ipc_opens.erase(it);
+  return cudaSuccess;
+}
 
 cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attributes, const void* ptr) {
   char* base = nullptr;
@@ -334,18 +382,25 @@ cudaError_t cudaDeviceGetPCIBusId(char* id, int len, int device) {
   return cudaSuccess;
 }
 
+// As the runtime: 0 where no context is current; setting a device makes its primary context.
 cudaError_t cudaGetDevice(int* device) {
-  *device = 0;
+  *device = g_current_device < 0 ? 0 : g_current_device;
   return cudaSuccess;
 }
-cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+cudaError_t cudaSetDevice(int device) {
+  MakeCurrent(device);
+  return cudaSuccess;
+}
 cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 const char* cudaGetErrorString(cudaError_t) { return "fake CUDA runtime error"; }
 
 cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned int, unsigned long long,
                                              cudaDriverEntryPointQueryResult* status) {
-  const bool known = std::strcmp(symbol, "cuPointerGetAttributes") == 0;
-  *fn = known ? reinterpret_cast<void*>(&FakePointerGetAttributes) : nullptr;
+  *fn = std::strcmp(symbol, "cuPointerGetAttributes") == 0 ? reinterpret_cast<void*>(&FakePointerGetAttributes)
+        : std::strcmp(symbol, "cuCtxGetCurrent") == 0      ? reinterpret_cast<void*>(&FakeCtxGetCurrent)
+        : std::strcmp(symbol, "cuCtxSetCurrent") == 0      ? reinterpret_cast<void*>(&FakeCtxSetCurrent)
+                                                           : nullptr;
+  const bool known = *fn != nullptr;
   if (status) *status = known ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
   return cudaSuccess;
 }

@@ -14,11 +14,13 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <typeinfo>
@@ -38,7 +40,11 @@ enum What { kNothing, kEvents, kMalloc, kLaunch, kMallocHost };
 void Fail(What what);
 void UseGpu(int gpu);
 int LiveEvents();
+int FreedWhileOpen();
 void ThreadExit();
+int CurrentDevice();
+void DropContext();
+bool MadeContext(int device);
 }  // namespace fake_cuda
 
 namespace {
@@ -53,6 +59,8 @@ using pycomm_test::Expect;
 bool g_cuda_aware = false;
 // Whether every rank has a GPU of its own (else all share GPU 0), set between runs.
 bool g_own_gpus = false;
+// The device number the ranks' arrays are on, set between runs.
+int g_device = 0;
 
 // Passes point-to-point traffic to another transport: the base of the stand-ins below.
 class Forwarding : public Transport {
@@ -189,7 +197,7 @@ void RunPlaced(const std::vector<int>& node_of, const std::function<void(int ran
       if (before) before(r);
       try {
         auto collectives =
-            pycomm::CreateDeviceCollectives(placed, &arena_seq, hierarchy.get(), 0, 4096, errors ? 5 : 30);
+            pycomm::CreateDeviceCollectives(placed, &arena_seq, hierarchy.get(), g_device, 4096, errors ? 5 : 30);
         body(r, *collectives);
         if (!errors) collectives->Quiesce();
       } catch (const std::exception& e) {
@@ -309,9 +317,13 @@ void TestOthers(const std::vector<int>& node_of, size_t block) {
 
 // Memory that CUDA IPC cannot export (stream-ordered pools; here: memory the fake runtime did not
 // allocate) goes through the group's exportable staging buffer.
+// Memory that cannot be exported (host memory here, stream-ordered pools on a GPU) goes through
+// each rank's staging buffer, which its peers open; at teardown nobody frees its staging while a
+// peer still has it open.
 void TestUnexportableMemory(const std::vector<int>& node_of) {
   const int P = static_cast<int>(node_of.size());
   const size_t n = 5000;
+  const int freed_while_open = fake_cuda::FreedWhileOpen();
   RunPlaced(node_of, [&](int r, pycomm::DeviceCollectives& c) {
     std::vector<int64_t> a(n), out(n, -1);
     for (size_t i = 0; i < n; ++i) a[i] = Value(r, i);
@@ -326,6 +338,7 @@ void TestUnexportableMemory(const std::vector<int>& node_of) {
     }
     Expect(ok, "unexportable memory " + Layout(node_of));
   });
+  Expect(fake_cuda::FreedWhileOpen() == freed_while_open, "staging freed while a peer had it open " + Layout(node_of));
 }
 
 // Rank 0 reduces 10 elements where every other rank reduces 20 (the same hand-off, another call),
@@ -424,6 +437,38 @@ void TestAutoSync(const std::vector<int>& node_of, int gpus) {
 // Split work: many calls in a row, alternating between two streams, each call's input written
 // on its stream just before: a rank that records its events again before every rank has queued
 // its waits for the last records would deadlock the fake's streams or read the wrong call.
+// Arrays on device 1, called from threads with no context current (even ranks) or with device
+// 2's (odd ranks): each thread ends every call with the context it had, and none makes device 0's
+// (restoring "device 0" where there was none would, in every rank).
+void TestCallersContextKept(const std::vector<int>& node_of) {
+  g_device = 1;
+  const size_t n = 1000;
+  RunPlaced(
+      node_of,
+      [&](int r, pycomm::DeviceCollectives& c) {
+        const int had = fake_cuda::CurrentDevice();
+        int64_t* a = DeviceArray(std::vector<int64_t>(n, r + 1));
+        c.Allreduce(a, a, n, DataType::kInt64, ReduceOp::kSum, nullptr);
+        Sync();
+        const auto P = static_cast<int64_t>(node_of.size());
+        Expect(Same(a, std::vector<int64_t>(n, P * (P + 1) / 2).data(), n * 8), "sum " + Layout(node_of));
+        Expect(fake_cuda::CurrentDevice() == had && had == (r % 2 ? 2 : -1),
+               "rank " + std::to_string(r) + " left with device " + std::to_string(fake_cuda::CurrentDevice()) +
+                   "'s context, had " + std::to_string(had) + " " + Layout(node_of));
+        Expect(!fake_cuda::MadeContext(0), "rank " + std::to_string(r) + " made device 0's context " + Layout(node_of));
+        cudaFree(a);
+      },
+      nullptr,
+      [](int r) {
+        if (r % 2) {
+          cudaSetDevice(2);
+        } else {
+          fake_cuda::DropContext();
+        }
+      });
+  g_device = 0;
+}
+
 void TestManyCalls(const std::vector<int>& node_of, size_t n) {
   const int P = static_cast<int>(node_of.size());
   constexpr int kCalls = 24;
@@ -456,11 +501,33 @@ void TestManyCalls(const std::vector<int>& node_of, size_t n) {
   });
 }
 
+// Threads meet: none leaves before all have arrived.
+class Meeting {
+ public:
+  explicit Meeting(int threads) : threads_(threads) {}
+  void Arrive() {
+    std::unique_lock<std::mutex> lock(m_);
+    const int round = round_;
+    if (++arrived_ == threads_) {
+      arrived_ = 0;
+      ++round_;
+      cv_.notify_all();
+    }
+    cv_.wait(lock, [&] { return round_ != round; });
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  int threads_, arrived_ = 0, round_ = 0;
+};
+
 // Split work: a rank whose kernel launch fails (after every rank has its peers' buffers, before
-// the second hand-off) fails the call on every rank at once; after a Quiesce (the other ranks'
-// parts may still write into every output) the next call works.
+// the second hand-off) fails the call on every rank at once; once every rank's GPU work has run
+// (the other ranks' parts may still write into every output) the next call works.
 void TestSplitLaunchFailure(const std::vector<int>& node_of, int failing) {
   const int P = static_cast<int>(node_of.size());
+  Meeting meeting(P);
   const size_t n = 10007;  // a slice on each of the first 3 ranks
   std::vector<std::string> errors(P);
   std::vector<int> failed(P, 0), right(P, 0);
@@ -477,7 +544,8 @@ void TestSplitLaunchFailure(const std::vector<int>& node_of, int failing) {
         }
         fake_cuda::Fail(fake_cuda::kNothing);
         // The other ranks' parts of the failed call may still write into `a`.
-        c.Quiesce();
+        cudaDeviceSynchronize();
+        meeting.Arrive();
         const std::vector<int64_t> again(n, r + 1);
         cudaMemcpyAsync(a, again.data(), n * 8, cudaMemcpyHostToDevice, nullptr);
         Sync();
@@ -631,6 +699,8 @@ int main() {
   TestManyCalls({0, 0, 0}, 10007);
   g_own_gpus = false;
   unsetenv("PYCOMM_GPU_WORK");
+  TestCallersContextKept({0, 0, 0});
+  TestCallersContextKept({0, 0, 1, 1});
   // Settings asked differently on the ranks of one node (all on one GPU).
   using S = pycomm::cuda::DeviceSync;
   using W = pycomm::cuda::DeviceWork;
