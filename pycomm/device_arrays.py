@@ -45,8 +45,9 @@ def _kind(x) -> str:
     kind = _kinds.get(cls)
     if kind is None:
         module = cls.__module__ or ""
-        if module.startswith("torch") and hasattr(cls, "data_ptr"):
-            kind = _TORCH
+        torch = sys.modules.get("torch")
+        if (module.startswith("torch") and hasattr(cls, "data_ptr")) or (torch and issubclass(cls, torch.Tensor)):
+            kind = _TORCH  # torch's own tensors and subclasses defined elsewhere
         elif module.startswith("cupy") and hasattr(cls, "__cuda_array_interface__"):
             kind = _CUPY
         else:

@@ -150,6 +150,9 @@ def test_torch_tensors_are_described_from_their_attributes():
             device_arrays.describe(torch.zeros(3, dtype=torch.complex64))
         with pytest.raises(ValueError, match="contiguous"):
             device_arrays.describe(t.t())
+    # A subclass defined outside torch is still read as a torch tensor (its current stream too).
+    Sub = type("Sub", (torch.Tensor,), {"__module__": "mylib"})
+    assert device_arrays.describe(torch.zeros(3).as_subclass(Sub)).library == "torch"
 
 
 class MaybeOnGpu:
