@@ -165,8 +165,15 @@ void AgreeAcrossNodes(const Hierarchy& hierarchy, double timeout_s, uint64_t seq
   }
   // Every group spans every node; a rank in several (on a node with fewer ranks) takes part in
   // each, in ascending order like every other member, so no group waits for it in vain.
-  for (const auto& group : hierarchy.across) {
-    if (group) seen = Disseminate(*group, timeout_s, seen);
+  try {
+    for (const auto& group : hierarchy.across) {
+      if (group) seen = Disseminate(*group, timeout_s, seen);
+    }
+  } catch (const PeerError& e) {
+    // Device calls agree across nodes another way, so a node in one meets this as silence.
+    throw PeerError(std::string(e.what()) + ", agreeing on the call with the other nodes (" + Describe(mine) +
+                        " here): a node may be gone, or in another call (a device call, say)",
+                    e.peer());
   }
   ThrowUnlessAgreed(seen);
 }

@@ -69,15 +69,22 @@ void CrossNode::Agree(uint64_t signature, Trouble trouble, const std::function<s
   votes[0] = trouble;
   votes[1] = static_cast<int64_t>(signature);
   votes[2] = static_cast<int64_t>(~signature);
-  if (auto request = leaders_.IallreduceInPlace(votes.get(), 3, DataType::kInt64, ReduceOp::kMax)) {
-    try {
-      Wait(*request, timeout_s_);
-    } catch (...) {
-      votes.release();
-      throw;
+  try {
+    if (auto request = leaders_.IallreduceInPlace(votes.get(), 3, DataType::kInt64, ReduceOp::kMax)) {
+      try {
+        Wait(*request, timeout_s_);
+      } catch (...) {
+        votes.release();
+        throw;
+      }
+    } else {
+      AllreduceRing(Context(), votes.get(), votes.get(), 3, DataType::kInt64, ReduceOp::kMax);
     }
-  } else {
-    AllreduceRing(Context(), votes.get(), votes.get(), 3, DataType::kInt64, ReduceOp::kMax);
+  } catch (const PeerError& e) {
+    // Host calls agree across nodes another way, so a node in one meets this as silence.
+    throw PeerError(std::string(e.what()) + ", agreeing on a device call with the other nodes (" + describe() +
+                        " here): a node may be gone, or in another call (a host call, say)",
+                    e.peer());
   }
   if (trouble != kNone) return;
   if (votes[0] == kMismatch) throw MismatchError("pycomm: ranks of another node made different device calls");

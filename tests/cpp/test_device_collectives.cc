@@ -61,6 +61,8 @@ bool g_cuda_aware = false;
 bool g_own_gpus = false;
 // The device number the ranks' arrays are on, set between runs.
 int g_device = 0;
+// The time-out where RunPlaced keeps each rank's error (tests of failures expect none to wait it out).
+double g_errors_timeout = 5;
 
 // Passes point-to-point traffic to another transport: the base of the stand-ins below.
 class Forwarding : public Transport {
@@ -196,8 +198,8 @@ void RunPlaced(const std::vector<int>& node_of, const std::function<void(int ran
       }
       if (before) before(r);
       try {
-        auto collectives =
-            pycomm::CreateDeviceCollectives(placed, &arena_seq, hierarchy.get(), g_device, 4096, errors ? 5 : 30);
+        auto collectives = pycomm::CreateDeviceCollectives(placed, &arena_seq, hierarchy.get(), g_device, 4096,
+                                                           errors ? g_errors_timeout : 30);
         body(r, *collectives);
         if (!errors) collectives->Quiesce();
       } catch (const std::exception& e) {
@@ -401,6 +403,39 @@ void TestFailuresReachEveryRank(const std::vector<int>& node_of, fake_cuda::What
            "failure reaches rank " + std::to_string(r) + " " + where + ": " + errors[r]);
   }
   Expect(seconds < 4, "failures " + where + " took " + std::to_string(seconds) + " s");
+}
+
+// Node 1 never makes the call (in a host call, say, which agrees across nodes another way): node
+// 0's ranks time out agreeing with it, and the error says what they were doing and what may be
+// wrong.
+void TestOtherNodeSilent(const std::vector<int>& node_of) {
+  const int P = static_cast<int>(node_of.size());
+  std::vector<std::string> errors(P);
+  g_errors_timeout = 0.5;
+  RunPlaced(
+      node_of,
+      [&](int r, pycomm::DeviceCollectives& c) {
+        if (node_of[r] == 1) return;
+        int64_t* a = DeviceArray(std::vector<int64_t>(1000, r + 1));
+        try {
+          c.Allreduce(a, a, 1000, DataType::kInt64, ReduceOp::kSum, nullptr);
+        } catch (...) {
+          cudaFree(a);
+          throw;
+        }
+      },
+      &errors);
+  g_errors_timeout = 5;
+  for (int r = 0; r < P; ++r) {
+    if (node_of[r] == 1) continue;
+    // The leader waits in the agreement; its peers hear of its failure.
+    const bool leader = r == 0;
+    Expect(leader ? errors[r].find("PeerError") != std::string::npos &&
+                        errors[r].find("agreeing on a device call with the other nodes (allreduce int64 x 1000 "
+                                       "sum here): a node may be gone, or in another call") != std::string::npos
+                  : !errors[r].empty(),
+           "silent node, rank " + std::to_string(r) + " " + Layout(node_of) + ": " + errors[r]);
+  }
 }
 
 // PYCOMM_GPU_SYNC=auto: ranks on GPUs of their own order their work on the streams (NCCL's
@@ -699,6 +734,8 @@ int main() {
   TestManyCalls({0, 0, 0}, 10007);
   g_own_gpus = false;
   unsetenv("PYCOMM_GPU_WORK");
+  TestOtherNodeSilent({0, 1});
+  TestOtherNodeSilent({0, 0, 1});
   TestCallersContextKept({0, 0, 0});
   TestCallersContextKept({0, 0, 1, 1});
   // Settings asked differently on the ranks of one node (all on one GPU).
