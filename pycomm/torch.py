@@ -6,7 +6,8 @@
     optimizer = pt.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
     loss.backward(); optimizer.step()                    # gradients averaged over the ranks
 
-CPU tensors go through the engine as zero-copy views (CUDA tensors through the device path).
+CPU tensors go through the engine as zero-copy views, CUDA tensors through the device path (a
+CUDA parameter's bucket lives on its GPU).
 DistributedOptimizer copies each gradient into a fused bucket as soon as autograd has
 accumulated it; a bucket's averaging allreduce starts once all its gradients are in, so
 communication overlaps the rest of backward. Buckets live in the communicator's shared segment
@@ -67,15 +68,17 @@ def broadcast_parameters(params, root_rank: int = 0, comm=None) -> None:
 
 
 class _Bucket:
-    def __init__(self, comm, params: list, dtype: torch.dtype):
+    def __init__(self, comm, params: list, dtype: torch.dtype, device: torch.device):
         self.params = params
         count = sum(p.numel() for p in params)
-        sample = torch.empty(0, dtype=dtype).numpy() if dtype != torch.bfloat16 else None
+        on_host = device.type == "cpu"
+        sample = torch.empty(0, dtype=dtype).numpy() if on_host and dtype != torch.bfloat16 else None
         if sample is not None and comm.size > 1:
             # In the node's shared segment, allreduce(out=buffer) copies nothing in or out.
             self.buffer = torch.from_numpy(comm.empty(count, sample.dtype))
         else:
-            self.buffer = torch.empty(count, dtype=dtype)
+            # On the parameters' GPU their gradients never leave it: the device path reduces there.
+            self.buffer = torch.empty(count, dtype=dtype, device=device)
         self.views, offset = {}, 0
         for p in params:
             self.views[p] = self.buffer[offset : offset + p.numel()].view_as(p)
@@ -141,10 +144,14 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
 
 def _assign_buckets(comm, params: list, bucket_bytes: int) -> list:
-    """Parameters in reverse order (the order backward produces them), one dtype per bucket."""
+    """Parameters in reverse order (the order backward produces them), one dtype and device per
+    bucket."""
     nbytes = [p.numel() * p.element_size() for p in params]
-    plan = plan_buckets(nbytes, bucket_bytes, [p.dtype for p in params])
-    return [_Bucket(comm, [params[i] for i in members], params[members[0]].dtype) for members in plan]
+    plan = plan_buckets(nbytes, bucket_bytes, [(p.dtype, p.device) for p in params])
+    return [
+        _Bucket(comm, [params[i] for i in members], params[members[0]].dtype, params[members[0]].device)
+        for members in plan
+    ]
 
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer, comm=None, bucket_mb: float = 25.0, op="avg"):

@@ -472,3 +472,18 @@ def test_device_reduce_scatter_out_only_as_own_block_of_x(rank, offset, refused)
             check()
     else:
         assert check().ptr == base + offset
+
+
+def test_torch_optimizer_keeps_each_bucket_on_its_parameters_device(comm):
+    """DistributedOptimizer's buckets live where their parameters do (so CUDA gradients take the
+    device path and never visit the host), one device per bucket; "meta" stands in for a GPU."""
+    torch = pytest.importorskip("torch")
+    import pycomm.torch as pt
+
+    params = [torch.nn.Parameter(torch.zeros(3, device=d)) for d in ("meta", "cpu", "meta", "cpu")]
+    opt = pt.DistributedOptimizer(torch.optim.SGD(params, lr=0.1), comm=comm)
+    devices = sorted(str(b.buffer.device) for b in opt._buckets)
+    assert devices == ["cpu", "meta"]
+    for bucket in opt._buckets:
+        assert all(p.device == bucket.buffer.device for p in bucket.params)
+        assert all(view.device == p.device and view.shape == p.shape for p, view in bucket.views.items())

@@ -209,6 +209,26 @@ def check_unsupported_dtype(comm, lib, failures):
         failures.check(True, "")
 
 
+def check_torch_optimizer(comm, failures):
+    """pycomm.torch's DistributedOptimizer on CUDA parameters: buckets on the GPU, gradients
+    averaged there, and a parameter without a gradient this step gets zeros on its GPU."""
+    import torch
+
+    import pycomm.torch as pt
+
+    w = torch.nn.Parameter(torch.ones(4, device="cuda"))
+    unused = torch.nn.Parameter(torch.ones(3, device="cuda"))
+    opt = pt.DistributedOptimizer(torch.optim.SGD([w, unused], lr=1.0), comm=comm)
+    failures.check(all(b.buffer.is_cuda for b in opt._buckets), "optimizer buckets on the GPU")
+    (w * (RANK + 1)).sum().backward()
+    opt.step()
+    torch.cuda.synchronize()
+    failures.check(bool(torch.all(w.grad == (P + 1) / 2)), f"averaged CUDA gradient: {w.grad.tolist()}")
+    failures.check(unused.grad is not None and unused.grad.is_cuda, "zero gradient on the GPU")
+    failures.check(unused.grad is not None and not bool(unused.grad.any()), "zero gradient")
+    failures.check(bool(torch.all(w == 1 - (P + 1) / 2)), f"SGD step: {w.tolist()}")
+
+
 def main():
     lib = Torch() if LIBRARY == "torch" else Cupy()
     failures = Failures()
@@ -219,6 +239,8 @@ def main():
         check_pool_memory(comm, lib, failures)
         check_interface_only(comm, lib, failures)
         check_unsupported_dtype(comm, lib, failures)
+        if LIBRARY == "torch":
+            check_torch_optimizer(comm, failures)
         # Closing right after queuing work: close() waits for every rank's GPU work before it
         # tears down events and IPC mappings that the queued work still uses.
         last = comm.allreduce(lib.to_device(np.full(1 << 22, RANK + 1.0, np.float32)))
