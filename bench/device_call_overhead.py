@@ -67,7 +67,8 @@ def main() -> None:
 
     # The current stream, as cupy would give it; only looked up, never used.
     stream = types.SimpleNamespace(ptr=0)
-    sys.modules.setdefault("cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(get_current_stream=lambda: stream)))
+    cuda = types.SimpleNamespace(get_current_stream=lambda device_id=-1: stream)
+    sys.modules.setdefault("cupy", types.SimpleNamespace(cuda=cuda))
 
     comm = pycomm.Communicator(MPI.COMM_SELF)
     native = comm._native

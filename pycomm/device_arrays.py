@@ -287,7 +287,8 @@ def stream_handle(like: DeviceArray, stream) -> int:
             return raw(like.device)
         return torch.cuda.current_stream(like.obj.device).cuda_stream
     if like.library == "cupy":
-        return sys.modules["cupy"].cuda.get_current_stream().ptr
+        # cupy keeps a current stream per device (since v10): the array's, not the current device's.
+        return sys.modules["cupy"].cuda.get_current_stream(like.device).ptr
     value = like.producer_stream
     return value if isinstance(value, int) else 0
 

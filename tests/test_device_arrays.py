@@ -3,6 +3,7 @@ argument checks that must fail on the calling rank before any CUDA call or messa
 handles, and DLPack-only arrays in host memory (which take the numpy path)."""
 
 import ctypes
+import sys
 from functools import partial
 from types import SimpleNamespace
 
@@ -120,7 +121,7 @@ class CupyLikeArray:
 CupyLikeArray.__module__ = "cupy"
 
 
-def test_cupy_arrays_are_read_from_their_attributes(recorded):
+def test_cupy_arrays_are_read_from_their_attributes(recorded, monkeypatch):
     x = CupyLikeArray((2, 3), "int32")
     assert device_arrays.is_device_array(x)
     d = device_arrays.describe(x)
@@ -128,6 +129,10 @@ def test_cupy_arrays_are_read_from_their_attributes(recorded):
     assert recorded.allreduce(x, op="max", out=x, stream=9) is x
     args = (0x7F0000001000, 0x7F0000001000, 6, dtype_code(np.dtype(np.int32)), int(pycomm.ReduceOp.MAX), 1, 9)
     assert recorded._native.calls == [("allreduce_device", args)]
+    # Without stream=: the current stream of the array's device (cupy keeps one per device).
+    streams = SimpleNamespace(get_current_stream=lambda device_id=-1: SimpleNamespace(ptr=100 + device_id))
+    monkeypatch.setitem(sys.modules, "cupy", SimpleNamespace(cuda=streams))
+    assert device_arrays.stream_handle(d, None) == 101
     with pytest.raises(ValueError, match="C-contiguous"):
         recorded.allreduce(CupyLikeArray((4,), c_contiguous=False), stream=9)
     with pytest.raises(TypeError, match="not supported"):
