@@ -112,6 +112,8 @@ def describe(x, what: str = "x", stream=None) -> DeviceArray:
     """
     kind = _kind(x)
     if kind == _TORCH:
+        if x.requires_grad:  # as for CPU tensors: writing it would bypass autograd
+            raise ValueError(f"pycomm: {what} requires grad; pass {what}.detach() (or a .grad)")
         dtype = _torch_dtype(x)
         dtype_code(dtype)
         if not x.is_contiguous():
@@ -294,10 +296,20 @@ def stream_handle(like: DeviceArray, stream) -> int:
 
 
 def _stream_value(stream) -> int:
-    if isinstance(stream, int):
-        return stream
-    for attribute in ("cuda_stream", "ptr", "handle"):  # torch, cupy, cuda-python
-        value = getattr(stream, attribute, None)
-        if isinstance(value, int):
-            return value
-    raise TypeError(f"pycomm: cannot read a CUDA stream from {type(stream).__name__}")
+    value = None
+    if isinstance(stream, int) and not isinstance(stream, bool):
+        value = stream
+    elif hasattr(stream, "__cuda_stream__"):  # the CUDA stream protocol: (version, address)
+        value = stream.__cuda_stream__()[1]
+    else:
+        for attribute in ("cuda_stream", "ptr", "handle"):  # torch, cupy, cuda-python / numba
+            value = getattr(stream, attribute, None)
+            if isinstance(value, ctypes.c_void_p):  # numba's handle
+                value = value.value or 0
+            if isinstance(value, int):
+                break
+    if not isinstance(value, int):
+        raise TypeError(f"pycomm: cannot read a CUDA stream from {type(stream).__name__}")
+    if not 0 <= value < 1 << 64:
+        raise ValueError(f"pycomm: {value} is not a CUDA stream handle")
+    return value

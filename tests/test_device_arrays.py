@@ -102,6 +102,14 @@ def test_stream_handles():
     assert device_arrays.stream_handle(d, CupyLikeStream()) == 88
     with pytest.raises(TypeError, match="stream"):
         device_arrays.stream_handle(d, "default")
+    # The CUDA stream protocol, and numba's ctypes handle.
+    assert device_arrays.stream_handle(d, SimpleNamespace(__cuda_stream__=lambda: (0, 66))) == 66
+    assert device_arrays.stream_handle(d, SimpleNamespace(handle=ctypes.c_void_p(55))) == 55
+    for bad in (-1, 1 << 64):
+        with pytest.raises(ValueError, match="not a CUDA stream handle"):
+            device_arrays.stream_handle(d, bad)
+    with pytest.raises(TypeError, match="stream"):
+        device_arrays.stream_handle(d, True)
 
 
 class CupyLikeArray:
@@ -155,6 +163,8 @@ def test_torch_tensors_are_described_from_their_attributes():
             device_arrays.describe(torch.zeros(3, dtype=torch.complex64))
         with pytest.raises(ValueError, match="contiguous"):
             device_arrays.describe(t.t())
+        with pytest.raises(ValueError, match="requires grad"):
+            device_arrays.describe(torch.zeros(3, requires_grad=True))
     # A subclass defined outside torch is still read as a torch tensor (its current stream too).
     Sub = type("Sub", (torch.Tensor,), {"__module__": "mylib"})
     assert device_arrays.describe(torch.zeros(3).as_subclass(Sub)).library == "torch"
