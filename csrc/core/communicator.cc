@@ -252,8 +252,9 @@ class CommunicatorImpl : public Communicator {
   // A bad argument, checked before anything is sent: the communicator stays usable. A negative
   // `device` (the array did not say) is asked of the driver for `ptr`.
   void CheckDevice(int& device, const void* ptr) const {
-    if (device < 0) device = DeviceOfPointer(ptr);
-    int bound = device_id_.load();
+    const int bound = device_id_.load();
+    // An empty array with no pointer could be anywhere: it goes where this communicator's do.
+    if (device < 0) device = !ptr && bound >= 0 ? bound : DeviceOfPointer(ptr);
     if (bound >= 0 && bound != device) {
       throw std::invalid_argument("pycomm: this communicator's device arrays live on GPU " + std::to_string(bound) +
                                   ", not GPU " + std::to_string(device));

@@ -33,8 +33,9 @@ class DeviceCollectives {
 
 bool BuiltWithCuda();
 
-// The GPU that `ptr` (device memory) is on, asked of the driver: for arrays that do not say.
-// std::invalid_argument where `ptr` is not GPU memory; CommError without CUDA.
+// The GPU that `ptr` (device memory) is on, asked of the driver: for arrays that do not say
+// (null, an empty array's: the current device). std::invalid_argument where `ptr` is not GPU
+// memory; CommError without CUDA.
 int DeviceOfPointer(const void* ptr);
 
 struct Hierarchy;

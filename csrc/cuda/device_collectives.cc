@@ -31,6 +31,11 @@ namespace pycomm {
 bool BuiltWithCuda() { return true; }
 
 int DeviceOfPointer(const void* ptr) {
+  if (!ptr) {  // an empty array's (__cuda_array_interface__ gives 0): it lives nowhere, so here
+    int device = 0;
+    cuda::Check(cudaGetDevice(&device), "cudaGetDevice");
+    return device;
+  }
   cudaPointerAttributes attributes{};
   cuda::Check(cudaPointerGetAttributes(&attributes, ptr), "cudaPointerGetAttributes");
   if (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged) {

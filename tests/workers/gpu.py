@@ -184,6 +184,13 @@ def check_interface_only(comm, lib, failures):
     out = lib.empty_like(x)
     comm.allreduce(InterfaceOnly(x), out=InterfaceOnly(out))
     failures.check(bool(np.all(lib.to_host(out) == P * P * (P + 1) / 2)), "interface-only out=")
+    # Empty, with the data pointer 0 that the interface allows: nothing to ask the driver about.
+    empty = InterfaceOnly(lib.to_device(np.zeros(0, np.float32)))
+    empty.__cuda_array_interface__ = dict(empty.__cuda_array_interface__, data=(0, False))
+    try:
+        comm.allreduce(empty, out=empty)
+    except pycomm.CommError as error:
+        failures.check(False, f"empty interface-only array: {error}")
 
 
 def check_mismatch(lib, failures):
