@@ -241,6 +241,7 @@ class Communicator:
         self._check_root(root)
         if _is_device(x):
             d = device_arrays.describe(x, stream=stream)
+            device_arrays.check_writable(d, "x")
             stream = device_arrays.stream_handle(d, stream)
             self._native.broadcast_device(d.ptr, _count(d.shape), dtype_code(d.dtype), int(root), d.device, stream)
             return x
@@ -366,6 +367,8 @@ class Communicator:
         op = self._check_op(d.dtype, op)
         stream = device_arrays.stream_handle(d, stream)
         # In place (out=x), the common case in training loops: x was just checked as the output too.
+        if out is x:
+            device_arrays.check_writable(d, "x")
         o = d if out is x else self._device_output(d, out, d.shape, stream)
         self._native.allreduce_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), int(op), d.device, stream)
         return o.obj

@@ -24,6 +24,7 @@ class DeviceArray(NamedTuple):
     library: str  # "torch", "cupy", "cai" or "dlpack"
     keep: object = None  # a DLPack capsule: holds the producer's memory while this lives
     producer_stream: object = None  # __cuda_array_interface__'s "stream", if it names one
+    readonly: bool = False  # as the interface says: refused only where pycomm would write
 
 
 # DLDeviceType values (dlpack.h).
@@ -137,11 +138,15 @@ def describe(x, what: str = "x", stream=None) -> DeviceArray:
     if strides is not None and tuple(strides) != _c_strides(shape, dtype.itemsize):
         raise ValueError(f"pycomm: {what} must be C-contiguous")
     ptr, readonly = iface["data"]
-    if readonly:
-        raise ValueError(f"pycomm: {what} is read-only")
     # -1: the object does not say; the core asks the driver where ptr lives.
     device = getattr(getattr(x, "device", None), "id", -1)
-    return DeviceArray(x, ptr, shape, dtype, device, "cai", None, iface.get("stream"))
+    return DeviceArray(x, ptr, shape, dtype, device, "cai", None, iface.get("stream"), bool(readonly))
+
+
+def check_writable(d: DeviceArray, what: str) -> None:
+    """Before anything is sent: pycomm is about to write into `d`."""
+    if d.readonly:
+        raise ValueError(f"pycomm: {what} is read-only")
 
 
 # DLPack's DLManagedTensor starts with its DLTensor; only that part is read.
@@ -253,6 +258,7 @@ def check_output(out, like: DeviceArray, shape: tuple, what: str = "out", stream
     if not is_device_array(out):
         raise TypeError(f"pycomm: {what} must be a device array like x, got {type(out).__name__}")
     d = describe(out, what, stream)
+    check_writable(d, what)
     if d.dtype != like.dtype:
         raise TypeError(f"pycomm: {what} has dtype {d.dtype}, expected {like.dtype}")
     if d.shape != tuple(shape):

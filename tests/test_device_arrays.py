@@ -50,7 +50,6 @@ def test_c_contiguous_strides_are_accepted():
     "array,error,match",
     [
         (FakeDeviceArray((3, 4), strides=(4, 12)), ValueError, "contiguous"),
-        (FakeDeviceArray((3,), readonly=True), ValueError, "read-only"),
         (FakeDeviceArray((3,), "<c8"), TypeError, "not supported"),
         (FakeDeviceArray((3,), "|b1"), TypeError, "not supported"),
     ],
@@ -59,6 +58,21 @@ def test_bad_device_arrays_raise_before_anything_is_sent(comm, array, error, mat
     with pytest.raises(error, match=match):
         comm.allreduce(array)
     assert np.array_equal(comm.allreduce(np.ones(2)), np.ones(2))  # still usable
+
+
+def test_read_only_device_arrays_are_refused_only_where_written(recorded):
+    frozen = FakeDeviceArray((3,), readonly=True)
+    recorded.allreduce(frozen, out=FakeDeviceArray((3,), ptr=4096))  # only read: fine
+    recorded.allgather(frozen, out=FakeDeviceArray((3 * recorded.size,), ptr=4096))
+    assert [name for name, _ in recorded._native.calls] == ["allreduce_device", "allgather_device"]
+    for call in (
+        lambda: recorded.allreduce(frozen, out=frozen),
+        lambda: recorded.broadcast(frozen),
+        lambda: recorded.allreduce(FakeDeviceArray((3,)), out=FakeDeviceArray((3,), readonly=True, ptr=4096)),
+    ):
+        with pytest.raises(ValueError, match="read-only"):
+            call()
+    assert len(recorded._native.calls) == 2
 
 
 @pytest.mark.parametrize(
