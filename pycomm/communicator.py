@@ -341,7 +341,7 @@ class Communicator:
         `out_in_x_at` bytes into x (reduce_scatter: out is this rank's block of x). Elsewhere one
         rank's writes could land where another rank has yet to read."""
         if out is None:
-            return device_arrays.new_array(d, shape)
+            return device_arrays.new_array(d, shape, stream)
         o = device_arrays.check_output(out, d, shape, stream=stream)
         if not _overlap(d, o):
             return o

@@ -6,6 +6,7 @@ caller has passed one of their arrays (and so has imported them already). DLPack
 with ctypes.
 """
 
+import contextlib
 import ctypes
 import sys
 from typing import NamedTuple
@@ -268,14 +269,26 @@ def check_output(out, like: DeviceArray, shape: tuple, what: str = "out", stream
     return d
 
 
-def new_array(like: DeviceArray, shape: tuple) -> DeviceArray:
-    """A new array of x's library, dtype and device (not for "cai" or "dlpack": pass out=)."""
+def new_array(like: DeviceArray, shape: tuple, stream: int) -> DeviceArray:
+    """A new array of x's library, dtype and device (not for "cai" or "dlpack": pass out=),
+    allocated for `stream`, the one the work goes on: torch's and cupy's allocators reuse freed
+    memory in the order of the stream it was allocated for, so an output allocated for another
+    and dropped at once could be handed out again while the work still writes it."""
+    # Stream handles 1 and 2 (legacy and per-thread default) have no stream object to allocate
+    # for: the current stream serves there.
     if like.library == "torch":
         torch = sys.modules["torch"]
-        out = torch.empty(shape, dtype=like.obj.dtype, device=like.obj.device)
+        device = like.obj.device
+        with contextlib.ExitStack() as context:
+            if stream not in (1, 2) and stream != stream_handle(like, None):
+                on = torch.cuda.default_stream(device) if stream == 0 else torch.cuda.ExternalStream(stream, device)
+                context.enter_context(torch.cuda.stream(on))
+            out = torch.empty(shape, dtype=like.obj.dtype, device=device)
     elif like.library == "cupy":
         cupy = sys.modules["cupy"]
-        with cupy.cuda.Device(like.device):
+        with cupy.cuda.Device(like.device), contextlib.ExitStack() as context:
+            if stream not in (1, 2) and stream != stream_handle(like, None):
+                context.enter_context(cupy.cuda.ExternalStream(stream, like.device))
             out = cupy.empty(shape, dtype=like.dtype)
     else:
         raise TypeError(f"pycomm: cannot allocate an output like {type(like.obj).__name__}; pass out=")

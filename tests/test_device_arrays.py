@@ -4,6 +4,7 @@ handles, and DLPack-only arrays in host memory (which take the numpy path)."""
 
 import ctypes
 import sys
+from contextlib import nullcontext
 from functools import partial
 from types import SimpleNamespace
 
@@ -182,6 +183,35 @@ def test_torch_tensors_are_described_from_their_attributes():
     # A subclass defined outside torch is still read as a torch tensor (its current stream too).
     Sub = type("Sub", (torch.Tensor,), {"__module__": "mylib"})
     assert device_arrays.describe(torch.zeros(3).as_subclass(Sub)).library == "torch"
+
+
+def test_outputs_are_allocated_for_the_stream_the_work_goes_on(recorded, monkeypatch):
+    """cupy (and torch) reuse a dropped array's memory in the order of the stream it was
+    allocated for: an output pycomm makes is allocated for the work's stream, not the current."""
+    allocated_for, current = [], [SimpleNamespace(ptr=100)]
+
+    class ExternalStream:
+        def __init__(self, ptr, device_id=-1):
+            self.ptr = ptr
+
+        def __enter__(self):
+            current.append(self)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    def empty(shape, dtype):
+        allocated_for.append(current[-1].ptr)
+        return CupyLikeArray(shape, dtype)
+
+    cuda = SimpleNamespace(ExternalStream=ExternalStream, Device=lambda device: nullcontext())
+    cuda.get_current_stream = lambda device_id=-1: current[-1]
+    monkeypatch.setitem(sys.modules, "cupy", SimpleNamespace(cuda=cuda, empty=empty))
+    x = CupyLikeArray((4,))
+    for stream in (None, 7, 100, 2):  # 2: the per-thread default stream has no object: current
+        recorded.allreduce(x, stream=stream)
+    assert allocated_for == [100, 7, 100, 100]
+    assert [args[-1] for _, args in recorded._native.calls] == [100, 7, 100, 2]
 
 
 class MaybeOnGpu:

@@ -149,6 +149,12 @@ def check_stream_order(comm, lib, failures):
     expected = 2 * (P * (P + 1) / 2) * P * P
     got = lib.to_host(z)
     failures.check(bool(np.all(got == expected)), f"stream order: {got[:3]} != {expected}")
+    # Out of place on that stream while the default one is current: the output is allocated for
+    # the stream the work goes on.
+    y = comm.allreduce(x, stream=stream)
+    stream.synchronize()
+    got = lib.to_host(y)
+    failures.check(bool(np.all(got == expected / 2 * P)), f"out of place on stream=: {got[:3]}")
 
 
 def check_pool_memory(comm, lib, failures):
