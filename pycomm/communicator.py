@@ -142,7 +142,9 @@ class Communicator:
         Returns a new array of x's kind unless `out` is given; `out=x` reduces in place. Every
         rank gets bitwise identical results. For device arrays (torch, cupy) the work is queued on
         `stream` (default: the library's current stream) and the call returns without waiting
-        for the GPU.
+        for the GPU. As with NCCL, where `stream=` is not the stream x was made on, the caller
+        orders it after whatever wrote x (pycomm does not wait for the stream that a
+        __cuda_array_interface__ names) and keeps x and out alive until the work is done.
 
         Arrays that speak only DLPack (__dlpack__, __dlpack_device__): on a CUDA device they are
         exported for `stream` (default: the legacy default stream), and need `out=` (pycomm cannot
