@@ -139,9 +139,9 @@ def describe(x, what: str = "x", stream=None) -> DeviceArray:
     if strides is not None and tuple(strides) != _c_strides(shape, dtype.itemsize):
         raise ValueError(f"pycomm: {what} must be C-contiguous")
     ptr, readonly = iface["data"]
-    # -1: the object does not say; the core asks the driver where ptr lives.
-    device = getattr(getattr(x, "device", None), "id", -1)
-    return DeviceArray(x, ptr, shape, dtype, device, "cai", None, iface.get("stream"), bool(readonly))
+    # -1: the core asks the driver where ptr lives. The interface does not say, and a `.device.id`
+    # need not be the CUDA device's number (jax's is global across its processes).
+    return DeviceArray(x, ptr, shape, dtype, -1, "cai", None, iface.get("stream"), bool(readonly))
 
 
 def check_writable(d: DeviceArray, what: str) -> None:

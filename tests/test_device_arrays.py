@@ -41,6 +41,10 @@ def test_describe_reads_the_interface():
     d = device_arrays.describe(FakeDeviceArray((3, 4), "<f2", ptr=4096))
     assert (d.ptr, d.shape, d.dtype, d.device, d.library) == (4096, (3, 4), np.dtype(np.float16), -1, "cai")
     assert device_arrays.is_device_array(d.obj) and not device_arrays.is_device_array(np.ones(3))
+    # A .device.id is not taken as the CUDA device's number (jax's counts across its processes).
+    global_id = FakeDeviceArray((3,))
+    global_id.device = SimpleNamespace(id=5)
+    assert device_arrays.describe(global_id).device == -1
 
 
 def test_c_contiguous_strides_are_accepted():
