@@ -221,11 +221,15 @@ class CommunicatorImpl : public Communicator {
       if (device_) {
         try {
           device_->Quiesce();
+          device_.reset();  // it talks through the transport
         } catch (const std::exception& e) {
-          Debug("closing: %s", e.what());  // peers gone or timed out: tear down regardless
+          // Peers gone or timed out: GPU work queued here may wait forever for theirs, and
+          // freeing GPU memory waits for the GPU, so the GPU state is left to the end of the
+          // process (which ends with MPI_Abort where a peer failed) instead of hanging here.
+          Debug("closing: %s; GPU resources left to the end of the process", e.what());
+          (void)device_.release();
         }
       }
-      device_.reset();  // it talks through the transport
       hierarchy_.reset();
       transport_.reset();
     });

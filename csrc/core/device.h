@@ -26,8 +26,9 @@ class DeviceCollectives {
                              void* stream) = 0;
   virtual void Allgather(const void* send, void* recv, size_t send_count, DataType dtype, void* stream) = 0;
   virtual void Broadcast(void* buf, size_t count, DataType dtype, int root, void* stream) = 0;
-  // Collective, before teardown: waits until no rank's queued GPU work can still use another
-  // rank's buffers or events.
+  // Collective, the last call before teardown: waits until no rank's queued GPU work can still
+  // use another rank's buffers or events. Throws (PeerError within the time-out) where a rank
+  // does not come, before waiting for the GPU: then tearing down could wait forever too.
   virtual void Quiesce() = 0;
 };
 

@@ -590,12 +590,19 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
 
 void DeviceGroup::Quiesce() {
   DeviceGuard guard(device_);
+  // Every rank first: one that is gone or stuck fails this within the time-out, before this rank
+  // waits for its GPU, whose queued work may wait forever for the missing rank's.
+  MeetAll();
   Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   quiesced_ = true;
   importer_.CloseAll();
   ReleasePeerEvents();
-  // A barrier through the leader: nobody destroys events or frees buffers that a peer's queued
-  // work may still use, or that a peer still has open.
+  // Then nobody destroys events or frees buffers that a peer's queued work may still use, or
+  // that a peer still has open.
+  MeetAll();
+}
+
+void DeviceGroup::MeetAll() {
   char token = 1, reply = 0;
   if (transport_.rank() != kLeader) {
     Exchange(transport_, kLeader, &token, 1, &reply, 1, timeout_s_);
@@ -605,6 +612,7 @@ void DeviceGroup::Quiesce() {
   std::vector<std::unique_ptr<Request>> requests;
   for (int peer = 1; peer < transport_.size(); ++peer) requests.push_back(transport_.Irecv(peer, &arrived[peer], 1));
   WaitAll(requests, timeout_s_);
+  requests.clear();
   for (int peer = 1; peer < transport_.size(); ++peer) requests.push_back(transport_.Isend(peer, &token, 1));
   WaitAll(requests, timeout_s_);
 }

@@ -181,6 +181,8 @@ class DeviceGroup {
   char ExchangeAll(const std::vector<char>& message, std::vector<char>* table,
                    const std::function<void(const std::vector<std::vector<char>>&)>& check,
                    const std::exception_ptr& failure, std::exception_ptr* error);
+  // A barrier of the group's ranks, through the leader (timed, like every wait).
+  void MeetAll();
   void ReleasePeerEvents();
   void ReleaseEvents();
   // Orders `stream` after `event`'s last record: on the device or on the host, as sync_ says.

@@ -199,6 +199,7 @@ thread_local int g_physical_gpu = 0;  // which GPU this "process's" device 0 is 
 // The device whose primary context is current on this thread (-1: none, as on a new thread), and
 // a bit for each device whose primary context this "process" has made.
 thread_local int g_current_device = -1;
+thread_local int g_device_syncs = 0;  // cudaDeviceSynchronize calls by this thread
 thread_local unsigned g_contexts_made = 0;
 
 void MakeCurrent(int device) {
@@ -234,6 +235,7 @@ void ThreadExit() {
   g_current_device = -1;
   g_contexts_made = 0;
 }
+int DeviceSyncs() { return g_device_syncs; }
 // The device whose context is current on this thread (-1: none); none from now on.
 int CurrentDevice() { return g_current_device; }
 void DropContext() { g_current_device = -1; }
@@ -330,6 +332,7 @@ cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
   return cudaSuccess;
 }
 cudaError_t cudaDeviceSynchronize(void) {
+  ++g_device_syncs;
   SynchronizeThisThread();
   return cudaSuccess;
 }

@@ -45,6 +45,7 @@ void ThreadExit();
 int CurrentDevice();
 void DropContext();
 bool MadeContext(int device);
+int DeviceSyncs();
 }  // namespace fake_cuda
 
 namespace {
@@ -438,6 +439,42 @@ void TestOtherNodeSilent(const std::vector<int>& node_of) {
   }
 }
 
+// Closing where a rank never comes (gone after the last call): the others' Quiesce fails within the time-out without
+// waiting for their GPU first, whose queued work could wait forever for the missing rank's.
+void TestQuiesceWithoutARank(const std::vector<int>& node_of, int missing) {
+  const int P = static_cast<int>(node_of.size());
+  std::vector<std::string> errors(P);
+  std::vector<int> syncs(P, -1);
+  g_errors_timeout = 0.5;
+  RunPlaced(
+      node_of,
+      [&](int r, pycomm::DeviceCollectives& c) {
+        int64_t* a = DeviceArray(std::vector<int64_t>(1000, r + 1));
+        c.Allreduce(a, a, 1000, DataType::kInt64, ReduceOp::kSum, nullptr);
+        Sync();
+        if (r == missing) {  // gone after the call
+          cudaFree(a);
+          return;
+        }
+        const int before = fake_cuda::DeviceSyncs();
+        try {
+          c.Quiesce();
+        } catch (...) {
+          syncs[r] = fake_cuda::DeviceSyncs() - before;
+          cudaFree(a);
+          throw;
+        }
+      },
+      &errors);
+  g_errors_timeout = 5;
+  for (int r = 0; r < P; ++r) {
+    if (r == missing) continue;
+    Expect(errors[r].find("PeerError") != std::string::npos && syncs[r] == 0,
+           "close without rank " + std::to_string(missing) + ", rank " + std::to_string(r) + " " + Layout(node_of) +
+               ": device syncs " + std::to_string(syncs[r]) + ", " + errors[r]);
+  }
+}
+
 // PYCOMM_GPU_SYNC=auto: ranks on GPUs of their own order their work on the streams (NCCL's
 // semantics), ranks sharing a GPU on the host; the results are right either way.
 void TestAutoSync(const std::vector<int>& node_of, int gpus) {
@@ -734,6 +771,9 @@ int main() {
   TestManyCalls({0, 0, 0}, 10007);
   g_own_gpus = false;
   unsetenv("PYCOMM_GPU_WORK");
+  TestQuiesceWithoutARank({0, 0}, 1);
+  TestQuiesceWithoutARank({0, 0, 0}, 2);
+  TestQuiesceWithoutARank({0, 0, 0}, 0);
   TestOtherNodeSilent({0, 1});
   TestOtherNodeSilent({0, 0, 1});
   TestCallersContextKept({0, 0, 0});
