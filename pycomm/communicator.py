@@ -336,8 +336,7 @@ class Communicator:
         or a reduce_scatter's input, in bytes."""
         return self.rank * _count(block_shape) * dtype.itemsize
 
-    @staticmethod
-    def _device_output(d, out, shape, stream: int, x_in_out_at=None, out_in_x_at=None):
+    def _device_output(self, d, out, shape, stream: int, x_in_out_at=None, out_in_x_at=None):
         """out, checked against x; they may overlap only in place: as the same memory, x at
         `x_in_out_at` bytes into out (allgather: x is this rank's block of out), or out at
         `out_in_x_at` bytes into x (reduce_scatter: out is this rank's block of x). Elsewhere one
@@ -345,22 +344,15 @@ class Communicator:
         if out is None:
             return device_arrays.new_array(d, shape, stream)
         o = device_arrays.check_output(out, d, shape, stream=stream)
-        if not _overlap(d, o):
-            return o
-        if x_in_out_at is not None:
-            if d.ptr != o.ptr + x_in_out_at:
-                raise ValueError(
-                    "pycomm: x overlaps out other than as this rank's block of it "
-                    "(in place: x = out[rank * n:(rank + 1) * n])"
-                )
-        elif out_in_x_at is not None:
-            if o.ptr != d.ptr + out_in_x_at:
-                raise ValueError(
-                    "pycomm: out overlaps x other than as this rank's block of it "
-                    "(in place: out = x[rank * n:(rank + 1) * n])"
-                )
-        elif d.ptr != o.ptr:
-            raise ValueError("pycomm: out overlaps x without being the same memory")
+        if _overlap(d, o):
+            _check_in_place(d, o, x_in_out_at, out_in_x_at)
+        elif min(d.device, o.device) < 0:
+            # Where an array does not say its GPU (__cuda_array_interface__), the driver does: the
+            # core checks x's, and out must be on the same one.
+            x_gpu = d.device if d.device >= 0 else self._native.device_of(d.ptr)
+            out_gpu = o.device if o.device >= 0 else self._native.device_of(o.ptr)
+            if x_gpu != out_gpu:
+                raise ValueError(f"pycomm: out is on GPU {out_gpu}, x on GPU {x_gpu}")
         return o
 
     def _allreduce_device(self, x, op, out, stream):
@@ -399,6 +391,24 @@ def _overlap(a, b) -> bool:
     a_end = a.ptr + _count(a.shape) * a.dtype.itemsize
     b_end = b.ptr + _count(b.shape) * b.dtype.itemsize
     return a.ptr < b_end and b.ptr < a_end
+
+
+def _check_in_place(d, o, x_in_out_at, out_in_x_at) -> None:
+    """x (d) and out (o) overlap: only as Communicator._device_output allows."""
+    if x_in_out_at is not None:
+        if d.ptr != o.ptr + x_in_out_at:
+            raise ValueError(
+                "pycomm: x overlaps out other than as this rank's block of it "
+                "(in place: x = out[rank * n:(rank + 1) * n])"
+            )
+    elif out_in_x_at is not None:
+        if o.ptr != d.ptr + out_in_x_at:
+            raise ValueError(
+                "pycomm: out overlaps x other than as this rank's block of it "
+                "(in place: out = x[rank * n:(rank + 1) * n])"
+            )
+    elif d.ptr != o.ptr:
+        raise ValueError("pycomm: out overlaps x without being the same memory")
 
 
 def _is_device(x) -> bool:

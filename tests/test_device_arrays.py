@@ -65,6 +65,17 @@ def test_bad_device_arrays_raise_before_anything_is_sent(comm, array, error, mat
     assert np.array_equal(comm.allreduce(np.ones(2)), np.ones(2))  # still usable
 
 
+def test_outputs_on_another_gpu_are_refused_where_an_array_does_not_say_its_gpu(recorded):
+    x = FakeDeviceArray((3,))  # no .device: asked of the driver (the recorder's device_of)
+    with pytest.raises(ValueError, match="out is on GPU 1, x on GPU 0"):
+        recorded.allreduce(x, out=FakeDeviceArray((3,), ptr=NativeRecorder.GPU1_FROM))
+    with pytest.raises(ValueError, match="out is on GPU 0, x on GPU 1"):
+        recorded.allreduce(CupyLikeArray((3,), device=1), out=FakeDeviceArray((3,), ptr=4096), stream=1)
+    assert recorded._native.calls == []
+    recorded.allreduce(CupyLikeArray((3,), device=0), out=FakeDeviceArray((3,), ptr=4096), stream=1)
+    assert len(recorded._native.calls) == 1
+
+
 def test_read_only_device_arrays_are_refused_only_where_written(recorded):
     frozen = FakeDeviceArray((3,), readonly=True)
     recorded.allreduce(frozen, out=FakeDeviceArray((3,), ptr=4096))  # only read: fine
@@ -298,15 +309,25 @@ class FakeDLPackArray:
 
 
 class NativeRecorder:
-    """Stands in for a communicator's native core: records the *_device calls, passes the rest on."""
+    """Stands in for a communicator's native core: records the *_device calls, says device
+    pointers at or above GPU1_FROM are on GPU 1 (the others on GPU 0), passes the rest on."""
+
+    GPU1_FROM = 0x7F8000000000
 
     def __init__(self, native):
         self.native, self.calls = native, []
+
+    def device_of(self, ptr):
+        return int(ptr >= self.GPU1_FROM)
 
     def __getattr__(self, name):
         if name.endswith("_device"):
             return lambda *args: self.calls.append((name, args))
         return getattr(self.native, name)
+
+
+# A communicator's place in calls that need only its native core's device_of.
+RECORDED = SimpleNamespace(_native=NativeRecorder(None))
 
 
 @pytest.fixture
@@ -507,7 +528,7 @@ def test_device_allgather_own_block_on_a_later_rank(offset, refused):
     x = device_arrays.describe(FakeDeviceArray((4,), ptr=base + offset))
     out = FakeDeviceArray((8,), ptr=base)
     own_block = Communicator._own_block_at(SimpleNamespace(rank=1), x.shape, x.dtype)
-    check = partial(Communicator._device_output, x, out, (8,), 0, x_in_out_at=own_block)
+    check = partial(Communicator._device_output, RECORDED, x, out, (8,), 0, x_in_out_at=own_block)
     if refused:
         with pytest.raises(ValueError, match="this rank's block"):
             check()
@@ -529,7 +550,7 @@ def test_device_reduce_scatter_out_only_as_own_block_of_x(rank, offset, refused)
     x = device_arrays.describe(FakeDeviceArray((8,), ptr=base))
     out = FakeDeviceArray((4,), ptr=base + offset)
     own_block = Communicator._own_block_at(SimpleNamespace(rank=rank), (4,), x.dtype)
-    check = partial(Communicator._device_output, x, out, (4,), 0, out_in_x_at=own_block)
+    check = partial(Communicator._device_output, RECORDED, x, out, (4,), 0, out_in_x_at=own_block)
     if refused:
         with pytest.raises(ValueError, match="out = x\\[rank"):
             check()

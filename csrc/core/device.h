@@ -32,12 +32,7 @@ class DeviceCollectives {
   virtual void Quiesce() = 0;
 };
 
-bool BuiltWithCuda();
-
-// The GPU that `ptr` (device memory) is on, asked of the driver: for arrays that do not say
-// (null, an empty array's: the current device). std::invalid_argument where `ptr` is not GPU
-// memory; CommError without CUDA.
-int DeviceOfPointer(const void* ptr);
+// BuiltWithCuda() and DeviceOfPointer() are declared in pycomm/pycomm.h.
 
 struct Hierarchy;
 

@@ -179,6 +179,9 @@ void RegisterCommunicator(py::module_& m) {
             return py::array_t<uint8_t>({bytes}, {size_t{1}}, static_cast<uint8_t*>(data), keep);
           },
           py::arg("bytes"))
+      // The GPU a device pointer is on, for arrays that do not say (std::invalid_argument, so
+      // ValueError, where it is not GPU memory).
+      .def_static("device_of", [](uintptr_t ptr) { return DeviceOfPointer(Ptr(ptr)); })
       .def("barrier", &Communicator::Barrier, py::call_guard<py::gil_scoped_release>())
       .def("close", &Communicator::Close, py::call_guard<py::gil_scoped_release>());
 }

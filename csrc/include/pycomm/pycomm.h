@@ -38,6 +38,9 @@ bool IsFloatingPoint(DataType dtype);
 
 // True when this build has the CUDA parts (device collectives).
 bool BuiltWithCuda();
+// The GPU that `ptr` (device memory) is on, asked of the driver; null, an empty array's pointer:
+// the current device. std::invalid_argument where `ptr` is not GPU memory; CommError without CUDA.
+int DeviceOfPointer(const void* ptr);
 
 // The MPI library this build was compiled against, e.g. "MPICH 5.0.2" or "Open MPI 5.0.6".
 const char* MpiBuildVersion();
