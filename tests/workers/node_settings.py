@@ -20,11 +20,21 @@ RANK = MPI.COMM_WORLD.rank
 
 
 class StandInDeviceArray:
-    """A GPU array as far as pycomm's argument checks can tell; its memory is never touched."""
+    """A GPU array as far as pycomm's argument checks can tell, read as a cupy array is (it says
+    its GPU: no driver call); its memory is never touched."""
 
     def __init__(self, ptr):
-        self.__cuda_array_interface__ = {"shape": (4,), "typestr": "<f4", "data": (ptr, False), "version": 3}
-        self.device = types.SimpleNamespace(id=0)  # as cupy says it: no driver call to find the GPU
+        self.shape, self.dtype = (4,), np.dtype(np.float32)
+        self.data = types.SimpleNamespace(ptr=ptr)
+        self.flags = types.SimpleNamespace(c_contiguous=True)
+        self.device = types.SimpleNamespace(id=0)
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": "<f4", "data": (self.data.ptr, False), "version": 3}
+
+
+StandInDeviceArray.__module__ = "cupy"
 
 
 def main():
@@ -35,7 +45,8 @@ def main():
             comm.allreduce(np.ones(1 << 16, np.float32))
         elif what == "device":
             comm = pycomm.Communicator(timeout=20)
-            comm.allreduce(StandInDeviceArray(0x7F0000000000), out=StandInDeviceArray(0x7F0000100000))
+            # stream= given: no cupy module to ask for its current stream
+            comm.allreduce(StandInDeviceArray(0x7F0000000000), out=StandInDeviceArray(0x7F0000100000), stream=0)
         else:
             comm = pycomm.Communicator(chunk_bytes=4096 if RANK == 0 else 65536)
             comm.allreduce(np.ones(10, np.float32))
