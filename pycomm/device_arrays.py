@@ -47,8 +47,10 @@ def _kind(x) -> str:
     kind = _kinds.get(cls)
     if kind is None:
         module = cls.__module__ or ""
-        torch = sys.modules.get("torch")
-        if (module.startswith("torch") and hasattr(cls, "data_ptr")) or (torch and issubclass(cls, torch.Tensor)):
+        tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+        if (module.startswith("torch") and hasattr(cls, "data_ptr")) or (
+            isinstance(tensor, type) and issubclass(cls, tensor)
+        ):
             kind = _TORCH  # torch's own tensors and subclasses defined elsewhere
         elif module.startswith("cupy") and hasattr(cls, "__cuda_array_interface__"):
             kind = _CUPY
