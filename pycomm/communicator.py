@@ -346,9 +346,9 @@ class Communicator:
         o = device_arrays.check_output(out, d, shape, stream=stream)
         if _overlap(d, o):
             _check_in_place(d, o, x_in_out_at, out_in_x_at)
-        elif min(d.device, o.device) < 0:
-            # Where an array does not say its GPU (__cuda_array_interface__), the driver does: the
-            # core checks x's, and out must be on the same one.
+        elif d.device != o.device or d.device < 0:
+            # The core checks x's GPU; out must be on the same one. Where an array does not say
+            # its GPU (__cuda_array_interface__), the driver does.
             x_gpu = d.device if d.device >= 0 else self._native.device_of(d.ptr)
             out_gpu = o.device if o.device >= 0 else self._native.device_of(o.ptr)
             if x_gpu != out_gpu:

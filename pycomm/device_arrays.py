@@ -257,7 +257,8 @@ def _c_strides(shape: tuple, itemsize: int) -> tuple:
 
 
 def check_output(out, like: DeviceArray, shape: tuple, what: str = "out", stream=None) -> DeviceArray:
-    """Checks `out` against x (`like`); `stream` as for describe()."""
+    """Checks `out` against x (`like`), their GPUs aside (Communicator._device_output); `stream` as
+    for describe()."""
     if not is_device_array(out):
         raise TypeError(f"pycomm: {what} must be a device array like x, got {type(out).__name__}")
     d = describe(out, what, stream)
@@ -266,8 +267,6 @@ def check_output(out, like: DeviceArray, shape: tuple, what: str = "out", stream
         raise TypeError(f"pycomm: {what} has dtype {d.dtype}, expected {like.dtype}")
     if d.shape != tuple(shape):
         raise ValueError(f"pycomm: {what} has shape {d.shape}, expected {tuple(shape)}")
-    if d.device != like.device and min(d.device, like.device) >= 0:
-        raise ValueError(f"pycomm: {what} is on GPU {d.device}, x on GPU {like.device}")
     return d
 
 

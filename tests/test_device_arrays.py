@@ -71,6 +71,8 @@ def test_outputs_on_another_gpu_are_refused_where_an_array_does_not_say_its_gpu(
         recorded.allreduce(x, out=FakeDeviceArray((3,), ptr=NativeRecorder.GPU1_FROM))
     with pytest.raises(ValueError, match="out is on GPU 0, x on GPU 1"):
         recorded.allreduce(CupyLikeArray((3,), device=1), out=FakeDeviceArray((3,), ptr=4096), stream=1)
+    with pytest.raises(ValueError, match="out is on GPU 2, x on GPU 0"):  # both say theirs
+        recorded.allreduce(CupyLikeArray((3,), device=0), out=CupyLikeArray((3,), ptr=4096, device=2), stream=1)
     assert recorded._native.calls == []
     recorded.allreduce(CupyLikeArray((3,), device=0), out=FakeDeviceArray((3,), ptr=4096), stream=1)
     assert len(recorded._native.calls) == 1

@@ -562,7 +562,7 @@ std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport,
   }
   // 2. The groups (the hierarchy's, built with the communicator: no MPI call here that could block
   //    without a time-out; a rank alone on its node gets a group of one) and their GPU events.
-  //    Across nodes, work is split only where every node's group splits it (votes[1]).
+  //    Across nodes, work is split only where every node's group splits it (built[1] below).
   std::unique_ptr<GroupCollectives> collectives;
   try {
     if (layout.nodes.size() == 1) {

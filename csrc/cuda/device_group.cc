@@ -20,7 +20,6 @@ constexpr size_t kStagingAlign = 256;
 // then the call, then the IPC records, 8-byte aligned.
 struct Header {
   int32_t status;
-  int32_t sync;  // DeviceSync: ranks must order their GPU work alike, or the leader reads unfinished inputs
   DeviceCall call;
 };
 constexpr size_t kHeaderBytes = sizeof(Header);
@@ -309,7 +308,7 @@ std::exception_ptr DeviceGroup::Prepare(const DeviceCall& call, const std::vecto
                                         cudaStream_t stream, std::vector<char>* message,
                                         std::vector<size_t>* staged_at) {
   message->assign(kHeaderBytes + buffers.size() * sizeof(IpcBuffer), 0);
-  Header header{0, static_cast<int32_t>(sync_), call};
+  Header header{0, call};
   std::exception_ptr failure;
   try {
     std::vector<IpcBuffer> mine;
@@ -335,10 +334,6 @@ void DeviceGroup::CheckCalls(const DeviceCall& call, const std::vector<std::vect
     if (!(header.call == call)) {
       throw MismatchError("pycomm: the ranks made different device calls: rank " + std::to_string(peer) + " " +
                           header.call.Describe() + ", rank " + std::to_string(kLeader) + " " + call.Describe());
-    }
-    if (header.sync != static_cast<int32_t>(sync_)) {
-      throw MismatchError("pycomm: PYCOMM_GPU_SYNC differs between rank " + std::to_string(peer) + " and rank " +
-                          std::to_string(kLeader) + " (host or stream: set it alike on every rank)");
     }
     if (header.status != 1) {
       throw CommError("pycomm: rank " + std::to_string(peer) + " could not prepare its device buffers (see its error)");
