@@ -1,5 +1,6 @@
 #include "cuda/device_group.h"
 
+#include <algorithm>
 #include <cstring>
 #include <exception>
 #include <optional>
@@ -15,12 +16,17 @@ namespace pycomm::cuda {
 namespace {
 
 constexpr size_t kStagingAlign = 256;
+// Retired allocations (see ipc_memory.h) a message carries at most: a rank that frees more at
+// once sends them over several calls.
+constexpr int kRetiredPerCall = 4;
 // Every message to the leader starts with a header: a status (so that a rank that failed to
 // prepare its buffers fails the call on every rank at once instead of leaving them to time out),
-// then the call, then the IPC records, 8-byte aligned.
+// the call, and the sender's retired allocations; then the IPC records, 8-byte aligned.
 struct Header {
   int32_t status;
+  int32_t retired_count;
   DeviceCall call;
+  cudaIpcMemHandle_t retired[kRetiredPerCall];
 };
 constexpr size_t kHeaderBytes = sizeof(Header);
 static_assert(kHeaderBytes % 8 == 0, "IPC records stay 8-byte aligned");
@@ -195,6 +201,7 @@ DeviceGroup::DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, 
 DeviceGroup::~DeviceGroup() {
   DeviceGuard guard(device_);
   ReleaseEvents();
+  for (const RetiredStaging& old : retired_staging_) cudaFree(old.ptr);
 }
 
 void DeviceGroup::ReleasePeerEvents() {
@@ -234,7 +241,17 @@ void DeviceGroup::Describe(const std::vector<BufferRef>& buffers, cudaStream_t s
     }
   }
   if (!staged) return;
-  char* staging = staging_.Reserve(staged);
+  char* superseded = nullptr;
+  char* staging = staging_.Reserve(staged, &superseded);
+  if (superseded) {
+    // Peers may still have the old buffer open: it is freed once they have closed it. They close
+    // it when this call tells them to, so their work on it must have run by then: waiting for
+    // this GPU waits for it (this rank's stream waited for theirs, or its host did).
+    Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    RetiredStaging old{superseded, {}, false};
+    old.exported = exporter_.Retire(superseded, &old.handle);
+    retired_staging_.push_back(old);
+  }
   // The previous call's stage-out, possibly on another stream, must finish before this stage-in.
   Check(cudaStreamWaitEvent(stream, staging_free_, 0), "cudaStreamWaitEvent(staging free)");
   IpcBuffer exported;
@@ -308,11 +325,16 @@ std::exception_ptr DeviceGroup::Prepare(const DeviceCall& call, const std::vecto
                                         cudaStream_t stream, std::vector<char>* message,
                                         std::vector<size_t>* staged_at) {
   message->assign(kHeaderBytes + buffers.size() * sizeof(IpcBuffer), 0);
-  Header header{0, call};
+  Header header{};
+  header.call = call;
   std::exception_ptr failure;
   try {
     std::vector<IpcBuffer> mine;
+    exporter_.Sweep();
     Describe(buffers, stream, &mine, staged_at);
+    sent_retired_ = exporter_.TakeRetired(kRetiredPerCall);
+    header.retired_count = static_cast<int32_t>(sent_retired_.size());
+    std::copy(sent_retired_.begin(), sent_retired_.end(), header.retired);
     if (sync_ == DeviceSync::kStream) {
       Check(cudaEventRecord(ready_, stream), "cudaEventRecord(ready)");
     } else {
@@ -345,11 +367,47 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
                       const GroupWork& work, const CrossNodeAgreement& agree) {
   if (quiesced_) throw CommError("pycomm: the device collectives are closed");
   DeviceGuard guard(device_);
-  if (work_ == DeviceWork::kSplit) {
-    RunSplit(call, buffers, stream, work, agree);
-  } else {
-    RunLeader(call, buffers, stream, work, agree);
+  try {
+    if (work_ == DeviceWork::kSplit) {
+      RunSplit(call, buffers, stream, work, agree);
+    } else {
+      RunLeader(call, buffers, stream, work, agree);
+    }
+  } catch (...) {
+    SettleRetired(false);
+    throw;
   }
+  SettleRetired(true);
+}
+
+void DeviceGroup::CloseRetired(const char* message) {
+  Header header;
+  std::memcpy(&header, message, sizeof header);
+  for (int i = 0; i < header.retired_count && i < kRetiredPerCall; ++i) importer_.Close(header.retired[i]);
+}
+
+void DeviceGroup::SettleRetired(bool delivered) {
+  if (!delivered) {
+    exporter_.Requeue(sent_retired_);
+    sent_retired_.clear();
+    return;
+  }
+  auto heard = [&](const RetiredStaging& old) {
+    if (!old.exported) return true;
+    for (const cudaIpcMemHandle_t& sent : sent_retired_) {
+      if (std::memcmp(&sent, &old.handle, sizeof sent) == 0) return true;
+    }
+    return false;
+  };
+  for (auto it = retired_staging_.begin(); it != retired_staging_.end();) {
+    if (!heard(*it)) {
+      ++it;
+      continue;
+    }
+    cudaFree(it->ptr);  // after this call's queued work, which may still stage out of it
+    it = retired_staging_.erase(it);
+  }
+  sent_retired_.clear();
 }
 
 void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
@@ -391,6 +449,7 @@ void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>
   // the peers' buffers mapped included.
   try {
     exchange_.Collect(&messages, message_bytes);
+    for (int peer = 1; peer < size; ++peer) CloseRetired(messages[peer].data());
     CheckCalls(call, messages);
     for (size_t i = 0; i < buffers.size(); ++i) mapped[kLeader][i] = buffers[i].ptr;
     for (int peer = 1; peer < size; ++peer) {
@@ -502,6 +561,9 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
   std::vector<std::vector<void*>> mapped(size, std::vector<void*>(buffers.size()));
   int32_t queued = 0;
   try {
+    for (int q = 0; q < size; ++q) {
+      if (q != rank) CloseRetired(table.data() + q * message_bytes);
+    }
     for (int q = 0; q < size; ++q) {
       const auto* records = reinterpret_cast<const IpcBuffer*>(table.data() + q * message_bytes + kHeaderBytes);
       for (size_t i = 0; i < buffers.size(); ++i) {

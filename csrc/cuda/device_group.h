@@ -181,6 +181,11 @@ class DeviceGroup {
   char ExchangeAll(const std::vector<char>& message, std::vector<char>* table,
                    const std::function<void(const std::vector<std::vector<char>>&)>& check,
                    const std::exception_ptr& failure, std::exception_ptr* error);
+  // Closes this rank's mappings of the allocations that `message`'s sender retired.
+  void CloseRetired(const char* message);
+  // After a call: frees the old staging buffers whose retirement every peer has now heard of
+  // (`delivered`: the call succeeded), else sends this call's retirements again with the next.
+  void SettleRetired(bool delivered);
   // A barrier of the group's ranks, through the leader (timed, like every wait).
   void MeetAll();
   void ReleasePeerEvents();
@@ -205,6 +210,14 @@ class DeviceGroup {
   IpcExporter exporter_;
   IpcImporter importer_;
   Scratch staging_{Memory::kDevice};  // exportable memory for buffers from stream-ordered pools
+  // Staging buffers outgrown but maybe still open on peers: freed once they have closed them.
+  struct RetiredStaging {
+    char* ptr;
+    cudaIpcMemHandle_t handle;
+    bool exported;  // else no peer can have it open
+  };
+  std::vector<RetiredStaging> retired_staging_;
+  std::vector<cudaIpcMemHandle_t> sent_retired_;  // the retirements this call's message carries
 };
 
 }  // namespace pycomm::cuda

@@ -23,9 +23,13 @@ bool IpcExporter::Export(const void* ptr, IpcBuffer* out) {
   }
   out->offset = reinterpret_cast<uintptr_t>(ptr) - static_cast<uintptr_t>(base);
   auto it = by_base_.find(static_cast<uintptr_t>(base));
-  if (it != by_base_.end() && it->second.buffer_id == buffer_id && it->second.size == size) {
-    out->handle = it->second.handle;
-    return true;
+  if (it != by_base_.end()) {
+    if (it->second.buffer_id == buffer_id && it->second.size == size) {
+      out->handle = it->second.handle;
+      return true;
+    }
+    retired_.push_back(it->second.handle);  // the allocation cached here was freed
+    by_base_.erase(it);
   }
   cudaIpcMemHandle_t handle;
   if (cudaIpcGetMemHandle(&handle, reinterpret_cast<void*>(base)) != cudaSuccess) {
@@ -37,6 +41,53 @@ bool IpcExporter::Export(const void* ptr, IpcBuffer* out) {
   return true;
 }
 
+bool IpcExporter::Retire(const void* base, cudaIpcMemHandle_t* handle) {
+  auto it = by_base_.find(reinterpret_cast<uintptr_t>(base));
+  if (it == by_base_.end()) return false;
+  *handle = it->second.handle;
+  retired_.push_back(it->second.handle);
+  by_base_.erase(it);
+  return true;
+}
+
+void IpcExporter::Sweep() {
+  if (by_base_.empty()) return;
+  auto it = by_base_.lower_bound(sweep_from_);
+  if (it == by_base_.end()) it = by_base_.begin();
+  sweep_from_ = it->first + 1;
+  CUdeviceptr base = 0;
+  unsigned long long buffer_id = 0;
+  CUpointer_attribute attributes[] = {CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, CU_POINTER_ATTRIBUTE_BUFFER_ID};
+  void* values[] = {&base, &buffer_id};
+  const Driver& driver = Driver::Get();
+  const bool live = driver.get_attributes(2, attributes, values, static_cast<CUdeviceptr>(it->first)) == CUDA_SUCCESS &&
+                    static_cast<uintptr_t>(base) == it->first && buffer_id == it->second.buffer_id;
+  if (live) return;
+  retired_.push_back(it->second.handle);
+  by_base_.erase(it);
+}
+
+std::vector<cudaIpcMemHandle_t> IpcExporter::TakeRetired(size_t most) {
+  std::vector<cudaIpcMemHandle_t> taken;
+  while (!retired_.empty() && taken.size() < most) {
+    taken.push_back(retired_.front());
+    retired_.pop_front();
+  }
+  return taken;
+}
+
+void IpcExporter::Requeue(const std::vector<cudaIpcMemHandle_t>& handles) {
+  retired_.insert(retired_.begin(), handles.begin(), handles.end());
+}
+
+void IpcImporter::Close(const cudaIpcMemHandle_t& handle) {
+  auto it = mapped_.find(Key(handle));
+  if (it == mapped_.end()) return;
+  cudaIpcCloseMemHandle(it->second.base);
+  order_.erase(it->second.use);
+  mapped_.erase(it);
+}
+
 void IpcImporter::CloseAll() {
   for (auto& entry : mapped_) cudaIpcCloseMemHandle(entry.second.base);
   mapped_.clear();
@@ -44,7 +95,7 @@ void IpcImporter::CloseAll() {
 }
 
 void* IpcImporter::Open(const IpcBuffer& buffer) {
-  std::string key(reinterpret_cast<const char*>(&buffer.handle), sizeof buffer.handle);
+  const std::string key = Key(buffer.handle);
   auto it = mapped_.find(key);
   if (it != mapped_.end()) {
     order_.splice(order_.end(), order_, it->second.use);

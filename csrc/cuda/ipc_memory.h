@@ -1,14 +1,19 @@
 // CUDA IPC registrations, cached on both sides. An exported handle covers a whole allocation, so a
 // buffer travels as (handle of its allocation, offset); the importer maps each allocation once.
+// An allocation that its owner frees is retired: the owner sends its handle with a later call,
+// and the importers close their mappings of it, so that the driver gets the memory back then
+// instead of when the communicator closes.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <list>
 #include <map>
 #include <string>
+#include <vector>
 
 namespace pycomm::cuda {
 
@@ -22,8 +27,19 @@ struct IpcBuffer {
 // cudaMallocAsync) is reported as such, so the caller can stage it through exportable memory.
 class IpcExporter {
  public:
-  // Returns false when `ptr`'s allocation cannot be exported.
+  // Returns false when `ptr`'s allocation cannot be exported. An allocation found freed (another
+  // now at its address) is retired.
   bool Export(const void* ptr, IpcBuffer* out);
+  // Retires the export of the allocation at `base`, which its owner is about to free: returns
+  // its handle, or false where it was never exported.
+  bool Retire(const void* base, cudaIpcMemHandle_t* handle);
+  // Checks one cached export, in turn, for an allocation freed since (one driver call): the
+  // owner's frees are seen without being told of them.
+  void Sweep();
+  // Up to `most` retired handles, oldest first, to send to the importers; Requeue puts back
+  // those whose sending failed.
+  std::vector<cudaIpcMemHandle_t> TakeRetired(size_t most);
+  void Requeue(const std::vector<cudaIpcMemHandle_t>& handles);
 
  private:
   struct Entry {
@@ -32,6 +48,8 @@ class IpcExporter {
     cudaIpcMemHandle_t handle;
   };
   std::map<uintptr_t, Entry> by_base_;
+  std::deque<cudaIpcMemHandle_t> retired_;
+  uintptr_t sweep_from_ = 0;  // the base Sweep checks next (the first at or above it)
 };
 
 // Maps peers' allocations into this process; keeps at most kMaxMappings, closing the least
@@ -42,11 +60,18 @@ class IpcImporter {
   ~IpcImporter() { CloseAll(); }
   // The address of the peer's buffer in this process.
   void* Open(const IpcBuffer& buffer);
+  // Unmaps a retired allocation, if mapped. No queued work here reads it: its owner's calls
+  // waited (on its stream or its host) for the work that read its buffers, and its free waited
+  // for its GPU.
+  void Close(const cudaIpcMemHandle_t& handle);
   // Unmaps every buffer (no queued work may read them any more).
   void CloseAll();
 
  private:
   static constexpr size_t kMaxMappings = 512;
+  static std::string Key(const cudaIpcMemHandle_t& handle) {
+    return std::string(reinterpret_cast<const char*>(&handle), sizeof handle);
+  }
   struct Mapping {
     void* base;
     std::list<std::string>::iterator use;  // its place in order_

@@ -22,9 +22,10 @@ Scratch::~Scratch() {
   if (ptr_) Free(kind_, ptr_);
 }
 
-char* Scratch::Reserve(size_t bytes) {
+char* Scratch::Reserve(size_t bytes, char** superseded) {
+  if (superseded) *superseded = nullptr;
   if (bytes <= bytes_ && ptr_) return ptr_;
-  if (ptr_) {
+  if (ptr_ && !superseded) {  // freed first: the new buffer may need its memory
     Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
     Free(kind_, ptr_);
     ptr_ = nullptr;
@@ -37,6 +38,7 @@ char* Scratch::Reserve(size_t bytes) {
   } else {
     Check(cudaMallocHost(&p, grown), "cudaMallocHost(staging)");
   }
+  if (superseded) *superseded = ptr_;
   ptr_ = static_cast<char*>(p);
   bytes_ = grown;
   return ptr_;

@@ -17,8 +17,9 @@ class Scratch {
   Scratch& operator=(const Scratch&) = delete;
 
   // At least `bytes`, grown by half again so that slowly growing sizes do not reallocate each
-  // call. Growing waits for the device first: queued work may still use the old buffer.
-  char* Reserve(size_t bytes);
+  // call. Growing waits for the device first: queued work may still use the old buffer. With
+  // `superseded`, the old buffer (null if none) is the caller's to free instead, when it can.
+  char* Reserve(size_t bytes, char** superseded = nullptr);
   char* get() const { return ptr_; }
 
  private:

@@ -246,6 +246,13 @@ int FreedWhileOpen() {
   std::lock_guard<std::mutex> lock(g_mutex);
   return g_freed_while_open;
 }
+// Mappings of device allocations opened through IPC and not yet closed, in all threads.
+int OpenIpcMappings() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  int open = 0;
+  for (const auto& [base, count] : g_ipc_opens) open += count;
+  return open;
+}
 // Events created or opened and not yet destroyed, in all threads.
 int LiveEvents() {
   std::lock_guard<std::mutex> lock(g_mutex);

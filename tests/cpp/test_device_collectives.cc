@@ -41,6 +41,7 @@ void Fail(What what);
 void UseGpu(int gpu);
 int LiveEvents();
 int FreedWhileOpen();
+int OpenIpcMappings();
 void ThreadExit();
 int CurrentDevice();
 void DropContext();
@@ -221,6 +222,12 @@ void RunPlaced(const std::vector<int>& node_of, const std::function<void(int ran
 
 bool Same(const void* a, const void* b, size_t bytes) { return bytes == 0 || std::memcmp(a, b, bytes) == 0; }
 
+int64_t Power(int64_t base, int exponent) {
+  int64_t result = 1;
+  while (exponent-- > 0) result *= base;
+  return result;
+}
+
 int64_t Value(int rank, size_t i) { return static_cast<int64_t>((rank + 1) * 1000 + i % 977) - 500; }
 
 // On `stream` (each rank's own; null: its default stream): inputs written there, the collectives
@@ -318,30 +325,64 @@ void TestOthers(const std::vector<int>& node_of, size_t block) {
   });
 }
 
-// Memory that CUDA IPC cannot export (stream-ordered pools; here: memory the fake runtime did not
-// allocate) goes through the group's exportable staging buffer.
 // Memory that cannot be exported (host memory here, stream-ordered pools on a GPU) goes through
-// each rank's staging buffer, which its peers open; at teardown nobody frees its staging while a
-// peer still has it open.
+// each rank's staging buffer, which its peers open. When it grows (the third call's size), and at
+// teardown, nobody frees a staging buffer while a peer still has it open.
 void TestUnexportableMemory(const std::vector<int>& node_of) {
   const int P = static_cast<int>(node_of.size());
-  const size_t n = 5000;
   const int freed_while_open = fake_cuda::FreedWhileOpen();
   RunPlaced(node_of, [&](int r, pycomm::DeviceCollectives& c) {
-    std::vector<int64_t> a(n), out(n, -1);
-    for (size_t i = 0; i < n; ++i) a[i] = Value(r, i);
-    c.Allreduce(a.data(), out.data(), n, DataType::kInt64, ReduceOp::kSum, nullptr);
-    c.Allreduce(a.data(), a.data(), n, DataType::kInt64, ReduceOp::kSum, nullptr);
-    Sync();
-    bool ok = true;
-    for (size_t i = 0; i < n; ++i) {
-      int64_t want = 0;
-      for (int q = 0; q < P; ++q) want += Value(q, i);
-      ok = ok && out[i] == want && a[i] == want;
+    for (size_t n : {5000, 5000, 20000, 20000}) {
+      std::vector<int64_t> a(n), out(n, -1);
+      for (size_t i = 0; i < n; ++i) a[i] = Value(r, i);
+      c.Allreduce(a.data(), out.data(), n, DataType::kInt64, ReduceOp::kSum, nullptr);
+      c.Allreduce(a.data(), a.data(), n, DataType::kInt64, ReduceOp::kSum, nullptr);
+      Sync();
+      bool ok = true;
+      for (size_t i = 0; i < n; ++i) {
+        int64_t want = 0;
+        for (int q = 0; q < P; ++q) want += Value(q, i);
+        ok = ok && out[i] == want && a[i] == want;
+      }
+      Expect(ok, "unexportable memory, " + std::to_string(n) + " elements " + Layout(node_of));
     }
-    Expect(ok, "unexportable memory " + Layout(node_of));
   });
   Expect(fake_cuda::FreedWhileOpen() == freed_while_open, "staging freed while a peer had it open " + Layout(node_of));
+}
+
+// Allocations that ranks free after using them in calls are closed by their peers within a few
+// later calls (each call checks one cached export and carries up to 4 retirements), not left
+// mapped until the communicator closes: afterwards only the buffer still in use is open.
+void TestFreedMemoryUnmapped(const std::vector<int>& node_of) {
+  const int P = static_cast<int>(node_of.size());
+  constexpr int kTemporaries = 9;
+  std::atomic<int> open_before_close{-1};
+  const int open_at_start = fake_cuda::OpenIpcMappings();
+  RunPlaced(node_of, [&](int r, pycomm::DeviceCollectives& c) {
+    int64_t* kept = DeviceArray(std::vector<int64_t>(100, r));
+    std::vector<int64_t*> temporaries;
+    for (int t = 0; t < kTemporaries; ++t) {
+      temporaries.push_back(DeviceArray(std::vector<int64_t>(100 + t, r)));
+      c.Allreduce(temporaries.back(), temporaries.back(), 100 + t, DataType::kInt64, ReduceOp::kSum, nullptr);
+    }
+    Sync();
+    for (int64_t* t : temporaries) cudaFree(t);  // none reallocated: only the sweep finds them
+    for (int call = 0; call < kTemporaries + 4; ++call) {
+      c.Allreduce(kept, kept, 100, DataType::kInt64, ReduceOp::kSum, nullptr);
+    }
+    Sync();
+    Expect(kept[0] == static_cast<int64_t>(P * (P - 1) / 2) * Power(P, kTemporaries + 3),
+           "kept buffer's sum " + Layout(node_of));
+    c.Allreduce(kept, kept, 1, DataType::kInt64, ReduceOp::kMax, nullptr);  // all past the check
+    if (r == 0) open_before_close = fake_cuda::OpenIpcMappings() - open_at_start;
+    c.Allreduce(kept, kept, 1, DataType::kInt64, ReduceOp::kMax, nullptr);  // nobody frees `kept` before
+    Sync();
+    cudaFree(kept);
+  });
+  // At most every rank's mapping of every other rank's `kept`.
+  Expect(open_before_close >= 0 && open_before_close <= P * (P - 1),
+         "allocations left mapped after their owners freed them: " + std::to_string(open_before_close.load()) + " " +
+             Layout(node_of));
 }
 
 // Rank 0 reduces 10 elements where every other rank reduces 20 (the same hand-off, another call),
@@ -696,6 +737,7 @@ int main() {
     for (size_t block : {size_t{0}, size_t{1}, size_t{333}}) TestOthers(layout, block);
     if (layout.size() > 1) TestMismatch(layout, false), TestMismatch(layout, true);
     TestUnexportableMemory(layout);
+    if (layout.size() > 1) TestFreedMemoryUnmapped(layout);
   }
   TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kEvents, 3);
   TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kEvents, 0);
@@ -744,6 +786,7 @@ int main() {
       for (size_t block : {size_t{0}, size_t{1}, size_t{333}}) TestOthers(layout, block);
       TestMismatch(layout, false), TestMismatch(layout, true);
       TestUnexportableMemory(layout);
+      TestFreedMemoryUnmapped(layout);
       TestManyCalls(layout, 10007);
     }
     TestSplitLaunchFailure({0, 0, 0}, 1);
