@@ -49,6 +49,14 @@ def test_split_work_on_one_gpu(nprocs):
     run_mpi(nprocs, "gpu.py", "cupy", timeout=600, env={"PYCOMM_GPU_WORK": "split"})
 
 
+def test_without_cuda_ipc():
+    """PYCOMM_GPU_IPC=off, the path taken where ranks cannot open each other's GPU memory: every
+    rank goes through pinned host memory and the CPU ring."""
+    if importlib.util.find_spec("cupy") is None:
+        pytest.skip("cupy is not installed")
+    run_mpi(2, "gpu.py", "cupy", timeout=600, env={"PYCOMM_GPU_IPC": "off"})
+
+
 def test_more_ranks_on_a_node_than_one_fused_pass_reads():
     """9 ranks on the GPU: the leader's reduction runs in several passes of at most 8 inputs."""
     if importlib.util.find_spec("cupy") is None:

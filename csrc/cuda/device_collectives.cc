@@ -89,12 +89,17 @@ CrossNodePath CrossNodeFromEnvironment() {
   return Choice<C>("PYCOMM_GPU_INTER_NODE", {{"auto", C::kAuto}, {"mpi", C::kMpi}, {"host", C::kHost}});
 }
 
+// PYCOMM_GPU_IPC=auto|off: `auto` reads peers' GPU memory through CUDA IPC inside a node where
+// every rank can open what it needs of its peers', else goes through the host; `off` always
+// goes through the host.
+bool IpcFromEnvironment() { return Choice<bool>("PYCOMM_GPU_IPC", {{"auto", true}, {"off", false}}); }
+
 // The communicator's ranks by node: nodes[n] lists node n's ranks in ascending order, and
-// nodes[n][0] is its leader.
+// nodes[n][0] is its leader. `rank_per_node`: every rank as if alone on a node of its own.
 struct NodeLayout {
-  explicit NodeLayout(const Transport& world) : node_of(world.size()) {
+  explicit NodeLayout(const Transport& world, bool rank_per_node = false) : node_of(world.size()) {
     for (int r = 0; r < world.size(); ++r) {
-      node_of[r] = world.node_of(r);
+      node_of[r] = rank_per_node ? r : world.node_of(r);
       if (node_of[r] >= static_cast<int>(nodes.size())) nodes.resize(node_of[r] + 1);
       nodes[node_of[r]].push_back(r);
     }
@@ -145,6 +150,9 @@ class GroupCollectives : public DeviceCollectives {
   }
 
   bool splits() const { return group_.work() == cuda::DeviceWork::kSplit; }
+  bool ipc() const { return group_.ipc(); }
+  // Every rank is a group of its own, joined to the others through the host (ThroughHost).
+  void MarkThroughHost() { through_host_ = true; }
 
   // On a node's leader, when the communicator spans several nodes: `leaders` (one rank per
   // node, in node order) outlives this.
@@ -186,7 +194,10 @@ class GroupCollectives : public DeviceCollectives {
 
   int device() const override { return group_.device(); }
   const char* sync_name() const override { return cuda::DeviceSyncName(group_.sync()); }
-  const char* work_name() const override { return cuda::DeviceWorkName(group_.work()); }
+  const char* work_name() const override {
+    return through_host_ ? "every rank's through the host (no CUDA IPC between ranks)"
+                         : cuda::DeviceWorkName(group_.work());
+  }
 
   void Quiesce() override { group_.Quiesce(); }
 
@@ -501,6 +512,7 @@ class GroupCollectives : public DeviceCollectives {
   std::vector<std::unique_ptr<cuda::CrossNode>> own_links_;
   cuda::Scratch scratch_{cuda::Memory::kDevice};
   cudaEvent_t scratch_free_ = nullptr;
+  bool through_host_ = false;
 };
 
 // Every rank learns whether all of them could do a step of the set-up, so that none goes on to
@@ -519,6 +531,44 @@ void RaiseIfAnyFailed(const std::exception_ptr& mine, int32_t all_ok) {
   if (!all_ok) throw CommError("pycomm: setting up the device collectives failed on another rank (see its error)");
 }
 
+// The groups of ranks that read each other's GPU memory through CUDA IPC: one per node (the
+// hierarchy's node group; a group of one for a rank alone on its node), joined across nodes by
+// their leaders, or split, by every slice's owners.
+std::unique_ptr<GroupCollectives> WithIpc(Transport& transport, NodeLayout layout, uint64_t* arena_seq,
+                                          Hierarchy* hierarchy, bool leader, int device, size_t chunk_bytes,
+                                          double timeout_s, cuda::DeviceSync sync, cuda::DeviceWork work,
+                                          bool through_mpi) {
+  if (layout.nodes.size() == 1) {
+    return std::make_unique<GroupCollectives>(transport, std::move(layout), transport, arena_seq, device, timeout_s,
+                                              sync, work);
+  }
+  std::unique_ptr<Transport> alone;
+  if (!hierarchy->node) alone = std::move(CreateLoopbackTransports(1)[0]);
+  Transport& node = hierarchy->node ? *hierarchy->node : *alone;
+  uint64_t* node_seq = hierarchy->node ? &hierarchy->node_seq : nullptr;
+  auto collectives =
+      std::make_unique<GroupCollectives>(transport, std::move(layout), node, node_seq, device, timeout_s, sync, work);
+  if (alone) collectives->Own(std::move(alone));
+  if (!collectives->ipc()) return collectives;  // unused: every rank goes through the host
+  if (leader) collectives->ConnectNodes(*hierarchy->across[0], chunk_bytes, timeout_s, through_mpi);
+  if (collectives->splits()) collectives->ConnectSlices(*hierarchy, chunk_bytes, timeout_s, through_mpi);
+  return collectives;
+}
+
+// Where ranks cannot reach each other's GPU memory: every rank hands its buffers to itself (a
+// group of one), and the groups combine their parts through pinned host memory and pycomm's ring
+// over the communicator's own transport, as nodes do without a CUDA-aware MPI.
+std::unique_ptr<GroupCollectives> ThroughHost(Transport& transport, int device, size_t chunk_bytes, double timeout_s,
+                                              cuda::DeviceSync sync) {
+  std::unique_ptr<Transport> alone = std::move(CreateLoopbackTransports(1)[0]);
+  auto collectives = std::make_unique<GroupCollectives>(transport, NodeLayout(transport, true), *alone, nullptr, device,
+                                                        timeout_s, sync, cuda::DeviceWork::kLeader);
+  collectives->Own(std::move(alone));
+  collectives->MarkThroughHost();
+  if (transport.size() > 1) collectives->ConnectNodes(transport, chunk_bytes, timeout_s, false);
+  return collectives;
+}
+
 }  // namespace
 
 std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport, uint64_t* arena_seq,
@@ -531,10 +581,11 @@ std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport,
   std::exception_ptr failure;
   cuda::DeviceSync sync = cuda::DeviceSync::kAuto;
   cuda::DeviceWork work = cuda::DeviceWork::kAuto;
-  std::vector<int32_t> votes = {1, 1, 1};
+  std::vector<int32_t> votes = {1, 1, 1, 1};
   try {
     sync = SyncFromEnvironment();
     work = WorkFromEnvironment();
+    votes[3] = IpcFromEnvironment();
     const CrossNodePath path = CrossNodeFromEnvironment();
     // A rank alone has nothing to split.
     if (transport.size() == 1 && work == cuda::DeviceWork::kAuto) work = cuda::DeviceWork::kLeader;
@@ -563,29 +614,41 @@ std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport,
   // 2. The groups (the hierarchy's, built with the communicator: no MPI call here that could block
   //    without a time-out; a rank alone on its node gets a group of one) and their GPU events.
   //    Across nodes, work is split only where every node's group splits it (built[1] below).
+  //    Where some rank cannot open its peers' events or memory through CUDA IPC (built[2]), or
+  //    PYCOMM_GPU_IPC=off on some rank, every rank goes through the host instead (3).
   std::unique_ptr<GroupCollectives> collectives;
-  try {
-    if (layout.nodes.size() == 1) {
-      collectives = std::make_unique<GroupCollectives>(transport, std::move(layout), transport, arena_seq, device,
-                                                       timeout_s, sync, work);
-    } else {
-      std::unique_ptr<Transport> alone;
-      if (!hierarchy->node) alone = std::move(CreateLoopbackTransports(1)[0]);
-      Transport& node = hierarchy->node ? *hierarchy->node : *alone;
-      uint64_t* node_seq = hierarchy->node ? &hierarchy->node_seq : nullptr;
-      collectives = std::make_unique<GroupCollectives>(transport, std::move(layout), node, node_seq, device, timeout_s,
-                                                       sync, work);
-      if (alone) collectives->Own(std::move(alone));
-      if (leader) collectives->ConnectNodes(*hierarchy->across[0], chunk_bytes, timeout_s, through_mpi);
-      if (collectives->splits()) collectives->ConnectSlices(*hierarchy, chunk_bytes, timeout_s, through_mpi);
+  if (votes[3]) {
+    try {
+      collectives = WithIpc(transport, std::move(layout), arena_seq, hierarchy, leader, device, chunk_bytes, timeout_s,
+                            sync, work, through_mpi);
+    } catch (...) {
+      failure = std::current_exception();
     }
+    std::vector<int32_t> built = {failure ? 0 : 1, collectives && collectives->splits() ? 1 : 0,
+                                  collectives && collectives->ipc() ? 1 : 0};
+    Vote(transport, timeout_s, &built);
+    RaiseIfAnyFailed(failure, built[0]);
+    if (built[2]) {
+      if (!built[1] && collectives->splits()) collectives->LeaveWorkToLeader();
+      return collectives;
+    }
+    try {
+      collectives->Quiesce();  // collective: peers close what they opened of this rank's first
+    } catch (...) {
+      collectives.release();  // its GPU state stays to the end of the process, as after close() fails
+      throw;
+    }
+    collectives.reset();
+  }
+  // 3. Through the host.
+  try {
+    collectives = ThroughHost(transport, device, chunk_bytes, timeout_s, sync);
   } catch (...) {
     failure = std::current_exception();
   }
-  std::vector<int32_t> built = {failure ? 0 : 1, collectives && collectives->splits() ? 1 : 0};
+  std::vector<int32_t> built = {failure ? 0 : 1};
   Vote(transport, timeout_s, &built);
   RaiseIfAnyFailed(failure, built[0]);
-  if (!built[1] && collectives->splits()) collectives->LeaveWorkToLeader();
   return collectives;
 }
 

@@ -54,8 +54,10 @@ struct EventRecord {
   int32_t sync;      // DeviceSync
   int32_t work;      // DeviceWork
   int32_t mismatch;  // the leader's: the ranks asked for settings that conflict
+  int32_t ipc;       // it could export its events and memory (`probe`, a buffer for others to open)
   char gpu[32];      // PCI bus id
   cudaIpcEventHandle_t ready, done;
+  IpcBuffer probe;
 };
 
 // Whether two ranks that could set up are on one GPU.
@@ -129,8 +131,12 @@ DeviceGroup::DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, 
     Check(cudaEventCreateWithFlags(&ready_, kFlags), "cudaEventCreateWithFlags");
     Check(cudaEventCreateWithFlags(&done_, kFlags), "cudaEventCreateWithFlags");
     Check(cudaEventCreateWithFlags(&staging_free_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
-    Check(cudaIpcGetEventHandle(&mine.ready, ready_), "cudaIpcGetEventHandle");
-    Check(cudaIpcGetEventHandle(&mine.done, done_), "cudaIpcGetEventHandle");
+    // What CUDA IPC needs is tried apart from the rest: where it fails (containers without a
+    // shared IPC namespace, GPUs without peer access) the group is built, but without IPC.
+    mine.ipc = cudaIpcGetEventHandle(&mine.ready, ready_) == cudaSuccess &&
+               cudaIpcGetEventHandle(&mine.done, done_) == cudaSuccess &&
+               exporter_.Export(staging_.Reserve(1), &mine.probe);
+    if (!mine.ipc) cudaGetLastError();
     mine.ok = 1;
   } catch (...) {
     failure = std::current_exception();
@@ -169,14 +175,11 @@ DeviceGroup::DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, 
   } catch (...) {  // a rank gone or stalled
     if (!failure) failure = std::current_exception();
   }
-  // The events this rank waits for.
+  // The events this rank waits for, and a buffer of each rank whose buffers it reads.
   peer_ready_.assign(size, nullptr);
   peer_done_.assign(size, nullptr);
   for (int peer = 0; peer < size && !failure; ++peer) {
-    const bool split = work_ == DeviceWork::kSplit;
-    const bool wait_ready = peer != rank && (split || rank == kLeader);
-    const bool wait_done = peer != rank && (split || peer == kLeader);
-    if (!wait_ready && !wait_done) continue;
+    if (peer == rank || !(work_ == DeviceWork::kSplit || rank == kLeader || peer == kLeader)) continue;
     try {
       if (records[peer].mismatch) {
         throw MismatchError(
@@ -186,8 +189,8 @@ DeviceGroup::DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, 
       if (!records[peer].ok) {
         throw CommError("pycomm: rank " + std::to_string(peer) + " of the node could not set up (see its error)");
       }
-      if (wait_ready) Check(cudaIpcOpenEventHandle(&peer_ready_[peer], records[peer].ready), "cudaIpcOpenEventHandle");
-      if (wait_done) Check(cudaIpcOpenEventHandle(&peer_done_[peer], records[peer].done), "cudaIpcOpenEventHandle");
+      if (ipc_)
+        ipc_ = records[peer].ipc && OpenFrom(peer, records[peer].ready, records[peer].done, records[peer].probe);
     } catch (...) {
       failure = std::current_exception();
     }
@@ -196,6 +199,24 @@ DeviceGroup::DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, 
     ReleaseEvents();
     std::rethrow_exception(failure);
   }
+}
+
+bool DeviceGroup::OpenFrom(int peer, const cudaIpcEventHandle_t& ready, const cudaIpcEventHandle_t& done,
+                           const IpcBuffer& probe) {
+  const bool split = work_ == DeviceWork::kSplit;
+  const bool reads = split || transport_.rank() == kLeader;  // waits for its `ready`, reads its buffers
+  const bool waits_done = split || peer == kLeader;
+  try {
+    if (reads) {
+      Check(cudaIpcOpenEventHandle(&peer_ready_[peer], ready), "cudaIpcOpenEventHandle");
+      importer_.Open(probe);  // mapped until close, like any buffer of the peer's
+    }
+    if (waits_done) Check(cudaIpcOpenEventHandle(&peer_done_[peer], done), "cudaIpcOpenEventHandle");
+  } catch (const CommError&) {
+    cudaGetLastError();
+    return false;
+  }
+  return true;
 }
 
 DeviceGroup::~DeviceGroup() {
@@ -366,6 +387,7 @@ void DeviceGroup::CheckCalls(const DeviceCall& call, const std::vector<std::vect
 void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
                       const GroupWork& work, const CrossNodeAgreement& agree) {
   if (quiesced_) throw CommError("pycomm: the device collectives are closed");
+  if (!ipc_) throw std::logic_error("pycomm: a device group without CUDA IPC was used");
   DeviceGuard guard(device_);
   try {
     if (work_ == DeviceWork::kSplit) {

@@ -134,6 +134,10 @@ class DeviceGroup {
   ~DeviceGroup();
 
   int device() const { return device_; }
+  // Whether this rank could open, through CUDA IPC, the events and memory of every rank it
+  // waits for or reads from. Where some rank could not, Run must not be called: the group can
+  // only Quiesce (CreateDeviceCollectives then goes through the host instead).
+  bool ipc() const { return ipc_; }
   DeviceSync sync() const { return sync_; }  // never kAuto
   DeviceWork work() const { return work_; }  // never kAuto
 
@@ -186,6 +190,9 @@ class DeviceGroup {
   // After a call: frees the old staging buffers whose retirement every peer has now heard of
   // (`delivered`: the call succeeded), else sends this call's retirements again with the next.
   void SettleRetired(bool delivered);
+  // At set-up: opens `peer`'s events that this rank waits for, and its `probe` buffer where this
+  // rank reads its buffers. False where CUDA IPC fails.
+  bool OpenFrom(int peer, const cudaIpcEventHandle_t& ready, const cudaIpcEventHandle_t& done, const IpcBuffer& probe);
   // A barrier of the group's ranks, through the leader (timed, like every wait).
   void MeetAll();
   void ReleasePeerEvents();
@@ -200,6 +207,7 @@ class DeviceGroup {
   DeviceSync sync_;
   DeviceWork work_;
   bool quiesced_ = false;
+  bool ipc_ = true;
   cudaEvent_t ready_ = nullptr;         // this rank's: its inputs are written
   cudaEvent_t done_ = nullptr;          // this rank's: the work it queued is done
   cudaEvent_t staging_free_ = nullptr;  // this rank's: the last stage-out has read staging_

@@ -221,9 +221,9 @@ CUresult FakeCtxSetCurrent(CUcontext context) {
 }  // namespace
 
 namespace fake_cuda {
-enum What { kNothing, kEvents, kMalloc, kLaunch, kMallocHost };
-// From now on this thread's event creations, device allocations, kernel launches, or pinned host
-// allocations fail.
+enum What { kNothing, kEvents, kMalloc, kLaunch, kMallocHost, kIpcOpen };
+// From now on this thread's event creations, device allocations, kernel launches, pinned host
+// allocations, or openings of other processes' events and memory through IPC fail.
 void Fail(What what) { g_fail = what; }
 // This thread's device 0 is physical GPU `gpu` (as with one CUDA_VISIBLE_DEVICES per rank); all
 // threads share GPU 0 by default.
@@ -350,6 +350,7 @@ cudaError_t cudaIpcGetEventHandle(cudaIpcEventHandle_t* handle, cudaEvent_t even
   return cudaSuccess;
 }
 cudaError_t cudaIpcOpenEventHandle(cudaEvent_t* event, cudaIpcEventHandle_t handle) {
+  if (g_fail == fake_cuda::kIpcOpen) return cudaErrorMapBufferObjectFailed;
   FakeEvent* exported = nullptr;
   std::memcpy(&exported, &handle, sizeof exported);
   *event = NewEvent(exported->state);  // a handle of its own on the same event
@@ -365,6 +366,7 @@ cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t* handle, void* ptr) {
   return cudaSuccess;
 }
 cudaError_t cudaIpcOpenMemHandle(void** ptr, cudaIpcMemHandle_t handle, unsigned int) {
+  if (g_fail == fake_cuda::kIpcOpen) return cudaErrorMapBufferObjectFailed;
   std::memcpy(ptr, &handle, sizeof *ptr);
   std::lock_guard<std::mutex> lock(g_mutex);
   ++g_ipc_opens[*ptr];

@@ -36,7 +36,7 @@
 
 // Failures the fake runtime injects on the calling thread (fake_cuda_runtime.cc).
 namespace fake_cuda {
-enum What { kNothing, kEvents, kMalloc, kLaunch, kMallocHost };
+enum What { kNothing, kEvents, kMalloc, kLaunch, kMallocHost, kIpcOpen };
 void Fail(What what);
 void UseGpu(int gpu);
 int LiveEvents();
@@ -63,6 +63,9 @@ bool g_cuda_aware = false;
 bool g_own_gpus = false;
 // The device number the ranks' arrays are on, set between runs.
 int g_device = 0;
+// The rank that cannot open other ranks' events and memory through CUDA IPC (-1: none), set
+// between runs.
+int g_ipc_fails_on = -1;
 // The time-out where RunPlaced keeps each rank's error (tests of failures expect none to wait it out).
 double g_errors_timeout = 5;
 
@@ -177,6 +180,7 @@ void RunPlaced(const std::vector<int>& node_of, const std::function<void(int ran
   for (int r = 0; r < P; ++r) {
     threads.emplace_back([&, r] {
       fake_cuda::UseGpu(g_own_gpus ? r : 0);
+      if (r == g_ipc_fails_on) fake_cuda::Fail(fake_cuda::kIpcOpen);
       PlacedTransport placed(std::move(world[r]), node_of);
       std::unique_ptr<pycomm::Hierarchy> hierarchy;
       uint64_t arena_seq = 0;
@@ -352,7 +356,7 @@ void TestUnexportableMemory(const std::vector<int>& node_of) {
 
 // Allocations that ranks free after using them in calls are closed by their peers within a few
 // later calls (each call checks one cached export and carries up to 4 retirements), not left
-// mapped until the communicator closes: afterwards only the buffer still in use is open.
+// mapped until the communicator closes: afterwards only the buffers still in use are open.
 void TestFreedMemoryUnmapped(const std::vector<int>& node_of) {
   const int P = static_cast<int>(node_of.size());
   constexpr int kTemporaries = 9;
@@ -379,10 +383,23 @@ void TestFreedMemoryUnmapped(const std::vector<int>& node_of) {
     Sync();
     cudaFree(kept);
   });
-  // At most every rank's mapping of every other rank's `kept`.
-  Expect(open_before_close >= 0 && open_before_close <= P * (P - 1),
+  // At most every rank's mapping of every other rank's `kept` and staging buffer (opened at set-up).
+  Expect(open_before_close >= 0 && open_before_close <= 2 * P * (P - 1),
          "allocations left mapped after their owners freed them: " + std::to_string(open_before_close.load()) + " " +
              Layout(node_of));
+}
+
+// Whether every rank's device collectives go through the host (no CUDA IPC), as `want` says.
+void TestThroughHost(const std::vector<int>& node_of, bool want) {
+  const int P = static_cast<int>(node_of.size());
+  std::vector<int> through_host(P, -1);
+  RunPlaced(node_of, [&](int r, pycomm::DeviceCollectives& c) {
+    through_host[r] = std::string(c.work_name()).find("through the host") != std::string::npos;
+  });
+  for (int r = 0; r < P; ++r) {
+    Expect(through_host[r] == static_cast<int>(want),
+           std::string(want ? "not " : "") + "through the host " + Layout(node_of) + " rank " + std::to_string(r));
+  }
 }
 
 // Rank 0 reduces 10 elements where every other rank reduces 20 (the same hand-off, another call),
@@ -817,6 +834,26 @@ int main() {
   TestQuiesceWithoutARank({0, 0}, 1);
   TestQuiesceWithoutARank({0, 0, 0}, 2);
   TestQuiesceWithoutARank({0, 0, 0}, 0);
+  // Without CUDA IPC (a rank cannot open its peers' events or memory, or PYCOMM_GPU_IPC=off on
+  // some rank): every rank goes through the host, on a shared GPU or GPUs of their own (split).
+  for (bool own : {false, true}) {
+    g_own_gpus = own;
+    for (int failing : {1, 0, -1}) {
+      g_ipc_fails_on = failing;
+      if (failing < 0) setenv("PYCOMM_GPU_IPC", "off", 1);
+      for (const auto& layout : {std::vector<int>{0, 0}, std::vector<int>{0, 0, 0, 0}, std::vector<int>{0, 0, 1, 1}}) {
+        TestThroughHost(layout, true);
+        TestAllreduce(layout, 1000);
+        TestAllreduce(layout, (4 << 20) / 8 + 5);  // two pieces of host staging
+        TestOthers(layout, 333);
+        TestMismatch(layout, false);
+      }
+      unsetenv("PYCOMM_GPU_IPC");
+    }
+    g_ipc_fails_on = -1;
+    TestThroughHost({0, 0}, false);
+  }
+  g_own_gpus = false;
   TestOtherNodeSilent({0, 1});
   TestOtherNodeSilent({0, 0, 1});
   TestCallersContextKept({0, 0, 0});
