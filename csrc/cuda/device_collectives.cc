@@ -159,6 +159,7 @@ class GroupCollectives : public DeviceCollectives {
   void ConnectNodes(Transport& leaders, size_t chunk_bytes, double timeout_s, bool through_mpi) {
     cuda::DeviceGuard guard(group_.device());  // the events below belong to this rank's GPU
     across_ = std::make_unique<cuda::CrossNode>(leaders, chunk_bytes, timeout_s, through_mpi);
+    leader_links_ = {{0, across_.get()}};
     cuda::Check(cudaEventCreateWithFlags(&scratch_free_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
   }
 
@@ -234,7 +235,7 @@ class GroupCollectives : public DeviceCollectives {
           // unless split), is combined across nodes there with that slice's owners, and is then
           // copied (for kAvg: divided) into every output of the node.
           const ReduceOp partial = Partial(op);
-          const auto links = Links(part);
+          const auto& links = Links(part);
           for (const auto& [index, link] : links) {
             const Slice slice = part.split ? SliceOf(count, es, cuda::WorkPart{index, slices_}) : Slice{0, count};
             const size_t n = slice.last - slice.first;
@@ -378,10 +379,8 @@ class GroupCollectives : public DeviceCollectives {
 
   // The links over which this rank's part of a call crosses between nodes, with the slice each
   // carries: the leaders' (the leader's protocol), or one per slice this rank owns (split).
-  std::vector<std::pair<int, cuda::CrossNode*>> Links(cuda::WorkPart part) const {
-    if (part.split) return slice_links_;
-    return {{0, across_.get()}};
-  }
+  using LinkList = std::vector<std::pair<int, cuda::CrossNode*>>;
+  const LinkList& Links(cuda::WorkPart part) const { return part.split ? slice_links_ : leader_links_; }
 
   // Across nodes, each call is agreed on over every link before its data crosses
   // (DeviceGroup::Run), the memory it needs reserved first, so that a failure to get it is agreed
@@ -505,10 +504,11 @@ class GroupCollectives : public DeviceCollectives {
   std::unique_ptr<Transport> own_transport_;  // group_'s, for a rank alone on its node (set by Own)
   cuda::DeviceGroup group_;
   std::unique_ptr<cuda::CrossNode> across_;  // on a leader when there are several nodes
+  LinkList leader_links_ = {{0, nullptr}};   // the leader's protocol: across_ carries the whole call
   // Split across nodes: the slices' count (the most ranks on a node), and this rank's slices with
   // their links (slice 0's is across_); own_links_ holds the others.
   int slices_ = 0;
-  std::vector<std::pair<int, cuda::CrossNode*>> slice_links_;
+  LinkList slice_links_;
   std::vector<std::unique_ptr<cuda::CrossNode>> own_links_;
   cuda::Scratch scratch_{cuda::Memory::kDevice};
   cudaEvent_t scratch_free_ = nullptr;
