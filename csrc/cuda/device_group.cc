@@ -672,6 +672,17 @@ void DeviceGroup::Quiesce() {
   // Every rank first: one that is gone or stuck fails this within the time-out, before this rank
   // waits for its GPU, whose queued work may wait forever for the missing rank's.
   MeetAll();
+  // Every peer has now queued all it ever will, so the last records of its events are final.
+  // Once they have completed (a timed wait on the host), every wait this rank's streams made on
+  // them is met, and the device synchronisation below waits for this rank's own work only, not
+  // forever for a rank that died after the meeting.
+  for (int peer = 0; peer < static_cast<int>(peer_ready_.size()); ++peer) {
+    for (cudaEvent_t event : {peer_ready_[peer], peer_done_[peer]}) {
+      if (!event) continue;
+      EventRequest finished(event, peer);
+      Wait(finished, timeout_s_);
+    }
+  }
   Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   quiesced_ = true;
   importer_.CloseAll();

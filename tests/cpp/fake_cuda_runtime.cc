@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -74,13 +75,26 @@ CUresult FakePointerGetAttributes(unsigned int n, CUpointer_attribute* attribute
   return CUDA_SUCCESS;
 }
 
+// An operation on a stream. `waits_on` and `position`: it waits for that stream's first
+// `position` operations (cudaStreamWaitEvent); `stalls`: it stands for GPU work that never ends
+// (a peer that died), until ReleaseStalls.
+struct Stream;
+struct Op {
+  std::function<void()> run;
+  Stream* waits_on = nullptr;
+  uint64_t position = 0;
+  bool stalls = false;
+};
+
 // A stream: operations in order, run by whichever thread first needs them done.
 struct Stream {
   std::mutex m;
-  std::deque<std::function<void()>> pending;
+  std::deque<Op> pending;
   uint64_t queued = 0;     // operations ever queued
   uint64_t completed = 0;  // operations run to the end
   std::thread::id runner;  // the thread running one now, if any
+  // What the operation being run now (if any) stands for, with its `run` taken out.
+  Op running;
 };
 
 // Each thread ("process") by a number of its own: thread ids are reused once a thread ends.
@@ -101,18 +115,45 @@ Stream* StreamOf(cudaStream_t handle) {
   return s.get();
 }
 
-void Enqueue(cudaStream_t handle, std::function<void()> op) {
+void Enqueue(cudaStream_t handle, std::function<void()> run, Stream* waits_on = nullptr, uint64_t position = 0,
+             bool stalls = false) {
   Stream* s = StreamOf(handle);
   std::lock_guard<std::mutex> lock(s->m);
-  s->pending.push_back(std::move(op));
+  s->pending.push_back(Op{std::move(run), waits_on, position, stalls});
   ++s->queued;
+}
+
+std::atomic<bool> g_stalls_released{false};
+
+// Whether `s`'s first `target` operations can complete, or some stalled operation stands in the
+// way (on `s`, or on a stream that one of them waits for): what a real cudaEventQuery tells
+// without waiting.
+bool CanComplete(Stream* s, uint64_t target) {
+  std::vector<std::pair<Stream*, uint64_t>> waits;
+  {
+    std::lock_guard<std::mutex> lock(s->m);
+    if (s->completed >= target) return true;
+    if (g_stalls_released) return true;
+    if (s->running.stalls) return false;
+    if (s->running.waits_on) waits.emplace_back(s->running.waits_on, s->running.position);
+    const uint64_t first = s->queued - s->pending.size();  // the front's index
+    for (uint64_t i = first; i < target && i - first < s->pending.size(); ++i) {
+      const Op& op = s->pending[i - first];
+      if (op.stalls) return false;
+      if (op.waits_on) waits.emplace_back(op.waits_on, op.position);
+    }
+  }
+  for (const auto& [stream, position] : waits) {
+    if (!CanComplete(stream, position)) return false;
+  }
+  return true;
 }
 
 // Runs `s` until its first `target` operations have completed. Another thread running it is
 // left to go on; if it stops short, this thread takes over.
 void RunUntil(Stream* s, uint64_t target) {
   for (;;) {
-    std::function<void()> op;
+    Op op;
     {
       std::lock_guard<std::mutex> lock(s->m);
       if (s->completed >= target) return;
@@ -121,14 +162,15 @@ void RunUntil(Stream* s, uint64_t target) {
         s->runner = std::this_thread::get_id();
         op = std::move(s->pending.front());
         s->pending.pop_front();
+        s->running = Op{nullptr, op.waits_on, op.position, op.stalls};
       }
     }
-    if (!op) {
+    if (!op.run) {
       std::this_thread::yield();
       continue;
     }
     try {
-      op();
+      op.run();
     } catch (const std::exception& e) {  // a queued operation has no caller to throw to
       std::fprintf(stderr, "fake CUDA runtime: a queued operation threw: %s\n", e.what());
       std::abort();
@@ -136,6 +178,7 @@ void RunUntil(Stream* s, uint64_t target) {
     std::lock_guard<std::mutex> lock(s->m);
     ++s->completed;
     s->runner = std::thread::id();
+    s->running = Op{};
   }
 }
 
@@ -228,6 +271,22 @@ void Fail(What what) { g_fail = what; }
 // This thread's device 0 is physical GPU `gpu` (as with one CUDA_VISIBLE_DEVICES per rank); all
 // threads share GPU 0 by default.
 void UseGpu(int gpu) { g_physical_gpu = gpu; }
+// From now on this thread's default stream stands still, as the GPU work of a rank that died
+// would: what is queued after this never runs (a query of an event recorded after it says not
+// ready; a synchronisation waits) until ReleaseStalls, or for at most 30 s.
+void StallStream() {
+  g_stalls_released = false;
+  Enqueue(
+      nullptr,
+      [] {
+        const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+        while (!g_stalls_released && std::chrono::steady_clock::now() < until) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        }
+      },
+      nullptr, 0, true);
+}
+void ReleaseStalls() { g_stalls_released = true; }
 // A rank's thread ends: its streams run to the end, so that nothing it queued runs after its
 // memory is gone.
 void ThreadExit() {
@@ -322,16 +381,19 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   state.position = s->queued;
   return cudaSuccess;
 }
-// Completes the work before the last record (the "GPU" runs it now): never cudaErrorNotReady.
+// Completes the work before the last record (the "GPU" runs it now), unless a stalled
+// operation stands in the way: cudaErrorNotReady only then.
 cudaError_t cudaEventQuery(cudaEvent_t event) {
   auto [stream, position] = LastRecord(event);
-  if (stream) RunUntil(stream, position);
+  if (!stream) return cudaSuccess;
+  if (!CanComplete(stream, position)) return cudaErrorNotReady;
+  RunUntil(stream, position);
   return cudaSuccess;
 }
 // The stream waits for the event's last record at the time of this call, as in CUDA.
 cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int) {
   auto [waited, position] = LastRecord(event);
-  if (waited) Enqueue(stream, [waited = waited, position = position] { RunUntil(waited, position); });
+  if (waited) Enqueue(stream, [waited = waited, position = position] { RunUntil(waited, position); }, waited, position);
   return cudaSuccess;
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t stream) {

@@ -47,6 +47,8 @@ int CurrentDevice();
 void DropContext();
 bool MadeContext(int device);
 int DeviceSyncs();
+void StallStream();
+void ReleaseStalls();
 }  // namespace fake_cuda
 
 namespace {
@@ -387,6 +389,49 @@ void TestFreedMemoryUnmapped(const std::vector<int>& node_of) {
   Expect(open_before_close >= 0 && open_before_close <= 2 * P * (P - 1),
          "allocations left mapped after their owners freed them: " + std::to_string(open_before_close.load()) + " " +
              Layout(node_of));
+}
+
+// A rank whose GPU work never finishes, as a rank's that died after close()'s first meeting:
+// close fails on every other rank within the time-out, none waits for its GPU forever. (The
+// stuck rank itself waits for its own GPU, as any program would.)
+void TestPeerGpuStuckAtClose(const std::vector<int>& node_of, int stuck) {
+  const int P = static_cast<int>(node_of.size());
+  std::vector<std::string> errors(P);
+  std::atomic<int> closed{0}, synced{0};
+  double seconds = 0;  // until every other rank's close has returned
+  const double timeout = g_errors_timeout;
+  g_errors_timeout = 1;
+  const auto start = std::chrono::steady_clock::now();
+  RunPlaced(
+      node_of,
+      [&](int r, pycomm::DeviceCollectives& c) {
+        int64_t* a = DeviceArray(std::vector<int64_t>(1000, r));
+        if (r == stuck) fake_cuda::StallStream();
+        c.Allreduce(a, a, 1000, DataType::kInt64, ReduceOp::kSum, nullptr);
+        try {
+          c.Quiesce();
+        } catch (const std::exception& e) {
+          errors[r] = e.what();
+        }
+        if (r != stuck && ++closed == P - 1) {
+          seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+          fake_cuda::ReleaseStalls();  // the "GPU" may go on: the test is over
+        }
+        while (closed < P - 1) std::this_thread::yield();
+        Sync();  // this rank's queued work, which may read others' `a`, has run
+        ++synced;
+        while (synced < P) std::this_thread::yield();
+        cudaFree(a);
+      },
+      &errors);
+  g_errors_timeout = timeout;
+  for (int r = 0; r < P; ++r) {
+    if (r == stuck) continue;
+    Expect(!errors[r].empty(), "close with rank " + std::to_string(stuck) + "'s GPU stuck " + Layout(node_of) +
+                                   ": no error on rank " + std::to_string(r));
+  }
+  Expect(seconds < 10, "close with rank " + std::to_string(stuck) + "'s GPU stuck took " + std::to_string(seconds) +
+                           " s " + Layout(node_of));
 }
 
 // Whether every rank's device collectives go through the host (no CUDA IPC), as `want` says.
@@ -854,6 +899,13 @@ int main() {
     TestThroughHost({0, 0}, false);
   }
   g_own_gpus = false;
+  setenv("PYCOMM_GPU_SYNC", "stream", 1);  // host sync makes no GPU wait for another rank's work
+  TestPeerGpuStuckAtClose({0, 0}, 1);
+  TestPeerGpuStuckAtClose({0, 0, 0}, 0);
+  g_own_gpus = true;  // split work
+  TestPeerGpuStuckAtClose({0, 0, 0}, 2);
+  g_own_gpus = false;
+  unsetenv("PYCOMM_GPU_SYNC");
   TestOtherNodeSilent({0, 1});
   TestOtherNodeSilent({0, 0, 1});
   TestCallersContextKept({0, 0, 0});
