@@ -4,12 +4,13 @@
 #   2. builds the CUDA kernels, their benchmark and the Python module (in place, into pycomm/);
 #   3. checks the GPU reduction kernels against a host reference and measures them against a
 #      device-to-device copy (bench/gpu/reduce_bench.cu);
-#   4. runs every test marked gpu: torch, cupy and DLPack-only arrays at P = 1, 2, 4 (and 9) ranks
-#      sharing the GPU, split work forced at P = 2 and 4, and 4 ranks on simulated nodes (leaders,
-#      or split, every slice's owners, combine through pinned host memory);
-#   5. runs the GPU allreduce benchmark at P = 2 and 4 (bench/gpu_allreduce.py), host sync, at
-#      P = 2 with stream sync and with split work, and at P = 2 on two simulated nodes;
-#   6. trains with cupy arrays (python -m pycomm.train --device gpu --check) where scikit-learn exists.
+#   4-5. runs the GPU allreduce benchmark at P = 2 and 4 (bench/gpu_allreduce.py), host sync, at
+#      P = 2 with stream sync and with split work, and at P = 2 on two simulated nodes (the path
+#      every rank takes without CUDA IPC, too);
+#   6. runs every test marked gpu: torch, cupy and DLPack-only arrays at P = 1, 2, 4 (and 9) ranks
+#      sharing the GPU, split work forced at P = 2 and 4, 4 ranks on simulated nodes (leaders,
+#      or split, every slice's owners, combine through pinned host memory), and without CUDA IPC;
+#   7. trains with cupy arrays (python -m pycomm.train --device gpu --check) where scikit-learn exists.
 # Logs and JSON go to $OUT (default build/gpu-check-out); a short summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -62,11 +63,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 timed "$(limit 120)" ./build/gpu-check/reduce_bench >"$OUT/reduce_bench.txt" 2>&1
 step "kernel check + bandwidth" "exit $? ($(grep -o 'correctness: .*' "$OUT/reduce_bench.txt"))"
 
-# 4. GPU tests
-timed "$(limit 330)" $PY -m pytest -q -p no:cacheprovider -m gpu -rs --durations=8 tests/ >"$OUT/gpu_tests.txt" 2>&1
-step "GPU tests (-m gpu)" "exit $? ($(tail -1 "$OUT/gpu_tests.txt"))"
-
-# 5. GPU allreduce benchmark, with each way of ordering the ranks' GPU work
+# 4. GPU allreduce benchmark, with each way of ordering the ranks' GPU work
 for sync in host stream; do
   for p in 2 4; do
     [ $sync = stream ] && [ $p = 4 ] && continue  # measured once (2026-11-27): 2x P=2's flat cost
@@ -75,15 +72,18 @@ for sync in host stream; do
     step "GPU allreduce bench $sync P=$p" "exit $?"
   done
 done
-# 5a. Split work forced on the one GPU (auto picks it where each rank has a GPU of its own)
+# 5. Split work forced on the one GPU (auto picks it where each rank has a GPU of its own)
 PYCOMM_GPU_WORK=split timed "$(limit 60)" mpirun -n 2 $PY bench/gpu_allreduce.py --max-bytes $((64 << 20)) \
   --json "$OUT/part_split_p2.json" >>"$OUT/gpu_allreduce.txt" 2>&1
 step "GPU allreduce bench split P=2" "exit $?"
-# 5b. Across 2 simulated nodes of 1 rank (leaders combine through pinned host memory + the CPU ring)
+# 5a. Across 2 simulated nodes of 1 rank (leaders combine through pinned host memory + the CPU ring)
 PYCOMM_RANKS_PER_NODE=1 MPIR_CVAR_NOLOCAL=1 timed "$(limit 90)" mpirun -n 2 $PY bench/gpu_allreduce.py --max-bytes $((64 << 20)) \
   --json "$OUT/part_host_2nodes.json" >>"$OUT/gpu_allreduce.txt" 2>&1
 step "GPU allreduce bench 2 nodes x 1" "exit $?"
-# 6. The trainer on cupy arrays (its data sets come with scikit-learn, which the machine may lack)
+# 6. GPU tests, after the benchmarks: they have grown, and whatever time is left goes to them
+timed "$(limit 330)" $PY -m pytest -q -p no:cacheprovider -m gpu -rs --durations=25 tests/ >"$OUT/gpu_tests.txt" 2>&1
+step "GPU tests (-m gpu)" "exit $? ($(tail -1 "$OUT/gpu_tests.txt"))"
+# 7. The trainer on cupy arrays (its data sets come with scikit-learn, which the machine may lack)
 if $PY -c "import sklearn" >/dev/null 2>&1; then
   timed "$(limit 90)" mpirun -n 2 $PY -m pycomm.train --device gpu --check --steps 40 --no-progress >"$OUT/train_gpu.txt" 2>&1
   step "train --device gpu --check P=2" "exit $?"
