@@ -634,15 +634,16 @@ std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport,
     }
     try {
       collectives->Quiesce();  // collective: peers close what they opened of this rank's first
+      collectives.reset();
     } catch (...) {
-      collectives.release();  // its GPU state stays to the end of the process, as after close() fails
-      throw;
+      failure = std::current_exception();
+      (void)collectives.release();  // its GPU state stays to the end of the process, as after close() fails
     }
-    collectives.reset();
   }
-  // 3. Through the host.
+  // 3. Through the host (every rank votes below, even one whose step 2 failed, so that none waits
+  //    for it).
   try {
-    collectives = ThroughHost(transport, device, chunk_bytes, timeout_s, sync);
+    if (!failure) collectives = ThroughHost(transport, device, chunk_bytes, timeout_s, sync);
   } catch (...) {
     failure = std::current_exception();
   }

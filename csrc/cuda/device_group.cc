@@ -209,7 +209,7 @@ bool DeviceGroup::OpenFrom(int peer, const cudaIpcEventHandle_t& ready, const cu
   try {
     if (reads) {
       Check(cudaIpcOpenEventHandle(&peer_ready_[peer], ready), "cudaIpcOpenEventHandle");
-      importer_.Open(probe);  // mapped until close, like any buffer of the peer's
+      importer_.Open(probe, peer);  // mapped until close, like any buffer of the peer's
     }
     if (waits_done) Check(cudaIpcOpenEventHandle(&peer_done_[peer], done), "cudaIpcOpenEventHandle");
   } catch (const CommError&) {
@@ -223,6 +223,22 @@ DeviceGroup::~DeviceGroup() {
   DeviceGuard guard(device_);
   ReleaseEvents();
   for (const RetiredStaging& old : retired_staging_) cudaFree(old.ptr);
+}
+
+void DeviceGroup::LeaveWorkToLeader() {
+  if (work_ == DeviceWork::kLeader) return;
+  DeviceGuard guard(device_);
+  work_ = DeviceWork::kLeader;
+  // At set-up: no work is queued yet that could use them.
+  const int rank = transport_.rank();
+  for (int peer = 0; peer < static_cast<int>(peer_ready_.size()); ++peer) {
+    for (cudaEvent_t* event :
+         {rank != kLeader ? &peer_ready_[peer] : nullptr, peer != kLeader ? &peer_done_[peer] : nullptr}) {
+      if (event && *event) cudaEventDestroy(*event);
+      if (event) *event = nullptr;
+    }
+  }
+  if (rank != kLeader) importer_.CloseAll();
 }
 
 void DeviceGroup::ReleasePeerEvents() {
@@ -389,6 +405,7 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
   if (quiesced_) throw CommError("pycomm: the device collectives are closed");
   if (!ipc_) throw std::logic_error("pycomm: a device group without CUDA IPC was used");
   DeviceGuard guard(device_);
+  importer_.NextCall();
   try {
     if (work_ == DeviceWork::kSplit) {
       RunSplit(call, buffers, stream, work, agree);
@@ -405,7 +422,7 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
 void DeviceGroup::CloseRetired(const char* message) {
   Header header;
   std::memcpy(&header, message, sizeof header);
-  for (int i = 0; i < header.retired_count && i < kRetiredPerCall; ++i) importer_.Close(header.retired[i]);
+  importer_.Close(header.retired, std::clamp(header.retired_count, 0, kRetiredPerCall));
 }
 
 void DeviceGroup::SettleRetired(bool delivered) {
@@ -479,7 +496,7 @@ void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>
       for (size_t i = 0; i < buffers.size(); ++i) {
         IpcBuffer record;
         std::memcpy(&record, records + i, sizeof record);
-        mapped[peer][i] = buffers[i].bytes ? importer_.Open(record) : nullptr;
+        mapped[peer][i] = buffers[i].bytes ? importer_.Open(record, peer) : nullptr;
       }
     }
     if (agree) agree.prepare(WorkPart{});
@@ -596,7 +613,7 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
         }
         IpcBuffer record;
         std::memcpy(&record, records + i, sizeof record);
-        mapped[q][i] = buffers[i].bytes ? importer_.Open(record) : nullptr;
+        mapped[q][i] = buffers[i].bytes ? importer_.Open(record, q) : nullptr;
       }
     }
   } catch (...) {

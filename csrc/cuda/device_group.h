@@ -150,7 +150,9 @@ class DeviceGroup {
            const CrossNodeAgreement& agree = {});
   // Collective, between calls: the leader's protocol from now on (where other nodes' groups
   // could not split their work, say).
-  void LeaveWorkToLeader() { work_ = DeviceWork::kLeader; }
+  // Closes what split work opened that the leader's protocol does not use (a peer that frees its
+  // staging later tells the leader alone).
+  void LeaveWorkToLeader();
   // Collective, the group's last call: waits until no rank's queued GPU work can still use the
   // group's events or another rank's buffers, and closes what this rank opened of others' before
   // any rank goes on to free its own (CUDA leaves freeing what a peer still has open undefined).

@@ -23,14 +23,11 @@ bool IpcExporter::Export(const void* ptr, IpcBuffer* out) {
   }
   out->offset = reinterpret_cast<uintptr_t>(ptr) - static_cast<uintptr_t>(base);
   auto it = by_base_.find(static_cast<uintptr_t>(base));
-  if (it != by_base_.end()) {
-    if (it->second.buffer_id == buffer_id && it->second.size == size) {
-      out->handle = it->second.handle;
-      return true;
-    }
-    retired_.push_back(it->second.handle);  // the allocation cached here was freed
-    by_base_.erase(it);
+  if (it != by_base_.end() && it->second.buffer_id == buffer_id && it->second.size == size) {
+    out->handle = it->second.handle;
+    return true;
   }
+  RetireOverlapping(static_cast<uintptr_t>(base), size);  // freed: this allocation took their place
   cudaIpcMemHandle_t handle;
   if (cudaIpcGetMemHandle(&handle, reinterpret_cast<void*>(base)) != cudaSuccess) {
     cudaGetLastError();  // pool memory cannot be exported: not an error for the caller
@@ -39,6 +36,18 @@ bool IpcExporter::Export(const void* ptr, IpcBuffer* out) {
   by_base_[static_cast<uintptr_t>(base)] = Entry{buffer_id, size, handle};
   out->handle = handle;
   return true;
+}
+
+void IpcExporter::RetireOverlapping(uintptr_t base, size_t size) {
+  auto it = by_base_.lower_bound(base);
+  if (it != by_base_.begin()) {
+    auto before = std::prev(it);
+    if (before->first + before->second.size > base) it = before;
+  }
+  while (it != by_base_.end() && it->first < base + size) {
+    retired_.push_front(it->second.handle);
+    it = by_base_.erase(it);
+  }
 }
 
 bool IpcExporter::Retire(const void* base, cudaIpcMemHandle_t* handle) {
@@ -80,12 +89,32 @@ void IpcExporter::Requeue(const std::vector<cudaIpcMemHandle_t>& handles) {
   retired_.insert(retired_.begin(), handles.begin(), handles.end());
 }
 
-void IpcImporter::Close(const cudaIpcMemHandle_t& handle) {
-  auto it = mapped_.find(Key(handle));
-  if (it == mapped_.end()) return;
+void IpcImporter::Unmap(std::map<std::string, Mapping>::iterator it) {
   cudaIpcCloseMemHandle(it->second.base);
   order_.erase(it->second.use);
   mapped_.erase(it);
+}
+
+void IpcImporter::Close(const cudaIpcMemHandle_t* handles, int count) {
+  bool synced = false;
+  for (int i = 0; i < count; ++i) {
+    auto it = mapped_.find(Key(handles[i]));
+    if (it == mapped_.end()) continue;
+    if (!synced) Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    synced = true;
+    Unmap(it);
+  }
+}
+
+bool IpcImporter::CloseStale(int peer) {
+  std::vector<std::map<std::string, Mapping>::iterator> stale;
+  for (auto it = mapped_.begin(); it != mapped_.end(); ++it) {
+    if (it->second.peer == peer && it->second.call != call_) stale.push_back(it);
+  }
+  if (stale.empty()) return false;
+  Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  for (auto it : stale) Unmap(it);
+  return true;
 }
 
 void IpcImporter::CloseAll() {
@@ -94,23 +123,27 @@ void IpcImporter::CloseAll() {
   order_.clear();
 }
 
-void* IpcImporter::Open(const IpcBuffer& buffer) {
+void* IpcImporter::Open(const IpcBuffer& buffer, int peer) {
   const std::string key = Key(buffer.handle);
   auto it = mapped_.find(key);
   if (it != mapped_.end()) {
     order_.splice(order_.end(), order_, it->second.use);
+    it->second.call = call_;
     return static_cast<char*>(it->second.base) + buffer.offset;
   }
   if (mapped_.size() >= kMaxMappings) {
     Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-    cudaIpcCloseMemHandle(mapped_.at(order_.front()).base);
-    mapped_.erase(order_.front());
-    order_.pop_front();
+    Unmap(mapped_.find(order_.front()));
   }
   void* base = nullptr;
-  Check(cudaIpcOpenMemHandle(&base, buffer.handle, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
+  cudaError_t err = cudaIpcOpenMemHandle(&base, buffer.handle, cudaIpcMemLazyEnablePeerAccess);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    if (CloseStale(peer)) err = cudaIpcOpenMemHandle(&base, buffer.handle, cudaIpcMemLazyEnablePeerAccess);
+  }
+  Check(err, "cudaIpcOpenMemHandle");
   order_.push_back(key);
-  mapped_.emplace(key, Mapping{base, std::prev(order_.end())});
+  mapped_.emplace(key, Mapping{base, std::prev(order_.end()), peer, call_});
   return static_cast<char*>(base) + buffer.offset;
 }
 

@@ -27,8 +27,9 @@ struct IpcBuffer {
 // cudaMallocAsync) is reported as such, so the caller can stage it through exportable memory.
 class IpcExporter {
  public:
-  // Returns false when `ptr`'s allocation cannot be exported. An allocation found freed (another
-  // now at its address) is retired.
+  // Returns false when `ptr`'s allocation cannot be exported. Cached allocations found freed
+  // (another now overlaps their addresses) are retired first in line: importers must close them
+  // before they can map the new one (CUDA refuses a mapping over one still open).
   bool Export(const void* ptr, IpcBuffer* out);
   // Retires the export of the allocation at `base`, which its owner is about to free: returns
   // its handle, or false where it was never exported.
@@ -47,6 +48,9 @@ class IpcExporter {
     size_t size;
     cudaIpcMemHandle_t handle;
   };
+  // Retires the cached allocations that overlap [base, base + size), first in line.
+  void RetireOverlapping(uintptr_t base, size_t size);
+
   std::map<uintptr_t, Entry> by_base_;
   std::deque<cudaIpcMemHandle_t> retired_;
   uintptr_t sweep_from_ = 0;  // the base Sweep checks next (the first at or above it)
@@ -58,12 +62,16 @@ class IpcExporter {
 class IpcImporter {
  public:
   ~IpcImporter() { CloseAll(); }
-  // The address of the peer's buffer in this process.
-  void* Open(const IpcBuffer& buffer);
-  // Unmaps a retired allocation, if mapped. No queued work here reads it: its owner's calls
-  // waited (on its stream or its host) for the work that read its buffers, and its free waited
-  // for its GPU.
-  void Close(const cudaIpcMemHandle_t& handle);
+  // A new collective begins: mappings opened or used from now on are this call's.
+  void NextCall() { ++call_; }
+  // The address of `peer`'s buffer in this process. Where CUDA refuses to map it (most likely
+  // because a mapping of a freed allocation of the peer's, whose retirement has not arrived yet,
+  // overlaps it), the peer's mappings that this call has not used are closed, after waiting for
+  // the device, and the mapping is tried once more.
+  void* Open(const IpcBuffer& buffer, int peer);
+  // Unmaps the retired allocations among `handles` that are mapped, after waiting for the device
+  // (once, and only where one is): queued work may still read them after a call failed midway.
+  void Close(const cudaIpcMemHandle_t* handles, int count);
   // Unmaps every buffer (no queued work may read them any more).
   void CloseAll();
 
@@ -75,9 +83,16 @@ class IpcImporter {
   struct Mapping {
     void* base;
     std::list<std::string>::iterator use;  // its place in order_
+    int peer;
+    uint64_t call;  // the last call that used it
   };
+  void Unmap(std::map<std::string, Mapping>::iterator it);
+  // Closes `peer`'s mappings that this call has not used; false where there are none.
+  bool CloseStale(int peer);
+
   std::map<std::string, Mapping> mapped_;  // key: the handle's bytes
   std::list<std::string> order_;           // least recently used first
+  uint64_t call_ = 0;
 };
 
 }  // namespace pycomm::cuda

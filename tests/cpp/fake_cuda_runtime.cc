@@ -35,6 +35,7 @@ namespace {
 struct Allocation {
   size_t size;
   unsigned long long id;
+  bool placed = false;  // at an address the test chose, in memory it owns (PlaceAllocation)
 };
 
 std::mutex g_mutex;
@@ -222,6 +223,14 @@ int g_live_events = 0;
 // how many were freed while some importer still had them open (CUDA: undefined behaviour).
 std::map<void*, int> g_ipc_opens;
 int g_freed_while_open = 0;
+// What this thread ("process") has mapped through IPC: base -> (size, allocation id). CUDA
+// refuses to map an allocation over one still mapped (one freed since, whose addresses the new
+// one reuses).
+struct Mapped {
+  size_t size;
+  unsigned long long id;
+};
+thread_local std::map<char*, Mapped> g_mapped_here;
 
 cudaEvent_t NewEvent(std::shared_ptr<EventState> state) {
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -287,6 +296,12 @@ void StallStream() {
       nullptr, 0, true);
 }
 void ReleaseStalls() { g_stalls_released = true; }
+// Device memory of `size` bytes at `at`, in memory the caller owns (cudaFree only forgets it):
+// so that a test can make allocations reuse each other's addresses, as CUDA's allocator does.
+void PlaceAllocation(void* at, size_t size) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_device[static_cast<char*>(at)] = Allocation{size, g_next_id++, true};
+}
 // A rank's thread ends: its streams run to the end, so that nothing it queued runs after its
 // memory is gone.
 void ThreadExit() {
@@ -333,12 +348,15 @@ cudaError_t cudaMalloc(void** ptr, size_t size) {
 cudaError_t cudaFree(void* ptr) {
   if (!ptr) return cudaSuccess;
   SynchronizeThisThread();  // as CUDA's does: queued work may still use the memory
+  bool placed = false;
   {
     std::lock_guard<std::mutex> lock(g_mutex);
-    g_device.erase(static_cast<char*>(ptr));
+    auto it = g_device.find(static_cast<char*>(ptr));
+    placed = it != g_device.end() && it->second.placed;
+    if (it != g_device.end()) g_device.erase(it);
     if (g_ipc_opens.count(ptr)) ++g_freed_while_open;
   }
-  std::free(ptr);
+  if (!placed) std::free(ptr);
   return cudaSuccess;
 }
 
@@ -418,23 +436,37 @@ cudaError_t cudaIpcOpenEventHandle(cudaEvent_t* event, cudaIpcEventHandle_t hand
   *event = NewEvent(exported->state);  // a handle of its own on the same event
   return cudaSuccess;
 }
+// A handle holds the allocation's base, id (distinct per allocation) and size.
 cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t* handle, void* ptr) {
   char* base = nullptr;
   Allocation a{};
   if (!Find(ptr, &base, &a) || base != ptr) return cudaErrorInvalidValue;
   std::memset(handle, 0, sizeof *handle);
-  std::memcpy(handle, &ptr, sizeof ptr);
-  std::memcpy(reinterpret_cast<char*>(handle) + sizeof ptr, &a.id, sizeof a.id);  // distinct per allocation
+  char* bytes = reinterpret_cast<char*>(handle);
+  std::memcpy(bytes, &ptr, sizeof ptr);
+  std::memcpy(bytes + 8, &a.id, sizeof a.id);
+  std::memcpy(bytes + 16, &a.size, sizeof a.size);
   return cudaSuccess;
 }
 cudaError_t cudaIpcOpenMemHandle(void** ptr, cudaIpcMemHandle_t handle, unsigned int) {
   if (g_fail == fake_cuda::kIpcOpen) return cudaErrorMapBufferObjectFailed;
-  std::memcpy(ptr, &handle, sizeof *ptr);
+  const char* bytes = reinterpret_cast<const char*>(&handle);
+  char* base = nullptr;
+  Mapped m{};
+  std::memcpy(&base, bytes, sizeof base);
+  std::memcpy(&m.id, bytes + 8, sizeof m.id);
+  std::memcpy(&m.size, bytes + 16, sizeof m.size);
+  for (const auto& [at, other] : g_mapped_here) {
+    if (at < base + m.size && base < at + other.size) return cudaErrorAlreadyMapped;
+  }
+  g_mapped_here[base] = m;
+  *ptr = base;
   std::lock_guard<std::mutex> lock(g_mutex);
   ++g_ipc_opens[*ptr];
   return cudaSuccess;
 }
 cudaError_t cudaIpcCloseMemHandle(void* ptr) {
+  g_mapped_here.erase(static_cast<char*>(ptr));
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = g_ipc_opens.find(ptr);
   if (it == g_ipc_opens.end()) return cudaErrorInvalidValue;

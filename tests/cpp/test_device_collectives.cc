@@ -49,6 +49,7 @@ bool MadeContext(int device);
 int DeviceSyncs();
 void StallStream();
 void ReleaseStalls();
+void PlaceAllocation(void* at, size_t size);
 }  // namespace fake_cuda
 
 namespace {
@@ -391,6 +392,44 @@ void TestFreedMemoryUnmapped(const std::vector<int>& node_of) {
              Layout(node_of));
 }
 
+// A new allocation over the addresses of freed ones (which peers still have mapped), as caching
+// allocators make after returning memory: peers close the old mappings before mapping the new
+// one, which CUDA would refuse otherwise. Six freed allocations under one new one: more than a
+// call's retirements (4), so the rest are closed when the mapping is refused.
+void TestReusedAddresses(const std::vector<int>& node_of) {
+  const int P = static_cast<int>(node_of.size());
+  constexpr size_t kBlock = 512, kOld = 6;  // int64 elements per old allocation
+  // Each rank's "device memory", outliving every rank's queued work.
+  std::vector<std::vector<int64_t>> regions(P, std::vector<int64_t>(kBlock * (kOld + 1)));
+  RunPlaced(node_of, [&](int r, pycomm::DeviceCollectives& c) {
+    int64_t* region = regions[r].data();
+    for (size_t i = 0; i < kOld; ++i) {
+      int64_t* old = region + i * kBlock;
+      fake_cuda::PlaceAllocation(old, kBlock * 8);
+      std::fill(old, old + kBlock, r + 1);
+      c.Allreduce(old, old, kBlock, DataType::kInt64, ReduceOp::kSum, nullptr);
+    }
+    Sync();
+    for (size_t i = 0; i < kOld; ++i) cudaFree(region + i * kBlock);
+    int64_t* reused = region + kBlock / 4;  // another base, over all six
+    const size_t n = kBlock * kOld;
+    fake_cuda::PlaceAllocation(reused, n * 8);
+    std::fill(reused, reused + n, r + 1);
+    try {
+      c.Allreduce(reused, reused, n, DataType::kInt64, ReduceOp::kSum, nullptr);
+      Sync();
+      bool ok = true;
+      for (size_t i = 0; i < n; ++i) ok = ok && reused[i] == P * (P + 1) / 2;
+      Expect(ok, "allreduce over reused addresses " + Layout(node_of));
+    } catch (const std::exception& e) {
+      Expect(false, "allreduce over reused addresses " + Layout(node_of) + " threw: " + e.what());
+    }
+    c.Allreduce(reused, reused, 1, DataType::kInt64, ReduceOp::kMax, nullptr);  // nobody frees before all are done
+    Sync();
+    cudaFree(reused);
+  });
+}
+
 // A rank whose GPU work never finishes, as a rank's that died after close()'s first meeting:
 // close fails on every other rank within the time-out, none waits for its GPU forever. (The
 // stuck rank itself waits for its own GPU, as any program would.)
@@ -609,6 +648,39 @@ void TestAutoSync(const std::vector<int>& node_of, int gpus) {
   }
 }
 
+// A node whose ranks could split their work, next to one that cannot: the first goes over to the
+// leader's protocol at set-up, and its peers close the mappings split work had opened (a peer
+// later tells only its leader of the buffers it frees). Node 0: 2 ranks on 2 GPUs; node 1: 3
+// ranks on 2. Afterwards only each leader maps its peers' staging buffers.
+void TestLeaderAfterSplitSetUp() {
+  const std::vector<int> node_of = {0, 0, 1, 1, 1};
+  const int P = static_cast<int>(node_of.size());
+  const int open_at_start = fake_cuda::OpenIpcMappings();
+  std::atomic<int> arrived{0};
+  std::atomic<int> open_after_setup{-1};
+  std::vector<std::string> errors(P);
+  RunPlaced(
+      node_of,
+      [&](int r, pycomm::DeviceCollectives& c) {
+        Expect(std::string(c.work_name()) == "leader",
+               "work after a node could not split: " + std::string(c.work_name()));
+        if (++arrived == P) open_after_setup = fake_cuda::OpenIpcMappings() - open_at_start;
+        while (arrived < P) std::this_thread::yield();
+        int64_t* a = DeviceArray(std::vector<int64_t>(1000, r + 1));
+        c.Allreduce(a, a, 1000, DataType::kInt64, ReduceOp::kSum, nullptr);
+        Sync();
+        Expect(a[999] == P * (P + 1) / 2, "allreduce after a node left split work");
+        c.Allreduce(a, a, 1, DataType::kInt64, ReduceOp::kMax, nullptr);  // nobody frees before all are done
+        Sync();
+        cudaFree(a);
+        c.Quiesce();
+      },
+      &errors, [&](int r) { fake_cuda::UseGpu(r % 2); });
+  for (int r = 0; r < P; ++r)
+    Expect(errors[r].empty(), "leader after split set-up, rank " + std::to_string(r) + ": " + errors[r]);
+  Expect(open_after_setup == 3, "mappings after a node left split work: " + std::to_string(open_after_setup.load()));
+}
+
 // Split work: many calls in a row, alternating between two streams, each call's input written
 // on its stream just before: a rank that records its events again before every rank has queued
 // its waits for the last records would deadlock the fake's streams or read the wrong call.
@@ -799,7 +871,7 @@ int main() {
     for (size_t block : {size_t{0}, size_t{1}, size_t{333}}) TestOthers(layout, block);
     if (layout.size() > 1) TestMismatch(layout, false), TestMismatch(layout, true);
     TestUnexportableMemory(layout);
-    if (layout.size() > 1) TestFreedMemoryUnmapped(layout);
+    if (layout.size() > 1) TestFreedMemoryUnmapped(layout), TestReusedAddresses(layout);
   }
   TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kEvents, 3);
   TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kEvents, 0);
@@ -819,6 +891,7 @@ int main() {
   TestAutoSync({0, 0, 0, 0}, 2);  // two ranks a GPU
   TestAutoSync({0, 0, 0}, 1);
   TestAutoSync({0, 0, 1, 1}, 4);  // each node decides for itself
+  TestLeaderAfterSplitSetUp();
   // A stream of each rank's own instead of its default stream.
   const auto own_stream = reinterpret_cast<cudaStream_t>(0x5);
   for (const auto& layout : {std::vector<int>{0, 0, 0}, std::vector<int>{0, 0, 1}}) {
@@ -849,6 +922,7 @@ int main() {
       TestMismatch(layout, false), TestMismatch(layout, true);
       TestUnexportableMemory(layout);
       TestFreedMemoryUnmapped(layout);
+      TestReusedAddresses(layout);
       TestManyCalls(layout, 10007);
     }
     TestSplitLaunchFailure({0, 0, 0}, 1);
