@@ -132,14 +132,21 @@ def test_bad_node_setting_fails_on_every_rank():
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ("mpi", "CommError: pycomm: PYCOMM_GPU_INTER_NODE=mpi, but this MPI does not report CUDA support"),
-        ("nvlink", "ValueError: pycomm: PYCOMM_GPU_INTER_NODE must be auto, mpi or host, got nvlink"),
+        (
+            {"PYCOMM_GPU_INTER_NODE": "mpi"},
+            "CommError: pycomm: PYCOMM_GPU_INTER_NODE=mpi, but this MPI does not report",
+        ),
+        (
+            {"PYCOMM_GPU_INTER_NODE": "nvlink"},
+            "ValueError: pycomm: PYCOMM_GPU_INTER_NODE must be auto, mpi or host, got",
+        ),
+        ({"PYCOMM_GPU_IPC": "no"}, "ValueError: pycomm: PYCOMM_GPU_IPC must be auto or off, got no"),
     ],
 )
 def test_device_arrays_across_nodes_refuse_bad_settings_on_every_rank(setting, message):
     """Device arrays across nodes need a CUDA-aware MPI when PYCOMM_GPU_INTER_NODE=mpi (this
     MPICH is not one); every rank fails alike before any GPU call or message, and an unknown
     setting is refused the same way."""
-    env = {"PYCOMM_RANKS_PER_NODE": "2", "PYCOMM_GPU_INTER_NODE": setting, **NOLOCAL}
+    env = {"PYCOMM_RANKS_PER_NODE": "2", **setting, **NOLOCAL}
     result = run_mpi(4, "node_settings.py", "device", timeout=120, env=env)
     assert result.stdout.count(message) == 4, result.stdout
