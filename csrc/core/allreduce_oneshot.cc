@@ -15,6 +15,16 @@
 
 namespace pycomm {
 
+size_t OneShotMaxBytes(int ranks, bool single_copy) {
+  // Cut-overs measured on the 2-core VM (docs/algorithms.md). Above these the single-copy
+  // allreduce (one kernel copy per byte moved, two synchronisations) beats the one-shot (a copy
+  // into the arena, then P reads of everything, one synchronisation)...
+  if (single_copy) return ranks == 2 ? size_t{12} << 10 : size_t{64} << 10;
+  // ...and where the ranks cannot access each other's memory, above these the ring's 2(P-1)/P
+  // bytes per rank beat the one-shot: its 2(P-1) dependent steps cost more as P grows.
+  return ranks == 2 ? size_t{128} << 10 : size_t{512} << 10;
+}
+
 void AllreduceOneShot(const CollectiveContext& ctx, const void* send, void* recv, size_t count, DataType dtype,
                       ReduceOp op) {
   SharedArena& arena = *ctx.transport.arena();

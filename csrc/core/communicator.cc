@@ -24,16 +24,6 @@ namespace pycomm {
 
 namespace {
 
-// Cut-overs measured on the 2-core VM (docs/algorithms.md). Above these the single-copy
-// allreduce (one kernel copy per byte moved, two synchronisations) beats the one-shot (a copy
-// into the arena, then P reads of everything, one synchronisation)...
-constexpr size_t kOneShotMaxBytesTwoRanks = size_t{12} << 10;
-constexpr size_t kOneShotMaxBytesMoreRanks = size_t{64} << 10;
-// ...and where the ranks cannot access each other's memory, above these the ring's 2(P-1)/P
-// bytes per rank beat the one-shot: its 2(P-1) dependent steps cost more as P grows.
-constexpr size_t kOneShotMaxBytesTwoRanksNoSingleCopy = size_t{128} << 10;
-constexpr size_t kOneShotMaxBytesMoreRanksNoSingleCopy = size_t{512} << 10;
-
 std::atomic<bool> any_peer_failed{false};
 
 class CommunicatorImpl : public Communicator {
@@ -396,10 +386,7 @@ class CommunicatorImpl : public Communicator {
         return false;
       case Algorithm::kAuto:
         // Until the first single-copy call has probed (then the same on every rank), as if it works.
-        if (single_copy_.status == SingleCopyState::kUnavailable) {
-          return bytes <= (size() == 2 ? kOneShotMaxBytesTwoRanksNoSingleCopy : kOneShotMaxBytesMoreRanksNoSingleCopy);
-        }
-        return bytes <= (size() == 2 ? kOneShotMaxBytesTwoRanks : kOneShotMaxBytesMoreRanks);
+        return bytes <= OneShotMaxBytes(size(), single_copy_.status != SingleCopyState::kUnavailable);
       default:
         return false;
     }

@@ -19,12 +19,13 @@ constexpr size_t kPieceBytes = 4 << 20;
 
 }  // namespace
 
-CrossNode::CrossNode(Transport& leaders, size_t chunk_bytes, double timeout_s, bool through_mpi)
+CrossNode::CrossNode(Transport& leaders, size_t chunk_bytes, double timeout_s, bool through_mpi, uint64_t* arena_seq)
     : leaders_(leaders),
       chunk_bytes_(std::max(chunk_bytes, kMinChunkBytes)),
       timeout_s_(timeout_s),
       through_mpi_(through_mpi),
-      ring_scratch_(kPipelineDepth * chunk_bytes_) {
+      ring_scratch_(kPipelineDepth * chunk_bytes_),
+      arena_seq_(arena_seq && leaders.arena() ? arena_seq : &own_arena_seq_) {
   constexpr unsigned kFlags = cudaEventDisableTiming;
   try {
     for (cudaEvent_t& event : copied_) Check(cudaEventCreateWithFlags(&event, kFlags), "cudaEventCreateWithFlags");
@@ -45,7 +46,19 @@ void CrossNode::DestroyEvents() {
 }
 
 CollectiveContext CrossNode::Context() {
-  return CollectiveContext{leaders_, chunk_bytes_, timeout_s_, ring_scratch_.data(), &arena_seq_, 0};
+  return CollectiveContext{leaders_, chunk_bytes_, timeout_s_, ring_scratch_.data(), arena_seq_, 0};
+}
+
+void CrossNode::HostAllreduce(void* data, size_t count, DataType dtype, ReduceOp op) {
+  const CollectiveContext ctx = Context();
+  if (arena_seq_ != &own_arena_seq_) {
+    const bool single_copy = single_copy_.status != SingleCopyState::kUnavailable;
+    if (count * DataTypeSize(dtype) <= OneShotMaxBytes(nodes(), single_copy)) {
+      return AllreduceOneShot(ctx, data, data, count, dtype, op);
+    }
+    if (single_copy && AllreduceSingleCopy(ctx, single_copy_, data, data, count, dtype, op)) return;
+  }
+  AllreduceRing(ctx, data, data, count, dtype, op);
 }
 
 void CrossNode::Sync(cudaStream_t stream) {
@@ -137,7 +150,7 @@ void CrossNode::Allreduce(void* data, size_t count, DataType dtype, ReduceOp op,
     if (piece + 1 < pieces) copy_in(piece + 1);
     EventRequest arrived(copied_[piece % 2], leaders_.rank());
     Wait(arrived, timeout_s_);
-    AllreduceRing(Context(), buffer(piece), buffer(piece), elements(piece), dtype, op);
+    HostAllreduce(buffer(piece), elements(piece), dtype, op);
     Check(cudaMemcpyAsync(device + piece * piece_count * es, buffer(piece), elements(piece) * es,
                           cudaMemcpyHostToDevice, stream),
           "cudaMemcpyAsync(to device)");

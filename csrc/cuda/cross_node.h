@@ -24,9 +24,11 @@ namespace pycomm::cuda {
 class CrossNode {
  public:
   // `leaders` holds one rank per node, in node order, and outlives this. `through_mpi`: MPI moves
-  // GPU memory itself (a CUDA-aware MPI), the same on every leader. Creates events on the current
-  // device; no communication.
-  CrossNode(Transport& leaders, size_t chunk_bytes, double timeout_s, bool through_mpi);
+  // GPU memory itself (a CUDA-aware MPI), the same on every leader. `arena_seq`: where `leaders`
+  // is a whole communicator on one node (every rank its own group: no CUDA IPC), the counter of
+  // its arena's rounds, so that the host step takes the node's shared-memory algorithms instead
+  // of the ring. Creates events on the current device; no communication.
+  CrossNode(Transport& leaders, size_t chunk_bytes, double timeout_s, bool through_mpi, uint64_t* arena_seq = nullptr);
   ~CrossNode();
   CrossNode(const CrossNode&) = delete;
   CrossNode& operator=(const CrossNode&) = delete;
@@ -64,6 +66,10 @@ class CrossNode {
 
  private:
   CollectiveContext Context();
+  // Allreduce of host memory in place among the leaders: on one node's arena, the one-shot for
+  // small pieces and single-copy above it (where every rank can read the others' memory); else
+  // the ring.
+  void HostAllreduce(void* data, size_t count, DataType dtype, ReduceOp op);
   void DestroyEvents();
   // The two pinned buffers of an allreduce through the host.
   static size_t StagingBytes(size_t count, DataType dtype);
@@ -77,7 +83,9 @@ class CrossNode {
   double timeout_s_;
   bool through_mpi_ = false;
   std::vector<char> ring_scratch_;
-  uint64_t arena_seq_ = 0;
+  uint64_t own_arena_seq_ = 0;  // the ring's contexts need one; it never takes an arena round
+  uint64_t* arena_seq_;         // the communicator's, where it shares `leaders`' arena; else own_arena_seq_
+  SingleCopyState single_copy_;
   Scratch pinned_{Memory::kPinnedHost};
   cudaEvent_t copied_[2] = {nullptr, nullptr};  // a piece has reached the pinned buffer
   cudaEvent_t pinned_free_ = nullptr;           // the last call's copies out of it have run

@@ -156,9 +156,11 @@ class GroupCollectives : public DeviceCollectives {
 
   // On a node's leader, when the communicator spans several nodes: `leaders` (one rank per
   // node, in node order) outlives this.
-  void ConnectNodes(Transport& leaders, size_t chunk_bytes, double timeout_s, bool through_mpi) {
+  // `arena_seq`: see CrossNode.
+  void ConnectNodes(Transport& leaders, size_t chunk_bytes, double timeout_s, bool through_mpi,
+                    uint64_t* arena_seq = nullptr) {
     cuda::DeviceGuard guard(group_.device());  // the events below belong to this rank's GPU
-    across_ = std::make_unique<cuda::CrossNode>(leaders, chunk_bytes, timeout_s, through_mpi);
+    across_ = std::make_unique<cuda::CrossNode>(leaders, chunk_bytes, timeout_s, through_mpi, arena_seq);
     leader_links_ = {{0, across_.get()}};
     cuda::Check(cudaEventCreateWithFlags(&scratch_free_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
   }
@@ -556,16 +558,17 @@ std::unique_ptr<GroupCollectives> WithIpc(Transport& transport, NodeLayout layou
 }
 
 // Where ranks cannot reach each other's GPU memory: every rank hands its buffers to itself (a
-// group of one), and the groups combine their parts through pinned host memory and pycomm's ring
-// over the communicator's own transport, as nodes do without a CUDA-aware MPI.
-std::unique_ptr<GroupCollectives> ThroughHost(Transport& transport, int device, size_t chunk_bytes, double timeout_s,
-                                              cuda::DeviceSync sync) {
+// group of one), and the groups combine their parts through pinned host memory over the
+// communicator's own transport, as nodes do without a CUDA-aware MPI; on one node with the
+// node's shared-memory allreduce (`arena_seq` counts the communicator's arena rounds).
+std::unique_ptr<GroupCollectives> ThroughHost(Transport& transport, uint64_t* arena_seq, int device, size_t chunk_bytes,
+                                              double timeout_s, cuda::DeviceSync sync) {
   std::unique_ptr<Transport> alone = std::move(CreateLoopbackTransports(1)[0]);
   auto collectives = std::make_unique<GroupCollectives>(transport, NodeLayout(transport, true), *alone, nullptr, device,
                                                         timeout_s, sync, cuda::DeviceWork::kLeader);
   collectives->Own(std::move(alone));
   collectives->MarkThroughHost();
-  if (transport.size() > 1) collectives->ConnectNodes(transport, chunk_bytes, timeout_s, false);
+  if (transport.size() > 1) collectives->ConnectNodes(transport, chunk_bytes, timeout_s, false, arena_seq);
   return collectives;
 }
 
@@ -643,7 +646,7 @@ std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport,
   // 3. Through the host (every rank votes below, even one whose step 2 failed, so that none waits
   //    for it).
   try {
-    if (!failure) collectives = ThroughHost(transport, device, chunk_bytes, timeout_s, sync);
+    if (!failure) collectives = ThroughHost(transport, arena_seq, device, chunk_bytes, timeout_s, sync);
   } catch (...) {
     failure = std::current_exception();
   }
