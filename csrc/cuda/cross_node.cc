@@ -51,7 +51,7 @@ CollectiveContext CrossNode::Context() {
 
 void CrossNode::HostAllreduce(void* data, size_t count, DataType dtype, ReduceOp op) {
   const CollectiveContext ctx = Context();
-  if (arena_seq_ != &own_arena_seq_) {
+  if (OnOneNodeArena()) {
     const bool single_copy = single_copy_.status != SingleCopyState::kUnavailable;
     if (count * DataTypeSize(dtype) <= OneShotMaxBytes(nodes(), single_copy)) {
       return AllreduceOneShot(ctx, data, data, count, dtype, op);
@@ -180,7 +180,12 @@ void CrossNode::Allgather(void* data, size_t block, cudaStream_t stream) {
   Check(cudaMemcpyAsync(own, device + static_cast<size_t>(node()) * block, block, cudaMemcpyDeviceToHost, stream),
         "cudaMemcpyAsync(to host)");
   Sync(stream);
-  AllgatherRing(Context(), own, host, block, DataType::kUInt8);
+  // On one node's arena, every rank reads the others' blocks straight from their memory, where
+  // it can (else the ring).
+  if (!OnOneNodeArena() || single_copy_.status == SingleCopyState::kUnavailable ||
+      !AllgatherSingleCopy(Context(), single_copy_, own, host, block, DataType::kUInt8)) {
+    AllgatherRing(Context(), own, host, block, DataType::kUInt8);
+  }
   Check(cudaMemcpyAsync(device, host, block * nodes(), cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync(to device)");
   Check(cudaEventRecord(pinned_free_, stream), "cudaEventRecord(pinned free)");
 }

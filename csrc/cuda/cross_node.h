@@ -61,11 +61,14 @@ class CrossNode {
   void Allreduce(void* data, size_t count, DataType dtype, ReduceOp op, cudaStream_t stream);
   // Leader `root`'s `bytes` of `data` to every leader.
   void Broadcast(void* data, size_t bytes, int root, cudaStream_t stream);
-  // `data` holds nodes() blocks of `block` bytes; leader i's block i goes to every leader.
+  // `data` holds nodes() blocks of `block` bytes; leader i's block i goes to every leader (on one
+  // node's arena, single-copy where every rank can read the others' memory; else the ring).
   void Allgather(void* data, size_t block, cudaStream_t stream);
 
  private:
   CollectiveContext Context();
+  // The leaders are one node's ranks, sharing its arena (in the communicator's rounds).
+  bool OnOneNodeArena() const { return arena_seq_ != &own_arena_seq_; }
   // Allreduce of host memory in place among the leaders: on one node's arena, the one-shot for
   // small pieces and single-copy above it (where every rank can read the others' memory); else
   // the ring.
