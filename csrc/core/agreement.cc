@@ -52,6 +52,9 @@ std::string Describe(const SharedArena::CallInfo& info) {
   if (info.kind == SharedArena::kAllocate) {
     return "empty(" + std::to_string(info.count) + " bytes) #" + std::to_string(info.call);
   }
+  if (info.kind == SharedArena::kDeviceHandoff || info.kind == SharedArena::kDeviceAgreement) {
+    return "a collective on device arrays";
+  }
   return Describe(AsHeader(info));
 }
 

@@ -7,6 +7,7 @@
 
 #include "cuda/cuda_check.h"
 #include "cuda/event_request.h"
+#include "transport/shared_arena.h"
 #include "transport/wait.h"
 
 namespace pycomm::cuda {
@@ -73,7 +74,52 @@ char* CrossNode::Pinned(size_t bytes, cudaStream_t stream) {
   return pinned;
 }
 
+void CrossNode::AgreeInArena(uint64_t signature, Trouble trouble, const std::function<std::string()>& describe) {
+  SharedArena& arena = *leaders_.arena();
+  SharedArena::CallInfo mine{};
+  mine.kind = SharedArena::kDeviceAgreement;
+  mine.count = signature;
+  mine.variant = static_cast<int32_t>(trouble);
+  const uint64_t seq = ++*arena_seq_;
+  arena.Post(seq, mine);
+  try {
+    arena.WaitAll(seq, timeout_s_);
+  } catch (const PeerError& e) {
+    throw PeerError(std::string(e.what()) + ", agreeing on a device call (" + describe() + " here)", e.peer());
+  }
+  // Every rank's post of this round: a host call posts another kind in its first round, and
+  // fails there on seeing this one.
+  int64_t worst = kNone;
+  bool same = true;
+  for (int q = 0; q < arena.size(); ++q) {
+    const SharedArena::CallInfo theirs = arena.info(q, seq);
+    if (theirs.kind != SharedArena::kDeviceAgreement) {
+      throw MismatchError("pycomm: rank " + std::to_string(q) + " made another call (on host arrays, say) than this " +
+                          "rank's " + describe());
+    }
+    worst = std::max<int64_t>(worst, theirs.variant);
+    same = same && theirs.count == signature;
+  }
+  Settle(trouble, worst, same, describe);
+}
+
+void CrossNode::Settle(Trouble trouble, int64_t worst, bool same, const std::function<std::string()>& describe) const {
+  if (trouble != kNone) return;
+  // Each leader stands for a node, or for itself alone where there is no CUDA IPC.
+  const std::string other = OnOneNodeArena() ? "another rank" : "another node";
+  if (worst == kMismatch) throw MismatchError("pycomm: ranks of " + other + " made different device calls");
+  if (worst != kNone) throw CommError("pycomm: the device collective failed on " + other + " (see its error)");
+  if (!same) {
+    throw MismatchError("pycomm: " + std::string(OnOneNodeArena() ? "ranks" : "nodes") +
+                        " made different device calls (" + describe() +
+                        (OnOneNodeArena() ? " here)" : " on this node)"));
+  }
+}
+
 void CrossNode::Agree(uint64_t signature, Trouble trouble, const std::function<std::string()>& describe) {
+  // On one node's arena (every rank its own group): one arena round, which also meets a rank in
+  // a host call at once.
+  if (OnOneNodeArena()) return AgreeInArena(signature, trouble, describe);
   // One max-allreduce tells all three: the worst trouble, and the largest and (through the
   // complement, which reverses the order) the smallest signature, equal only if all agree.
   // On the heap: MPI cannot cancel a collective, and one abandoned after a time-out may still
@@ -99,12 +145,8 @@ void CrossNode::Agree(uint64_t signature, Trouble trouble, const std::function<s
                         " here): a node may be gone, or in another call (a host call, say)",
                     e.peer());
   }
-  if (trouble != kNone) return;
-  if (votes[0] == kMismatch) throw MismatchError("pycomm: ranks of another node made different device calls");
-  if (votes[0] != kNone) throw CommError("pycomm: the device collective failed on another node (see its error)");
-  if (static_cast<uint64_t>(votes[1]) != signature || static_cast<uint64_t>(~votes[2]) != signature) {
-    throw MismatchError("pycomm: nodes made different device calls (" + describe() + " on this node)");
-  }
+  Settle(trouble, votes[0],
+         static_cast<uint64_t>(votes[1]) == signature && static_cast<uint64_t>(~votes[2]) == signature, describe);
 }
 
 size_t CrossNode::StagingBytes(size_t count, DataType dtype) {

@@ -67,6 +67,10 @@ class CrossNode {
 
  private:
   CollectiveContext Context();
+  // Agree's one arena round, where the leaders share one node's arena.
+  void AgreeInArena(uint64_t signature, Trouble trouble, const std::function<std::string()>& describe);
+  // Agree's verdict, from the worst trouble of all and whether every signature equals this one's.
+  void Settle(Trouble trouble, int64_t worst, bool same, const std::function<std::string()>& describe) const;
   // The leaders are one node's ranks, sharing its arena (in the communicator's rounds).
   bool OnOneNodeArena() const { return arena_seq_ != &own_arena_seq_; }
   // Allreduce of host memory in place among the leaders: on one node's arena, the one-shot for

@@ -50,7 +50,8 @@ class SharedArena {
     kAgreement = 4,
     kHierarchical = 5,
     kSingleCopy = 6,
-    kDeviceHandoff = 7,  // a device collective's hand-off to its leader (leader_exchange.h)
+    kDeviceHandoff = 7,    // a device collective's hand-off to its leader (leader_exchange.h)
+    kDeviceAgreement = 8,  // a device collective's agreement where every rank is its own group
   };
 
   struct CallInfo {

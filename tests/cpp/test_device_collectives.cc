@@ -72,6 +72,11 @@ int g_ipc_fails_on = -1;
 // The time-out where RunPlaced keeps each rank's error (tests of failures expect none to wait it out).
 double g_errors_timeout = 5;
 
+// Each rank's whole-communicator transport and its arena's round counter, as RunPlaced gives
+// them to the device collectives (for tests that make a host call beside them).
+thread_local Transport* t_world = nullptr;
+thread_local uint64_t* t_arena_seq = nullptr;
+
 // Passes point-to-point traffic to another transport: the base of the stand-ins below.
 class Forwarding : public Transport {
  public:
@@ -205,6 +210,8 @@ void RunPlaced(const std::vector<int>& node_of, const std::function<void(int ran
           if (g_cuda_aware) hierarchy->across[s] = std::make_unique<CudaAwareGroup>(std::move(hierarchy->across[s]));
         }
       }
+      t_world = &placed;
+      t_arena_seq = &arena_seq;
       if (before) before(r);
       try {
         auto collectives = pycomm::CreateDeviceCollectives(placed, &arena_seq, hierarchy.get(), g_device, 4096,
@@ -471,6 +478,43 @@ void TestPeerGpuStuckAtClose(const std::vector<int>& node_of, int stuck) {
   }
   Expect(seconds < 10, "close with rank " + std::to_string(stuck) + "'s GPU stuck took " + std::to_string(seconds) +
                            " s " + Layout(node_of));
+}
+
+// Without CUDA IPC on one node, a rank in a host call (a one-shot allreduce over the same arena)
+// while the others make a device call: every rank gets MismatchError at once, none waits out
+// the time-out.
+void TestHostCallAgainstDeviceCall(const std::vector<int>& node_of, int host_rank) {
+  const int P = static_cast<int>(node_of.size());
+  std::vector<std::string> errors(P);
+  std::vector<int> mismatched(P, 0);
+  const auto start = std::chrono::steady_clock::now();
+  RunPlaced(
+      node_of,
+      [&](int r, pycomm::DeviceCollectives& c) {
+        int64_t* a = DeviceArray(std::vector<int64_t>(10, 1));
+        try {
+          if (r == host_rank) {
+            std::vector<int64_t> host(10, 1);
+            std::vector<char> scratch(pycomm::kPipelineDepth * 4096);
+            const pycomm::CollectiveContext ctx{*t_world, 4096, g_errors_timeout, scratch.data(), t_arena_seq, 1};
+            pycomm::AllreduceOneShot(ctx, host.data(), host.data(), 10, DataType::kInt64, ReduceOp::kSum);
+          } else {
+            c.Allreduce(a, a, 10, DataType::kInt64, ReduceOp::kSum, nullptr);
+          }
+        } catch (const pycomm::MismatchError& e) {
+          mismatched[r] = 1;
+          errors[r] = e.what();
+        }
+        Sync();
+        cudaFree(a);
+      },
+      &errors);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  for (int r = 0; r < P; ++r) {
+    Expect(mismatched[r] == 1, "host call on rank " + std::to_string(host_rank) + " against device calls " +
+                                   Layout(node_of) + ", rank " + std::to_string(r) + ": " + errors[r]);
+  }
+  Expect(seconds < g_errors_timeout, "host call against device calls took " + std::to_string(seconds) + " s");
 }
 
 // Whether every rank's device collectives go through the host (no CUDA IPC), as `want` says.
@@ -967,6 +1011,7 @@ int main() {
         TestOthers(layout, 333);
         TestMismatch(layout, false);
       }
+      if (failing < 0) TestHostCallAgainstDeviceCall({0, 0, 0}, 1), TestHostCallAgainstDeviceCall({0, 0}, 0);
       unsetenv("PYCOMM_GPU_IPC");
     }
     g_ipc_fails_on = -1;
