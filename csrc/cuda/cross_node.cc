@@ -53,11 +53,14 @@ CollectiveContext CrossNode::Context() {
 void CrossNode::HostAllreduce(void* data, size_t count, DataType dtype, ReduceOp op) {
   const CollectiveContext ctx = Context();
   if (OnOneNodeArena()) {
-    const bool single_copy = single_copy_.status != SingleCopyState::kUnavailable;
-    if (count * DataTypeSize(dtype) <= OneShotMaxBytes(nodes(), single_copy)) {
-      return AllreduceOneShot(ctx, data, data, count, dtype, op);
-    }
-    if (single_copy && AllreduceSingleCopy(ctx, single_copy_, data, data, count, dtype, op)) return;
+    // Until the first single-copy call has probed (then the same on every rank), as if it works.
+    auto one_shot = [&] {
+      return count * DataTypeSize(dtype) <=
+             OneShotMaxBytes(nodes(), single_copy_.status != SingleCopyState::kUnavailable);
+    };
+    if (one_shot()) return AllreduceOneShot(ctx, data, data, count, dtype, op);
+    if (AllreduceSingleCopy(ctx, single_copy_, data, data, count, dtype, op)) return;
+    if (one_shot()) return AllreduceOneShot(ctx, data, data, count, dtype, op);  // the probe said no
   }
   AllreduceRing(ctx, data, data, count, dtype, op);
 }
@@ -107,7 +110,7 @@ void CrossNode::Settle(Trouble trouble, int64_t worst, bool same, const std::fun
   if (trouble != kNone) return;
   // Each leader stands for a node, or for itself alone where there is no CUDA IPC.
   const std::string other = OnOneNodeArena() ? "another rank" : "another node";
-  if (worst == kMismatch) throw MismatchError("pycomm: ranks of " + other + " made different device calls");
+  if (worst == kMismatch) throw MismatchError("pycomm: the ranks of " + other + "'s group made different device calls");
   if (worst != kNone) throw CommError("pycomm: the device collective failed on " + other + " (see its error)");
   if (!same) {
     throw MismatchError("pycomm: " + std::string(OnOneNodeArena() ? "ranks" : "nodes") +
