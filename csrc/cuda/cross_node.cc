@@ -65,6 +65,12 @@ void CrossNode::HostAllreduce(void* data, size_t count, DataType dtype, ReduceOp
   AllreduceRing(ctx, data, data, count, dtype, op);
 }
 
+void CrossNode::HostReduceScatter(const void* in, void* out, size_t count, DataType dtype, ReduceOp op) {
+  const CollectiveContext ctx = Context();
+  if (OnOneNodeArena() && ReduceScatterSingleCopy(ctx, single_copy_, in, out, count, dtype, op)) return;
+  ReduceScatterRing(ctx, in, out, count, dtype, op);
+}
+
 void CrossNode::Sync(cudaStream_t stream) {
   Check(cudaEventRecord(copied_[0], stream), "cudaEventRecord");
   EventRequest reached(copied_[0], leaders_.rank());
@@ -197,6 +203,49 @@ void CrossNode::Allreduce(void* data, size_t count, DataType dtype, ReduceOp op,
     Wait(arrived, timeout_s_);
     HostAllreduce(buffer(piece), elements(piece), dtype, op);
     Check(cudaMemcpyAsync(device + piece * piece_count * es, buffer(piece), elements(piece) * es,
+                          cudaMemcpyHostToDevice, stream),
+          "cudaMemcpyAsync(to device)");
+  }
+  Check(cudaEventRecord(pinned_free_, stream), "cudaEventRecord(pinned free)");
+}
+
+size_t CrossNode::ReduceScatterPiece(size_t count, DataType dtype) const {
+  return std::min(count, std::max<size_t>(1, kPieceBytes / (DataTypeSize(dtype) * nodes())));
+}
+
+size_t CrossNode::ReduceScatterPinnedBytes(size_t count, DataType dtype) const {
+  // Two buffers, each a piece of every block and the piece of this leader's result.
+  return 2 * (nodes() + 1) * ReduceScatterPiece(count, dtype) * DataTypeSize(dtype);
+}
+
+void CrossNode::ReduceScatter(const void* data, void* out, size_t count, DataType dtype, ReduceOp op,
+                              cudaStream_t stream) {
+  if (!count) return;
+  if (op == ReduceOp::kAvg) throw std::logic_error("CrossNode::ReduceScatter: sum, then divide once");
+  const size_t es = DataTypeSize(dtype), P = static_cast<size_t>(nodes());
+  const size_t piece_count = ReduceScatterPiece(count, dtype);
+  const size_t pieces = (count + piece_count - 1) / piece_count;
+  char* host = Pinned(ReduceScatterPinnedBytes(count, dtype), stream);
+  auto elements = [&](size_t piece) { return std::min(piece_count, count - piece * piece_count); };
+  // Buffer i % 2 holds piece i of every block (P * piece_count elements), then its result.
+  auto blocks = [&](size_t piece) { return host + (piece % 2) * (P + 1) * piece_count * es; };
+  auto result = [&](size_t piece) { return blocks(piece) + P * piece_count * es; };
+  const char* device = static_cast<const char*>(data);
+  auto copy_in = [&](size_t piece) {
+    const size_t n = elements(piece);
+    // Row q: elements [piece * piece_count, + n) of block q, packed one after another.
+    Check(cudaMemcpy2DAsync(blocks(piece), n * es, device + piece * piece_count * es, count * es, n * es, P,
+                            cudaMemcpyDeviceToHost, stream),
+          "cudaMemcpy2DAsync(to host)");
+    Check(cudaEventRecord(copied_[piece % 2], stream), "cudaEventRecord");
+  };
+  copy_in(0);
+  for (size_t piece = 0; piece < pieces; ++piece) {
+    if (piece + 1 < pieces) copy_in(piece + 1);
+    EventRequest arrived(copied_[piece % 2], leaders_.rank());
+    Wait(arrived, timeout_s_);
+    HostReduceScatter(blocks(piece), result(piece), elements(piece), dtype, op);
+    Check(cudaMemcpyAsync(static_cast<char*>(out) + piece * piece_count * es, result(piece), elements(piece) * es,
                           cudaMemcpyHostToDevice, stream),
           "cudaMemcpyAsync(to device)");
   }

@@ -54,11 +54,19 @@ class CrossNode {
   size_t AllreducePinnedBytes(size_t count, DataType dtype) const;
   size_t BroadcastPinnedBytes(size_t bytes) const { return bytes; }
   size_t AllgatherPinnedBytes(size_t block) const { return block * nodes(); }
+  size_t ReduceScatterPinnedBytes(size_t count, DataType dtype) const;
+  // Whether MPI moves GPU memory itself here (else everything goes through pinned host memory).
+  bool through_mpi() const { return through_mpi_; }
 
   // Each leader's `data` (GPU memory, `count` elements) becomes the reduction over all leaders,
   // the same bits on every leader. `op` must not be kAvg: the caller sums and divides once.
   // Work is queued on `stream`; the host waits for it only where the data must cross through it.
   void Allreduce(void* data, size_t count, DataType dtype, ReduceOp op, cudaStream_t stream);
+  // `data` (GPU memory) holds nodes() blocks of `count` elements; block i of the reduction over
+  // all leaders lands in leader i's `out` (GPU memory, `count` elements). Through pinned host
+  // memory, in pieces: piece k of every block goes to the host in one strided copy, is
+  // reduce-scattered there, and only this leader's part comes back. `op` must not be kAvg.
+  void ReduceScatter(const void* data, void* out, size_t count, DataType dtype, ReduceOp op, cudaStream_t stream);
   // Leader `root`'s `bytes` of `data` to every leader.
   void Broadcast(void* data, size_t bytes, int root, cudaStream_t stream);
   // `data` holds nodes() blocks of `block` bytes; leader i's block i goes to every leader (on one
@@ -77,6 +85,10 @@ class CrossNode {
   // small pieces and single-copy above it (where every rank can read the others' memory); else
   // the ring.
   void HostAllreduce(void* data, size_t count, DataType dtype, ReduceOp op);
+  // The same choice for a reduce-scatter of host memory: `in` holds nodes() blocks of `count`.
+  void HostReduceScatter(const void* in, void* out, size_t count, DataType dtype, ReduceOp op);
+  // Elements of each block in one piece of a reduce-scatter through the host.
+  size_t ReduceScatterPiece(size_t count, DataType dtype) const;
   void DestroyEvents();
   // The two pinned buffers of an allreduce through the host.
   static size_t StagingBytes(size_t count, DataType dtype);

@@ -284,6 +284,12 @@ class GroupCollectives : public DeviceCollectives {
           // rank of the node takes its block of it. The leader does it all, split or not.
           if (!part.owns(0)) return;
           const ReduceOp partial = Partial(op);
+          if (LeadersReduceScatter()) {
+            // One rank a node: the leaders' reduce-scatter is the communicator's.
+            across_->ReduceScatter(inputs[0], ptrs[0][1], recv_count, dtype, partial, s);
+            if (op == ReduceOp::kAvg) Reduce({ptrs[0][1]}, {ptrs[0][1]}, recv_count, dtype, op, s);  // divides
+            return;
+          }
           char* sum = Scratch(block * world_size_, s);
           Reduce(inputs, {sum}, recv_count * world_size_, dtype, partial, s);
           across_->Allreduce(sum, recv_count * world_size_, dtype, partial, s);
@@ -293,9 +299,11 @@ class GroupCollectives : public DeviceCollectives {
           }
           ReleaseScratch(s);
         },
-        AcrossNodes(call, block * world_size_,
-                    [n = recv_count * world_size_, dtype](const cuda::CrossNode& link, int slice, bool) {
-                      return slice == 0 ? link.AllreducePinnedBytes(n, dtype) : 0;
+        AcrossNodes(call, LeadersReduceScatter() ? 0 : block * world_size_,
+                    [this, recv_count, dtype](const cuda::CrossNode& link, int slice, bool) {
+                      if (slice != 0) return size_t{0};
+                      return LeadersReduceScatter() ? link.ReduceScatterPinnedBytes(recv_count, dtype)
+                                                    : link.AllreducePinnedBytes(recv_count * world_size_, dtype);
                     }));
   }
 
@@ -378,6 +386,11 @@ class GroupCollectives : public DeviceCollectives {
   static cudaStream_t Stream(void* stream) { return static_cast<cudaStream_t>(stream); }
 
   bool MultiNode() const { return layout_.nodes.size() > 1; }
+
+  // Whether a reduce_scatter across nodes is the leaders' own reduce-scatter through the host:
+  // with one rank a node (every rank alone, or no CUDA IPC), where node n is rank n (nodes are
+  // numbered by their lowest rank). Through a CUDA-aware MPI the whole vector is allreduced.
+  bool LeadersReduceScatter() const { return MultiNode() && across_ && layout_.widest == 1 && !across_->through_mpi(); }
 
   // The links over which this rank's part of a call crosses between nodes, with the slice each
   // carries: the leaders' (the leader's protocol), or one per slice this rank owns (split).

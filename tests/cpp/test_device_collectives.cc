@@ -303,6 +303,12 @@ void TestOthers(const std::vector<int>& node_of, size_t block) {
     // In place (NCCL's form): the output is this rank's block of the input.
     int64_t* x_in_place = DeviceArray(in);
     c.ReduceScatter(x_in_place, x_in_place + r * block, block, DataType::kInt64, ReduceOp::kSum, nullptr);
+    // avg: a float32 sum of small integers (exact), divided once.
+    std::vector<float> fin(block * P);
+    for (size_t i = 0; i < fin.size(); ++i) fin[i] = static_cast<float>(Value(r, i));
+    float* f = DeviceArray(fin);
+    float* favg = DeviceArray(std::vector<float>(block, -1));
+    c.ReduceScatter(f, favg, block, DataType::kFloat32, ReduceOp::kAvg, nullptr);
     c.Allgather(x, all, block, DataType::kInt64, nullptr);
     // In place: x is this rank's block of the output.
     std::vector<int64_t> placed(block * P, -1);
@@ -318,6 +324,14 @@ void TestOthers(const std::vector<int>& node_of, size_t block) {
       ok = ok && mine[i] == want;
     }
     Expect(ok, "reduce_scatter " + where);
+    ok = true;
+    for (size_t i = 0; i < block; ++i) {
+      int64_t sum = 0;
+      for (int q = 0; q < P; ++q) sum += Value(q, r * block + i);
+      ok = ok && favg[i] == static_cast<float>(sum) / static_cast<float>(P);
+    }
+    Expect(ok, "reduce_scatter avg " + where);
+    cudaFree(f), cudaFree(favg);
     Expect(Same(x_in_place + r * block, mine, block * 8), "reduce_scatter in place " + where);
     cudaFree(x_in_place);
 
@@ -921,7 +935,8 @@ int main() {
   TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kEvents, 0);
   TestFailuresReachEveryRank({0, 0, 0}, fake_cuda::kEvents, 1);
   TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kMalloc, 2);  // node 1's leader
-  TestFailuresReachEveryRank({0, 1, 2}, fake_cuda::kMalloc, 0);
+  // One rank a node: its reduce_scatter needs no device scratch, only pinned memory.
+  TestFailuresReachEveryRank({0, 1, 2}, fake_cuda::kMallocHost, 0);
   // Between nodes through a CUDA-aware MPI (MPI_Iallreduce straight on GPU memory; float16 still
   // through the host).
   g_cuda_aware = true;
@@ -989,7 +1004,9 @@ int main() {
   TestAllreduce({0, 0, 1, 1}, 10007);
   TestAllreduce({0, 0, 1}, (4 << 20) / 8 + 5);
   TestOthers({0, 1, 1, 0}, 33);
+  TestOthers({0, 1, 2, 3}, 300007);  // one rank a node, the whole vector allreduced through MPI
   g_cuda_aware = false;
+  TestOthers({0, 1, 2, 3}, 300007);        // one rank a node: a reduce_scatter of several pieces through the host
   setenv("PYCOMM_GPU_WORK", "leader", 1);  // on GPUs of their own, for comparison
   TestManyCalls({0, 0, 0}, 10007);
   g_own_gpus = false;
@@ -1009,6 +1026,7 @@ int main() {
         TestAllreduce(layout, 1000);
         TestAllreduce(layout, (4 << 20) / 8 + 5);  // two pieces of host staging
         TestOthers(layout, 333);
+        if (layout.size() == 2) TestOthers(layout, 300007);  // several pieces through the host
         TestMismatch(layout, false);
       }
       if (failing < 0) TestHostCallAgainstDeviceCall({0, 0, 0}, 1), TestHostCallAgainstDeviceCall({0, 0}, 0);
