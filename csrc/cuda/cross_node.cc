@@ -231,12 +231,23 @@ void CrossNode::ReduceScatter(const void* data, void* out, size_t count, DataTyp
   auto blocks = [&](size_t piece) { return host + (piece % 2) * (P + 1) * piece_count * es; };
   auto result = [&](size_t piece) { return blocks(piece) + P * piece_count * es; };
   const char* device = static_cast<const char*>(data);
+  // Strided copies take pitches up to the device's limit (2^31 - 1 bytes on current GPUs); above
+  // it, one copy per block.
+  constexpr size_t kMaxPitch = (size_t{1} << 31) - 1;
   auto copy_in = [&](size_t piece) {
     const size_t n = elements(piece);
+    const char* from = device + piece * piece_count * es;
     // Row q: elements [piece * piece_count, + n) of block q, packed one after another.
-    Check(cudaMemcpy2DAsync(blocks(piece), n * es, device + piece * piece_count * es, count * es, n * es, P,
-                            cudaMemcpyDeviceToHost, stream),
-          "cudaMemcpy2DAsync(to host)");
+    if (count * es <= kMaxPitch) {
+      Check(cudaMemcpy2DAsync(blocks(piece), n * es, from, count * es, n * es, P, cudaMemcpyDeviceToHost, stream),
+            "cudaMemcpy2DAsync(to host)");
+    } else {
+      for (size_t q = 0; q < P; ++q) {
+        Check(
+            cudaMemcpyAsync(blocks(piece) + q * n * es, from + q * count * es, n * es, cudaMemcpyDeviceToHost, stream),
+            "cudaMemcpyAsync(to host)");
+      }
+    }
     Check(cudaEventRecord(copied_[piece % 2], stream), "cudaEventRecord");
   };
   copy_in(0);
