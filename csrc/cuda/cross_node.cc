@@ -188,23 +188,36 @@ void CrossNode::Allreduce(void* data, size_t count, DataType dtype, ReduceOp op,
   char* host = Pinned(StagingBytes(count, dtype), stream);
   auto elements = [&](size_t piece) { return std::min(piece_count, count - piece * piece_count); };
   auto buffer = [&](size_t piece) { return host + (piece % 2) * piece_count * es; };
-  // Piece i goes to buffer i % 2. Everything is on one stream, so the copy of piece i + 2 into a
-  // buffer runs after the copy of piece i back out of it.
-  auto copy_in = [&](size_t piece) {
-    Check(cudaMemcpyAsync(buffer(piece), device + piece * piece_count * es, elements(piece) * es,
-                          cudaMemcpyDeviceToHost, stream),
-          "cudaMemcpyAsync(to host)");
+  // Piece i goes to buffer i % 2.
+  ThroughHostInPieces(
+      pieces, stream,
+      [&](size_t piece) {
+        Check(cudaMemcpyAsync(buffer(piece), device + piece * piece_count * es, elements(piece) * es,
+                              cudaMemcpyDeviceToHost, stream),
+              "cudaMemcpyAsync(to host)");
+      },
+      [&](size_t piece) {
+        HostAllreduce(buffer(piece), elements(piece), dtype, op);
+        Check(cudaMemcpyAsync(device + piece * piece_count * es, buffer(piece), elements(piece) * es,
+                              cudaMemcpyHostToDevice, stream),
+              "cudaMemcpyAsync(to device)");
+      });
+}
+
+void CrossNode::ThroughHostInPieces(size_t pieces, cudaStream_t stream, const std::function<void(size_t)>& copy_in,
+                                    const std::function<void(size_t)>& on_host) {
+  // Everything is on one stream, so the copy of piece i + 2 into a buffer runs after the copy of
+  // piece i back out of it.
+  auto queue_copy_in = [&](size_t piece) {
+    copy_in(piece);
     Check(cudaEventRecord(copied_[piece % 2], stream), "cudaEventRecord");
   };
-  copy_in(0);
+  queue_copy_in(0);
   for (size_t piece = 0; piece < pieces; ++piece) {
-    if (piece + 1 < pieces) copy_in(piece + 1);
+    if (piece + 1 < pieces) queue_copy_in(piece + 1);
     EventRequest arrived(copied_[piece % 2], leaders_.rank());
     Wait(arrived, timeout_s_);
-    HostAllreduce(buffer(piece), elements(piece), dtype, op);
-    Check(cudaMemcpyAsync(device + piece * piece_count * es, buffer(piece), elements(piece) * es,
-                          cudaMemcpyHostToDevice, stream),
-          "cudaMemcpyAsync(to device)");
+    on_host(piece);
   }
   Check(cudaEventRecord(pinned_free_, stream), "cudaEventRecord(pinned free)");
 }
@@ -241,26 +254,19 @@ void CrossNode::ReduceScatter(const void* data, void* out, size_t count, DataTyp
     if (count * es <= kMaxPitch) {
       Check(cudaMemcpy2DAsync(blocks(piece), n * es, from, count * es, n * es, P, cudaMemcpyDeviceToHost, stream),
             "cudaMemcpy2DAsync(to host)");
-    } else {
-      for (size_t q = 0; q < P; ++q) {
-        Check(
-            cudaMemcpyAsync(blocks(piece) + q * n * es, from + q * count * es, n * es, cudaMemcpyDeviceToHost, stream),
-            "cudaMemcpyAsync(to host)");
-      }
+      return;
     }
-    Check(cudaEventRecord(copied_[piece % 2], stream), "cudaEventRecord");
+    for (size_t q = 0; q < P; ++q) {
+      Check(cudaMemcpyAsync(blocks(piece) + q * n * es, from + q * count * es, n * es, cudaMemcpyDeviceToHost, stream),
+            "cudaMemcpyAsync(to host)");
+    }
   };
-  copy_in(0);
-  for (size_t piece = 0; piece < pieces; ++piece) {
-    if (piece + 1 < pieces) copy_in(piece + 1);
-    EventRequest arrived(copied_[piece % 2], leaders_.rank());
-    Wait(arrived, timeout_s_);
+  ThroughHostInPieces(pieces, stream, copy_in, [&](size_t piece) {
     HostReduceScatter(blocks(piece), result(piece), elements(piece), dtype, op);
     Check(cudaMemcpyAsync(static_cast<char*>(out) + piece * piece_count * es, result(piece), elements(piece) * es,
                           cudaMemcpyHostToDevice, stream),
           "cudaMemcpyAsync(to device)");
-  }
-  Check(cudaEventRecord(pinned_free_, stream), "cudaEventRecord(pinned free)");
+  });
 }
 
 void CrossNode::Broadcast(void* data, size_t bytes, int root, cudaStream_t stream) {

@@ -92,6 +92,11 @@ class CrossNode {
   void DestroyEvents();
   // The two pinned buffers of an allreduce through the host.
   static size_t StagingBytes(size_t count, DataType dtype);
+  // Runs `pieces` pieces through the two pinned buffers (piece i in buffer i % 2): copy_in(i)
+  // queues piece i's copy to the host; once it has arrived, on_host(i) works on it and queues its
+  // copy back. The next piece's copy to the host overlaps the host's work on this one.
+  void ThroughHostInPieces(size_t pieces, cudaStream_t stream, const std::function<void(size_t)>& copy_in,
+                           const std::function<void(size_t)>& on_host);
   // Blocks until the work queued on `stream` so far has run (with the usual time-out).
   void Sync(cudaStream_t stream);
   // Waits, on `stream`, until the last call's copies out of the pinned buffer have run.
