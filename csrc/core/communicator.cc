@@ -259,8 +259,7 @@ class CommunicatorImpl : public Communicator {
   // stay bound to that GPU.
   DeviceCollectives& Device(int device) {
     if (!device_) {
-      device_ = CreateDeviceCollectives(*transport_, &arena_seq_, GetHierarchy(), device, options_.chunk_bytes,
-                                        options_.timeout_s);
+      device_ = CreateDeviceCollectives(*transport_, &arena_seq_, GetHierarchy(), device, options_);
       device_id_ = device;
       Debug("device collectives on GPU %d, GPU work ordered on the %s, node work: %s", device, device_->sync_name(),
             device_->work_name());

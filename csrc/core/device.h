@@ -40,10 +40,10 @@ struct Hierarchy;
 // counts the rounds made through transport.arena() (the communicator's counter: each device call
 // may take some). Across nodes the device collectives run over the groups of `hierarchy` (its
 // node group, and the owners of slice 0: each node's lowest rank), built with the communicator,
-// so that no blocking MPI call happens inside a call; the node leaders' host ring moves
-// `chunk_bytes` per message.
+// so that no blocking MPI call happens inside a call. From `options`: the time-out, the bytes per
+// message of the host ring between node leaders, and the host algorithm (PYCOMM_ALGO) where the
+// ranks combine their parts through the host on one node.
 std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport, uint64_t* arena_seq,
-                                                           Hierarchy* hierarchy, int device, size_t chunk_bytes,
-                                                           double timeout_s);
+                                                           Hierarchy* hierarchy, int device, const Options& options);
 
 }  // namespace pycomm

@@ -20,13 +20,15 @@ constexpr size_t kPieceBytes = 4 << 20;
 
 }  // namespace
 
-CrossNode::CrossNode(Transport& leaders, size_t chunk_bytes, double timeout_s, bool through_mpi, uint64_t* arena_seq)
+CrossNode::CrossNode(Transport& leaders, size_t chunk_bytes, double timeout_s, bool through_mpi, uint64_t* arena_seq,
+                     Algorithm algorithm)
     : leaders_(leaders),
       chunk_bytes_(std::max(chunk_bytes, kMinChunkBytes)),
       timeout_s_(timeout_s),
       through_mpi_(through_mpi),
       ring_scratch_(kPipelineDepth * chunk_bytes_),
-      arena_seq_(arena_seq && leaders.arena() ? arena_seq : &own_arena_seq_) {
+      arena_seq_(arena_seq && leaders.arena() ? arena_seq : &own_arena_seq_),
+      algorithm_(algorithm) {
   constexpr unsigned kFlags = cudaEventDisableTiming;
   try {
     for (cudaEvent_t& event : copied_) Check(cudaEventCreateWithFlags(&event, kFlags), "cudaEventCreateWithFlags");
@@ -50,6 +52,11 @@ CollectiveContext CrossNode::Context() {
   return CollectiveContext{leaders_, chunk_bytes_, timeout_s_, ring_scratch_.data(), arena_seq_, 0};
 }
 
+bool CrossNode::MaySingleCopy() const {
+  return OnOneNodeArena() && (algorithm_ == Algorithm::kAuto || algorithm_ == Algorithm::kSingleCopy) &&
+         single_copy_.status != SingleCopyState::kUnavailable;
+}
+
 void CrossNode::HostAllreduce(void* data, size_t count, DataType dtype, ReduceOp op) {
   const CollectiveContext ctx = Context();
   if (OnOneNodeArena()) {
@@ -58,16 +65,27 @@ void CrossNode::HostAllreduce(void* data, size_t count, DataType dtype, ReduceOp
       return count * DataTypeSize(dtype) <=
              OneShotMaxBytes(nodes(), single_copy_.status != SingleCopyState::kUnavailable);
     };
-    if (one_shot()) return AllreduceOneShot(ctx, data, data, count, dtype, op);
-    if (AllreduceSingleCopy(ctx, single_copy_, data, data, count, dtype, op)) return;
-    if (one_shot()) return AllreduceOneShot(ctx, data, data, count, dtype, op);  // the probe said no
+    switch (algorithm_) {
+      case Algorithm::kAuto:
+        if (one_shot()) return AllreduceOneShot(ctx, data, data, count, dtype, op);
+        if (AllreduceSingleCopy(ctx, single_copy_, data, data, count, dtype, op)) return;
+        if (one_shot()) return AllreduceOneShot(ctx, data, data, count, dtype, op);  // the probe said no
+        break;
+      case Algorithm::kOneShot:
+        return AllreduceOneShot(ctx, data, data, count, dtype, op);
+      case Algorithm::kSingleCopy:
+        if (AllreduceSingleCopy(ctx, single_copy_, data, data, count, dtype, op)) return;
+        break;
+      default:  // the ring (the hierarchy is the ring on one node)
+        break;
+    }
   }
   AllreduceRing(ctx, data, data, count, dtype, op);
 }
 
 void CrossNode::HostReduceScatter(const void* in, void* out, size_t count, DataType dtype, ReduceOp op) {
   const CollectiveContext ctx = Context();
-  if (OnOneNodeArena() && ReduceScatterSingleCopy(ctx, single_copy_, in, out, count, dtype, op)) return;
+  if (MaySingleCopy() && ReduceScatterSingleCopy(ctx, single_copy_, in, out, count, dtype, op)) return;
   ReduceScatterRing(ctx, in, out, count, dtype, op);
 }
 
@@ -293,8 +311,7 @@ void CrossNode::Allgather(void* data, size_t block, cudaStream_t stream) {
   Sync(stream);
   // On one node's arena, every rank reads the others' blocks straight from their memory, where
   // it can (else the ring).
-  if (!OnOneNodeArena() || single_copy_.status == SingleCopyState::kUnavailable ||
-      !AllgatherSingleCopy(Context(), single_copy_, own, host, block, DataType::kUInt8)) {
+  if (!MaySingleCopy() || !AllgatherSingleCopy(Context(), single_copy_, own, host, block, DataType::kUInt8)) {
     AllgatherRing(Context(), own, host, block, DataType::kUInt8);
   }
   Check(cudaMemcpyAsync(device, host, block * nodes(), cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync(to device)");

@@ -27,8 +27,10 @@ class CrossNode {
   // GPU memory itself (a CUDA-aware MPI), the same on every leader. `arena_seq`: where `leaders`
   // is a whole communicator on one node (every rank its own group: no CUDA IPC), the counter of
   // its arena's rounds, so that the host step takes the node's shared-memory algorithms instead
-  // of the ring. Creates events on the current device; no communication.
-  CrossNode(Transport& leaders, size_t chunk_bytes, double timeout_s, bool through_mpi, uint64_t* arena_seq = nullptr);
+  // of the ring; `algorithm` (PYCOMM_ALGO) there forces one of them, or the ring, as it does for
+  // host arrays. Creates events on the current device; no communication.
+  CrossNode(Transport& leaders, size_t chunk_bytes, double timeout_s, bool through_mpi, uint64_t* arena_seq = nullptr,
+            Algorithm algorithm = Algorithm::kAuto);
   ~CrossNode();
   CrossNode(const CrossNode&) = delete;
   CrossNode& operator=(const CrossNode&) = delete;
@@ -82,11 +84,13 @@ class CrossNode {
   // The leaders are one node's ranks, sharing its arena (in the communicator's rounds).
   bool OnOneNodeArena() const { return arena_seq_ != &own_arena_seq_; }
   // Allreduce of host memory in place among the leaders: on one node's arena, the one-shot for
-  // small pieces and single-copy above it (where every rank can read the others' memory); else
-  // the ring.
+  // small pieces and single-copy above it (where every rank can read the others' memory), unless
+  // algorithm_ forces one; else the ring.
   void HostAllreduce(void* data, size_t count, DataType dtype, ReduceOp op);
   // The same choice for a reduce-scatter of host memory: `in` holds nodes() blocks of `count`.
   void HostReduceScatter(const void* in, void* out, size_t count, DataType dtype, ReduceOp op);
+  // Whether single-copy may run (on one node's arena, where it has not been found unavailable).
+  bool MaySingleCopy() const;
   // Elements of each block in one piece of a reduce-scatter through the host.
   size_t ReduceScatterPiece(size_t count, DataType dtype) const;
   void DestroyEvents();
@@ -109,6 +113,7 @@ class CrossNode {
   std::vector<char> ring_scratch_;
   uint64_t own_arena_seq_ = 0;  // the ring's contexts need one; it never takes an arena round
   uint64_t* arena_seq_;         // the communicator's, where it shares `leaders`' arena; else own_arena_seq_
+  Algorithm algorithm_;
   SingleCopyState single_copy_;
   Scratch pinned_{Memory::kPinnedHost};
   cudaEvent_t copied_[2] = {nullptr, nullptr};  // a piece has reached the pinned buffer

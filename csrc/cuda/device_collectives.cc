@@ -156,11 +156,11 @@ class GroupCollectives : public DeviceCollectives {
 
   // On a node's leader, when the communicator spans several nodes: `leaders` (one rank per
   // node, in node order) outlives this.
-  // `arena_seq`: see CrossNode.
+  // `arena_seq`, `algorithm`: see CrossNode.
   void ConnectNodes(Transport& leaders, size_t chunk_bytes, double timeout_s, bool through_mpi,
-                    uint64_t* arena_seq = nullptr) {
+                    uint64_t* arena_seq = nullptr, Algorithm algorithm = Algorithm::kAuto) {
     cuda::DeviceGuard guard(group_.device());  // the events below belong to this rank's GPU
-    across_ = std::make_unique<cuda::CrossNode>(leaders, chunk_bytes, timeout_s, through_mpi, arena_seq);
+    across_ = std::make_unique<cuda::CrossNode>(leaders, chunk_bytes, timeout_s, through_mpi, arena_seq, algorithm);
     leader_links_ = {{0, across_.get()}};
     cuda::Check(cudaEventCreateWithFlags(&scratch_free_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
   }
@@ -573,27 +573,31 @@ std::unique_ptr<GroupCollectives> WithIpc(Transport& transport, NodeLayout layou
 // Where ranks cannot reach each other's GPU memory: every rank hands its buffers to itself (a
 // group of one), and the groups combine their parts through pinned host memory over the
 // communicator's own transport, as nodes do without a CUDA-aware MPI; on one node with the
-// node's shared-memory allreduce (`arena_seq` counts the communicator's arena rounds).
-std::unique_ptr<GroupCollectives> ThroughHost(Transport& transport, uint64_t* arena_seq, int device, size_t chunk_bytes,
-                                              double timeout_s, cuda::DeviceSync sync) {
+// node's shared-memory algorithms (`arena_seq` counts the communicator's arena rounds), as
+// options.algorithm picks them for host arrays.
+std::unique_ptr<GroupCollectives> ThroughHost(Transport& transport, uint64_t* arena_seq, int device,
+                                              const Options& options, cuda::DeviceSync sync) {
   std::unique_ptr<Transport> alone = std::move(CreateLoopbackTransports(1)[0]);
   auto collectives = std::make_unique<GroupCollectives>(transport, NodeLayout(transport, true), *alone, nullptr, device,
-                                                        timeout_s, sync, cuda::DeviceWork::kLeader);
+                                                        options.timeout_s, sync, cuda::DeviceWork::kLeader);
   collectives->Own(std::move(alone));
   collectives->MarkThroughHost();
-  if (transport.size() > 1) collectives->ConnectNodes(transport, chunk_bytes, timeout_s, false, arena_seq);
+  if (transport.size() > 1) {
+    collectives->ConnectNodes(transport, options.chunk_bytes, options.timeout_s, false, arena_seq, options.algorithm);
+  }
   return collectives;
 }
 
 }  // namespace
 
 std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport, uint64_t* arena_seq,
-                                                           Hierarchy* hierarchy, int device, size_t chunk_bytes,
-                                                           double timeout_s) {
+                                                           Hierarchy* hierarchy, int device, const Options& options) {
+  const size_t chunk_bytes = options.chunk_bytes;
+  const double timeout_s = options.timeout_s;
   NodeLayout layout(transport);
   const bool leader = layout.nodes[layout.node][0] == transport.rank();
   // 1. Settings and what the ranks can do, before any exchange. Votes: all ok; every leader's
-  //    MPI can move GPU memory (and may); nobody forces MPI.
+  //    MPI can move GPU memory (and may); nobody forces MPI; every rank may use CUDA IPC.
   std::exception_ptr failure;
   cuda::DeviceSync sync = cuda::DeviceSync::kAuto;
   cuda::DeviceWork work = cuda::DeviceWork::kAuto;
@@ -606,12 +610,10 @@ std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport,
     // A rank alone has nothing to split.
     if (transport.size() == 1 && work == cuda::DeviceWork::kAuto) work = cuda::DeviceWork::kLeader;
     if (layout.nodes.size() > 1) {
-      if (!hierarchy) {
-        throw CommError(
-            "pycomm: device arrays across nodes need the node groups, which could not be set up "
-            "(PYCOMM_DEBUG=1 says why)");
-      }
-      if (leader && !hierarchy->across[0]) throw std::logic_error("pycomm: no group of the nodes' leaders");
+      // The IPC groups are the hierarchy's; where it could not be set up (on every rank alike;
+      // PYCOMM_DEBUG=1 says why), every rank goes through the host, which needs none.
+      if (!hierarchy) votes[3] = 0;
+      if (hierarchy && leader && !hierarchy->across[0]) throw std::logic_error("pycomm: no group of the nodes' leaders");
       votes[1] = path != CrossNodePath::kHost && transport.accepts_device_memory();
       votes[2] = path != CrossNodePath::kMpi;
     }
@@ -659,7 +661,7 @@ std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport,
   // 3. Through the host (every rank votes below, even one whose step 2 failed, so that none waits
   //    for it).
   try {
-    if (!failure) collectives = ThroughHost(transport, arena_seq, device, chunk_bytes, timeout_s, sync);
+    if (!failure) collectives = ThroughHost(transport, arena_seq, device, options, sync);
   } catch (...) {
     failure = std::current_exception();
   }

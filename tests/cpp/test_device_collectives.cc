@@ -71,6 +71,10 @@ int g_device = 0;
 int g_ipc_fails_on = -1;
 // The time-out where RunPlaced keeps each rank's error (tests of failures expect none to wait it out).
 double g_errors_timeout = 5;
+// Whether the communicator could not build its hierarchy (its node groups), set between runs.
+bool g_no_hierarchy = false;
+// The host algorithm the communicator would pass on (PYCOMM_ALGO), set between runs.
+pycomm::Algorithm g_algorithm = pycomm::Algorithm::kAuto;
 
 // Each rank's whole-communicator transport and its arena's round counter, as RunPlaced gives
 // them to the device collectives (for tests that make a host call beside them).
@@ -192,7 +196,7 @@ void RunPlaced(const std::vector<int>& node_of, const std::function<void(int ran
       PlacedTransport placed(std::move(world[r]), node_of);
       std::unique_ptr<pycomm::Hierarchy> hierarchy;
       uint64_t arena_seq = 0;
-      if (nodes > 1) {
+      if (nodes > 1 && !g_no_hierarchy) {
         hierarchy = std::make_unique<pycomm::Hierarchy>();
         const auto& mine = members[node_of[r]];
         const int local = static_cast<int>(std::find(mine.begin(), mine.end(), r) - mine.begin());
@@ -214,8 +218,11 @@ void RunPlaced(const std::vector<int>& node_of, const std::function<void(int ran
       t_arena_seq = &arena_seq;
       if (before) before(r);
       try {
-        auto collectives = pycomm::CreateDeviceCollectives(placed, &arena_seq, hierarchy.get(), g_device, 4096,
-                                                           errors ? g_errors_timeout : 30);
+        pycomm::Options options;
+        options.chunk_bytes = 4096;
+        options.timeout_s = errors ? g_errors_timeout : 30;
+        options.algorithm = g_algorithm;
+        auto collectives = pycomm::CreateDeviceCollectives(placed, &arena_seq, hierarchy.get(), g_device, options);
         body(r, *collectives);
         if (!errors) collectives->Quiesce();
       } catch (const std::exception& e) {
@@ -542,6 +549,48 @@ void TestThroughHost(const std::vector<int>& node_of, bool want) {
     Expect(through_host[r] == static_cast<int>(want),
            std::string(want ? "not " : "") + "through the host " + Layout(node_of) + " rank " + std::to_string(r));
   }
+}
+
+// Without CUDA IPC on one node, the host step takes the algorithm PYCOMM_ALGO names, as host
+// arrays do: counted in arena rounds per allreduce (the agreement takes one; the ring none, the
+// one-shot and single-copy some), small and large (over the one-shot's range). Returns {small,
+// large} rounds per call on rank 0 in the second of two rounds of calls (the first has probed
+// whether single-copy works), each result checked.
+std::pair<uint64_t, uint64_t> HostStepRounds(const std::vector<int>& node_of, pycomm::Algorithm algorithm) {
+  const int P = static_cast<int>(node_of.size());
+  g_algorithm = algorithm;
+  std::pair<uint64_t, uint64_t> rounds;
+  RunPlaced(node_of, [&](int r, pycomm::DeviceCollectives& c) {
+    std::vector<uint64_t> taken;
+    for (size_t n : {size_t{100}, size_t{300007}, size_t{100}, size_t{300007}}) {
+      int64_t* a = DeviceArray(std::vector<int64_t>(n, r + 1));
+      const uint64_t before = *t_arena_seq;
+      c.Allreduce(a, a, n, DataType::kInt64, ReduceOp::kSum, nullptr);
+      Sync();
+      taken.push_back(*t_arena_seq - before);
+      Expect(Same(a, std::vector<int64_t>(n, P * (P + 1) / 2).data(), n * 8),
+             "host step " + Layout(node_of) + " algorithm " + std::to_string(static_cast<int>(algorithm)) +
+                 " n=" + std::to_string(n));
+      cudaFree(a);
+    }
+    if (r == 0) rounds = {taken[2], taken[3]};
+  });
+  g_algorithm = pycomm::Algorithm::kAuto;
+  return rounds;
+}
+
+void TestHostStepAlgorithm(const std::vector<int>& node_of) {
+  using A = pycomm::Algorithm;
+  const auto automatic = HostStepRounds(node_of, A::kAuto);
+  const auto ring = HostStepRounds(node_of, A::kRing);
+  const auto one_shot = HostStepRounds(node_of, A::kOneShot);
+  const auto single_copy = HostStepRounds(node_of, A::kSingleCopy);
+  const std::string where = " " + Layout(node_of);
+  Expect(ring.first == 1 && ring.second == 1, "ring: the agreement's round only" + where);
+  Expect(automatic.first == one_shot.first && automatic.first > 1, "auto: the one-shot when small" + where);
+  Expect(automatic.second == single_copy.second && automatic.second > 1, "auto: single-copy when large" + where);
+  Expect(one_shot.second != single_copy.second, "forced one-shot and single-copy differ when large" + where);
+  Expect(single_copy.first != one_shot.first, "forced single-copy when small" + where);
 }
 
 // Rank 0 reduces 10 elements where every other rank reduces 20 (the same hand-off, another call),
@@ -1034,6 +1083,16 @@ int main() {
     }
     g_ipc_fails_on = -1;
     TestThroughHost({0, 0}, false);
+    // Without the node groups across nodes: through the host.
+    g_no_hierarchy = true;
+    TestThroughHost({0, 0, 1, 1}, true);
+    TestAllreduce({0, 0, 1, 1}, 1000);
+    TestOthers({0, 1, 1}, 333);
+    g_no_hierarchy = false;
+    setenv("PYCOMM_GPU_IPC", "off", 1);
+    TestHostStepAlgorithm({0, 0});
+    TestHostStepAlgorithm({0, 0, 0});
+    unsetenv("PYCOMM_GPU_IPC");
   }
   g_own_gpus = false;
   setenv("PYCOMM_GPU_SYNC", "stream", 1);  // host sync makes no GPU wait for another rank's work
