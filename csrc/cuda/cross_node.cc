@@ -30,6 +30,10 @@ CrossNode::CrossNode(Transport& leaders, size_t chunk_bytes, double timeout_s, b
       arena_seq_(arena_seq && leaders.arena() ? arena_seq : &own_arena_seq_),
       algorithm_(algorithm) {
   constexpr unsigned kFlags = cudaEventDisableTiming;
+  int device = 0, max_pitch = 0;
+  Check(cudaGetDevice(&device), "cudaGetDevice");
+  Check(cudaDeviceGetAttribute(&max_pitch, cudaDevAttrMaxPitch, device), "cudaDeviceGetAttribute(max pitch)");
+  max_pitch_ = static_cast<size_t>(max_pitch);
   try {
     for (cudaEvent_t& event : copied_) Check(cudaEventCreateWithFlags(&event, kFlags), "cudaEventCreateWithFlags");
     Check(cudaEventCreateWithFlags(&pinned_free_, kFlags), "cudaEventCreateWithFlags");
@@ -264,12 +268,11 @@ void CrossNode::ReduceScatter(const void* data, void* out, size_t count, DataTyp
   const char* device = static_cast<const char*>(data);
   // Strided copies take pitches up to the device's limit (2^31 - 1 bytes on current GPUs); above
   // it, one copy per block.
-  constexpr size_t kMaxPitch = (size_t{1} << 31) - 1;
   auto copy_in = [&](size_t piece) {
     const size_t n = elements(piece);
     const char* from = device + piece * piece_count * es;
     // Row q: elements [piece * piece_count, + n) of block q, packed one after another.
-    if (count * es <= kMaxPitch) {
+    if (count * es <= max_pitch_) {
       Check(cudaMemcpy2DAsync(blocks(piece), n * es, from, count * es, n * es, P, cudaMemcpyDeviceToHost, stream),
             "cudaMemcpy2DAsync(to host)");
       return;

@@ -109,6 +109,7 @@ class CrossNode {
   Transport& leaders_;
   size_t chunk_bytes_;
   double timeout_s_;
+  size_t max_pitch_ = 0;  // the largest pitch a strided copy takes on this device
   bool through_mpi_ = false;
   std::vector<char> ring_scratch_;
   uint64_t own_arena_seq_ = 0;  // the ring's contexts need one; it never takes an arena round

@@ -253,6 +253,8 @@ thread_local int g_physical_gpu = 0;  // which GPU this "process's" device 0 is 
 thread_local int g_current_device = -1;
 thread_local int g_device_syncs = 0;  // cudaDeviceSynchronize calls by this thread
 thread_local unsigned g_contexts_made = 0;
+// The largest pitch a strided copy takes (cudaDevAttrMaxPitch): 2^31 - 1 on current GPUs.
+std::atomic<size_t> g_max_pitch{(size_t{1} << 31) - 1};
 
 void MakeCurrent(int device) {
   g_current_device = device;
@@ -296,6 +298,9 @@ void StallStream() {
       nullptr, 0, true);
 }
 void ReleaseStalls() { g_stalls_released = true; }
+// Strided copies take pitches up to `bytes` (read as cudaDevAttrMaxPitch) on every thread; 0
+// restores the default.
+void SetMaxPitch(size_t bytes) { g_max_pitch = bytes ? bytes : (size_t{1} << 31) - 1; }
 // Device memory of `size` bytes at `at`, in memory the caller owns (cudaFree only forgets it):
 // so that a test can make allocations reuse each other's addresses, as CUDA's allocator does.
 void PlaceAllocation(void* at, size_t size) {
@@ -379,7 +384,9 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpy
 
 cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
                               cudaMemcpyKind, cudaStream_t stream) {
-  if (width > dpitch || width > spitch) return cudaErrorInvalidPitchValue;
+  if (width > dpitch || width > spitch || dpitch > g_max_pitch || spitch > g_max_pitch) {
+    return cudaErrorInvalidPitchValue;
+  }
   Enqueue(stream, [=] {
     for (size_t row = 0; row < height; ++row) {
       std::memmove(static_cast<char*>(dst) + row * dpitch, static_cast<const char*>(src) + row * spitch, width);
@@ -506,6 +513,11 @@ cudaError_t cudaGetDevice(int* device) {
 }
 cudaError_t cudaSetDevice(int device) {
   MakeCurrent(device);
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
+  if (attribute != cudaDevAttrMaxPitch) return cudaErrorInvalidValue;
+  *value = static_cast<int>(g_max_pitch);
   return cudaSuccess;
 }
 cudaError_t cudaGetLastError(void) { return cudaSuccess; }

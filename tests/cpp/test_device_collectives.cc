@@ -50,6 +50,7 @@ int DeviceSyncs();
 void StallStream();
 void ReleaseStalls();
 void PlaceAllocation(void* at, size_t size);
+void SetMaxPitch(size_t bytes);
 }  // namespace fake_cuda
 
 namespace {
@@ -1056,6 +1057,10 @@ int main() {
   TestOthers({0, 1, 2, 3}, 300007);  // one rank a node, the whole vector allreduced through MPI
   g_cuda_aware = false;
   TestOthers({0, 1, 2, 3}, 300007);        // one rank a node: a reduce_scatter of several pieces through the host
+  fake_cuda::SetMaxPitch(4096);            // blocks over the largest pitch a strided copy takes: a copy each
+  TestOthers({0, 1, 2, 3}, 300007);
+  TestOthers({0, 1, 2}, 600);  // int64 blocks over it (a copy each), float32 under (one strided copy)
+  fake_cuda::SetMaxPitch(0);
   setenv("PYCOMM_GPU_WORK", "leader", 1);  // on GPUs of their own, for comparison
   TestManyCalls({0, 0, 0}, 10007);
   g_own_gpus = false;
