@@ -612,8 +612,11 @@ std::unique_ptr<DeviceCollectives> CreateDeviceCollectives(Transport& transport,
     if (layout.nodes.size() > 1) {
       // The IPC groups are the hierarchy's; where it could not be set up (on every rank alike;
       // PYCOMM_DEBUG=1 says why), every rank goes through the host, which needs none.
-      if (!hierarchy) votes[3] = 0;
-      if (hierarchy && leader && !hierarchy->across[0]) throw std::logic_error("pycomm: no group of the nodes' leaders");
+      if (!hierarchy) {
+        votes[3] = 0;
+      } else if (leader && !hierarchy->across[0]) {
+        throw std::logic_error("pycomm: no group of the nodes' leaders");
+      }
       votes[1] = path != CrossNodePath::kHost && transport.accepts_device_memory();
       votes[2] = path != CrossNodePath::kMpi;
     }

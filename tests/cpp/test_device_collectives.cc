@@ -1056,8 +1056,8 @@ int main() {
   TestOthers({0, 1, 1, 0}, 33);
   TestOthers({0, 1, 2, 3}, 300007);  // one rank a node, the whole vector allreduced through MPI
   g_cuda_aware = false;
-  TestOthers({0, 1, 2, 3}, 300007);        // one rank a node: a reduce_scatter of several pieces through the host
-  fake_cuda::SetMaxPitch(4096);            // blocks over the largest pitch a strided copy takes: a copy each
+  TestOthers({0, 1, 2, 3}, 300007);  // one rank a node: a reduce_scatter of several pieces through the host
+  fake_cuda::SetMaxPitch(4096);      // blocks over the largest pitch a strided copy takes: a copy each
   TestOthers({0, 1, 2, 3}, 300007);
   TestOthers({0, 1, 2}, 600);  // int64 blocks over it (a copy each), float32 under (one strided copy)
   fake_cuda::SetMaxPitch(0);
