@@ -220,7 +220,13 @@ bool DeviceGroup::OpenFrom(int peer, const cudaIpcEventHandle_t& ready, const cu
 }
 
 DeviceGroup::~DeviceGroup() {
-  DeviceGuard guard(device_);
+  // A destructor must not throw: where the GPU cannot be made current (after a sticky error,
+  // say), what it frees goes from whichever context is current.
+  std::optional<DeviceGuard> guard;
+  try {
+    guard.emplace(device_);
+  } catch (...) {
+  }
   ReleaseEvents();
   for (const RetiredStaging& old : retired_staging_) cudaFree(old.ptr);
 }
@@ -359,13 +365,14 @@ void DeviceGroup::StageOut(const std::vector<BufferRef>& buffers, const std::vec
 }
 
 std::exception_ptr DeviceGroup::Prepare(const DeviceCall& call, const std::vector<BufferRef>& buffers,
-                                        cudaStream_t stream, std::vector<char>* message,
-                                        std::vector<size_t>* staged_at) {
+                                        cudaStream_t stream, const std::exception_ptr& unready,
+                                        std::vector<char>* message, std::vector<size_t>* staged_at) {
   message->assign(kHeaderBytes + buffers.size() * sizeof(IpcBuffer), 0);
   Header header{};
   header.call = call;
   std::exception_ptr failure;
   try {
+    if (unready) std::rethrow_exception(unready);
     std::vector<IpcBuffer> mine;
     exporter_.Sweep();
     Describe(buffers, stream, &mine, staged_at);
@@ -404,13 +411,19 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
                       const GroupWork& work, const CrossNodeAgreement& agree) {
   if (quiesced_) throw CommError("pycomm: the device collectives are closed");
   if (!ipc_) throw std::logic_error("pycomm: a device group without CUDA IPC was used");
-  DeviceGuard guard(device_);
+  std::optional<DeviceGuard> guard;
+  std::exception_ptr unready;
+  try {
+    guard.emplace(device_);
+  } catch (...) {
+    unready = std::current_exception();
+  }
   importer_.NextCall();
   try {
     if (work_ == DeviceWork::kSplit) {
-      RunSplit(call, buffers, stream, work, agree);
+      RunSplit(call, buffers, stream, work, agree, unready);
     } else {
-      RunLeader(call, buffers, stream, work, agree);
+      RunLeader(call, buffers, stream, work, agree, unready);
     }
   } catch (...) {
     SettleRetired(false);
@@ -450,14 +463,14 @@ void DeviceGroup::SettleRetired(bool delivered) {
 }
 
 void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
-                            const GroupWork& work, const CrossNodeAgreement& agree) {
+                            const GroupWork& work, const CrossNodeAgreement& agree, const std::exception_ptr& unready) {
   const int rank = transport_.rank(), size = transport_.size();
   const size_t message_bytes = kHeaderBytes + buffers.size() * sizeof(IpcBuffer);
 
   if (rank != kLeader) {
     std::vector<char> message;
     std::vector<size_t> staged_at;
-    const std::exception_ptr failure = Prepare(call, buffers, stream, &message, &staged_at);
+    const std::exception_ptr failure = Prepare(call, buffers, stream, unready, &message, &staged_at);
     const char answer = exchange_.Hand(message.data(), message_bytes);
     if (failure) std::rethrow_exception(failure);
     if (answer == kMismatch) {
@@ -488,6 +501,7 @@ void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>
   // the peers' buffers mapped included.
   try {
     exchange_.Collect(&messages, message_bytes);
+    if (unready) std::rethrow_exception(unready);
     for (int peer = 1; peer < size; ++peer) CloseRetired(messages[peer].data());
     CheckCalls(call, messages);
     for (size_t i = 0; i < buffers.size(); ++i) mapped[kLeader][i] = buffers[i].ptr;
@@ -566,13 +580,13 @@ char DeviceGroup::ExchangeAll(const std::vector<char>& message, std::vector<char
 }
 
 void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
-                           const GroupWork& work, const CrossNodeAgreement& agree) {
+                           const GroupWork& work, const CrossNodeAgreement& agree, const std::exception_ptr& unready) {
   const int rank = transport_.rank(), size = transport_.size();
   const size_t message_bytes = kHeaderBytes + buffers.size() * sizeof(IpcBuffer);
   // 1. Every rank's buffers (and that its inputs are ready) to every rank, the calls checked.
   std::vector<char> message;
   std::vector<size_t> staged_at;
-  std::exception_ptr failure = Prepare(call, buffers, stream, &message, &staged_at);
+  std::exception_ptr failure = Prepare(call, buffers, stream, unready, &message, &staged_at);
   std::vector<char> table;
   std::exception_ptr checked;  // the leader's check's error, or this rank's hand-off's
   const char answer = ExchangeAll(

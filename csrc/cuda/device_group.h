@@ -162,19 +162,23 @@ class DeviceGroup {
   static constexpr int kLeader = 0;
   struct Message;
 
+  // `unready`: this rank's failure before the call began (making its GPU current): it still
+  // takes part, so that the call fails on every rank instead of the others waiting for it.
   void RunLeader(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
-                 const GroupWork& work, const CrossNodeAgreement& agree);
+                 const GroupWork& work, const CrossNodeAgreement& agree, const std::exception_ptr& unready);
   void RunSplit(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
-                const GroupWork& work, const CrossNodeAgreement& agree);
+                const GroupWork& work, const CrossNodeAgreement& agree, const std::exception_ptr& unready);
   // Returns where other ranks can reach buffers[i], staging buffers that cannot be exported
   // (staged_at[i]: where in staging_; SIZE_MAX: not staged).
   void Describe(const std::vector<BufferRef>& buffers, cudaStream_t stream, std::vector<IpcBuffer>* out,
                 std::vector<size_t>* staged_at);
   // A rank's hand-off message (header, then where others reach its buffers), once its inputs are
   // ready: `ready` recorded (stream sync) or its stream synchronised (host sync). Returns this
-  // rank's failure, if any: the message then says so (status 0) and the call fails everywhere.
+  // rank's failure (`unready`'s included), if any: the message then says so (status 0) and the
+  // call fails everywhere.
   std::exception_ptr Prepare(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
-                             std::vector<char>* message, std::vector<size_t>* staged_at);
+                             const std::exception_ptr& unready, std::vector<char>* message,
+                             std::vector<size_t>* staged_at);
   // After the call's work: copies staged outputs back to the caller's buffers.
   void StageOut(const std::vector<BufferRef>& buffers, const std::vector<size_t>& staged_at, cudaStream_t stream);
   // On the leader: throws MismatchError or CommError unless every peer's message (header first)

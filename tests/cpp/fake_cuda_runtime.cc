@@ -275,9 +275,10 @@ CUresult FakeCtxSetCurrent(CUcontext context) {
 }  // namespace
 
 namespace fake_cuda {
-enum What { kNothing, kEvents, kMalloc, kLaunch, kMallocHost, kIpcOpen };
+enum What { kNothing, kEvents, kMalloc, kLaunch, kMallocHost, kIpcOpen, kSetDevice };
 // From now on this thread's event creations, device allocations, kernel launches, pinned host
-// allocations, or openings of other processes' events and memory through IPC fail.
+// allocations, openings of other processes' events and memory through IPC, or settings of the
+// current device fail.
 void Fail(What what) { g_fail = what; }
 // This thread's device 0 is physical GPU `gpu` (as with one CUDA_VISIBLE_DEVICES per rank); all
 // threads share GPU 0 by default.
@@ -512,6 +513,7 @@ cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 cudaError_t cudaSetDevice(int device) {
+  if (g_fail == fake_cuda::kSetDevice) return cudaErrorDevicesUnavailable;
   MakeCurrent(device);
   return cudaSuccess;
 }

@@ -36,7 +36,7 @@
 
 // Failures the fake runtime injects on the calling thread (fake_cuda_runtime.cc).
 namespace fake_cuda {
-enum What { kNothing, kEvents, kMalloc, kLaunch, kMallocHost, kIpcOpen };
+enum What { kNothing, kEvents, kMalloc, kLaunch, kMallocHost, kIpcOpen, kSetDevice };
 void Fail(What what);
 void UseGpu(int gpu);
 int LiveEvents();
@@ -638,6 +638,8 @@ void TestFailuresReachEveryRank(const std::vector<int>& node_of, fake_cuda::What
         std::unique_ptr<int64_t, Free> mine(DeviceArray(std::vector<int64_t>(4, 0)));
         std::unique_ptr<int64_t, Free> a(DeviceArray(std::vector<int64_t>(allreduce, 1)));
         if (r == failing) fake_cuda::Fail(what);
+        // Without a context current, the call must make its GPU current (and so fail there).
+        if (r == failing && what == fake_cuda::kSetDevice) fake_cuda::DropContext();
         if (allreduce) {
           c.Allreduce(a.get(), a.get(), allreduce, DataType::kInt64, ReduceOp::kSum, nullptr);
         } else {
@@ -647,7 +649,7 @@ void TestFailuresReachEveryRank(const std::vector<int>& node_of, fake_cuda::What
       &errors,
       [&](int r) { fake_cuda::Fail(r == failing && what == fake_cuda::kEvents ? what : fake_cuda::kNothing); });
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  const char* const kWhat[] = {"", " events", " malloc", " launch", " pinned"};
+  const char* const kWhat[] = {"", " events", " malloc", " launch", " pinned", " ipc open", " set device"};
   const std::string where = Layout(node_of) + kWhat[what] + " on rank " + std::to_string(failing);
   for (int r = 0; r < P; ++r) {
     Expect(!errors[r].empty() && errors[r].find("PeerError") == std::string::npos,
@@ -987,6 +989,12 @@ int main() {
   TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kMalloc, 2);  // node 1's leader
   // One rank a node: its reduce_scatter needs no device scratch, only pinned memory.
   TestFailuresReachEveryRank({0, 1, 2}, fake_cuda::kMallocHost, 0);
+  // A rank that cannot make its GPU current as a call begins: a peer, a leader, a group of one.
+  TestFailuresReachEveryRank({0, 0}, fake_cuda::kSetDevice, 1);
+  TestFailuresReachEveryRank({0, 0, 0}, fake_cuda::kSetDevice, 0);
+  TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kSetDevice, 2);
+  TestFailuresReachEveryRank({0, 1}, fake_cuda::kSetDevice, 1);
+  TestFailuresReachEveryRank({0, 1, 2}, fake_cuda::kSetDevice, 0);
   // Between nodes through a CUDA-aware MPI (MPI_Iallreduce straight on GPU memory; float16 still
   // through the host).
   g_cuda_aware = true;
@@ -1047,6 +1055,8 @@ int main() {
     TestFailuresReachEveryRank({0, 0, 1}, fake_cuda::kMallocHost, 1, 10007);
     TestFailuresReachEveryRank({0, 0, 1, 1, 1}, fake_cuda::kMallocHost, 4, 10007);
     TestFailuresReachEveryRank({0, 0, 1, 1, 1}, fake_cuda::kMallocHost, 1, 10007);
+    TestFailuresReachEveryRank({0, 0, 0}, fake_cuda::kSetDevice, 1);
+    TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kSetDevice, 3, 10007);
   }
   unsetenv("PYCOMM_GPU_WORK");
   // Split across nodes, each slice's owners through a CUDA-aware MPI.
