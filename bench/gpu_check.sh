@@ -10,7 +10,8 @@
 #   6. runs every test marked gpu: torch, cupy and DLPack-only arrays at P = 1, 2, 4 (and 9) ranks
 #      sharing the GPU, split work forced at P = 2 and 4, 4 ranks on simulated nodes (leaders,
 #      or split, every slice's owners, combine through pinned host memory), and without CUDA IPC;
-#   7. trains with cupy arrays (python -m pycomm.train --device gpu --check) where scikit-learn exists.
+#   7. trains with cupy arrays (python -m pycomm.train --device gpu --check) where scikit-learn exists;
+#   8. runs the benchmark CLI on GPU arrays (python -m pycomm.bench --device gpu --vs mpi) at P = 2.
 # Logs and JSON go to $OUT (default build/gpu-check-out); a short summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -90,6 +91,15 @@ if $PY -c "import sklearn" >/dev/null 2>&1; then
 else
   step "train --device gpu --check P=2" "not run: no scikit-learn here"
 fi
+
+# 8. The benchmark CLI on cupy arrays, against host staging + MPI_Allreduce (what gpu_allreduce.py
+#    times at 64 MiB), nccl-tests' table
+#    (its table goes into gpu_allreduce.txt and .json: the device tool brings back 8 files at most)
+cli=/tmp/pycomm_bench_cli_p2.txt
+timed "$(limit 60)" mpirun -n 2 $PY -m pycomm.bench --device gpu -b 8 -e 64M -f 4 --vs mpi \
+  --json "$OUT/part_bench_cli_p2.json" >"$cli" 2>&1
+step "pycomm.bench --device gpu P=2" "exit $? ($(grep -o 'Wrong elements: .*' "$cli"))"
+cat "$cli" >>"$OUT/gpu_allreduce.txt"
 
 # One JSON for all runs: the device tool brings back few files.
 $PY - "$OUT" <<'PYEOF'

@@ -1,11 +1,15 @@
 """Allreduce benchmark in the manner of nccl-tests' all_reduce_perf.
 
     mpirun -n 2 python -m pycomm.bench -b 8 -e 256M -f 2 --vs mpi
+    mpirun -n 2 python -m pycomm.bench --device gpu -b 8 -e 256M --vs mpi
 
 Every rank runs the same sweep; rank 0 prints the table. Each size is checked against the exact
 expected result before it is timed, so a fast but wrong engine cannot pass unnoticed (#wrong), and
 `--vs mpi` times MPI_Allreduce on the same buffers in the same run, because a speed-up only means
-something against a baseline measured side by side. See bench/README.md.
+something against a baseline measured side by side. With `--device gpu` the buffers are cupy or
+torch arrays on each rank's GPU, every timed loop ends when its GPU work has, and `--vs mpi` times
+what a program without pycomm does with them: copy to the host, MPI_Allreduce, copy back. See
+bench/README.md.
 """
 
 import argparse
@@ -27,6 +31,7 @@ from mpi4py import MPI
 from mpi4py.util.dtlib import from_numpy_dtype
 
 import pycomm
+from pycomm.bench_gpu import LIBRARIES, GpuArrays, GpuUnavailable
 from pycomm.dtypes import is_floating
 from pycomm.ops import ReduceOp, parse_op
 from pycomm.settings import ALGORITHMS, parse_size
@@ -154,22 +159,25 @@ def count_wrong(buf: np.ndarray, table: np.ndarray) -> int:
 # -- timing ------------------------------------------------------------------------------------
 
 
-def time_calls(call, iters: int, world) -> float:
-    """Seconds per call of the slowest rank: a collective is only done when its last rank is."""
+def time_calls(call, iters: int, world, synchronize=None) -> float:
+    """Seconds per call of the slowest rank: a collective is only done when its last rank is (and,
+    on a GPU, when the work it queued has run: `synchronize` waits for it)."""
     world.Barrier()
     start = time.perf_counter()
     for _ in range(iters):
         call()
+    if synchronize:
+        synchronize()
     per_call = (time.perf_counter() - start) / iters
     return world.allreduce(per_call, op=MPI.MAX)
 
 
-def choose_iters(call, world) -> int:
+def choose_iters(call, world, synchronize=None) -> int:
     """Extrapolates from a short probe. Rank 0 decides and broadcasts, because every rank must
     make the same number of calls or the collectives stop matching."""
     n = 1
     while True:
-        per_call = time_calls(call, n, world)
+        per_call = time_calls(call, n, world, synchronize)
         if per_call * n >= PROBE_SECONDS or n >= MAX_ITERS:
             break
         n *= 4
@@ -186,18 +194,21 @@ def default_warmup(iters: int) -> int:
 class Measurement:
     """One engine's calls on one size: iteration count, warm-up, and the per-repeat times."""
 
-    def __init__(self, call, args, world):
+    def __init__(self, call, args, world, synchronize=None):
         self.call = call
-        self.iters = args.iters or choose_iters(call, world)
+        self.synchronize = synchronize
+        self.iters = args.iters or choose_iters(call, world, synchronize)
         self.warmup = args.warmup if args.warmup is not None else default_warmup(self.iters)
         self.times = []
 
     def warm(self) -> None:
         for _ in range(self.warmup):
             self.call()
+        if self.synchronize:
+            self.synchronize()
 
     def repeat(self, world) -> None:
-        self.times.append(time_calls(self.call, self.iters, world))
+        self.times.append(time_calls(self.call, self.iters, world, self.synchronize))
 
     @property
     def seconds(self) -> float:
@@ -251,35 +262,84 @@ def sizes_in_elements(args, itemsize: int) -> list:
     return counts
 
 
-def run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok, also=None, node=None) -> dict:
+class HostBuffers:
+    """The sweep's buffers in host memory: numpy arrays, or comm.empty's shared memory."""
+
+    synchronize = None  # host calls are done when they return
+
+    def __init__(self, comm, shared: bool):
+        self.comm, self.shared = comm, shared
+
+    def empty(self, count: int, dtype: np.dtype):
+        return self.comm.empty(count, dtype) if self.shared else np.empty(count, dtype)
+
+    def fill(self, buf, table: np.ndarray) -> None:
+        fill_periodic(buf, table)
+
+    def wrong(self, buf, table: np.ndarray) -> int:
+        return count_wrong(buf, table)
+
+    def mpi_call(self, world, x, y, mpi_op, in_place: bool):
+        send = MPI.IN_PLACE if in_place else x
+        return lambda: world.Allreduce(send, y, op=mpi_op)
+
+
+class DeviceBuffers:
+    """The sweep's buffers on this rank's GPU (bench_gpu.GpuArrays), filled and checked through
+    host copies."""
+
+    def __init__(self, gpu, dtype: np.dtype):
+        self.gpu, self.dtype = gpu, dtype
+        self.synchronize = gpu.synchronize
+
+    def empty(self, count: int, dtype: np.dtype):
+        return self.gpu.empty(count, dtype)
+
+    def fill(self, buf, table: np.ndarray) -> None:
+        host = np.empty(len(buf), self.dtype)
+        fill_periodic(host, table)
+        self.gpu.upload(host, buf)
+
+    def wrong(self, buf, table: np.ndarray) -> int:
+        return count_wrong(self.gpu.download(buf, self.dtype), table)
+
+    def mpi_call(self, world, x, y, mpi_op, in_place: bool):
+        # What a program does without pycomm (and without a CUDA-aware MPI): the copies count.
+        def staged():
+            host = self.gpu.download(x, self.dtype)
+            world.Allreduce(MPI.IN_PLACE, host, op=mpi_op)
+            self.gpu.upload(host, y)
+
+        return staged
+
+
+def run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok, also=None, node=None, buffers=None) -> dict:
     # Buffers live for one size only, so at most two max-size arrays exist per rank.
     # --shared: the input lives in comm.empty memory (in place), as a training loop's gradient
     # buckets would; MPI then reduces the same array.
-    x = comm.empty(count, dtype) if args.shared else np.empty(count, dtype)
-    y = x if args.in_place else np.empty(count, dtype)
-    fill_periodic(x, mine)
+    buffers = buffers or HostBuffers(comm, args.shared)
+    sync = buffers.synchronize
+    x = buffers.empty(count, dtype)
+    y = x if args.in_place else buffers.empty(count, dtype)
+    buffers.fill(x, mine)
 
     def pycomm_call():
         comm.allreduce(x, op=op, out=y)
 
-    mpi_op = _MPI_OPS[op]
-    send = MPI.IN_PLACE if args.in_place else x
-
-    def mpi_call():
-        world.Allreduce(send, y, op=mpi_op)
+    mpi_call = buffers.mpi_call(world, x, y, _MPI_OPS[op], args.in_place)
 
     # Correctness first, on freshly filled inputs; in place, the timed loops overwrite them.
     pycomm_call()
-    wrong = world.allreduce(count_wrong(y, expected), op=MPI.SUM) if args.check else None
-    engines = {"pycomm": Measurement(pycomm_call, args, world)}
+    wrong = world.allreduce(buffers.wrong(y, expected), op=MPI.SUM) if args.check else None
+    engines = {"pycomm": Measurement(pycomm_call, args, world, sync)}
 
     mpi_wrong = None
     if mpi_ok:
-        fill_periodic(x, mine)
+        buffers.fill(x, mine)
         mpi_call()
         if args.check and op != ReduceOp.AVG:
-            mpi_wrong = world.allreduce(count_wrong(y, expected), op=MPI.SUM)
-        engines["mpi"] = Measurement(mpi_call, args, world)
+            mpi_wrong = world.allreduce(buffers.wrong(y, expected), op=MPI.SUM)
+        engines["mpi"] = Measurement(mpi_call, args, world, sync)
 
     # --also: the same buffers through communicators forced to other algorithms.
     also_wrong = {}
@@ -288,10 +348,10 @@ def run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok, also=N
         def other_call(other=other):
             other.allreduce(x, op=op, out=y)
 
-        fill_periodic(x, mine)
+        buffers.fill(x, mine)
         other_call()
-        also_wrong[name] = world.allreduce(count_wrong(y, expected), op=MPI.SUM) if args.check else None
-        engines[name] = Measurement(other_call, args, world)
+        also_wrong[name] = world.allreduce(buffers.wrong(y, expected), op=MPI.SUM) if args.check else None
+        engines[name] = Measurement(other_call, args, world, sync)
 
     for engine in engines.values():
         engine.warm()
@@ -435,6 +495,7 @@ def metadata(args, argv, comm, world) -> dict:
         "dtype": args.dtype,
         "op": args.op,
         "in_place": args.in_place,
+        "device": args.device,
         "check": args.check,
         "vs": args.vs,
         "repeats": args.repeats,
@@ -534,6 +595,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=_positive_int, default=1, help="timed loops per size; the median is shown")
     parser.add_argument("--in-place", action="store_true", help="reduce into the input buffer")
     parser.add_argument(
+        "--device",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="where the buffers live: host memory (default) or each rank's GPU (cupy or torch arrays)",
+    )
+    parser.add_argument(
+        "--gpu-library", choices=LIBRARIES, help="--device gpu: whose arrays (default: cupy, else torch)"
+    )
+    parser.add_argument(
         "--shared", action="store_true", help="allocate the buffer with comm.empty (shared memory; implies --in-place)"
     )
     parser.add_argument(
@@ -553,8 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--floor",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="measure this node's memory bandwidth next to each size and show the busbw floor (default on)",
+        help="measure this node's memory bandwidth next to each size and show the busbw floor "
+        "(default on for host buffers)",
     )
     parser.add_argument("--json", metavar="PATH", help="write every row and the run's metadata as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of busbw against size (needs matplotlib)")
@@ -568,6 +638,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.factor <= 1:
         parser.error("--factor must be greater than 1")
+    if args.device == "gpu":
+        for given, name in ((args.shared, "--shared"), (args.also, "--also"), (args.floor, "--floor")):
+            if given:
+                parser.error(f"{name} applies to host buffers, not to --device gpu")
+    elif args.gpu_library:
+        parser.error("--gpu-library needs --device gpu")
+    args.floor = args.device == "cpu" if args.floor is None else args.floor
     args.in_place = args.in_place or args.shared
     if args.min_bytes > args.max_bytes:
         parser.error("--min-bytes is larger than --max-bytes")
@@ -579,9 +656,12 @@ def main(argv=None) -> int:
     world = MPI.COMM_WORLD
     lead = world.rank == 0
     with pycomm.Communicator() as comm:
+        buffers = device_buffers(args, dtype, comm, world, parser) if args.device == "gpu" else None
         mine, expected = input_tables(op, dtype, world.size, world.rank)
         mpi_ok = args.vs == "mpi" and mpi_has_dtype(dtype)
         meta = metadata(args, argv, comm, world)
+        if buffers:
+            meta.update(gpu=buffers.gpu.device_name, gpu_library=buffers.gpu.library)
         if lead:
             print(
                 f"# pycomm allreduce benchmark: P={world.size} dtype={args.dtype} op={op.name.lower()} "
@@ -591,6 +671,10 @@ def main(argv=None) -> int:
                 f"# BUILD_MPI: {pycomm.BUILD_MPI}\n"
                 f"# {meta['hostname']}, {meta['cpu_model']}, nproc={meta['nproc']}, {meta['date']}"
             )
+            if buffers:
+                print(f"# device=gpu: {meta['gpu_library']} arrays on {meta['gpu']}")
+                if mpi_ok:
+                    print("# --vs mpi: each MPI call copies to the host, runs MPI_Allreduce and copies back")
             if args.vs == "mpi" and not mpi_ok:
                 print(f"# --vs mpi: this MPI has no {args.dtype} datatype, so the MPI columns are N/A")
             elif mpi_ok and op == ReduceOp.AVG:
@@ -601,7 +685,7 @@ def main(argv=None) -> int:
         node = world.Split_type(MPI.COMM_TYPE_SHARED) if args.floor else None
         try:
             rows = [
-                run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok, also, node)
+                run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok, also, node, buffers)
                 for count in sizes_in_elements(args, dtype.itemsize)
             ]
         finally:
@@ -614,6 +698,22 @@ def main(argv=None) -> int:
     if lead:
         summarize(rows, args, meta, total_wrong)
     return 1 if total_wrong else 0
+
+
+def device_buffers(args, dtype, comm, world, parser) -> DeviceBuffers:
+    """This rank's GPU buffers; a usage error on every rank if any rank cannot have them (the
+    others would otherwise wait for it in the first collective)."""
+    error = None
+    try:
+        gpu = GpuArrays(args.gpu_library, comm.local_rank)
+        gpu.empty(0, dtype)  # a dtype the library lacks fails here, not in the sweep
+    except GpuUnavailable as e:
+        error = str(e)
+    errors = world.allgather(error)
+    first = next((e for e in errors if e), None)
+    if first:
+        parser.error(first if error else f"rank {errors.index(first)}: {first}")
+    return DeviceBuffers(gpu, dtype)
 
 
 def summarize(rows: list, args, meta: dict, total_wrong: int) -> None:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from gpu_marks import gpu_present
 from launch import run_mpi
 
 pytestmark = pytest.mark.mpi
@@ -38,10 +39,53 @@ def test_single_rank_without_mpirun():
     assert "floor_busbw" not in result.stdout
 
 
+def test_gpu_sweep_on_a_stand_in_gpu(tmp_path):
+    """--device gpu's path through the sweep, on numpy arrays standing in for device arrays: each
+    size filled by upload and checked by download, pycomm against MPI through host copies."""
+    out = tmp_path / "rows.json"
+    args = ["-b", "8", "-e", "64K", "-f", "16", "--device", "gpu", "--vs", "mpi", "--json", out, *QUICK]
+    result = run_mpi(2, "bench_gpu_standin.py", *args, timeout=120)
+    assert "# Wrong elements: 0 OK" in result.stdout, result.stdout
+    assert "# device=gpu: stand-in arrays on host memory standing in for a GPU" in result.stdout
+    assert "copies to the host, runs MPI_Allreduce and copies back" in result.stdout
+    assert "floor_busbw" not in result.stdout  # the floor is host memory's
+    report = json.loads(out.read_text())
+    assert [row["size"] for row in report["rows"]] == [8, 128, 2048, 32768]
+    for row in report["rows"]:
+        assert row["wrong"] == 0 and row["mpi_wrong"] == 0 and row["ratio"] > 0
+    assert report["metadata"]["device"] == "gpu" and report["metadata"]["gpu_library"] == "stand-in"
+    line = next(line for line in result.stdout.splitlines() if "stand-in calls:" in line)
+    counts = dict(item.split("=") for item in line.split("stand-in calls:")[1].split())
+    # Per size at least: fills of pycomm's and MPI's inputs, and every staged MPI call, upload;
+    # checks and staged MPI calls download; every timed loop ends with a synchronisation.
+    assert int(counts["init"]) == 1
+    assert int(counts["upload"]) >= 2 * 4 and int(counts["download"]) >= 2 * 4
+    assert int(counts["synchronize"]) >= 2 * 4
+
+
 @pytest.mark.parametrize(
-    "bad", [["--also", "fastest"], ["--factor", "1"], ["-b", "1M", "-e", "1K"], ["--dtype", "int32", "--op", "avg"]]
+    "bad",
+    [
+        ["--also", "fastest"],
+        ["--factor", "1"],
+        ["-b", "1M", "-e", "1K"],
+        ["--dtype", "int32", "--op", "avg"],
+        ["--device", "gpu", "--shared"],
+        ["--device", "gpu", "--also", "ring"],
+        ["--device", "gpu", "--floor"],
+        ["--gpu-library", "torch"],
+    ],
 )
 def test_bad_options_exit_2_with_a_message(bad):
     result = subprocess.run([sys.executable, "-m", "pycomm.bench", *bad], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "error" in result.stderr
+
+
+def test_gpu_without_a_gpu_is_a_usage_error():
+    """Where neither cupy nor torch sees a GPU (this machine), every rank says so and exits 2."""
+    if gpu_present():
+        pytest.skip("a GPU is present: tests/test_gpu_mpi.py runs the GPU sweep")
+    result = run_mpi(2, "-m", "pycomm.bench", "--device", "gpu", "-e", "1K", timeout=120, check=False)
+    assert result.returncode == 2, result.stdout
+    assert "--device gpu needs cupy or torch with CUDA" in result.stdout  # stderr is merged into it

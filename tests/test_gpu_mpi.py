@@ -1,6 +1,7 @@
 """Device arrays (torch, cupy) at P = 1, 2, 4 ranks sharing one GPU; skipped where no GPU exists."""
 
 import importlib.util
+import json
 
 import pytest
 from gpu_marks import GPU_MPI_MARKS
@@ -62,3 +63,21 @@ def test_more_ranks_on_a_node_than_one_fused_pass_reads():
     if importlib.util.find_spec("cupy") is None:
         pytest.skip("cupy is not installed")
     run_mpi(9, "gpu.py", "cupy", timeout=600)
+
+
+@pytest.mark.parametrize("library, dtype", [("cupy", "float32"), ("torch", "bfloat16")])
+def test_benchmark_cli_on_gpu_arrays(tmp_path, library, dtype):
+    """python -m pycomm.bench --device gpu: every size checked on the GPU arrays, and (where MPI
+    has the dtype) MPI through host copies beside it."""
+    if importlib.util.find_spec(library) is None:
+        pytest.skip(f"{library} is not installed")
+    out = tmp_path / "rows.json"
+    args = ["pycomm.bench", "--device", "gpu", "--gpu-library", library, "--dtype", dtype, "-b", "8", "-e", "4M"]
+    args += ["-f", "8", "--vs", "mpi", "--iters", "3", "--warmup", "1", "--json", out]
+    result = run_mpi(2, "-m", *args, timeout=300)
+    assert "# Wrong elements: 0 OK" in result.stdout, result.stdout
+    report = json.loads(out.read_text())
+    assert report["metadata"]["gpu_library"] == library and len(report["rows"]) == 7
+    for row in report["rows"]:
+        assert row["wrong"] == 0
+        assert dtype == "bfloat16" or (row["mpi_wrong"] == 0 and row["ratio"] > 0)
