@@ -601,7 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the buffers live: host memory (default) or each rank's GPU (cupy or torch arrays)",
     )
     parser.add_argument(
-        "--gpu-library", choices=LIBRARIES, help="--device gpu: whose arrays (default: cupy, else torch)"
+        "--gpu-library",
+        choices=LIBRARIES,
+        help="--device gpu: whose arrays (default: cupy, else torch; torch for bfloat16)",
     )
     parser.add_argument(
         "--shared", action="store_true", help="allocate the buffer with comm.empty (shared memory; implies --in-place)"
@@ -704,11 +706,13 @@ def device_buffers(args, dtype, comm, world, parser) -> DeviceBuffers:
     """This rank's GPU buffers; a usage error on every rank if any rank cannot have them (the
     others would otherwise wait for it in the first collective)."""
     error = None
+    # cupy has no bfloat16: torch's arrays then, unless the user chose.
+    library = args.gpu_library or ("torch" if dtype.name == "bfloat16" else None)
     try:
-        gpu = GpuArrays(args.gpu_library, comm.local_rank)
+        gpu = GpuArrays(library, comm.local_rank)
         gpu.empty(0, dtype)  # a dtype the library lacks fails here, not in the sweep
-    except GpuUnavailable as e:
-        error = str(e)
+    except Exception as e:  # any rank's failure stops every rank, none waiting for it
+        error = str(e) if isinstance(e, GpuUnavailable) else f"{type(e).__name__}: {e}"
     errors = world.allgather(error)
     first = next((e for e in errors if e), None)
     if first:

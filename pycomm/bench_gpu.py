@@ -26,8 +26,8 @@ class GpuArrays:
             try:
                 self._use(name, local_rank)
                 return
-            except ImportError as error:
-                errors.append(f"{name}: {error}")
+            except Exception as error:  # a library that is missing, broken, or sees no usable GPU
+                errors.append(f"{name}: {type(error).__name__}: {error}")
         raise GpuUnavailable("--device gpu needs cupy or torch with CUDA (" + "; ".join(errors) + ")")
 
     def _use(self, name: str, local_rank: int) -> None:

@@ -63,6 +63,15 @@ def test_gpu_sweep_on_a_stand_in_gpu(tmp_path):
     assert int(counts["synchronize"]) >= 2 * 4
 
 
+def test_gpu_set_up_failing_on_one_rank_stops_every_rank():
+    """One rank's GPU cannot be set up (an exclusive-process GPU, say): every rank exits 2 at once,
+    none waits in the sweep's first collective for it."""
+    env = {"STANDIN_FAILS_ON": "1"}
+    result = run_mpi(2, "bench_gpu_standin.py", "--device", "gpu", "-e", "1K", env=env, timeout=60, check=False)
+    assert result.returncode == 2, result.stdout
+    assert "rank 1: RuntimeError: cudaErrorDevicesUnavailable (stand-in)" in result.stdout
+
+
 @pytest.mark.parametrize(
     "bad",
     [

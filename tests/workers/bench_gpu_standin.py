@@ -1,8 +1,9 @@
 """python -m pycomm.bench --device gpu on a stand-in GPU whose arrays are numpy arrays, so that
 the sweep's GPU path (filled through uploads, checked through downloads, timed up to a
 synchronisation, MPI through host copies) runs under mpirun where no GPU exists. Rank 0 prints
-how often each stand-in method ran."""
+how often each stand-in method ran. STANDIN_FAILS_ON=R: rank R's GPU cannot be set up."""
 
+import os
 import sys
 from collections import Counter
 
@@ -19,6 +20,8 @@ class StandInGpu:
 
     def __init__(self, library, local_rank):
         calls["init"] += 1
+        if os.environ.get("STANDIN_FAILS_ON") == str(bench.MPI.COMM_WORLD.rank):
+            raise RuntimeError("cudaErrorDevicesUnavailable (stand-in)")
 
     def empty(self, count, dtype):
         return np.full(count, 99, dtype)  # not zeros: a fill that never arrives shows as wrong
