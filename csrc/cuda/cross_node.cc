@@ -111,6 +111,8 @@ void CrossNode::AgreeInArena(uint64_t signature, Trouble trouble, const std::fun
   mine.kind = SharedArena::kDeviceAgreement;
   mine.count = signature;
   mine.variant = static_cast<int32_t>(trouble);
+  // The host step's algorithm too: ranks that take different ones would wait for each other.
+  mine.op = static_cast<int32_t>(algorithm_);
   const uint64_t seq = ++*arena_seq_;
   arena.Post(seq, mine);
   try {
@@ -127,6 +129,10 @@ void CrossNode::AgreeInArena(uint64_t signature, Trouble trouble, const std::fun
     if (theirs.kind != SharedArena::kDeviceAgreement) {
       throw MismatchError("pycomm: rank " + std::to_string(q) + " made another call (on host arrays, say) than this " +
                           "rank's " + describe());
+    }
+    if (trouble == kNone && theirs.op != mine.op) {
+      throw MismatchError("pycomm: rank " + std::to_string(q) + " set another host algorithm (PYCOMM_ALGO) than " +
+                          "this rank: device arrays through the host need the same on every rank");
     }
     worst = std::max<int64_t>(worst, theirs.variant);
     same = same && theirs.count == signature;

@@ -74,8 +74,9 @@ int g_ipc_fails_on = -1;
 double g_errors_timeout = 5;
 // Whether the communicator could not build its hierarchy (its node groups), set between runs.
 bool g_no_hierarchy = false;
-// The host algorithm the communicator would pass on (PYCOMM_ALGO), set between runs.
-pycomm::Algorithm g_algorithm = pycomm::Algorithm::kAuto;
+// The host algorithm the communicator would pass on (PYCOMM_ALGO) on each rank (none listed:
+// auto), set between runs.
+std::vector<pycomm::Algorithm> g_algorithms;
 
 // Each rank's whole-communicator transport and its arena's round counter, as RunPlaced gives
 // them to the device collectives (for tests that make a host call beside them).
@@ -222,7 +223,7 @@ void RunPlaced(const std::vector<int>& node_of, const std::function<void(int ran
         pycomm::Options options;
         options.chunk_bytes = 4096;
         options.timeout_s = errors ? g_errors_timeout : 30;
-        options.algorithm = g_algorithm;
+        options.algorithm = r < static_cast<int>(g_algorithms.size()) ? g_algorithms[r] : pycomm::Algorithm::kAuto;
         auto collectives = pycomm::CreateDeviceCollectives(placed, &arena_seq, hierarchy.get(), g_device, options);
         body(r, *collectives);
         if (!errors) collectives->Quiesce();
@@ -559,7 +560,7 @@ void TestThroughHost(const std::vector<int>& node_of, bool want) {
 // whether single-copy works), each result checked.
 std::pair<uint64_t, uint64_t> HostStepRounds(const std::vector<int>& node_of, pycomm::Algorithm algorithm) {
   const int P = static_cast<int>(node_of.size());
-  g_algorithm = algorithm;
+  g_algorithms.assign(P, algorithm);
   std::pair<uint64_t, uint64_t> rounds;
   RunPlaced(node_of, [&](int r, pycomm::DeviceCollectives& c) {
     std::vector<uint64_t> taken;
@@ -576,7 +577,7 @@ std::pair<uint64_t, uint64_t> HostStepRounds(const std::vector<int>& node_of, py
     }
     if (r == 0) rounds = {taken[2], taken[3]};
   });
-  g_algorithm = pycomm::Algorithm::kAuto;
+  g_algorithms.clear();
   return rounds;
 }
 
@@ -592,6 +593,36 @@ void TestHostStepAlgorithm(const std::vector<int>& node_of) {
   Expect(automatic.second == single_copy.second && automatic.second > 1, "auto: single-copy when large" + where);
   Expect(one_shot.second != single_copy.second, "forced one-shot and single-copy differ when large" + where);
   Expect(single_copy.first != one_shot.first, "forced single-copy when small" + where);
+}
+
+// Ranks set to different host algorithms would take different steps and wait for each other:
+// every rank gets MismatchError at the agreement instead, well inside the time-out.
+void TestHostStepAlgorithmsDiffer(const std::vector<int>& node_of, pycomm::Algorithm other) {
+  const int P = static_cast<int>(node_of.size());
+  g_algorithms.assign(P, pycomm::Algorithm::kAuto);
+  g_algorithms[P - 1] = other;
+  std::vector<std::string> errors(P);
+  const auto start = std::chrono::steady_clock::now();
+  RunPlaced(
+      node_of,
+      [&](int r, pycomm::DeviceCollectives& c) {
+        int64_t* a = DeviceArray(std::vector<int64_t>(1000, r));
+        try {
+          c.Allreduce(a, a, 1000, DataType::kInt64, ReduceOp::kSum, nullptr);
+        } catch (...) {
+          cudaFree(a);
+          throw;
+        }
+        cudaFree(a);
+      },
+      &errors);
+  g_algorithms.clear();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  for (int r = 0; r < P; ++r) {
+    Expect(errors[r].find("MismatchError") != std::string::npos && errors[r].find("PYCOMM_ALGO") != std::string::npos,
+           "different host algorithms " + Layout(node_of) + " rank " + std::to_string(r) + ": " + errors[r]);
+  }
+  Expect(seconds < 4, "different host algorithms " + Layout(node_of) + " took " + std::to_string(seconds) + " s");
 }
 
 // Rank 0 reduces 10 elements where every other rank reduces 20 (the same hand-off, another call),
@@ -1107,6 +1138,8 @@ int main() {
     setenv("PYCOMM_GPU_IPC", "off", 1);
     TestHostStepAlgorithm({0, 0});
     TestHostStepAlgorithm({0, 0, 0});
+    TestHostStepAlgorithmsDiffer({0, 0}, pycomm::Algorithm::kRing);
+    TestHostStepAlgorithmsDiffer({0, 0, 0}, pycomm::Algorithm::kSingleCopy);
     unsetenv("PYCOMM_GPU_IPC");
   }
   g_own_gpus = false;
