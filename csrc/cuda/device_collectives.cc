@@ -11,6 +11,8 @@
 #include <cstdlib>
 #include <exception>
 #include <functional>
+#include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -141,11 +143,19 @@ class GroupCollectives : public DeviceCollectives {
   // `node_arena_seq` counts the rounds made through its arena.
   GroupCollectives(const Transport& world, NodeLayout layout, Transport& node, uint64_t* node_arena_seq, int device,
                    double timeout_s, cuda::DeviceSync sync, cuda::DeviceWork work)
-      : world_size_(world.size()),
+      : device_(device),
+        world_size_(world.size()),
         rank_(world.rank()),
         layout_(std::move(layout)),
         group_(node, node_arena_seq, device, timeout_s, sync, work) {}
   ~GroupCollectives() override {
+    // Every member frees on this GPU, whatever the tearing-down thread had current (none would
+    // make device 0's context); the caller's comes back when teardown_guard_, the first member,
+    // goes last. Where the GPU cannot be made current, they free from the caller's context.
+    try {
+      teardown_guard_.emplace(device_);
+    } catch (...) {
+    }
     if (scratch_free_) cudaEventDestroy(scratch_free_);
   }
 
@@ -513,6 +523,8 @@ class GroupCollectives : public DeviceCollectives {
                 "reduction kernel launch");
   }
 
+  std::optional<cuda::DeviceGuard> teardown_guard_;  // first: destroyed after every other member
+  int device_;
   int world_size_;
   int rank_;
   NodeLayout layout_;

@@ -699,7 +699,16 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
 }
 
 void DeviceGroup::Quiesce() {
-  DeviceGuard guard(device_);
+  std::optional<DeviceGuard> guard;
+  try {
+    guard.emplace(device_);
+  } catch (...) {
+    // This rank can neither wait for its GPU nor close what it opened; it still meets the others
+    // at both meetings, so that none waits out the time-out for it, then fails.
+    MeetAll();
+    MeetAll();
+    throw;
+  }
   // Every rank first: one that is gone or stuck fails this within the time-out, before this rank
   // waits for its GPU, whose queued work may wait forever for the missing rank's.
   MeetAll();

@@ -253,6 +253,12 @@ thread_local int g_physical_gpu = 0;  // which GPU this "process's" device 0 is 
 thread_local int g_current_device = -1;
 thread_local int g_device_syncs = 0;  // cudaDeviceSynchronize calls by this thread
 thread_local unsigned g_contexts_made = 0;
+// Frees and closes this thread made with no context current: the real runtime would first make
+// device 0's primary context current for them.
+thread_local int g_without_context = 0;
+void CountIfNoContext() {
+  if (g_current_device < 0) ++g_without_context;
+}
 // The largest pitch a strided copy takes (cudaDevAttrMaxPitch): 2^31 - 1 on current GPUs.
 std::atomic<size_t> g_max_pitch{(size_t{1} << 31) - 1};
 
@@ -316,6 +322,9 @@ void ThreadExit() {
   g_contexts_made = 0;
 }
 int DeviceSyncs() { return g_device_syncs; }
+// Device frees, pinned frees, event destructions and IPC closes this thread made with no context
+// current (each would have made device 0's on a real GPU).
+int CallsWithoutContext() { return g_without_context; }
 // The device whose context is current on this thread (-1: none); none from now on.
 int CurrentDevice() { return g_current_device; }
 void DropContext() { g_current_device = -1; }
@@ -353,6 +362,7 @@ cudaError_t cudaMalloc(void** ptr, size_t size) {
 
 cudaError_t cudaFree(void* ptr) {
   if (!ptr) return cudaSuccess;
+  CountIfNoContext();
   SynchronizeThisThread();  // as CUDA's does: queued work may still use the memory
   bool placed = false;
   {
@@ -373,6 +383,7 @@ cudaError_t cudaMallocHost(void** ptr, size_t size) {
 }
 
 cudaError_t cudaFreeHost(void* ptr) {
+  CountIfNoContext();
   SynchronizeThisThread();
   std::free(ptr);
   return cudaSuccess;
@@ -402,6 +413,7 @@ cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) {
   return cudaSuccess;
 }
 cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  CountIfNoContext();
   auto* e = reinterpret_cast<FakeEvent*>(event);
   std::lock_guard<std::mutex> lock(g_mutex);
   if (!e || !e->live) std::abort();  // destroyed twice, or never made
@@ -485,6 +497,7 @@ cudaError_t cudaIpcOpenMemHandle(void** ptr, cudaIpcMemHandle_t handle, unsigned
   return cudaSuccess;
 }
 cudaError_t cudaIpcCloseMemHandle(void* ptr) {
+  CountIfNoContext();
   g_mapped_here.erase(static_cast<char*>(ptr));
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = g_ipc_opens.find(ptr);

@@ -47,6 +47,7 @@ int CurrentDevice();
 void DropContext();
 bool MadeContext(int device);
 int DeviceSyncs();
+int CallsWithoutContext();
 void StallStream();
 void ReleaseStalls();
 void PlaceAllocation(void* at, size_t size);
@@ -168,9 +169,11 @@ std::string Layout(const std::vector<int>& node_of) {
 }
 
 // With `errors`, each rank's exception (from set-up or body) is kept there, and the timeout is
-// short: tests of failures check that every rank fails at once, not after it.
+// short: tests of failures check that every rank fails at once, not after it. `before` runs on
+// each rank's thread before set-up, `after` once its collectives are destroyed.
 void RunPlaced(const std::vector<int>& node_of, const std::function<void(int rank, pycomm::DeviceCollectives&)>& body,
-               std::vector<std::string>* errors = nullptr, const std::function<void(int rank)>& before = nullptr) {
+               std::vector<std::string>* errors = nullptr, const std::function<void(int rank)>& before = nullptr,
+               const std::function<void(int rank)>& after = nullptr) {
   const int P = static_cast<int>(node_of.size());
   int nodes = 0;
   for (int n : node_of) nodes = std::max(nodes, n + 1);
@@ -235,6 +238,7 @@ void RunPlaced(const std::vector<int>& node_of, const std::function<void(int ran
         }
       }
       fake_cuda::Fail(fake_cuda::kNothing);
+      if (after) after(r);
       fake_cuda::ThreadExit();
     });
   }
@@ -689,6 +693,32 @@ void TestFailuresReachEveryRank(const std::vector<int>& node_of, fake_cuda::What
   Expect(seconds < 4, "failures " + where + " took " + std::to_string(seconds) + " s");
 }
 
+// A rank that cannot make its GPU current at close: it fails, the others close at once (well
+// inside the time-out) instead of waiting for it at close's meetings.
+void TestQuiesceWithoutItsGpu(const std::vector<int>& node_of, int failing) {
+  const int P = static_cast<int>(node_of.size());
+  std::vector<std::string> errors(P);
+  const auto start = std::chrono::steady_clock::now();
+  RunPlaced(
+      node_of,
+      [&](int r, pycomm::DeviceCollectives& c) {
+        int64_t* a = DeviceArray(std::vector<int64_t>(100, r));
+        c.Allreduce(a, a, 100, DataType::kInt64, ReduceOp::kSum, nullptr);
+        Sync();
+        cudaFree(a);
+        if (r == failing) fake_cuda::Fail(fake_cuda::kSetDevice), fake_cuda::DropContext();
+        c.Quiesce();
+      },
+      &errors);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const std::string where = Layout(node_of) + " failing " + std::to_string(failing);
+  for (int r = 0; r < P; ++r) {
+    Expect(r == failing ? errors[r].find("cudaSetDevice") != std::string::npos : errors[r].empty(),
+           "close without its GPU, rank " + std::to_string(r) + " " + where + ": " + errors[r]);
+  }
+  Expect(seconds < 4, "close without its GPU " + where + " took " + std::to_string(seconds) + " s");
+}
+
 // Node 1 never makes the call (in a host call, say, which agrees across nodes another way): node
 // 0's ranks time out agreeing with it, and the error says what they were doing and what may be
 // wrong.
@@ -831,28 +861,43 @@ void TestLeaderAfterSplitSetUp() {
 void TestCallersContextKept(const std::vector<int>& node_of) {
   g_device = 1;
   const size_t n = 1000;
+  const int P = static_cast<int>(node_of.size());
+  std::vector<int> had(P), without_context(P);
+  auto kept = [&](int r, const std::string& when) {
+    Expect(fake_cuda::CurrentDevice() == had[r] && had[r] == (r % 2 ? 2 : -1),
+           "rank " + std::to_string(r) + " left with device " + std::to_string(fake_cuda::CurrentDevice()) +
+               "'s context " + when + ", had " + std::to_string(had[r]) + " " + Layout(node_of));
+    Expect(!fake_cuda::MadeContext(0), "rank " + std::to_string(r) + " made device 0's context " + Layout(node_of));
+  };
   RunPlaced(
       node_of,
       [&](int r, pycomm::DeviceCollectives& c) {
-        const int had = fake_cuda::CurrentDevice();
         int64_t* a = DeviceArray(std::vector<int64_t>(n, r + 1));
+        // Memory the group must stage (as a stream-ordered pool's, which cannot be exported;
+        // here memory the fake runtime did not allocate): its teardown frees the staging.
+        std::vector<int64_t> pooled(n);
         c.Allreduce(a, a, n, DataType::kInt64, ReduceOp::kSum, nullptr);
+        c.Allreduce(a, pooled.data(), n, DataType::kInt64, ReduceOp::kSum, nullptr);
         Sync();
-        const auto P = static_cast<int64_t>(node_of.size());
         Expect(Same(a, std::vector<int64_t>(n, P * (P + 1) / 2).data(), n * 8), "sum " + Layout(node_of));
-        Expect(fake_cuda::CurrentDevice() == had && had == (r % 2 ? 2 : -1),
-               "rank " + std::to_string(r) + " left with device " + std::to_string(fake_cuda::CurrentDevice()) +
-                   "'s context, had " + std::to_string(had) + " " + Layout(node_of));
-        Expect(!fake_cuda::MadeContext(0), "rank " + std::to_string(r) + " made device 0's context " + Layout(node_of));
+        kept(r, "after a call");
         cudaFree(a);
+        without_context[r] = fake_cuda::CallsWithoutContext();
       },
       nullptr,
-      [](int r) {
+      [&](int r) {
         if (r % 2) {
           cudaSetDevice(2);
         } else {
           fake_cuda::DropContext();
         }
+        had[r] = fake_cuda::CurrentDevice();
+      },
+      [&](int r) {
+        // Tearing down frees, closes and destroys on the group's GPU, not device 0's new context.
+        kept(r, "after teardown");
+        Expect(fake_cuda::CallsWithoutContext() == without_context[r],
+               "rank " + std::to_string(r) + " freed with no context at teardown " + Layout(node_of));
       });
   g_device = 0;
 }
@@ -1109,6 +1154,8 @@ int main() {
   TestQuiesceWithoutARank({0, 0}, 1);
   TestQuiesceWithoutARank({0, 0, 0}, 2);
   TestQuiesceWithoutARank({0, 0, 0}, 0);
+  TestQuiesceWithoutItsGpu({0, 0}, 1);
+  TestQuiesceWithoutItsGpu({0, 0, 0}, 0);
   // Without CUDA IPC (a rank cannot open its peers' events or memory, or PYCOMM_GPU_IPC=off on
   // some rank): every rank goes through the host, on a shared GPU or GPUs of their own (split).
   for (bool own : {false, true}) {
