@@ -68,7 +68,17 @@ def latency_breakdown(comm) -> dict:
     from pycomm.dtypes import dtype_code
 
     x = torch.ones(2, device="cuda")
+    on_host = np.ones(2, np.float32)
     stream = torch.cuda.current_stream()
+    done = torch.cuda.Event()
+
+    def kernel_then_poll():
+        # A peer's wait for the leader's `done`: polling an event, not blocking in the driver.
+        x.add_(0)
+        done.record()
+        while not done.query():
+            pass
+
     d = device_arrays.describe(x)
     handle = device_arrays.stream_handle(d, None)
     code = dtype_code(d.dtype)
@@ -79,13 +89,15 @@ def latency_breakdown(comm) -> dict:
         ),
         "  Python: describe + stream handle": lambda: device_arrays.stream_handle(device_arrays.describe(x), None),
         "for scale: torch kernel + stream sync": lambda: (x.add_(0), stream.synchronize()),
+        "for scale: torch kernel + event polled": kernel_then_poll,
         "for scale: empty stream sync": stream.synchronize,
+        "for scale: pycomm 8 B host allreduce (hand-offs)": lambda: comm.allreduce(on_host, out=on_host),
     }
     out = {name.strip(): median_time(call, 500) * 1e6 for name, call in parts.items()}
     if world.rank == 0:
         print("# latency breakdown at 8 B (us per call, slowest rank):")
         for name in parts:
-            print(f"#   {name:<46} {out[name.strip()]:8.1f}")
+            print(f"#   {name:<50} {out[name.strip()]:8.1f}")
     return out
 
 
