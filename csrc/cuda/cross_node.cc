@@ -111,8 +111,9 @@ void CrossNode::AgreeInArena(uint64_t signature, Trouble trouble, const std::fun
   mine.kind = SharedArena::kDeviceAgreement;
   mine.count = signature;
   mine.variant = static_cast<int32_t>(trouble);
-  // The host step's algorithm too: ranks that take different ones would wait for each other.
-  mine.op = static_cast<int32_t>(algorithm_);
+  // The host step's algorithm too: ranks that take different ones would wait for each other (on
+  // one node the hierarchy is the ring).
+  mine.op = static_cast<int32_t>(algorithm_ == Algorithm::kHierarchical ? Algorithm::kRing : algorithm_);
   const uint64_t seq = ++*arena_seq_;
   arena.Post(seq, mine);
   try {
@@ -124,18 +125,21 @@ void CrossNode::AgreeInArena(uint64_t signature, Trouble trouble, const std::fun
   // fails there on seeing this one.
   int64_t worst = kNone;
   bool same = true;
+  int other_algorithm = -1;  // a rank that set another host algorithm
   for (int q = 0; q < arena.size(); ++q) {
     const SharedArena::CallInfo theirs = arena.info(q, seq);
     if (theirs.kind != SharedArena::kDeviceAgreement) {
       throw MismatchError("pycomm: rank " + std::to_string(q) + " made another call (on host arrays, say) than this " +
                           "rank's " + describe());
     }
-    if (trouble == kNone && theirs.op != mine.op) {
-      throw MismatchError("pycomm: rank " + std::to_string(q) + " set another host algorithm (PYCOMM_ALGO) than " +
-                          "this rank: device arrays through the host need the same on every rank");
-    }
+    if (theirs.op != mine.op) other_algorithm = q;
     worst = std::max<int64_t>(worst, theirs.variant);
     same = same && theirs.count == signature;
+  }
+  // Where some rank failed, that is what every rank tells.
+  if (other_algorithm >= 0 && trouble == kNone && worst == kNone) {
+    throw MismatchError("pycomm: rank " + std::to_string(other_algorithm) + " set another host algorithm " +
+                        "(PYCOMM_ALGO) than this rank: device arrays through the host need the same on every rank");
   }
   Settle(trouble, worst, same, describe);
 }

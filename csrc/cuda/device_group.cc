@@ -703,15 +703,21 @@ void DeviceGroup::Quiesce() {
   try {
     guard.emplace(device_);
   } catch (...) {
-    // This rank can neither wait for its GPU nor close what it opened; it still meets the others
-    // at both meetings, so that none waits out the time-out for it, then fails.
-    MeetAll();
-    MeetAll();
-    throw;
+    // This rank can neither wait for its GPU nor close what it opened of others': it tells them
+    // at the first meeting, so that none waits out the time-out for it, nor frees what it still
+    // has open (every rank then keeps its GPU state to the end of the process).
+    const std::exception_ptr error = std::current_exception();
+    try {
+      MeetAll(false);
+    } catch (...) {  // its own error is the one to tell
+    }
+    std::rethrow_exception(error);
   }
   // Every rank first: one that is gone or stuck fails this within the time-out, before this rank
   // waits for its GPU, whose queued work may wait forever for the missing rank's.
-  MeetAll();
+  if (!MeetAll(true)) {
+    throw CommError("pycomm: another rank could not close its device collectives (see its error)");
+  }
   // Every peer has now queued all it ever will, so the last records of its events are final.
   // Once they have completed (a timed wait on the host), every wait this rank's streams made on
   // them is met, and the device synchronisation below waits for this rank's own work only, not
@@ -729,22 +735,24 @@ void DeviceGroup::Quiesce() {
   ReleasePeerEvents();
   // Then nobody destroys events or frees buffers that a peer's queued work may still use, or
   // that a peer still has open.
-  MeetAll();
+  MeetAll(true);
 }
 
-void DeviceGroup::MeetAll() {
-  char token = 1, reply = 0;
+bool DeviceGroup::MeetAll(bool ok) {
+  char token = ok ? 1 : 0, reply = 0;
   if (transport_.rank() != kLeader) {
     Exchange(transport_, kLeader, &token, 1, &reply, 1, timeout_s_);
-    return;
+    return reply == 1;
   }
   std::vector<char> arrived(transport_.size());
   std::vector<std::unique_ptr<Request>> requests;
   for (int peer = 1; peer < transport_.size(); ++peer) requests.push_back(transport_.Irecv(peer, &arrived[peer], 1));
   WaitAll(requests, timeout_s_);
   requests.clear();
+  for (int peer = 1; peer < transport_.size(); ++peer) token = token && arrived[peer] == 1 ? 1 : 0;
   for (int peer = 1; peer < transport_.size(); ++peer) requests.push_back(transport_.Isend(peer, &token, 1));
   WaitAll(requests, timeout_s_);
+  return token == 1;
 }
 
 }  // namespace pycomm::cuda

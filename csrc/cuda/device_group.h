@@ -199,8 +199,9 @@ class DeviceGroup {
   // At set-up: opens `peer`'s events that this rank waits for, and its `probe` buffer where this
   // rank reads its buffers. False where CUDA IPC fails.
   bool OpenFrom(int peer, const cudaIpcEventHandle_t& ready, const cudaIpcEventHandle_t& done, const IpcBuffer& probe);
-  // A barrier of the group's ranks, through the leader (timed, like every wait).
-  void MeetAll();
+  // A barrier of the group's ranks, through the leader (timed, like every wait): true where every
+  // rank came `ok`.
+  bool MeetAll(bool ok);
   void ReleasePeerEvents();
   void ReleaseEvents();
   // Orders `stream` after `event`'s last record: on the device or on the host, as sync_ says.
