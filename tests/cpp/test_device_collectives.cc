@@ -255,6 +255,16 @@ int64_t Power(int64_t base, int exponent) {
   return result;
 }
 
+// RunPlaced keeping each rank's error in `errors`: the seconds it took (tests of failures check
+// that every rank fails at once, not after the time-out).
+double SecondsToRun(const std::vector<int>& node_of,
+                    const std::function<void(int rank, pycomm::DeviceCollectives&)>& body,
+                    std::vector<std::string>* errors, const std::function<void(int rank)>& before = nullptr) {
+  const auto start = std::chrono::steady_clock::now();
+  RunPlaced(node_of, body, errors, before);
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
 int64_t Value(int rank, size_t i) { return static_cast<int64_t>((rank + 1) * 1000 + i % 977) - 500; }
 
 // On `stream` (each rank's own; null: its default stream): inputs written there, the collectives
@@ -514,8 +524,7 @@ void TestHostCallAgainstDeviceCall(const std::vector<int>& node_of, int host_ran
   const int P = static_cast<int>(node_of.size());
   std::vector<std::string> errors(P);
   std::vector<int> mismatched(P, 0);
-  const auto start = std::chrono::steady_clock::now();
-  RunPlaced(
+  const double seconds = SecondsToRun(
       node_of,
       [&](int r, pycomm::DeviceCollectives& c) {
         int64_t* a = DeviceArray(std::vector<int64_t>(10, 1));
@@ -536,7 +545,6 @@ void TestHostCallAgainstDeviceCall(const std::vector<int>& node_of, int host_ran
         cudaFree(a);
       },
       &errors);
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   for (int r = 0; r < P; ++r) {
     Expect(mismatched[r] == 1, "host call on rank " + std::to_string(host_rank) + " against device calls " +
                                    Layout(node_of) + ", rank " + std::to_string(r) + ": " + errors[r]);
@@ -606,8 +614,7 @@ void TestHostStepAlgorithmsDiffer(const std::vector<int>& node_of, pycomm::Algor
   g_algorithms.assign(P, pycomm::Algorithm::kAuto);
   g_algorithms[P - 1] = other;
   std::vector<std::string> errors(P);
-  const auto start = std::chrono::steady_clock::now();
-  RunPlaced(
+  const double seconds = SecondsToRun(
       node_of,
       [&](int r, pycomm::DeviceCollectives& c) {
         int64_t* a = DeviceArray(std::vector<int64_t>(1000, r));
@@ -621,7 +628,6 @@ void TestHostStepAlgorithmsDiffer(const std::vector<int>& node_of, pycomm::Algor
       },
       &errors);
   g_algorithms.clear();
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   for (int r = 0; r < P; ++r) {
     Expect(errors[r].find("MismatchError") != std::string::npos && errors[r].find("PYCOMM_ALGO") != std::string::npos,
            "different host algorithms " + Layout(node_of) + " rank " + std::to_string(r) + ": " + errors[r]);
@@ -662,8 +668,7 @@ void TestFailuresReachEveryRank(const std::vector<int>& node_of, fake_cuda::What
                                 size_t allreduce = 0) {
   const int P = static_cast<int>(node_of.size());
   std::vector<std::string> errors(P);
-  const auto start = std::chrono::steady_clock::now();
-  RunPlaced(
+  const double seconds = SecondsToRun(
       node_of,
       [&](int r, pycomm::DeviceCollectives& c) {
         struct Free {
@@ -683,7 +688,6 @@ void TestFailuresReachEveryRank(const std::vector<int>& node_of, fake_cuda::What
       },
       &errors,
       [&](int r) { fake_cuda::Fail(r == failing && what == fake_cuda::kEvents ? what : fake_cuda::kNothing); });
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const char* const kWhat[] = {"", " events", " malloc", " launch", " pinned", " ipc open", " set device"};
   const std::string where = Layout(node_of) + kWhat[what] + " on rank " + std::to_string(failing);
   for (int r = 0; r < P; ++r) {
@@ -699,8 +703,7 @@ void TestFailuresReachEveryRank(const std::vector<int>& node_of, fake_cuda::What
 void TestQuiesceWithoutItsGpu(const std::vector<int>& node_of, int failing) {
   const int P = static_cast<int>(node_of.size());
   std::vector<std::string> errors(P);
-  const auto start = std::chrono::steady_clock::now();
-  RunPlaced(
+  const double seconds = SecondsToRun(
       node_of,
       [&](int r, pycomm::DeviceCollectives& c) {
         int64_t* a = DeviceArray(std::vector<int64_t>(100, r));
@@ -711,7 +714,6 @@ void TestQuiesceWithoutItsGpu(const std::vector<int>& node_of, int failing) {
         c.Quiesce();
       },
       &errors);
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const std::string where = Layout(node_of) + " failing " + std::to_string(failing);
   for (int r = 0; r < P; ++r) {
     Expect(errors[r].find(r == failing ? "cudaSetDevice" : "could not close") != std::string::npos,
@@ -965,8 +967,7 @@ void TestSplitLaunchFailure(const std::vector<int>& node_of, int failing) {
   const size_t n = 10007;  // a slice on each of the first 3 ranks
   std::vector<std::string> errors(P);
   std::vector<int> failed(P, 0), right(P, 0);
-  const auto start = std::chrono::steady_clock::now();
-  RunPlaced(
+  const double seconds = SecondsToRun(
       node_of,
       [&](int r, pycomm::DeviceCollectives& c) {
         int64_t* a = DeviceArray(std::vector<int64_t>(n, r + 1));
@@ -990,7 +991,6 @@ void TestSplitLaunchFailure(const std::vector<int>& node_of, int failing) {
         c.Quiesce();
       },
       &errors);
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   for (int r = 0; r < P; ++r) {
     const std::string where = Layout(node_of) + " launch fails on rank " + std::to_string(failing) + ", rank " +
                               std::to_string(r) + ": " + errors[r];
