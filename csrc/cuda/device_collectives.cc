@@ -143,8 +143,7 @@ class GroupCollectives : public DeviceCollectives {
   // `node_arena_seq` counts the rounds made through its arena.
   GroupCollectives(const Transport& world, NodeLayout layout, Transport& node, uint64_t* node_arena_seq, int device,
                    double timeout_s, cuda::DeviceSync sync, cuda::DeviceWork work)
-      : device_(device),
-        world_size_(world.size()),
+      : world_size_(world.size()),
         rank_(world.rank()),
         layout_(std::move(layout)),
         group_(node, node_arena_seq, device, timeout_s, sync, work) {}
@@ -152,10 +151,8 @@ class GroupCollectives : public DeviceCollectives {
     // Every member frees on this GPU, whatever the tearing-down thread had current (none would
     // make device 0's context); the caller's comes back when teardown_guard_, the first member,
     // goes last. Where the GPU cannot be made current, they free from the caller's context.
-    try {
-      teardown_guard_.emplace(device_);
-    } catch (...) {
-    }
+    std::exception_ptr unused;
+    teardown_guard_.emplace(device(), &unused);
     if (scratch_free_) cudaEventDestroy(scratch_free_);
   }
 
@@ -524,7 +521,6 @@ class GroupCollectives : public DeviceCollectives {
   }
 
   std::optional<cuda::DeviceGuard> teardown_guard_;  // first: destroyed after every other member
-  int device_;
   int world_size_;
   int rank_;
   NodeLayout layout_;

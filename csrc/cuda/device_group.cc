@@ -222,11 +222,8 @@ bool DeviceGroup::OpenFrom(int peer, const cudaIpcEventHandle_t& ready, const cu
 DeviceGroup::~DeviceGroup() {
   // A destructor must not throw: where the GPU cannot be made current (after a sticky error,
   // say), what it frees goes from whichever context is current.
-  std::optional<DeviceGuard> guard;
-  try {
-    guard.emplace(device_);
-  } catch (...) {
-  }
+  std::exception_ptr unused;
+  DeviceGuard guard(device_, &unused);
   ReleaseEvents();
   for (const RetiredStaging& old : retired_staging_) cudaFree(old.ptr);
 }
@@ -411,13 +408,8 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
                       const GroupWork& work, const CrossNodeAgreement& agree) {
   if (quiesced_) throw CommError("pycomm: the device collectives are closed");
   if (!ipc_) throw std::logic_error("pycomm: a device group without CUDA IPC was used");
-  std::optional<DeviceGuard> guard;
   std::exception_ptr unready;
-  try {
-    guard.emplace(device_);
-  } catch (...) {
-    unready = std::current_exception();
-  }
+  DeviceGuard guard(device_, &unready);
   importer_.NextCall();
   try {
     if (work_ == DeviceWork::kSplit) {
@@ -699,19 +691,17 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
 }
 
 void DeviceGroup::Quiesce() {
-  std::optional<DeviceGuard> guard;
-  try {
-    guard.emplace(device_);
-  } catch (...) {
+  std::exception_ptr unready;
+  DeviceGuard guard(device_, &unready);
+  if (unready) {
     // This rank can neither wait for its GPU nor close what it opened of others': it tells them
     // at the first meeting, so that none waits out the time-out for it, nor frees what it still
     // has open (every rank then keeps its GPU state to the end of the process).
-    const std::exception_ptr error = std::current_exception();
     try {
       MeetAll(false);
     } catch (...) {  // its own error is the one to tell
     }
-    std::rethrow_exception(error);
+    std::rethrow_exception(unready);
   }
   // Every rank first: one that is gone or stuck fails this within the time-out, before this rank
   // waits for its GPU, whose queued work may wait forever for the missing rank's.

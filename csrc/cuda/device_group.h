@@ -160,7 +160,6 @@ class DeviceGroup {
 
  private:
   static constexpr int kLeader = 0;
-  struct Message;
 
   // `unready`: this rank's failure before the call began (making its GPU current): it still
   // takes part, so that the call fails on every rank instead of the others waiting for it.

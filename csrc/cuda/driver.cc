@@ -33,7 +33,17 @@ const Driver& Driver::Get() {
   return driver;
 }
 
-DeviceGuard::DeviceGuard(int device) {
+DeviceGuard::DeviceGuard(int device) { Enter(device); }
+
+DeviceGuard::DeviceGuard(int device, std::exception_ptr* failure) {
+  try {
+    Enter(device);
+  } catch (...) {
+    *failure = std::current_exception();
+  }
+}
+
+void DeviceGuard::Enter(int device) {
   Check(cudaGetDevice(&previous_device_), "cudaGetDevice");
   const Driver& driver = Driver::Get();
   exact_ = driver.get_current_context && driver.set_current_context &&

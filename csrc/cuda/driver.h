@@ -5,6 +5,8 @@
 
 #include <cuda.h>
 
+#include <exception>
+
 namespace pycomm::cuda {
 
 struct Driver {
@@ -22,11 +24,17 @@ struct Driver {
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device);
+  // The same, except that a failure to make `device` current goes to *failure instead of being
+  // thrown: the guard then leaves the context as it is (for destructors, and for callers that
+  // must still tell their peers).
+  DeviceGuard(int device, std::exception_ptr* failure);
   ~DeviceGuard();
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;
 
  private:
+  void Enter(int device);
+
   bool switched_ = false;
   bool exact_ = false;  // previous_context_ is known (the driver has the context entry points)
   CUcontext previous_context_ = nullptr;
