@@ -1,8 +1,8 @@
 """The benchmark's GPU arrays (python -m pycomm.bench --device gpu): cupy or torch CUDA arrays,
 filled and checked through host copies, and timed up to the end of their GPU work.
 
-Nothing here is imported unless --device gpu is asked for, so the CLI never imports cupy or torch
-otherwise.
+cupy and torch are imported only when --device gpu asks for them: the CLI on host buffers never
+imports either.
 """
 
 import numpy as np
