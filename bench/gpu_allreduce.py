@@ -4,7 +4,9 @@
 
 For each size it prints the time per call (slowest rank, median of repeats), busbw, and the
 efficiency against the HBM floor: every rank's input read once and output written once at the
-device-to-device copy bandwidth measured in the same run. At 64 MiB it also times the way a
+device-to-device copy bandwidth measured in the same run. Its gpu(us) column is rank 0's GPU time
+for one call, the hand-offs between ranks left out: time(us) - gpu(us) is what the hand-offs cost,
+and floor(us) / gpu(us) is how well the kernel does on the peers' mapped buffers. At 64 MiB it also times the way a
 GPU-unaware code would do it (copy to host, MPI_Allreduce, copy back) for the ratio.
 """
 
@@ -50,6 +52,41 @@ def host_time(call) -> float:
         samples.append(time.perf_counter() - start)
         torch.cuda.synchronize()
     return world.allreduce(statistics.median(samples), op=MPI.MAX)
+
+
+def gpu_time(call, repeats: int = 5) -> float:
+    """Seconds of rank 0's GPU time for one call (median of `repeats`), or NaN where it was not
+    measured. A sleep kernel queued first holds rank 0's stream until the call has queued its work,
+    so the events around the call time that work alone, not the hand-offs between ranks. Peers
+    queue no kernels of their own meanwhile. Only rank 0 touches events; every rank makes the same
+    collective calls whatever happens there, so a failure cannot leave the others waiting."""
+    if not hasattr(torch.cuda, "_sleep"):
+        return float("nan")
+    samples, problem = [], None
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        world.Barrier()
+        if world.rank == 0 and problem is None:
+            try:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda._sleep(10_000_000)  # 5 ms at 2 GHz: far longer than the hand-offs
+                start.record()
+            except Exception as e:
+                problem = f"{type(e).__name__}: {e}"
+        call()
+        if world.rank == 0 and problem is None:
+            try:
+                if start.query():  # the sleep ended before the call had queued its work
+                    problem = "the sleep kernel was too short to cover the hand-offs"
+                end.record()
+                torch.cuda.synchronize()
+                samples.append(start.elapsed_time(end) * 1e-3)  # milliseconds
+            except Exception as e:
+                problem = f"{type(e).__name__}: {e}"
+        torch.cuda.synchronize()
+    if world.rank == 0 and problem is not None:
+        print(f"# gpu(us) not measured: {problem}", flush=True)
+    return world.bcast(statistics.median(samples) if world.rank == 0 and problem is None else float("nan"))
 
 
 def copy_bandwidth() -> float:
@@ -120,7 +157,7 @@ def main():
         print(f"# pycomm GPU allreduce: P={P} ranks on {name}, float32 sum, in place, sync={sync}, work={work}{nodes}")
         print(f"# device-to-device copy, all ranks at once: {hbm / 1e9:.0f} GB/s (bytes read + written)")
         print(
-            f"{'size(B)':>12} {'time(us)':>10} {'host(us)':>9} {'algbw(GB/s)':>12} {'busbw(GB/s)':>12} "
+            f"{'size(B)':>12} {'time(us)':>10} {'host(us)':>9} {'gpu(us)':>9} {'algbw(GB/s)':>12} {'busbw(GB/s)':>12} "
             f"{'floor(us)':>10} {'eff':>6}"
         )
     size = 8
@@ -129,14 +166,15 @@ def main():
         iters = 200 if size <= (1 << 20) else 20
         t = median_time(lambda x=x: comm.allreduce(x, out=x), iters)
         t_host = host_time(lambda x=x: comm.allreduce(x, out=x))
+        t_gpu = gpu_time(lambda x=x: comm.allreduce(x, out=x))
         floor = 2 * P * size / hbm
         row = {"bytes": size, "time_us": t * 1e6, "algbw": size / t / 1e9, "busbw": size / t / 1e9 * 2 * (P - 1) / P}
-        row.update(host_us=t_host * 1e6, floor_us=floor * 1e6, efficiency=floor / t)
+        row.update(host_us=t_host * 1e6, gpu_us=t_gpu * 1e6, floor_us=floor * 1e6, efficiency=floor / t)
         rows.append(row)
         if world.rank == 0:
             print(
-                f"{size:>12} {row['time_us']:>10.1f} {row['host_us']:>9.1f} {row['algbw']:>12.2f} "
-                f"{row['busbw']:>12.2f} {row['floor_us']:>10.1f} {row['efficiency']:>6.2f}"
+                f"{size:>12} {row['time_us']:>10.1f} {row['host_us']:>9.1f} {row['gpu_us']:>9.1f} "
+                f"{row['algbw']:>12.2f} {row['busbw']:>12.2f} {row['floor_us']:>10.1f} {row['efficiency']:>6.2f}"
             )
         size *= 4 if size < (1 << 20) else 2
     staged = None
