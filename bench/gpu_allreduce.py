@@ -77,16 +77,20 @@ def gpu_time(call, repeats: int = 5) -> float:
         if world.rank == 0 and problem is None:
             try:
                 if start.query():  # the sleep ended before the call had queued its work
-                    problem = "the sleep kernel was too short to cover the hand-offs"
+                    problem = "the call waited for its own GPU work (as through the host), or the sleep is short"
                 end.record()
                 torch.cuda.synchronize()
                 samples.append(start.elapsed_time(end) * 1e-3)  # milliseconds
             except Exception as e:
                 problem = f"{type(e).__name__}: {e}"
         torch.cuda.synchronize()
-    if world.rank == 0 and problem is not None:
+    if world.rank == 0 and problem is not None and problem not in gpu_time.told:
+        gpu_time.told.add(problem)
         print(f"# gpu(us) not measured: {problem}", flush=True)
     return world.bcast(statistics.median(samples) if world.rank == 0 and problem is None else float("nan"))
+
+
+gpu_time.told = set()  # each reason is printed once
 
 
 def copy_bandwidth() -> float:
