@@ -15,6 +15,7 @@
 
 namespace pycomm {
 
+namespace {
 size_t OneShotMaxBytes(int ranks, bool single_copy) {
   // Cut-overs measured on the 2-core VM (docs/algorithms.md). Above these the single-copy
   // allreduce (one kernel copy per byte moved, two synchronisations) beats the one-shot (a copy
@@ -23,6 +24,18 @@ size_t OneShotMaxBytes(int ranks, bool single_copy) {
   // ...and where the ranks cannot access each other's memory, above these the ring's 2(P-1)/P
   // bytes per rank beat the one-shot: its 2(P-1) dependent steps cost more as P grows.
   return ranks == 2 ? size_t{128} << 10 : size_t{512} << 10;
+}
+}  // namespace
+
+bool OneShotTakes(Algorithm algorithm, size_t bytes, int ranks, bool single_copy) {
+  switch (algorithm) {
+    case Algorithm::kOneShot:
+      return true;
+    case Algorithm::kAuto:
+      return bytes <= OneShotMaxBytes(ranks, single_copy);
+    default:  // the ring, the hierarchy, forced single-copy
+      return false;
+  }
 }
 
 void AllreduceOneShot(const CollectiveContext& ctx, const void* send, void* recv, size_t count, DataType dtype,

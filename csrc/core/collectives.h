@@ -41,9 +41,11 @@ std::unique_ptr<Request> StartRingAllreduce(Transport& group, void* data, size_t
 // piece of at most arena slot_bytes; each rank reads P times the data. For small messages.
 void AllreduceOneShot(const CollectiveContext& ctx, const void* send, void* recv, size_t count, DataType dtype,
                       ReduceOp op);
-// The largest allreduce the one-shot takes among `ranks` ranks of one node, where the
-// single-copy allreduce may take the next sizes (`single_copy`) or the ring must.
-size_t OneShotMaxBytes(int ranks, bool single_copy);
+// Whether `algorithm` has an allreduce of `bytes` among `ranks` ranks of one node take the
+// one-shot: always where forced, never under the ring (or the hierarchy, the ring on one node) or
+// forced single-copy, and under auto up to a cut-over that depends on whether the single-copy
+// allreduce may take the next sizes (`single_copy`) or the ring must. One rule for every user.
+bool OneShotTakes(Algorithm algorithm, size_t bytes, int ranks, bool single_copy);
 
 // Where a call's buffer sits when it lives in a SharedBuffer (comm.empty): rank q's copy is at
 // base + q * stride + offset.

@@ -376,19 +376,9 @@ class CommunicatorImpl : public Communicator {
 
   // One-shot for small messages where all ranks share a node.
   bool UseOneShot(size_t bytes) const {
-    if (!transport_->arena()) return false;
-    switch (options_.algorithm) {
-      case Algorithm::kOneShot:
-        return true;
-      case Algorithm::kRing:
-      case Algorithm::kHierarchical:
-        return false;
-      case Algorithm::kAuto:
-        // Until the first single-copy call has probed (then the same on every rank), as if it works.
-        return bytes <= OneShotMaxBytes(size(), single_copy_.status != SingleCopyState::kUnavailable);
-      default:
-        return false;
-    }
+    // Until the first single-copy call has probed (then the same on every rank), as if it works.
+    return transport_->arena() &&
+           OneShotTakes(options_.algorithm, bytes, size(), single_copy_.status != SingleCopyState::kUnavailable);
   }
 
   // Single-copy (auto or forced) where all ranks share a node: for allreduce above the

@@ -66,23 +66,12 @@ void CrossNode::HostAllreduce(void* data, size_t count, DataType dtype, ReduceOp
   if (OnOneNodeArena()) {
     // Until the first single-copy call has probed (then the same on every rank), as if it works.
     auto one_shot = [&] {
-      return count * DataTypeSize(dtype) <=
-             OneShotMaxBytes(nodes(), single_copy_.status != SingleCopyState::kUnavailable);
+      return OneShotTakes(algorithm_, count * DataTypeSize(dtype), nodes(),
+                          single_copy_.status != SingleCopyState::kUnavailable);
     };
-    switch (algorithm_) {
-      case Algorithm::kAuto:
-        if (one_shot()) return AllreduceOneShot(ctx, data, data, count, dtype, op);
-        if (AllreduceSingleCopy(ctx, single_copy_, data, data, count, dtype, op)) return;
-        if (one_shot()) return AllreduceOneShot(ctx, data, data, count, dtype, op);  // the probe said no
-        break;
-      case Algorithm::kOneShot:
-        return AllreduceOneShot(ctx, data, data, count, dtype, op);
-      case Algorithm::kSingleCopy:
-        if (AllreduceSingleCopy(ctx, single_copy_, data, data, count, dtype, op)) return;
-        break;
-      default:  // the ring (the hierarchy is the ring on one node)
-        break;
-    }
+    if (one_shot()) return AllreduceOneShot(ctx, data, data, count, dtype, op);
+    if (MaySingleCopy() && AllreduceSingleCopy(ctx, single_copy_, data, data, count, dtype, op)) return;
+    if (one_shot()) return AllreduceOneShot(ctx, data, data, count, dtype, op);  // the probe said no
   }
   AllreduceRing(ctx, data, data, count, dtype, op);
 }
