@@ -196,7 +196,10 @@ DeviceGroup::DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, 
     }
   }
   if (failure) {
+    // While `guard` still holds the GPU: the members' destructors run after it has gone.
     ReleaseEvents();
+    importer_.CloseAll();
+    staging_.Release();
     std::rethrow_exception(failure);
   }
 }

@@ -26,6 +26,7 @@ const Driver& Driver::Get() {
   static const Driver driver = [] {
     Driver d;
     Fetch("cuPointerGetAttributes", &d.get_attributes);
+    Fetch("cuMemGetAddressRange", &d.get_address_range);
     Fetch("cuCtxGetCurrent", &d.get_current_context);
     Fetch("cuCtxSetCurrent", &d.set_current_context);
     return d;

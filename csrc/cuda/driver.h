@@ -11,6 +11,7 @@ namespace pycomm::cuda {
 
 struct Driver {
   decltype(&cuPointerGetAttributes) get_attributes = nullptr;
+  decltype(&cuMemGetAddressRange) get_address_range = nullptr;
   decltype(&cuCtxGetCurrent) get_current_context = nullptr;
   decltype(&cuCtxSetCurrent) set_current_context = nullptr;
 

@@ -15,7 +15,13 @@ class EventRequest : public Request {
   EventRequest(cudaEvent_t event, int peer) : event_(event), peer_(peer) {}
   bool Test() override {
     cudaError_t err = cudaEventQuery(event_);
-    if (err == cudaErrorNotReady) return false;
+    if (err == cudaErrorNotReady) {
+      // Not an error, but a runtime may keep it as the thread's last one, where the caller's next
+      // check (torch checks every launch with cudaGetLastError) would take it for one: it goes,
+      // and only it.
+      if (cudaPeekAtLastError() == cudaErrorNotReady) cudaGetLastError();
+      return false;
+    }
     Check(err, "cudaEventQuery");
     return true;
   }

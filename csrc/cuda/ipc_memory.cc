@@ -8,25 +8,45 @@
 
 namespace pycomm::cuda {
 
+namespace {
+
+// The driver's id of the allocation holding `p`: unique in the process for its life, never
+// reused; 0 where `p` is not device memory.
+unsigned long long BufferId(const Driver& driver, uintptr_t p) {
+  unsigned long long id = 0;
+  CUpointer_attribute attribute = CU_POINTER_ATTRIBUTE_BUFFER_ID;
+  void* value = &id;
+  if (driver.get_attributes(1, &attribute, &value, static_cast<CUdeviceptr>(p)) != CUDA_SUCCESS) return 0;
+  return id;
+}
+
+}  // namespace
+
 bool IpcExporter::Export(const void* ptr, IpcBuffer* out) {
   const Driver& driver = Driver::Get();
-  if (!driver.get_attributes) throw CommError("pycomm: CUDA driver entry point cuPointerGetAttributes missing");
-  // One driver call per buffer and call: this runs on every collective's critical path.
+  if (!driver.get_attributes || !driver.get_address_range) {
+    throw CommError("pycomm: CUDA driver entry points cuPointerGetAttributes / cuMemGetAddressRange missing");
+  }
+  // One driver call per buffer and call (this runs on every collective's critical path): the
+  // allocation's id, to find it among the cached ones.
+  const uintptr_t p = reinterpret_cast<uintptr_t>(ptr);
+  const unsigned long long buffer_id = BufferId(driver, p);
+  if (!buffer_id) return false;
+  auto it = by_base_.upper_bound(p);
+  if (it != by_base_.begin()) {
+    --it;
+    if (p < it->first + it->second.size && it->second.buffer_id == buffer_id) {
+      out->handle = it->second.handle;
+      out->offset = p - it->first;
+      return true;
+    }
+  }
+  // A new allocation: its bounds from cuMemGetAddressRange, not from the pointer attributes
+  // RANGE_START_ADDR / RANGE_SIZE, which the driver documents as the mappable range the pointer
+  // lies in, not necessarily the allocation (cudaMalloc packs small allocations together).
   CUdeviceptr base = 0;
   size_t size = 0;
-  unsigned long long buffer_id = 0;
-  CUpointer_attribute attributes[] = {CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, CU_POINTER_ATTRIBUTE_RANGE_SIZE,
-                                      CU_POINTER_ATTRIBUTE_BUFFER_ID};
-  void* values[] = {&base, &size, &buffer_id};
-  if (driver.get_attributes(3, attributes, values, reinterpret_cast<CUdeviceptr>(ptr)) != CUDA_SUCCESS || !base) {
-    return false;
-  }
-  out->offset = reinterpret_cast<uintptr_t>(ptr) - static_cast<uintptr_t>(base);
-  auto it = by_base_.find(static_cast<uintptr_t>(base));
-  if (it != by_base_.end() && it->second.buffer_id == buffer_id && it->second.size == size) {
-    out->handle = it->second.handle;
-    return true;
-  }
+  if (driver.get_address_range(&base, &size, static_cast<CUdeviceptr>(p)) != CUDA_SUCCESS || !base) return false;
   RetireOverlapping(static_cast<uintptr_t>(base), size);  // freed: this allocation took their place
   cudaIpcMemHandle_t handle;
   if (cudaIpcGetMemHandle(&handle, reinterpret_cast<void*>(base)) != cudaSuccess) {
@@ -35,6 +55,7 @@ bool IpcExporter::Export(const void* ptr, IpcBuffer* out) {
   }
   by_base_[static_cast<uintptr_t>(base)] = Entry{buffer_id, size, handle};
   out->handle = handle;
+  out->offset = p - static_cast<uintptr_t>(base);
   return true;
 }
 
@@ -64,14 +85,8 @@ void IpcExporter::Sweep() {
   auto it = by_base_.lower_bound(sweep_from_);
   if (it == by_base_.end()) it = by_base_.begin();
   sweep_from_ = it->first + 1;
-  CUdeviceptr base = 0;
-  unsigned long long buffer_id = 0;
-  CUpointer_attribute attributes[] = {CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, CU_POINTER_ATTRIBUTE_BUFFER_ID};
-  void* values[] = {&base, &buffer_id};
-  const Driver& driver = Driver::Get();
-  const bool live = driver.get_attributes(2, attributes, values, static_cast<CUdeviceptr>(it->first)) == CUDA_SUCCESS &&
-                    static_cast<uintptr_t>(base) == it->first && buffer_id == it->second.buffer_id;
-  if (live) return;
+  // Its base still lies in the allocation cached for it (ids are never reused).
+  if (BufferId(Driver::Get(), it->first) == it->second.buffer_id) return;
   retired_.push_back(it->second.handle);
   by_base_.erase(it);
 }

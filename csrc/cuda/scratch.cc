@@ -18,8 +18,12 @@ void Free(Memory kind, void* ptr) {
 
 }  // namespace
 
-Scratch::~Scratch() {
+Scratch::~Scratch() { Release(); }
+
+void Scratch::Release() {
   if (ptr_) Free(kind_, ptr_);
+  ptr_ = nullptr;
+  bytes_ = 0;
 }
 
 char* Scratch::Reserve(size_t bytes, char** superseded) {

@@ -21,6 +21,8 @@ class Scratch {
   // `superseded`, the old buffer (null if none) is the caller's to free instead, when it can.
   char* Reserve(size_t bytes, char** superseded = nullptr);
   char* get() const { return ptr_; }
+  // Frees the buffer now (the destructor does otherwise), in the current context.
+  void Release();
 
  private:
   Memory kind_;

@@ -54,18 +54,16 @@ bool Find(const void* p, char** base, Allocation* a) {
   return true;
 }
 
+// Only the attributes pycomm may rely on. RANGE_START_ADDR and RANGE_SIZE are refused: the
+// driver documents them as the mappable range a pointer lies in, which need not be its allocation
+// (cudaMalloc packs small allocations together), so an allocation's bounds come from
+// cuMemGetAddressRange.
 CUresult FakePointerGetAttributes(unsigned int n, CUpointer_attribute* attributes, void** data, CUdeviceptr ptr) {
   char* base = nullptr;
   Allocation a{};
   const bool found = Find(reinterpret_cast<void*>(ptr), &base, &a);
   for (unsigned i = 0; i < n; ++i) {
     switch (attributes[i]) {
-      case CU_POINTER_ATTRIBUTE_RANGE_START_ADDR:
-        *static_cast<CUdeviceptr*>(data[i]) = found ? reinterpret_cast<CUdeviceptr>(base) : 0;
-        break;
-      case CU_POINTER_ATTRIBUTE_RANGE_SIZE:
-        *static_cast<size_t*>(data[i]) = found ? a.size : 0;
-        break;
       case CU_POINTER_ATTRIBUTE_BUFFER_ID:
         *static_cast<unsigned long long*>(data[i]) = found ? a.id : 0;
         break;
@@ -73,6 +71,15 @@ CUresult FakePointerGetAttributes(unsigned int n, CUpointer_attribute* attribute
         return CUDA_ERROR_INVALID_VALUE;
     }
   }
+  return CUDA_SUCCESS;
+}
+
+CUresult FakeMemGetAddressRange(CUdeviceptr* base, size_t* size, CUdeviceptr ptr) {
+  char* found_base = nullptr;
+  Allocation a{};
+  if (!Find(reinterpret_cast<void*>(ptr), &found_base, &a)) return CUDA_ERROR_NOT_FOUND;
+  if (base) *base = reinterpret_cast<CUdeviceptr>(found_base);
+  if (size) *size = a.size;
   return CUDA_SUCCESS;
 }
 
@@ -259,6 +266,14 @@ thread_local int g_without_context = 0;
 void CountIfNoContext() {
   if (g_current_device < 0) ++g_without_context;
 }
+// As the runtime, every error a call returns is kept as the thread's last error, until
+// cudaGetLastError reads it (cudaErrorNotReady too, as some runtimes do): pycomm must leave none
+// behind for the caller's next check (torch checks every launch with cudaGetLastError).
+thread_local cudaError_t g_last_error = cudaSuccess;
+cudaError_t Failed(cudaError_t error) {
+  g_last_error = error;
+  return error;
+}
 // The largest pitch a strided copy takes (cudaDevAttrMaxPitch): 2^31 - 1 on current GPUs.
 std::atomic<size_t> g_max_pitch{(size_t{1} << 31) - 1};
 
@@ -352,7 +367,7 @@ int LiveEvents() {
 extern "C" {
 
 cudaError_t cudaMalloc(void** ptr, size_t size) {
-  if (g_fail == fake_cuda::kMalloc) return cudaErrorMemoryAllocation;
+  if (g_fail == fake_cuda::kMalloc) return Failed(cudaErrorMemoryAllocation);
   char* p = static_cast<char*>(std::aligned_alloc(256, (size + 255) / 256 * 256 + 256));
   std::lock_guard<std::mutex> lock(g_mutex);
   g_device[p] = Allocation{size ? size : 1, g_next_id++};
@@ -377,7 +392,7 @@ cudaError_t cudaFree(void* ptr) {
 }
 
 cudaError_t cudaMallocHost(void** ptr, size_t size) {
-  if (g_fail == fake_cuda::kMallocHost) return cudaErrorMemoryAllocation;
+  if (g_fail == fake_cuda::kMallocHost) return Failed(cudaErrorMemoryAllocation);
   *ptr = std::aligned_alloc(256, (size + 255) / 256 * 256 + 256);
   return cudaSuccess;
 }
@@ -397,7 +412,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpy
 cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
                               cudaMemcpyKind, cudaStream_t stream) {
   if (width > dpitch || width > spitch || dpitch > g_max_pitch || spitch > g_max_pitch) {
-    return cudaErrorInvalidPitchValue;
+    return Failed(cudaErrorInvalidPitchValue);
   }
   Enqueue(stream, [=] {
     for (size_t row = 0; row < height; ++row) {
@@ -408,7 +423,7 @@ cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t 
 }
 
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) {
-  if (g_fail == fake_cuda::kEvents) return cudaErrorInitializationError;
+  if (g_fail == fake_cuda::kEvents) return Failed(cudaErrorInitializationError);
   *event = NewEvent(std::make_shared<EventState>());
   return cudaSuccess;
 }
@@ -431,11 +446,19 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   return cudaSuccess;
 }
 // Completes the work before the last record (the "GPU" runs it now), unless a stalled
-// operation stands in the way: cudaErrorNotReady only then.
+// operation stands in the way (cudaErrorNotReady). Work not yet done is first reported not
+// ready, as by a GPU still at it: every other query of it on a thread.
 cudaError_t cudaEventQuery(cudaEvent_t event) {
   auto [stream, position] = LastRecord(event);
   if (!stream) return cudaSuccess;
-  if (!CanComplete(stream, position)) return cudaErrorNotReady;
+  if (!CanComplete(stream, position)) return Failed(cudaErrorNotReady);
+  thread_local bool busy = false;
+  bool done;
+  {
+    std::lock_guard<std::mutex> lock(stream->m);
+    done = stream->completed >= position;
+  }
+  if (!done && (busy = !busy)) return Failed(cudaErrorNotReady);
   RunUntil(stream, position);
   return cudaSuccess;
 }
@@ -461,7 +484,7 @@ cudaError_t cudaIpcGetEventHandle(cudaIpcEventHandle_t* handle, cudaEvent_t even
   return cudaSuccess;
 }
 cudaError_t cudaIpcOpenEventHandle(cudaEvent_t* event, cudaIpcEventHandle_t handle) {
-  if (g_fail == fake_cuda::kIpcOpen) return cudaErrorMapBufferObjectFailed;
+  if (g_fail == fake_cuda::kIpcOpen) return Failed(cudaErrorMapBufferObjectFailed);
   FakeEvent* exported = nullptr;
   std::memcpy(&exported, &handle, sizeof exported);
   *event = NewEvent(exported->state);  // a handle of its own on the same event
@@ -471,7 +494,7 @@ cudaError_t cudaIpcOpenEventHandle(cudaEvent_t* event, cudaIpcEventHandle_t hand
 cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t* handle, void* ptr) {
   char* base = nullptr;
   Allocation a{};
-  if (!Find(ptr, &base, &a) || base != ptr) return cudaErrorInvalidValue;
+  if (!Find(ptr, &base, &a) || base != ptr) return Failed(cudaErrorInvalidValue);
   std::memset(handle, 0, sizeof *handle);
   char* bytes = reinterpret_cast<char*>(handle);
   std::memcpy(bytes, &ptr, sizeof ptr);
@@ -480,7 +503,7 @@ cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t* handle, void* ptr) {
   return cudaSuccess;
 }
 cudaError_t cudaIpcOpenMemHandle(void** ptr, cudaIpcMemHandle_t handle, unsigned int) {
-  if (g_fail == fake_cuda::kIpcOpen) return cudaErrorMapBufferObjectFailed;
+  if (g_fail == fake_cuda::kIpcOpen) return Failed(cudaErrorMapBufferObjectFailed);
   const char* bytes = reinterpret_cast<const char*>(&handle);
   char* base = nullptr;
   Mapped m{};
@@ -488,7 +511,7 @@ cudaError_t cudaIpcOpenMemHandle(void** ptr, cudaIpcMemHandle_t handle, unsigned
   std::memcpy(&m.id, bytes + 8, sizeof m.id);
   std::memcpy(&m.size, bytes + 16, sizeof m.size);
   for (const auto& [at, other] : g_mapped_here) {
-    if (at < base + m.size && base < at + other.size) return cudaErrorAlreadyMapped;
+    if (at < base + m.size && base < at + other.size) return Failed(cudaErrorAlreadyMapped);
   }
   g_mapped_here[base] = m;
   *ptr = base;
@@ -501,7 +524,7 @@ cudaError_t cudaIpcCloseMemHandle(void* ptr) {
   g_mapped_here.erase(static_cast<char*>(ptr));
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = g_ipc_opens.find(ptr);
-  if (it == g_ipc_opens.end()) return cudaErrorInvalidValue;
+  if (it == g_ipc_opens.end()) return Failed(cudaErrorInvalidValue);
   if (--it->second == 0) g_ipc_opens.erase(it);
   return cudaSuccess;
 }
@@ -526,21 +549,23 @@ cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 cudaError_t cudaSetDevice(int device) {
-  if (g_fail == fake_cuda::kSetDevice) return cudaErrorDevicesUnavailable;
+  if (g_fail == fake_cuda::kSetDevice) return Failed(cudaErrorDevicesUnavailable);
   MakeCurrent(device);
   return cudaSuccess;
 }
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
-  if (attribute != cudaDevAttrMaxPitch) return cudaErrorInvalidValue;
+  if (attribute != cudaDevAttrMaxPitch) return Failed(cudaErrorInvalidValue);
   *value = static_cast<int>(g_max_pitch);
   return cudaSuccess;
 }
-cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+cudaError_t cudaGetLastError(void) { return std::exchange(g_last_error, cudaSuccess); }
+cudaError_t cudaPeekAtLastError(void) { return g_last_error; }
 const char* cudaGetErrorString(cudaError_t) { return "fake CUDA runtime error"; }
 
 cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned int, unsigned long long,
                                              cudaDriverEntryPointQueryResult* status) {
   *fn = std::strcmp(symbol, "cuPointerGetAttributes") == 0 ? reinterpret_cast<void*>(&FakePointerGetAttributes)
+        : std::strcmp(symbol, "cuMemGetAddressRange") == 0 ? reinterpret_cast<void*>(&FakeMemGetAddressRange)
         : std::strcmp(symbol, "cuCtxGetCurrent") == 0      ? reinterpret_cast<void*>(&FakeCtxGetCurrent)
         : std::strcmp(symbol, "cuCtxSetCurrent") == 0      ? reinterpret_cast<void*>(&FakeCtxSetCurrent)
                                                            : nullptr;

@@ -229,7 +229,13 @@ void RunPlaced(const std::vector<int>& node_of, const std::function<void(int ran
         options.algorithm = r < static_cast<int>(g_algorithms.size()) ? g_algorithms[r] : pycomm::Algorithm::kAuto;
         auto collectives = pycomm::CreateDeviceCollectives(placed, &arena_seq, hierarchy.get(), g_device, options);
         body(r, *collectives);
-        if (!errors) collectives->Quiesce();
+        if (!errors) {
+          // What pycomm met and handled (a query of unfinished work, a refused mapping) is no
+          // error of the caller's: its next cudaGetLastError must not find it.
+          Expect(cudaGetLastError() == cudaSuccess, "an error left behind on rank " + std::to_string(r));
+          collectives->Quiesce();
+          Expect(cudaGetLastError() == cudaSuccess, "an error left behind at close on rank " + std::to_string(r));
+        }
       } catch (const std::exception& e) {
         if (errors) {
           (*errors)[r] = std::string(typeid(e).name()) + ": " + e.what();
@@ -399,6 +405,43 @@ void TestUnexportableMemory(const std::vector<int>& node_of) {
     }
   });
   Expect(fake_cuda::FreedWhileOpen() == freed_while_open, "staging freed while a peer had it open " + Layout(node_of));
+}
+
+// Calls on parts of one allocation, as views of one array make: the first call exports the
+// allocation from a pointer inside it, the later ones find it cached (from its id, whatever the
+// pointer), and each travels with its own offset. What no call names keeps its values.
+void TestBuffersInsideOneAllocation(const std::vector<int>& node_of) {
+  const int P = static_cast<int>(node_of.size());
+  constexpr size_t kBlock = 301;  // not a multiple of any alignment: offsets of every kind
+  RunPlaced(node_of, [&](int r, pycomm::DeviceCollectives& c) {
+    std::vector<int64_t> in(4 * kBlock);
+    for (size_t i = 0; i < in.size(); ++i) in[i] = Value(r, i);
+    int64_t* a = DeviceArray(in);
+    c.Allreduce(a + kBlock + 1, a + kBlock + 1, kBlock - 2, DataType::kInt64, ReduceOp::kSum, nullptr);
+    c.Allreduce(a, a, 7, DataType::kInt64, ReduceOp::kSum, nullptr);
+    c.Allreduce(a + 2 * kBlock, a + 3 * kBlock, kBlock, DataType::kInt64, ReduceOp::kMax, nullptr);
+    Sync();
+    auto sum = [&](size_t i) {
+      int64_t s = 0;
+      for (int q = 0; q < P; ++q) s += Value(q, i);
+      return s;
+    };
+    auto max = [&](size_t i) {
+      int64_t m = Value(0, i);
+      for (int q = 1; q < P; ++q) m = std::max(m, Value(q, i));
+      return m;
+    };
+    bool ok = true;
+    for (size_t i = 0; i < 4 * kBlock; ++i) {
+      const bool summed = i < 7 || (i > kBlock && i < 2 * kBlock - 1);
+      const int64_t want = summed ? sum(i) : i >= 3 * kBlock ? max(i - kBlock) : Value(r, i);
+      ok = ok && a[i] == want;
+    }
+    Expect(ok, "calls on parts of one allocation " + Layout(node_of));
+    c.Allreduce(a, a, 1, DataType::kInt64, ReduceOp::kMax, nullptr);  // nobody frees before all are done
+    Sync();
+    cudaFree(a);
+  });
 }
 
 // Allocations that ranks free after using them in calls are closed by their peers within a few
@@ -905,6 +948,31 @@ void TestCallersContextKept(const std::vector<int>& node_of) {
   g_device = 0;
 }
 
+// Set-up failing on one rank (it cannot create its events), on threads with no context current
+// and arrays on device 1: what the other ranks had made by then (staging, the mappings of each
+// other's) is freed on device 1 as they fail, not from no context, which would make device 0's.
+void TestFailedSetUpFreesOnItsGpu(const std::vector<int>& node_of, int failing) {
+  const int P = static_cast<int>(node_of.size());
+  std::vector<std::string> errors(P);
+  std::vector<int> without_context(P);
+  g_device = 1;
+  RunPlaced(
+      node_of, [&](int, pycomm::DeviceCollectives&) {}, &errors,
+      [&](int r) {
+        fake_cuda::DropContext();
+        without_context[r] = fake_cuda::CallsWithoutContext();
+        if (r == failing) fake_cuda::Fail(fake_cuda::kEvents);
+      },
+      [&](int r) {
+        Expect(!errors[r].empty(), "set-up failing on rank " + std::to_string(failing) + ": no error on rank " +
+                                       std::to_string(r) + " " + Layout(node_of));
+        Expect(fake_cuda::CallsWithoutContext() == without_context[r],
+               "rank " + std::to_string(r) + " freed with no context after a failed set-up " + Layout(node_of));
+        Expect(!fake_cuda::MadeContext(0), "rank " + std::to_string(r) + " made device 0's context " + Layout(node_of));
+      });
+  g_device = 0;
+}
+
 void TestManyCalls(const std::vector<int>& node_of, size_t n) {
   const int P = static_cast<int>(node_of.size());
   constexpr int kCalls = 24;
@@ -1059,6 +1127,7 @@ int main() {
     if (layout.size() > 1) TestMismatch(layout, false), TestMismatch(layout, true);
     TestUnexportableMemory(layout);
     if (layout.size() > 1) TestFreedMemoryUnmapped(layout), TestReusedAddresses(layout);
+    TestBuffersInsideOneAllocation(layout);
   }
   TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kEvents, 3);
   TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kEvents, 0);
@@ -1117,6 +1186,7 @@ int main() {
       TestUnexportableMemory(layout);
       TestFreedMemoryUnmapped(layout);
       TestReusedAddresses(layout);
+      TestBuffersInsideOneAllocation(layout);
       TestManyCalls(layout, 10007);
     }
     TestSplitLaunchFailure({0, 0, 0}, 1);
@@ -1155,6 +1225,9 @@ int main() {
   TestQuiesceWithoutARank({0, 0}, 1);
   TestQuiesceWithoutARank({0, 0, 0}, 2);
   TestQuiesceWithoutARank({0, 0, 0}, 0);
+  TestFailedSetUpFreesOnItsGpu({0, 0, 0}, 2);
+  TestFailedSetUpFreesOnItsGpu({0, 0, 0}, 0);
+  TestFailedSetUpFreesOnItsGpu({0, 0, 1, 1}, 3);
   TestQuiesceWithoutItsGpu({0, 0}, 1);
   TestQuiesceWithoutItsGpu({0, 0, 0}, 0);
   // Without CUDA IPC (a rank cannot open its peers' events or memory, or PYCOMM_GPU_IPC=off on
