@@ -41,8 +41,9 @@ TARGET_SECONDS = 0.25
 PROBE_SECONDS = 0.02
 MIN_ITERS = 5
 MAX_ITERS = 1000
-# Per rank, for the memory-bandwidth floor: far larger than any cache.
+# Per rank, for the memory-bandwidth floor: far larger than any cache (a GPU's L2 included).
 FLOOR_COPY_BYTES = 64 << 20
+FLOOR_DEVICE_COPY_BYTES = 256 << 20  # a GPU copies 64 MiB in tens of microseconds: less noise
 
 # Inputs repeat with this period along the array. 7 is prime, so a block of data landing at a
 # wrong offset (chunks and ring segments are mostly powers of two long) almost never matches.
@@ -215,19 +216,25 @@ class Measurement:
         return statistics.median(self.times)
 
 
-def node_memory_bandwidth(node) -> float:
+def node_memory_bandwidth(node, copy=None) -> float:
     """Bytes read + written per second by every rank of this node copying a large buffer at once
-    (the median of 3): the memory traffic an allreduce on this node can reach at best."""
-    src = np.ones(FLOOR_COPY_BYTES, np.uint8)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)  # touch the pages outside the timing
+    (the median of 3): the memory traffic an allreduce on this node can reach at best. In host
+    memory, or through `copy` = (function, bytes): the function copies that many bytes (on this
+    rank's GPU, say) and returns once they are copied. Ranks that share a memory (one GPU, one
+    host) share its bandwidth here as they do in an allreduce."""
+    if copy is None:
+        src = np.ones(FLOOR_COPY_BYTES, np.uint8)
+        dst = np.empty_like(src)
+        copy = (lambda: np.copyto(dst, src), src.nbytes)
+    run, nbytes = copy
+    run()  # touch the pages outside the timing
     times = []
     for _ in range(3):
         node.Barrier()
         start = time.perf_counter()
-        np.copyto(dst, src)
+        run()
         times.append(node.allreduce(time.perf_counter() - start, op=MPI.MAX))
-    return node.size * 2 * src.nbytes / statistics.median(times)
+    return node.size * 2 * nbytes / statistics.median(times)
 
 
 def floor_busbw(memory_bw: float, local_size: int, size: int) -> float:
@@ -283,6 +290,8 @@ class HostBuffers:
         send = MPI.IN_PLACE if in_place else x
         return lambda: world.Allreduce(send, y, op=mpi_op)
 
+    floor_copy = None  # node_memory_bandwidth copies in host memory itself
+
 
 class DeviceBuffers:
     """The sweep's buffers on this rank's GPU (bench_gpu.GpuArrays), filled and checked through
@@ -291,6 +300,22 @@ class DeviceBuffers:
     def __init__(self, gpu, dtype: np.dtype):
         self.gpu, self.dtype = gpu, dtype
         self.synchronize = gpu.synchronize
+        self._floor_buffers = None
+
+    @property
+    def floor_copy(self):
+        """For node_memory_bandwidth: a copy on this rank's GPU, waited for (its buffers are
+        made once, at the first floor)."""
+        if self._floor_buffers is None:
+            u8 = np.dtype(np.uint8)
+            self._floor_buffers = tuple(self.gpu.empty(FLOOR_DEVICE_COPY_BYTES, u8) for _ in range(2))
+        dst, src = self._floor_buffers
+
+        def run():
+            self.gpu.copy(dst, src)
+            self.gpu.synchronize()
+
+        return run, FLOOR_DEVICE_COPY_BYTES
 
     def empty(self, count: int, dtype: np.dtype):
         return self.gpu.empty(count, dtype)
@@ -357,7 +382,7 @@ def run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok, also=N
         engine.warm()
     # The floor is measured next to each size: a noisy neighbour can halve memory bandwidth for
     # a minute.
-    memory_bw = node_memory_bandwidth(node) if node is not None else None
+    memory_bw = node_memory_bandwidth(node, buffers.floor_copy) if node is not None else None
     # Alternating the engines within each repeat spreads any drift of the machine over both.
     for _ in range(args.repeats):
         for engine in engines.values():
@@ -625,8 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--floor",
         action=argparse.BooleanOptionalAction,
-        help="measure this node's memory bandwidth next to each size and show the busbw floor "
-        "(default on for host buffers)",
+        help="measure this node's memory bandwidth (its GPUs' with --device gpu) next to each size and show "
+        "the busbw floor (default on)",
     )
     parser.add_argument("--json", metavar="PATH", help="write every row and the run's metadata as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of busbw against size (needs matplotlib)")
@@ -641,12 +666,12 @@ def main(argv=None) -> int:
     if args.factor <= 1:
         parser.error("--factor must be greater than 1")
     if args.device == "gpu":
-        for given, name in ((args.shared, "--shared"), (args.also, "--also"), (args.floor, "--floor")):
+        for given, name in ((args.shared, "--shared"), (args.also, "--also")):
             if given:
                 parser.error(f"{name} applies to host buffers, not to --device gpu")
     elif args.gpu_library:
         parser.error("--gpu-library needs --device gpu")
-    args.floor = args.device == "cpu" if args.floor is None else args.floor
+    args.floor = True if args.floor is None else args.floor
     args.in_place = args.in_place or args.shared
     if args.min_bytes > args.max_bytes:
         parser.error("--min-bytes is larger than --max-bytes")

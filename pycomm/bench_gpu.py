@@ -82,6 +82,13 @@ class GpuArrays:
         raw = self._bytes(x).get() if self.library == "cupy" else self._bytes(x).cpu().numpy()
         return raw.view(dtype)
 
+    def copy(self, dst, src) -> None:
+        """Queues a copy of `src` into `dst` (same shape and dtype) on the current stream."""
+        if self.library == "cupy":
+            self._cupy.copyto(dst, src)
+        else:
+            dst.copy_(src)
+
     def synchronize(self) -> None:
         """Waits until the GPU work queued so far on the current stream has run."""
         if self.library == "cupy":

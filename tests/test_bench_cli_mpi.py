@@ -48,17 +48,20 @@ def test_gpu_sweep_on_a_stand_in_gpu(tmp_path):
     assert "# Wrong elements: 0 OK" in result.stdout, result.stdout
     assert "# device=gpu: stand-in arrays on host memory standing in for a GPU" in result.stdout
     assert "copies to the host, runs MPI_Allreduce and copies back" in result.stdout
-    assert "floor_busbw" not in result.stdout  # the floor is host memory's
+    assert "floor_busbw" in result.stdout and "%floor" in result.stdout
     report = json.loads(out.read_text())
     assert [row["size"] for row in report["rows"]] == [8, 128, 2048, 32768]
     for row in report["rows"]:
         assert row["wrong"] == 0 and row["mpi_wrong"] == 0 and row["ratio"] > 0
+        assert row["floor_busbw"] > 0 and row["memory_bw"] > 0
     assert report["metadata"]["device"] == "gpu" and report["metadata"]["gpu_library"] == "stand-in"
     line = next(line for line in result.stdout.splitlines() if "stand-in calls:" in line)
     counts = dict(item.split("=") for item in line.split("stand-in calls:")[1].split())
     # Per size at least: fills of pycomm's and MPI's inputs, and every staged MPI call, upload;
-    # checks and staged MPI calls download; every timed loop ends with a synchronisation.
+    # checks and staged MPI calls download; every timed loop ends with a synchronisation; the
+    # floor is the stand-in GPU's copies (a touch and 3 timed per size).
     assert int(counts["init"]) == 1
+    assert int(counts["copy"]) == 4 * 4
     assert int(counts["upload"]) >= 2 * 4 and int(counts["download"]) >= 2 * 4
     assert int(counts["synchronize"]) >= 2 * 4
 
@@ -81,7 +84,6 @@ def test_gpu_set_up_failing_on_one_rank_stops_every_rank():
         ["--dtype", "int32", "--op", "avg"],
         ["--device", "gpu", "--shared"],
         ["--device", "gpu", "--also", "ring"],
-        ["--device", "gpu", "--floor"],
         ["--gpu-library", "torch"],
     ],
 )

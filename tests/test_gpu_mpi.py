@@ -79,5 +79,5 @@ def test_benchmark_cli_on_gpu_arrays(tmp_path, library, dtype):
     report = json.loads(out.read_text())
     assert report["metadata"]["gpu_library"] == library and len(report["rows"]) == 7
     for row in report["rows"]:
-        assert row["wrong"] == 0
+        assert row["wrong"] == 0 and row["floor_busbw"] > 0
         assert dtype == "bfloat16" or (row["mpi_wrong"] == 0 and row["ratio"] > 0)
