@@ -204,6 +204,7 @@ class Communicator:
             o = self._device_output(d, out, shape, stream, out_in_x_at=self._own_block_at(shape, d.dtype))
             code = dtype_code(d.dtype)
             self._native.reduce_scatter_device(d.ptr, o.ptr, _count(shape), code, int(op), d.device, stream)
+            device_arrays.mark_written(o)
             return o.obj
         self._check_host_stream(stream)
         xa = as_input(x)
@@ -228,6 +229,7 @@ class Communicator:
             stream = device_arrays.stream_handle(d, stream)
             o = self._device_output(d, out, shape, stream, x_in_out_at=self._own_block_at(d.shape, d.dtype))
             self._native.allgather_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), d.device, stream)
+            device_arrays.mark_written(o)
             return o.obj
         self._check_host_stream(stream)
         xa = as_input(x)
@@ -246,6 +248,7 @@ class Communicator:
             device_arrays.check_writable(d, "x")
             stream = device_arrays.stream_handle(d, stream)
             self._native.broadcast_device(d.ptr, _count(d.shape), dtype_code(d.dtype), int(root), d.device, stream)
+            device_arrays.mark_written(d)
             return x
         self._check_host_stream(stream)
         xa = as_input(x)
@@ -365,6 +368,7 @@ class Communicator:
             device_arrays.check_writable(d, "x")
         o = d if out is x else self._device_output(d, out, d.shape, stream)
         self._native.allreduce_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), int(op), d.device, stream)
+        device_arrays.mark_written(o)
         return o.obj
 
     def _prepare_allreduce(self, x, op, out):

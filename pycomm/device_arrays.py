@@ -118,6 +118,8 @@ def describe(x, what: str = "x", stream=None) -> DeviceArray:
     if kind == _TORCH:
         if x.requires_grad:  # as for CPU tensors: writing it would bypass autograd
             raise ValueError(f"pycomm: {what} requires grad; pass {what}.detach() (or a .grad)")
+        if x.is_neg() or x.is_conj():  # its memory holds other values than the tensor's
+            raise ValueError(f"pycomm: {what} is a lazily negated or conjugated view; pass {what}.resolve_neg()")
         dtype = _torch_dtype(x)
         dtype_code(dtype)
         if not x.is_contiguous():
@@ -138,7 +140,7 @@ def describe(x, what: str = "x", stream=None) -> DeviceArray:
     dtype_code(dtype)
     shape = tuple(iface["shape"])
     strides = iface.get("strides")
-    if strides is not None and tuple(strides) != _c_strides(shape, dtype.itemsize):
+    if strides is not None and not _is_c_contiguous_bytes(shape, tuple(strides), dtype.itemsize):
         raise ValueError(f"pycomm: {what} must be C-contiguous")
     ptr, readonly = iface["data"]
     # -1: the core asks the driver where ptr lives. The interface does not say, and a `.device.id`
@@ -150,6 +152,14 @@ def check_writable(d: DeviceArray, what: str) -> None:
     """Before anything is sent: pycomm is about to write into `d`."""
     if d.readonly:
         raise ValueError(f"pycomm: {what} is read-only")
+
+
+def mark_written(d: DeviceArray) -> None:
+    """Once a write into `d` is queued: a torch tensor's version goes up, as with torch's own
+    in-place operations, so that autograd refuses a backward that saved its old values instead
+    of silently using the new ones."""
+    if d.library == "torch":
+        sys.modules["torch"].autograd.graph.increment_version(d.obj)
 
 
 # DLPack's DLManagedTensor starts with its DLTensor; only that part is read.
@@ -248,12 +258,10 @@ def _is_c_contiguous(shape: tuple, strides: tuple) -> bool:
     return True
 
 
-def _c_strides(shape: tuple, itemsize: int) -> tuple:
-    strides, step = [], itemsize
-    for extent in reversed(shape):
-        strides.append(step)
-        step *= max(extent, 1)
-    return tuple(reversed(strides))
+def _is_c_contiguous_bytes(shape: tuple, strides: tuple, itemsize: int) -> bool:
+    """The same for strides in bytes (__cuda_array_interface__'s)."""
+    in_elements = tuple(s // itemsize if s % itemsize == 0 else None for s in strides)
+    return _is_c_contiguous(shape, in_elements)
 
 
 def check_output(out, like: DeviceArray, shape: tuple, what: str = "out", stream=None) -> DeviceArray:
@@ -289,11 +297,30 @@ def new_array(like: DeviceArray, shape: tuple, stream: int) -> DeviceArray:
         cupy = sys.modules["cupy"]
         with cupy.cuda.Device(like.device), contextlib.ExitStack() as context:
             if stream not in (1, 2) and stream != stream_handle(like, None):
-                context.enter_context(cupy.cuda.ExternalStream(stream, like.device))
+                context.enter_context(_cupy_stream(cupy, stream, like.device))
             out = cupy.empty(shape, dtype=like.dtype)
     else:
         raise TypeError(f"pycomm: cannot allocate an output like {type(like.obj).__name__}; pass out=")
     return describe(out, "out")
+
+
+class _StreamHandle:
+    """A raw cudaStream_t through the CUDA stream protocol."""
+
+    def __init__(self, handle: int):
+        self.handle = handle
+
+    def __cuda_stream__(self):
+        return (0, self.handle)
+
+
+def _cupy_stream(cupy, handle: int, device: int):
+    """cupy's stream object for a raw handle, on `device` (current): Stream.from_external from
+    cupy 14, which deprecates ExternalStream (still taken before)."""
+    from_external = getattr(getattr(cupy.cuda, "Stream", None), "from_external", None)
+    if from_external is None:
+        return cupy.cuda.ExternalStream(handle, device)
+    return from_external(_StreamHandle(handle))
 
 
 def stream_handle(like: DeviceArray, stream) -> int:

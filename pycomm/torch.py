@@ -14,6 +14,8 @@ communication overlaps the rest of backward. Buckets live in the communicator's 
 where the node has one, and start in the same order on every rank.
 """
 
+import threading
+
 import torch
 
 from .bucketing import plan_buckets
@@ -98,6 +100,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._buckets = _assign_buckets(comm, params, bucket_bytes)
         self._bucket_of = {p: b for b in self._buckets for p in b.params}
         self._next = 0
+        # Autograd runs the hooks of CPU and of each GPU's gradients on threads of their own:
+        # which buckets are ready, and which have started, change under this lock only.
+        self._lock = threading.Lock()
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in params]
 
     def _grad_ready(self, p: torch.Tensor) -> None:
@@ -108,8 +113,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 "after each backward"
             )
         bucket.views[p].copy_(p.grad)
-        bucket.pending.discard(p)
-        self._start_ready()
+        with self._lock:
+            bucket.pending.discard(p)
+            self._start_ready()
 
     def _start_ready(self) -> None:
         # Strictly in bucket order, whatever order autograd finished them in: every rank then
@@ -122,11 +128,12 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     def synchronize(self) -> None:
         """Waits for every bucket and writes the averaged gradients back into p.grad. Parameters
         that got no gradient this step count as zero (on every rank)."""
-        for bucket in self._buckets:
-            for p in list(bucket.pending):
-                bucket.views[p].zero_()
-                bucket.pending.discard(p)
-        self._start_ready()
+        with self._lock:
+            for bucket in self._buckets:
+                for p in list(bucket.pending):
+                    bucket.views[p].zero_()
+                    bucket.pending.discard(p)
+            self._start_ready()
         for bucket in self._buckets:
             bucket.work.wait()
             bucket.work = None

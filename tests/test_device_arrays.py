@@ -49,6 +49,11 @@ def test_describe_reads_the_interface():
 
 def test_c_contiguous_strides_are_accepted():
     assert device_arrays.describe(FakeDeviceArray((3, 4), strides=(16, 4))).shape == (3, 4)
+    # Strides of extent-1 axes do not matter (producers give them any value), nor an empty array's.
+    assert device_arrays.describe(FakeDeviceArray((3, 1, 4), strides=(16, 999, 4))).shape == (3, 1, 4)
+    assert device_arrays.describe(FakeDeviceArray((0, 4), strides=(8, 4))).shape == (0, 4)
+    with pytest.raises(ValueError, match="contiguous"):
+        device_arrays.describe(FakeDeviceArray((4,), strides=(6,)))  # not a whole element apart
 
 
 @pytest.mark.parametrize(
@@ -197,9 +202,37 @@ def test_torch_tensors_are_described_from_their_attributes():
             device_arrays.describe(t.t())
         with pytest.raises(ValueError, match="requires grad"):
             device_arrays.describe(torch.zeros(3, requires_grad=True))
+        # Lazily negated views: their memory holds the values before negation.
+        with pytest.raises(ValueError, match="negated"):
+            device_arrays.describe(torch._neg_view(torch.ones(3)))
+        with pytest.raises(ValueError, match="negated"):
+            device_arrays.describe(torch.tensor([1 + 2j]).conj().imag)
     # A subclass defined outside torch is still read as a torch tensor (its current stream too).
     Sub = type("Sub", (torch.Tensor,), {"__module__": "mylib"})
     assert device_arrays.describe(torch.zeros(3).as_subclass(Sub)).library == "torch"
+
+
+def test_torch_outputs_written_on_the_device_count_as_modified(recorded, monkeypatch):
+    """Every device collective that queues a write into a torch tensor raises its version, as
+    torch's in-place operations do, so autograd refuses a backward that saved the old values.
+    (CPU tensors stand in for CUDA ones here: the recorder queues nothing.)"""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(device_arrays, "is_device_array", lambda x: True)
+    P = recorded.size
+    x, out = torch.ones(2 * P), torch.ones(2 * P)
+    calls = [
+        lambda: recorded.allreduce(x, out=x, stream=5),
+        lambda: recorded.allreduce(x, out=out, stream=5),
+        lambda: recorded.reduce_scatter(x, out=out[:2], stream=5),
+        lambda: recorded.allgather(x[:2], out=out, stream=5),
+        lambda: recorded.broadcast(x, root=0, stream=5),
+    ]
+    written = [x, out, out, out, x]
+    for call, tensor in zip(calls, written):
+        before = tensor._version
+        call()
+        assert tensor._version == before + 1
+    assert len(recorded._native.calls) == len(calls)
 
 
 def test_outputs_are_allocated_for_the_stream_the_work_goes_on(recorded, monkeypatch):
@@ -229,6 +262,19 @@ def test_outputs_are_allocated_for_the_stream_the_work_goes_on(recorded, monkeyp
         recorded.allreduce(x, stream=stream)
     assert allocated_for == [100, 7, 100, 100]
     assert [args[-1] for _, args in recorded._native.calls] == [100, 7, 100, 2]
+
+    # cupy 14 deprecates ExternalStream for Stream.from_external (the CUDA stream protocol).
+    class Stream:
+        @staticmethod
+        def from_external(obj):
+            return ExternalStream(obj.__cuda_stream__()[1])
+
+    def deprecated(*args):
+        raise DeprecationWarning("ExternalStream is deprecated")
+
+    cuda.Stream, cuda.ExternalStream = Stream, deprecated
+    recorded.allreduce(x, stream=8)
+    assert allocated_for[-1] == 8
 
 
 class MaybeOnGpu:
@@ -573,3 +619,37 @@ def test_torch_optimizer_keeps_each_bucket_on_its_parameters_device(comm):
     for bucket in opt._buckets:
         assert all(p.device == bucket.buffer.device for p in bucket.params)
         assert all(view.device == p.device and view.shape == p.shape for p, view in bucket.views.items())
+
+
+def test_torch_optimizer_issues_each_bucket_once_when_hooks_race(comm, monkeypatch):
+    """Autograd runs a model's CPU and CUDA gradient hooks on threads of their own: however they
+    interleave, every bucket's allreduce starts exactly once, in bucket order (what every rank
+    must issue alike). A slow allreduce_async widens the window between the check and the start."""
+    torch = pytest.importorskip("torch")
+    import threading
+    import time
+
+    import pycomm.torch as pt
+
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(12)]
+    opt = pt.DistributedOptimizer(torch.optim.SGD(params, lr=0.1), comm=comm, bucket_mb=1e-9)
+    assert len(opt._buckets) == len(params)  # one parameter each
+    issued, start = [], comm.allreduce_async
+
+    def slow_start(buffer, **kwargs):
+        issued.append(next(i for i, b in enumerate(opt._buckets) if b.buffer is buffer))
+        time.sleep(0.002)
+        return start(buffer, **kwargs)
+
+    monkeypatch.setattr(comm, "allreduce_async", slow_start)
+    order = [p for b in opt._buckets for p in b.params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    threads = [threading.Thread(target=lambda ps=order[k::2]: [opt._grad_ready(p) for p in ps]) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert issued == list(range(len(params)))
+    opt.synchronize()
+    assert all(torch.equal(p.grad, torch.ones(2)) for p in params)
