@@ -203,6 +203,7 @@ class Communicator:
             # In place (NCCL's form): out is this rank's block of x, which only this rank reads.
             o = self._device_output(d, out, shape, stream, out_in_x_at=self._own_block_at(shape, d.dtype))
             code = dtype_code(d.dtype)
+            self._after_producers(stream, d, o)
             self._native.reduce_scatter_device(d.ptr, o.ptr, _count(shape), code, int(op), d.device, stream)
             device_arrays.mark_written(o)
             return o.obj
@@ -228,6 +229,7 @@ class Communicator:
             shape = self._allgather_shape(d.shape)
             stream = device_arrays.stream_handle(d, stream)
             o = self._device_output(d, out, shape, stream, x_in_out_at=self._own_block_at(d.shape, d.dtype))
+            self._after_producers(stream, d, o)
             self._native.allgather_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), d.device, stream)
             device_arrays.mark_written(o)
             return o.obj
@@ -247,6 +249,7 @@ class Communicator:
             d = device_arrays.describe(x, stream=stream)
             device_arrays.check_writable(d, "x")
             stream = device_arrays.stream_handle(d, stream)
+            self._after_producers(stream, d)
             self._native.broadcast_device(d.ptr, _count(d.shape), dtype_code(d.dtype), int(root), d.device, stream)
             device_arrays.mark_written(d)
             return x
@@ -367,9 +370,24 @@ class Communicator:
         if out is x:
             device_arrays.check_writable(d, "x")
         o = d if out is x else self._device_output(d, out, d.shape, stream)
+        self._after_producers(stream, d, o)
         self._native.allreduce_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), int(op), d.device, stream)
         device_arrays.mark_written(o)
         return o.obj
+
+    def _after_producers(self, stream: int, *arrays) -> None:
+        """__cuda_array_interface__ leaves ordering to the consumer: an array whose producer names
+        a stream other than the one the work goes on (x with stream=, or out) has the work wait
+        for that stream's queued work, on the GPU. Called once every check has passed."""
+        for i, a in enumerate(arrays):
+            theirs = a.producer_stream
+            if (
+                a.library == "cai"
+                and isinstance(theirs, int)
+                and theirs != stream
+                and all(a is not b for b in arrays[:i])
+            ):
+                self._native.order_after_stream(a.ptr, stream, theirs)
 
     def _prepare_allreduce(self, x, op, out):
         self._check_open()

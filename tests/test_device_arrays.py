@@ -357,7 +357,8 @@ class FakeDLPackArray:
 
 
 class NativeRecorder:
-    """Stands in for a communicator's native core: records the *_device calls, says device
+    """Stands in for a communicator's native core: records the *_device calls (and the streams
+    ordered before them), says device
     pointers at or above GPU1_FROM are on GPU 1 (the others on GPU 0), passes the rest on."""
 
     GPU1_FROM = 0x7F8000000000
@@ -369,7 +370,7 @@ class NativeRecorder:
         return int(ptr >= self.GPU1_FROM)
 
     def __getattr__(self, name):
-        if name.endswith("_device"):
+        if name.endswith("_device") or name == "order_after_stream":
             return lambda *args: self.calls.append((name, args))
         return getattr(self.native, name)
 
@@ -653,3 +654,32 @@ def test_torch_optimizer_issues_each_bucket_once_when_hooks_race(comm, monkeypat
     assert issued == list(range(len(params)))
     opt.synchronize()
     assert all(torch.equal(p.grad, torch.ones(2)) for p in params)
+
+
+def test_arrays_naming_another_stream_are_waited_for_on_the_gpu(recorded):
+    """__cuda_array_interface__ leaves ordering to the consumer: where x (with stream=) or out
+    names a stream other than the work's, the work stream first waits for it (no host wait);
+    an array on the work's own stream, or naming none, needs nothing."""
+    x, out = FakeDeviceArray((4,), stream=5, ptr=4096), FakeDeviceArray((4,), stream=7, ptr=8192)
+    recorded.allreduce(x, out=out)  # on x's stream, 5: out's 7 is waited for
+    recorded.allreduce(x, out=x, stream=9)  # x's 5, once
+    recorded.allreduce(FakeDeviceArray((4,), ptr=4096), out=FakeDeviceArray((4,), ptr=8192), stream=9)
+    recorded.broadcast(x, root=0, stream=5)
+    recorded.reduce_scatter(
+        FakeDeviceArray((2 * recorded.size,), stream=5), out=FakeDeviceArray((2,), stream=7, ptr=1 << 40)
+    )
+    names = [(name, args[1:]) if name == "order_after_stream" else name for name, args in recorded._native.calls]
+    assert names == [
+        ("order_after_stream", (5, 7)),
+        "allreduce_device",
+        ("order_after_stream", (9, 5)),
+        "allreduce_device",
+        "allreduce_device",
+        "broadcast_device",
+        ("order_after_stream", (5, 7)),
+        "reduce_scatter_device",
+    ]
+    # Bad input is refused before anything is queued, the ordering included.
+    with pytest.raises(TypeError):
+        recorded.allreduce(x, out=FakeDeviceArray((4,), "<f8", stream=7, ptr=8192))
+    assert len(recorded._native.calls) == len(names)

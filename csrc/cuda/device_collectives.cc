@@ -46,6 +46,16 @@ int DeviceOfPointer(const void* ptr) {
   return attributes.device;
 }
 
+void OrderAfterStream(const void* ptr, void* stream, void* producer) {
+  cuda::DeviceGuard guard(DeviceOfPointer(ptr));
+  cudaEvent_t event = nullptr;
+  cuda::Check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  cudaError_t err = cudaEventRecord(event, static_cast<cudaStream_t>(producer));
+  if (err == cudaSuccess) err = cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), event, 0);
+  cudaEventDestroy(event);  // its resources go once the wait is met
+  cuda::Check(err, "ordering the work after the array's stream");
+}
+
 namespace {
 
 char* At(void* base, size_t offset) { return static_cast<char*>(base) + offset; }

@@ -182,6 +182,10 @@ void RegisterCommunicator(py::module_& m) {
       // The GPU a device pointer is on, for arrays that do not say (std::invalid_argument, so
       // ValueError, where it is not GPU memory).
       .def_static("device_of", [](uintptr_t ptr) { return DeviceOfPointer(Ptr(ptr)); })
+      .def_static("order_after_stream",
+                  [](uintptr_t ptr, uintptr_t stream, uintptr_t producer) {
+                    OrderAfterStream(Ptr(ptr), Ptr(stream), Ptr(producer));
+                  })
       .def("barrier", &Communicator::Barrier, py::call_guard<py::gil_scoped_release>())
       .def("close", &Communicator::Close, py::call_guard<py::gil_scoped_release>());
 }

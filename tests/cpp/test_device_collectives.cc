@@ -1076,6 +1076,25 @@ struct Asked {
   pycomm::cuda::DeviceWork work;
 };
 
+// OrderAfterStream: work queued on one stream afterwards runs after what another stream had
+// queued (here a copy into the array), with no host wait, no event left and no error behind.
+void TestOrderAfterStream() {
+  std::thread([] {
+    const auto producer = reinterpret_cast<cudaStream_t>(0x5), work = reinterpret_cast<cudaStream_t>(0x6);
+    const std::vector<int64_t> values(100, 7);
+    int64_t* a = DeviceArray(std::vector<int64_t>(100, 0));
+    Sync();
+    cudaMemcpyAsync(a, values.data(), values.size() * 8, cudaMemcpyHostToDevice, producer);
+    pycomm::OrderAfterStream(a, work, producer);
+    Sync(work);
+    Expect(Same(a, values.data(), values.size() * 8), "work ordered after the producer's stream");
+    Expect(fake_cuda::LiveEvents() == 0, "OrderAfterStream left an event");
+    Expect(cudaGetLastError() == cudaSuccess, "OrderAfterStream left an error");
+    cudaFree(a);
+    fake_cuda::ThreadExit();
+  }).join();
+}
+
 void TestSettingsTogether(const std::vector<Asked>& asked, const std::string& want_sync, const std::string& want_work) {
   const int P = static_cast<int>(asked.size());
   auto transports = pycomm::CreateLoopbackTransports(P);
@@ -1155,6 +1174,7 @@ int main() {
   TestAutoSync({0, 0, 0}, 1);
   TestAutoSync({0, 0, 1, 1}, 4);  // each node decides for itself
   TestLeaderAfterSplitSetUp();
+  TestOrderAfterStream();
   // A stream of each rank's own instead of its default stream.
   const auto own_stream = reinterpret_cast<cudaStream_t>(0x5);
   for (const auto& layout : {std::vector<int>{0, 0, 0}, std::vector<int>{0, 0, 1}}) {

@@ -41,6 +41,11 @@ bool BuiltWithCuda();
 // The GPU that `ptr` (device memory) is on, asked of the driver; null, an empty array's pointer:
 // the current device. std::invalid_argument where `ptr` is not GPU memory; CommError without CUDA.
 int DeviceOfPointer(const void* ptr);
+// Work queued on `stream` from now on runs after the work queued so far on `producer`, two
+// cudaStream_t of the GPU that `ptr` is on (an event between them: nothing waits on the host).
+// For arrays whose producer names a stream other than the one the work goes on
+// (__cuda_array_interface__'s "stream"). CommError without CUDA.
+void OrderAfterStream(const void* ptr, void* stream, void* producer);
 
 // The MPI library this build was compiled against, e.g. "MPICH 5.0.2" or "Open MPI 5.0.6".
 const char* MpiBuildVersion();
