@@ -35,7 +35,10 @@ def _close_all() -> None:
 
 
 class Work:
-    """An asynchronous allreduce in flight. Keeps its arrays alive until it is done."""
+    """An asynchronous allreduce in flight. Keeps host arrays alive until it is done. Device work
+    is queued on its stream at once (done from the start): as with any stream-ordered work (and
+    NCCL), memory the stream has not reached yet must stay allocated, which the stream's own
+    allocator ensures for arrays allocated on it."""
 
     def __init__(self, native_work, out: np.ndarray, keep_alive: tuple):
         self._native = native_work
