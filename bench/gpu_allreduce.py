@@ -5,13 +5,16 @@
 For each size it prints the time per call (slowest rank, median of repeats), busbw, and the
 efficiency against the HBM floor: every rank's input read once and output written once at the
 device-to-device copy bandwidth measured in the same run. Its gpu(us) column is rank 0's GPU time
-for one call, the hand-offs between ranks left out: time(us) - gpu(us) is what the hand-offs cost,
-and floor(us) / gpu(us) is how well the kernel does on the peers' mapped buffers. At 64 MiB it also times the way a
-GPU-unaware code would do it (copy to host, MPI_Allreduce, copy back) for the ratio.
+for one call, the hand-offs between ranks left out: with the leader's work (ranks sharing a GPU),
+time(us) - gpu(us) is what the hand-offs cost, and floor(us) / gpu(us) is how well the kernel does
+on the peers' mapped buffers. It is not measured ("n/a") where rank 0's call waits for its own GPU
+work (split work under host sync; through the host across nodes). At 64 MiB it also times the way
+a GPU-unaware code would do it (copy to host, MPI_Allreduce, copy back) for the ratio.
 """
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -57,9 +60,10 @@ def host_time(call) -> float:
 def gpu_time(call, repeats: int = 5) -> float:
     """Seconds of rank 0's GPU time for one call (median of `repeats`), or NaN where it was not
     measured. A sleep kernel queued first holds rank 0's stream until the call has queued its work,
-    so the events around the call time that work alone, not the hand-offs between ranks. Peers
-    queue no kernels of their own meanwhile. Only rank 0 touches events; every rank makes the same
-    collective calls whatever happens there, so a failure cannot leave the others waiting."""
+    so the events around the call time that work alone, not the hand-offs between ranks. With the
+    leader's work the peers queue no kernels meanwhile (with split work rank 0's stream also waits
+    for theirs). Only rank 0 touches events; every rank makes the same collective calls whatever
+    happens there, so a failure cannot leave the others waiting."""
     if not hasattr(torch.cuda, "_sleep"):
         return float("nan")
     samples, problem = [], None
@@ -173,11 +177,13 @@ def main():
         t_gpu = gpu_time(lambda x=x: comm.allreduce(x, out=x))
         floor = 2 * P * size / hbm
         row = {"bytes": size, "time_us": t * 1e6, "algbw": size / t / 1e9, "busbw": size / t / 1e9 * 2 * (P - 1) / P}
-        row.update(host_us=t_host * 1e6, gpu_us=t_gpu * 1e6, floor_us=floor * 1e6, efficiency=floor / t)
+        gpu_us = None if math.isnan(t_gpu) else t_gpu * 1e6  # JSON has no NaN
+        row.update(host_us=t_host * 1e6, gpu_us=gpu_us, floor_us=floor * 1e6, efficiency=floor / t)
         rows.append(row)
         if world.rank == 0:
             print(
-                f"{size:>12} {row['time_us']:>10.1f} {row['host_us']:>9.1f} {row['gpu_us']:>9.1f} "
+                f"{size:>12} {row['time_us']:>10.1f} {row['host_us']:>9.1f} "
+                f"{'n/a' if gpu_us is None else format(gpu_us, '.1f'):>9} "
                 f"{row['algbw']:>12.2f} {row['busbw']:>12.2f} {row['floor_us']:>10.1f} {row['efficiency']:>6.2f}"
             )
         size *= 4 if size < (1 << 20) else 2

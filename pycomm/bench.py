@@ -300,16 +300,13 @@ class DeviceBuffers:
     def __init__(self, gpu, dtype: np.dtype):
         self.gpu, self.dtype = gpu, dtype
         self.synchronize = gpu.synchronize
-        self._floor_buffers = None
 
     @property
     def floor_copy(self):
-        """For node_memory_bandwidth: a copy on this rank's GPU, waited for (its buffers are
-        made once, at the first floor)."""
-        if self._floor_buffers is None:
-            u8 = np.dtype(np.uint8)
-            self._floor_buffers = tuple(self.gpu.empty(FLOOR_DEVICE_COPY_BYTES, u8) for _ in range(2))
-        dst, src = self._floor_buffers
+        """For node_memory_bandwidth: a copy on this rank's GPU, waited for. Its buffers go with
+        the measurement, back to the library's pool for the sweep's arrays (ranks sharing a GPU
+        each hold two meanwhile)."""
+        dst, src = (self.gpu.empty(FLOOR_DEVICE_COPY_BYTES, np.dtype(np.uint8)) for _ in range(2))
 
         def run():
             self.gpu.copy(dst, src)

@@ -146,8 +146,9 @@ class Communicator:
         rank gets bitwise identical results. For device arrays (torch, cupy) the work is queued on
         `stream` (default: the library's current stream) and the call returns without waiting
         for the GPU. As with NCCL, where `stream=` is not the stream x was made on, the caller
-        orders it after whatever wrote x (pycomm does not wait for the stream that a
-        __cuda_array_interface__ names) and keeps x and out alive until the work is done.
+        orders it after whatever wrote x and keeps x and out alive until the work is done; only
+        for an array whose __cuda_array_interface__ names another stream does the work wait for
+        that stream (on the GPU), as the interface asks of its consumers.
 
         Arrays that speak only DLPack (__dlpack__, __dlpack_device__): on a CUDA device they are
         exported for `stream` (default: the legacy default stream), and need `out=` (pycomm cannot
@@ -388,6 +389,7 @@ class Communicator:
                 a.library == "cai"
                 and isinstance(theirs, int)
                 and theirs != stream
+                and _count(a.shape)  # no elements: nothing to order (nor a GPU to ask)
                 and all(a is not b for b in arrays[:i])
             ):
                 self._native.order_after_stream(a.ptr, stream, theirs)

@@ -119,7 +119,9 @@ def describe(x, what: str = "x", stream=None) -> DeviceArray:
         if x.requires_grad:  # as for CPU tensors: writing it would bypass autograd
             raise ValueError(f"pycomm: {what} requires grad; pass {what}.detach() (or a .grad)")
         if x.is_neg() or x.is_conj():  # its memory holds other values than the tensor's
-            raise ValueError(f"pycomm: {what} is a lazily negated or conjugated view; pass {what}.resolve_neg()")
+            raise ValueError(
+                f"pycomm: {what} is a lazily negated or conjugated view; pass {what}.resolve_neg().resolve_conj()"
+            )
         dtype = _torch_dtype(x)
         dtype_code(dtype)
         if not x.is_contiguous():

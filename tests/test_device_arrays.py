@@ -668,6 +668,8 @@ def test_arrays_naming_another_stream_are_waited_for_on_the_gpu(recorded):
     recorded.reduce_scatter(
         FakeDeviceArray((2 * recorded.size,), stream=5), out=FakeDeviceArray((2,), stream=7, ptr=1 << 40)
     )
+    empty = FakeDeviceArray((0,), stream=5, ptr=0)
+    recorded.allreduce(empty, out=FakeDeviceArray((0,), stream=7, ptr=0), stream=9)  # no elements: none to order
     names = [(name, args[1:]) if name == "order_after_stream" else name for name, args in recorded._native.calls]
     assert names == [
         ("order_after_stream", (5, 7)),
@@ -678,6 +680,7 @@ def test_arrays_naming_another_stream_are_waited_for_on_the_gpu(recorded):
         "broadcast_device",
         ("order_after_stream", (5, 7)),
         "reduce_scatter_device",
+        "allreduce_device",
     ]
     # Bad input is refused before anything is queued, the ordering included.
     with pytest.raises(TypeError):
