@@ -207,7 +207,8 @@ class Communicator:
             # In place (NCCL's form): out is this rank's block of x, which only this rank reads.
             o = self._device_output(d, out, shape, stream, out_in_x_at=self._own_block_at(shape, d.dtype))
             code = dtype_code(d.dtype)
-            self._after_producers(stream, d, o)
+            if d.producer_stream not in (None, stream) or o.producer_stream not in (None, stream):
+                self._after_producers(stream, d, o)
             self._native.reduce_scatter_device(d.ptr, o.ptr, _count(shape), code, int(op), d.device, stream)
             device_arrays.mark_written(o)
             return o.obj
@@ -233,7 +234,8 @@ class Communicator:
             shape = self._allgather_shape(d.shape)
             stream = device_arrays.stream_handle(d, stream)
             o = self._device_output(d, out, shape, stream, x_in_out_at=self._own_block_at(d.shape, d.dtype))
-            self._after_producers(stream, d, o)
+            if d.producer_stream not in (None, stream) or o.producer_stream not in (None, stream):
+                self._after_producers(stream, d, o)
             self._native.allgather_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), d.device, stream)
             device_arrays.mark_written(o)
             return o.obj
@@ -253,7 +255,8 @@ class Communicator:
             d = device_arrays.describe(x, stream=stream)
             device_arrays.check_writable(d, "x")
             stream = device_arrays.stream_handle(d, stream)
-            self._after_producers(stream, d)
+            if d.producer_stream not in (None, stream):
+                self._after_producers(stream, d)
             self._native.broadcast_device(d.ptr, _count(d.shape), dtype_code(d.dtype), int(root), d.device, stream)
             device_arrays.mark_written(d)
             return x
@@ -374,7 +377,8 @@ class Communicator:
         if out is x:
             device_arrays.check_writable(d, "x")
         o = d if out is x else self._device_output(d, out, d.shape, stream)
-        self._after_producers(stream, d, o)
+        if d.producer_stream not in (None, stream) or o.producer_stream not in (None, stream):  # another stream
+            self._after_producers(stream, d, o)
         self._native.allreduce_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), int(op), d.device, stream)
         device_arrays.mark_written(o)
         return o.obj
