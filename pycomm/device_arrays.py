@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._native import _core
 from .dtypes import dtype_code
 
 
@@ -230,8 +231,11 @@ def _describe_dlpack(x, what: str, stream) -> DeviceArray:
             f"CUDA (2), CUDA host (3) and CUDA managed (13) memory"
         )
     handle = 0 if stream is None else _stream_value(stream)
-    # DLPack: stream 0 is ambiguous and never passed; 1 names the legacy default stream.
-    capsule = x.__dlpack__(stream=handle if handle != 0 else 1)
+    # DLPack: stream 0 is ambiguous and never passed; 1 names the legacy default stream. The
+    # producer orders its work before the export on the current device's stream of that handle
+    # (torch refuses an array on another), so the array's GPU is made current for it.
+    with _device_scope(device_id):
+        capsule = x.__dlpack__(stream=handle if handle != 0 else 1)
     try:
         address = _capsule_pointer(capsule, b"dltensor")
     except ValueError:
@@ -246,6 +250,11 @@ def _describe_dlpack(x, what: str, stream) -> DeviceArray:
             raise ValueError(f"pycomm: {what} must be C-contiguous")
     ptr = (t.data or 0) + t.byte_offset
     return DeviceArray(x, ptr, shape, dtype, device_id, "dlpack", capsule)
+
+
+def _device_scope(device: int):
+    """`with` it: `device` is the current GPU (the thread's context comes back afterwards)."""
+    return _core.DeviceScope(device)
 
 
 def _is_c_contiguous(shape: tuple, strides: tuple) -> bool:

@@ -4,7 +4,7 @@ handles, and DLPack-only arrays in host memory (which take the numpy path)."""
 
 import ctypes
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from types import SimpleNamespace
 
@@ -335,6 +335,24 @@ def _patch_dltensor(capsule, code=None, lanes=None):
         ctypes.c_uint16.from_address(tensor + 22).value = lanes
 
 
+_current_gpu = []  # the GPUs the stand-in device scopes made current, innermost last
+
+
+@contextmanager
+def _recorded_device_scope(device):
+    _current_gpu.append(device)
+    try:
+        yield
+    finally:
+        _current_gpu.pop()
+
+
+@pytest.fixture(autouse=True)
+def gpu_scopes_recorded(monkeypatch):
+    """No GPU can be made current here: DLPack exports run in a stand-in scope that says which."""
+    monkeypatch.setattr(device_arrays, "_device_scope", _recorded_device_scope)
+
+
 class FakeDLPackArray:
     """Speaks only DLPack and says it is on a CUDA device; its capsule is a numpy array's (whose
     struct says CPU: pycomm must take the device from __dlpack_device__). Memory never touched.
@@ -342,13 +360,14 @@ class FakeDLPackArray:
 
     def __init__(self, array, device=(2, 0), code=None, lanes=None, versioned=False):
         self.array, self.device, self.code, self.lanes, self.versioned = array, device, code, lanes, versioned
-        self.streams = []
+        self.streams, self.exported_on = [], []
 
     def __dlpack_device__(self):
         return self.device
 
     def __dlpack__(self, stream=None):
         self.streams.append(stream)
+        self.exported_on.append(_current_gpu[-1] if _current_gpu else None)
         if self.versioned:
             return self.array.__dlpack__(max_version=(1, 0))
         capsule = self.array.__dlpack__()
@@ -394,6 +413,7 @@ def test_dlpack_describe_reads_the_capsule():
     assert (d.ptr, d.shape, d.dtype, d.device, d.library) == (a.ctypes.data, (3, 4), np.dtype(np.float32), 1, "dlpack")
     assert type(d.keep).__name__ == "PyCapsule" and d.obj is f
     assert f.streams == [5]
+    assert f.exported_on == [1] and not _current_gpu  # its GPU current for the export, then not
     assert device_arrays.is_device_array(f)
     assert device_arrays.describe(FakeDLPackArray(np.zeros(2, np.int64), device=(13, 0))).dtype == np.int64  # managed
 

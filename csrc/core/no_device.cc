@@ -9,6 +9,10 @@ int DeviceOfPointer(const void*) {
   throw CommError("pycomm: this build has no CUDA support (rebuild with a CUDA compiler and PYCOMM_CUDA=ON)");
 }
 
+std::shared_ptr<void> UseDevice(int) {
+  throw CommError("pycomm: this build has no CUDA support (rebuild with a CUDA compiler and PYCOMM_CUDA=ON)");
+}
+
 void OrderAfterStream(const void*, void*, void*) {
   throw CommError("pycomm: this build has no CUDA support (rebuild with a CUDA compiler and PYCOMM_CUDA=ON)");
 }

@@ -46,6 +46,8 @@ int DeviceOfPointer(const void* ptr) {
   return attributes.device;
 }
 
+std::shared_ptr<void> UseDevice(int device) { return std::make_shared<cuda::DeviceGuard>(device); }
+
 void OrderAfterStream(const void* ptr, void* stream, void* producer) {
   cuda::DeviceGuard guard(DeviceOfPointer(ptr));
   cudaEvent_t event = nullptr;

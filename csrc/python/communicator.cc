@@ -69,12 +69,22 @@ bool AllreduceIfPlain(Communicator& c, const py::array& x, const py::array& out,
   return true;
 }
 
+// `with DeviceScope(gpu):` runs its body with that GPU current (UseDevice).
+struct DeviceScope {
+  int device;
+  std::shared_ptr<void> used;
+};
+
 }  // namespace
 
 void RegisterCommunicator(py::module_& m) {
   m.def("mpi_build_version", &MpiBuildVersion);
   m.def("built_with_cuda", &BuiltWithCuda);
   m.def("any_peer_failed", &Communicator::AnyPeerFailed);
+  py::class_<DeviceScope>(m, "DeviceScope")
+      .def(py::init([](int device) { return DeviceScope{device, nullptr}; }))
+      .def("__enter__", [](DeviceScope& s) { s.used = UseDevice(s.device); })
+      .def("__exit__", [](DeviceScope& s, const py::args&) { s.used.reset(); });
 
   py::class_<Work, std::shared_ptr<Work>>(m, "Work")
       .def("wait", &Work::Wait, py::call_guard<py::gil_scoped_release>())

@@ -1095,6 +1095,27 @@ void TestOrderAfterStream() {
   }).join();
 }
 
+// UseDevice: the GPU is current while the token lives, then the thread's own context comes
+// back: none (no device 0 context made), or another GPU's.
+void TestUseDevice() {
+  std::thread([] {
+    fake_cuda::DropContext();
+    for (int had : {-1, 2}) {
+      if (had >= 0) cudaSetDevice(had);
+      {
+        std::shared_ptr<void> used = pycomm::UseDevice(1);
+        Expect(fake_cuda::CurrentDevice() == 1,
+               "UseDevice(1) made device " + std::to_string(fake_cuda::CurrentDevice()));
+      }
+      Expect(fake_cuda::CurrentDevice() == had, "after UseDevice, device " +
+                                                    std::to_string(fake_cuda::CurrentDevice()) + " is current, not " +
+                                                    std::to_string(had));
+    }
+    Expect(!fake_cuda::MadeContext(0), "UseDevice made device 0's context");
+    fake_cuda::ThreadExit();
+  }).join();
+}
+
 void TestSettingsTogether(const std::vector<Asked>& asked, const std::string& want_sync, const std::string& want_work) {
   const int P = static_cast<int>(asked.size());
   auto transports = pycomm::CreateLoopbackTransports(P);
@@ -1175,6 +1196,7 @@ int main() {
   TestAutoSync({0, 0, 1, 1}, 4);  // each node decides for itself
   TestLeaderAfterSplitSetUp();
   TestOrderAfterStream();
+  TestUseDevice();
   // A stream of each rank's own instead of its default stream.
   const auto own_stream = reinterpret_cast<cudaStream_t>(0x5);
   for (const auto& layout : {std::vector<int>{0, 0, 0}, std::vector<int>{0, 0, 1}}) {

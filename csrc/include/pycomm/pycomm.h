@@ -46,6 +46,10 @@ int DeviceOfPointer(const void* ptr);
 // For arrays whose producer names a stream other than the one the work goes on
 // (__cuda_array_interface__'s "stream"). CommError without CUDA.
 void OrderAfterStream(const void* ptr, void* stream, void* producer);
+// Makes GPU `device` current on the calling thread until the returned token goes (on the same
+// thread), which gives the thread back the context it had: none, if it had none. For calls into
+// libraries that act on the current device (a DLPack export). CommError without CUDA.
+std::shared_ptr<void> UseDevice(int device);
 
 // The MPI library this build was compiled against, e.g. "MPICH 5.0.2" or "Open MPI 5.0.6".
 const char* MpiBuildVersion();
