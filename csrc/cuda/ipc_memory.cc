@@ -28,10 +28,10 @@ bool IpcExporter::Export(const void* ptr, IpcBuffer* out) {
     throw CommError("pycomm: CUDA driver entry points cuPointerGetAttributes / cuMemGetAddressRange missing");
   }
   // One driver call per buffer and call (this runs on every collective's critical path): the
-  // allocation's id, to find it among the cached ones.
+  // allocation's id, to find it among the cached ones, or the refused.
   const uintptr_t p = reinterpret_cast<uintptr_t>(ptr);
   const unsigned long long buffer_id = BufferId(driver, p);
-  if (!buffer_id) return false;
+  if (!buffer_id || refused_.count(buffer_id)) return false;
   auto it = by_base_.upper_bound(p);
   if (it != by_base_.begin()) {
     --it;
@@ -46,17 +46,25 @@ bool IpcExporter::Export(const void* ptr, IpcBuffer* out) {
   // lies in, not necessarily the allocation (cudaMalloc packs small allocations together).
   CUdeviceptr base = 0;
   size_t size = 0;
-  if (driver.get_address_range(&base, &size, static_cast<CUdeviceptr>(p)) != CUDA_SUCCESS || !base) return false;
-  RetireOverlapping(static_cast<uintptr_t>(base), size);  // freed: this allocation took their place
   cudaIpcMemHandle_t handle;
+  if (driver.get_address_range(&base, &size, static_cast<CUdeviceptr>(p)) != CUDA_SUCCESS || !base) {
+    return Refuse(buffer_id);
+  }
+  RetireOverlapping(static_cast<uintptr_t>(base), size);  // freed: this allocation took their place
   if (cudaIpcGetMemHandle(&handle, reinterpret_cast<void*>(base)) != cudaSuccess) {
     cudaGetLastError();  // pool memory cannot be exported: not an error for the caller
-    return false;
+    return Refuse(buffer_id);
   }
   by_base_[static_cast<uintptr_t>(base)] = Entry{buffer_id, size, handle};
   out->handle = handle;
   out->offset = p - static_cast<uintptr_t>(base);
   return true;
+}
+
+bool IpcExporter::Refuse(unsigned long long buffer_id) {
+  if (refused_.size() >= kMaxRefused) refused_.clear();
+  refused_.insert(buffer_id);
+  return false;
 }
 
 void IpcExporter::RetireOverlapping(uintptr_t base, size_t size) {

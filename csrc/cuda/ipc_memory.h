@@ -13,6 +13,7 @@
 #include <list>
 #include <map>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 namespace pycomm::cuda {
@@ -50,8 +51,14 @@ class IpcExporter {
   };
   // Retires the cached allocations that overlap [base, base + size), first in line.
   void RetireOverlapping(uintptr_t base, size_t size);
+  // Remembers that `buffer_id`'s allocation cannot be exported; returns false (Export's answer).
+  bool Refuse(unsigned long long buffer_id);
 
   std::map<uintptr_t, Entry> by_base_;
+  // Allocations CUDA would not export (stream-ordered pools), by id (never reused): asked about
+  // once, not on every call. Forgotten wholesale past kMaxRefused.
+  std::unordered_set<unsigned long long> refused_;
+  static constexpr size_t kMaxRefused = 4096;
   std::deque<cudaIpcMemHandle_t> retired_;
   uintptr_t sweep_from_ = 0;  // the base Sweep checks next (the first at or above it)
 };

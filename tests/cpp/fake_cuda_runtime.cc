@@ -36,6 +36,7 @@ struct Allocation {
   size_t size;
   unsigned long long id;
   bool placed = false;  // at an address the test chose, in memory it owns (PlaceAllocation)
+  bool pooled = false;  // from a stream-ordered pool (cudaMallocAsync): cudaIpcGetMemHandle refuses it
 };
 
 std::mutex g_mutex;
@@ -74,7 +75,10 @@ CUresult FakePointerGetAttributes(unsigned int n, CUpointer_attribute* attribute
   return CUDA_SUCCESS;
 }
 
+std::atomic<int> g_address_range_queries{0};
+
 CUresult FakeMemGetAddressRange(CUdeviceptr* base, size_t* size, CUdeviceptr ptr) {
+  ++g_address_range_queries;
   char* found_base = nullptr;
   Allocation a{};
   if (!Find(reinterpret_cast<void*>(ptr), &found_base, &a)) return CUDA_ERROR_NOT_FOUND;
@@ -325,6 +329,7 @@ void ReleaseStalls() { g_stalls_released = true; }
 void SetMaxPitch(size_t bytes) { g_max_pitch = bytes ? bytes : (size_t{1} << 31) - 1; }
 // Device memory of `size` bytes at `at`, in memory the caller owns (cudaFree only forgets it):
 // so that a test can make allocations reuse each other's addresses, as CUDA's allocator does.
+int AddressRangeQueries() { return g_address_range_queries; }
 void PlaceAllocation(void* at, size_t size) {
   std::lock_guard<std::mutex> lock(g_mutex);
   g_device[static_cast<char*>(at)] = Allocation{size, g_next_id++, true};
@@ -372,6 +377,14 @@ cudaError_t cudaMalloc(void** ptr, size_t size) {
   std::lock_guard<std::mutex> lock(g_mutex);
   g_device[p] = Allocation{size ? size : 1, g_next_id++};
   *ptr = p;
+  return cudaSuccess;
+}
+
+cudaError_t cudaMallocAsync(void** ptr, size_t size, cudaStream_t) {
+  const cudaError_t err = cudaMalloc(ptr, size);
+  if (err != cudaSuccess) return err;
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_device[static_cast<char*>(*ptr)].pooled = true;
   return cudaSuccess;
 }
 
@@ -494,7 +507,7 @@ cudaError_t cudaIpcOpenEventHandle(cudaEvent_t* event, cudaIpcEventHandle_t hand
 cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t* handle, void* ptr) {
   char* base = nullptr;
   Allocation a{};
-  if (!Find(ptr, &base, &a) || base != ptr) return Failed(cudaErrorInvalidValue);
+  if (!Find(ptr, &base, &a) || base != ptr || a.pooled) return Failed(cudaErrorInvalidValue);
   std::memset(handle, 0, sizeof *handle);
   char* bytes = reinterpret_cast<char*>(handle);
   std::memcpy(bytes, &ptr, sizeof ptr);

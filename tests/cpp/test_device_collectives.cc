@@ -52,6 +52,7 @@ void StallStream();
 void ReleaseStalls();
 void PlaceAllocation(void* at, size_t size);
 void SetMaxPitch(size_t bytes);
+int AddressRangeQueries();
 }  // namespace fake_cuda
 
 namespace {
@@ -405,6 +406,40 @@ void TestUnexportableMemory(const std::vector<int>& node_of) {
     }
   });
   Expect(fake_cuda::FreedWhileOpen() == freed_while_open, "staging freed while a peer had it open " + Layout(node_of));
+}
+
+// Memory from a stream-ordered pool, which CUDA IPC cannot export: staged, with right results,
+// and asked about once (its refusal is remembered by the allocation's id), not on every call.
+void TestPoolMemory(const std::vector<int>& node_of) {
+  const int P = static_cast<int>(node_of.size());
+  auto queries_with = [&](int calls) {
+    const int before = fake_cuda::AddressRangeQueries();
+    RunPlaced(node_of, [&](int r, pycomm::DeviceCollectives& c) {
+      const size_t n = 1000;
+      std::vector<int64_t> in(n);
+      for (size_t i = 0; i < n; ++i) in[i] = Value(r, i);
+      void* p = nullptr;
+      cudaMallocAsync(&p, n * 8, nullptr);
+      auto* a = static_cast<int64_t*>(p);
+      cudaMemcpyAsync(a, in.data(), n * 8, cudaMemcpyHostToDevice, nullptr);
+      for (int call = 0; call < calls; ++call) c.Allreduce(a, a, n, DataType::kInt64, ReduceOp::kSum, nullptr);
+      Sync();
+      bool ok = true;
+      for (size_t i = 0; i < n; ++i) {
+        int64_t want = 0;
+        for (int q = 0; q < P; ++q) want += Value(q, i);
+        ok = ok && a[i] == want * Power(P, calls - 1);
+      }
+      Expect(ok, "pool memory, " + std::to_string(calls) + " calls " + Layout(node_of));
+      c.Allreduce(a, a, 1, DataType::kInt64, ReduceOp::kMax, nullptr);  // nobody frees before all are done
+      Sync();
+      cudaFree(a);
+    });
+    return fake_cuda::AddressRangeQueries() - before;
+  };
+  const int few = queries_with(2), many = queries_with(8);
+  Expect(few == many, "pool memory asked about on every call: " + std::to_string(few) + " queries for 2 calls, " +
+                          std::to_string(many) + " for 8 " + Layout(node_of));
 }
 
 // Calls on parts of one allocation, as views of one array make: the first call exports the
@@ -1168,6 +1203,7 @@ int main() {
     TestUnexportableMemory(layout);
     if (layout.size() > 1) TestFreedMemoryUnmapped(layout), TestReusedAddresses(layout);
     TestBuffersInsideOneAllocation(layout);
+    if (layout.size() > 1) TestPoolMemory(layout);
   }
   TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kEvents, 3);
   TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kEvents, 0);
