@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from gpu_marks import gpu_present
 
 import pycomm
 from pycomm import device_arrays
@@ -706,3 +707,15 @@ def test_arrays_naming_another_stream_are_waited_for_on_the_gpu(recorded):
     with pytest.raises(TypeError):
         recorded.allreduce(x, out=FakeDeviceArray((4,), "<f8", stream=7, ptr=8192))
     assert len(recorded._native.calls) == len(names)
+
+
+def test_the_native_device_scope_lets_exceptions_through():
+    """The real DeviceScope (stood in for elsewhere here): its __exit__ returns nothing, so an
+    exception inside the block is not swallowed; entering it without a usable GPU raises."""
+    from pycomm._native import _core
+
+    assert _core.DeviceScope(0).__exit__(None, None, None) is None
+    if not _core.built_with_cuda() or not gpu_present():
+        with pytest.raises(pycomm.CommError):
+            with _core.DeviceScope(0):
+                pass

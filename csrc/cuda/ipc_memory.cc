@@ -51,9 +51,11 @@ bool IpcExporter::Export(const void* ptr, IpcBuffer* out) {
     return Refuse(buffer_id);
   }
   RetireOverlapping(static_cast<uintptr_t>(base), size);  // freed: this allocation took their place
-  if (cudaIpcGetMemHandle(&handle, reinterpret_cast<void*>(base)) != cudaSuccess) {
+  const cudaError_t err = cudaIpcGetMemHandle(&handle, reinterpret_cast<void*>(base));
+  if (err != cudaSuccess) {
     cudaGetLastError();  // pool memory cannot be exported: not an error for the caller
-    return Refuse(buffer_id);
+    // Memory CUDA cannot export stays so; another failure (out of memory, say) may pass next time.
+    return err == cudaErrorInvalidValue || err == cudaErrorNotSupported ? Refuse(buffer_id) : false;
   }
   by_base_[static_cast<uintptr_t>(base)] = Entry{buffer_id, size, handle};
   out->handle = handle;
