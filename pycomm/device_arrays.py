@@ -231,11 +231,13 @@ def _describe_dlpack(x, what: str, stream) -> DeviceArray:
             f"CUDA (2), CUDA host (3) and CUDA managed (13) memory"
         )
     handle = 0 if stream is None else _stream_value(stream)
-    # DLPack: stream 0 is ambiguous and never passed; 1 names the legacy default stream. The
-    # producer orders its work before the export on the current device's stream of that handle
-    # (torch refuses an array on another), so the array's GPU is made current for it.
+    # DLPack: stream 0 is ambiguous and never passed; 1 names the legacy default stream. So does
+    # 2 here, the per-thread default stream (torch refuses 2): that is a blocking stream, so work
+    # queued on it waits for what the producer makes the legacy stream wait for. The producer
+    # orders its work on the current device's stream of that handle (torch refuses an array on
+    # another), so the array's GPU is made current for the export.
     with _device_scope(device_id):
-        capsule = x.__dlpack__(stream=handle if handle != 0 else 1)
+        capsule = x.__dlpack__(stream=handle if handle not in (0, 2) else 1)
     try:
         address = _capsule_pointer(capsule, b"dltensor")
     except ValueError:
