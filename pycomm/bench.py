@@ -290,7 +290,8 @@ class HostBuffers:
         send = MPI.IN_PLACE if in_place else x
         return lambda: world.Allreduce(send, y, op=mpi_op)
 
-    floor_copy = None  # node_memory_bandwidth copies in host memory itself
+    def floor_copy(self):
+        return None  # node_memory_bandwidth copies in host memory itself
 
 
 class DeviceBuffers:
@@ -301,7 +302,6 @@ class DeviceBuffers:
         self.gpu, self.dtype = gpu, dtype
         self.synchronize = gpu.synchronize
 
-    @property
     def floor_copy(self):
         """For node_memory_bandwidth: a copy on this rank's GPU, waited for. Its buffers go with
         the measurement, back to the library's pool for the sweep's arrays (ranks sharing a GPU
@@ -379,7 +379,7 @@ def run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok, also=N
         engine.warm()
     # The floor is measured next to each size: a noisy neighbour can halve memory bandwidth for
     # a minute.
-    memory_bw = node_memory_bandwidth(node, buffers.floor_copy) if node is not None else None
+    memory_bw = node_memory_bandwidth(node, buffers.floor_copy()) if node is not None else None
     # Alternating the engines within each repeat spreads any drift of the machine over both.
     for _ in range(args.repeats):
         for engine in engines.values():

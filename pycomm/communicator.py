@@ -207,8 +207,7 @@ class Communicator:
             # In place (NCCL's form): out is this rank's block of x, which only this rank reads.
             o = self._device_output(d, out, shape, stream, out_in_x_at=self._own_block_at(shape, d.dtype))
             code = dtype_code(d.dtype)
-            if d.producer_stream not in (None, stream) or o.producer_stream not in (None, stream):
-                self._after_producers(stream, d, o)
+            self._after_producers(stream, d, o)
             self._native.reduce_scatter_device(d.ptr, o.ptr, _count(shape), code, int(op), d.device, stream)
             device_arrays.mark_written(o)
             return o.obj
@@ -234,8 +233,7 @@ class Communicator:
             shape = self._allgather_shape(d.shape)
             stream = device_arrays.stream_handle(d, stream)
             o = self._device_output(d, out, shape, stream, x_in_out_at=self._own_block_at(d.shape, d.dtype))
-            if d.producer_stream not in (None, stream) or o.producer_stream not in (None, stream):
-                self._after_producers(stream, d, o)
+            self._after_producers(stream, d, o)
             self._native.allgather_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), d.device, stream)
             device_arrays.mark_written(o)
             return o.obj
@@ -255,8 +253,7 @@ class Communicator:
             d = device_arrays.describe(x, stream=stream)
             device_arrays.check_writable(d, "x")
             stream = device_arrays.stream_handle(d, stream)
-            if d.producer_stream not in (None, stream):
-                self._after_producers(stream, d)
+            self._after_producers(stream, d)
             self._native.broadcast_device(d.ptr, _count(d.shape), dtype_code(d.dtype), int(root), d.device, stream)
             device_arrays.mark_written(d)
             return x
@@ -377,25 +374,20 @@ class Communicator:
         if out is x:
             device_arrays.check_writable(d, "x")
         o = d if out is x else self._device_output(d, out, d.shape, stream)
-        if d.producer_stream not in (None, stream) or o.producer_stream not in (None, stream):  # another stream
-            self._after_producers(stream, d, o)
+        self._after_producers(stream, d, o)
         self._native.allreduce_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), int(op), d.device, stream)
         device_arrays.mark_written(o)
         return o.obj
 
-    def _after_producers(self, stream: int, *arrays) -> None:
-        """__cuda_array_interface__ leaves ordering to the consumer: an array whose producer names
-        a stream other than the one the work goes on (x with stream=, or out) has the work wait
-        for that stream's queued work, on the GPU. Called once every check has passed."""
-        for i, a in enumerate(arrays):
-            theirs = a.producer_stream
-            if (
-                a.library == "cai"
-                and isinstance(theirs, int)
-                and theirs != stream
-                and _count(a.shape)  # no elements: nothing to order (nor a GPU to ask)
-                and all(a is not b for b in arrays[:i])
-            ):
+    def _after_producers(self, stream: int, d, o=None) -> None:
+        """__cuda_array_interface__ leaves ordering to the consumer: where x (`d`, with stream=) or
+        out (`o`) names a stream other than the one the work goes on, the work waits for that
+        stream's queued work, on the GPU. Called once every check has passed; the common case
+        (no other stream named) costs one comparison per array."""
+        for a in (d,) if o is None or o is d else (d, o):
+            theirs = a.producer_stream  # only __cuda_array_interface__ arrays have one
+            # No elements: nothing to order (nor a GPU to ask).
+            if theirs not in (None, stream) and isinstance(theirs, int) and _count(a.shape):
                 self._native.order_after_stream(a.ptr, stream, theirs)
 
     def _prepare_allreduce(self, x, op, out):

@@ -31,9 +31,7 @@ char* Scratch::Reserve(size_t bytes, char** superseded) {
   if (bytes <= bytes_ && ptr_) return ptr_;
   if (ptr_ && !superseded) {  // freed first: the new buffer may need its memory
     Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-    Free(kind_, ptr_);
-    ptr_ = nullptr;
-    bytes_ = 0;
+    Release();
   }
   const size_t grown = (bytes + bytes / 2 + kAlign - 1) / kAlign * kAlign;
   void* p = nullptr;
