@@ -320,6 +320,23 @@ void DeviceGroup::After(cudaEvent_t event, cudaStream_t stream, int peer) {
   }
 }
 
+void DeviceGroup::MarkDoneAfterFailure(cudaStream_t stream) {
+  try {
+    Check(cudaEventRecord(done_, stream), "cudaEventRecord(done)");
+  } catch (...) {
+  }
+}
+
+void DeviceGroup::AfterPeersOfFailedCall(cudaStream_t stream) {
+  for (int q = 0; q < transport_.size(); ++q) {
+    if (!peer_done_[q]) continue;  // a rank this one never waits for (the leader's peers)
+    try {
+      After(peer_done_[q], stream, q);
+    } catch (...) {
+    }
+  }
+}
+
 std::string DeviceCall::Describe() const {
   static const char* const kNames[] = {"allreduce", "reduce_scatter", "allgather", "broadcast"};
   std::string out = std::string(kind >= 0 && kind < 4 ? kNames[kind] : "?") + " " +
@@ -467,6 +484,8 @@ void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>
     std::vector<size_t> staged_at;
     const std::exception_ptr failure = Prepare(call, buffers, stream, unready, &message, &staged_at);
     const char answer = exchange_.Hand(message.data(), message_bytes);
+    // The leader works only for calls every rank prepared, and may have queued part of it.
+    if (answer == kFailed && !failure) AfterPeersOfFailedCall(stream);
     if (failure) std::rethrow_exception(failure);
     if (answer == kMismatch) {
       throw MismatchError("pycomm: the ranks made different device calls (" + call.Describe() +
@@ -534,6 +553,7 @@ void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>
       Check(cudaEventRecord(done_, stream), "cudaEventRecord(done)");
     } catch (...) {
       fail(kFailed);
+      MarkDoneAfterFailure(stream);  // for what `work` queued before it failed
     }
   }
   exchange_.Answer(answer);
@@ -542,15 +562,22 @@ void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>
 
 char DeviceGroup::ExchangeAll(const std::vector<char>& message, std::vector<char>* table,
                               const std::function<void(const std::vector<std::vector<char>>&)>& check,
-                              const std::exception_ptr& failure, std::exception_ptr* error) {
+                              const std::exception_ptr& failure, std::exception_ptr* error, bool* heard) {
   const int size = transport_.size();
   const size_t bytes = message.size();
   table->assign(size * bytes, 0);
   char answer = failure ? kFailed : kDone;
+  bool collected = false;
+  if (heard) *heard = false;
   try {
-    if (transport_.rank() != kLeader) return exchange_.Hand(message.data(), bytes, table->data(), table->size());
+    if (transport_.rank() != kLeader) {
+      answer = exchange_.Hand(message.data(), bytes, table->data(), table->size());
+      if (heard) *heard = true;
+      return answer;
+    }
     std::vector<std::vector<char>> messages;
     exchange_.Collect(&messages, bytes, table->size());
+    collected = true;
     messages[kLeader] = message;
     check(messages);
     for (int q = 0; q < size; ++q) std::memcpy(table->data() + q * bytes, messages[q].data(), bytes);
@@ -566,6 +593,7 @@ char DeviceGroup::ExchangeAll(const std::vector<char>& message, std::vector<char
       // No reply where the call fails: a peer stalled past the time-out may still be reading the
       // last one.
       exchange_.Answer(answer, answer == kDone ? table->data() : nullptr);
+      if (heard) *heard = collected;
     } catch (...) {  // a peer gone: the call fails here too
       if (!*error) *error = std::current_exception();
       answer = kFailed;
@@ -668,9 +696,11 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
       queued = 1;
     } catch (...) {
       failure = std::current_exception();
+      MarkDoneAfterFailure(stream);  // for what `work` queued before it failed
     }
   }
   std::vector<char> status(sizeof queued), statuses;
+  bool heard = false;
   std::memcpy(status.data(), &queued, sizeof queued);
   const char all_queued = ExchangeAll(
       status, &statuses,
@@ -681,10 +711,13 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
           if (theirs != 1) throw CommError("pycomm: rank " + std::to_string(q) + " could not queue its device work");
         }
       },
-      failure, &checked);
-  if (failure) std::rethrow_exception(failure);
-  if (checked) std::rethrow_exception(checked);
-  if (all_queued != kDone) throw CommError("pycomm: the collective failed on another rank (see its error)");
+      failure, &checked, &heard);
+  if (failure || checked || all_queued != kDone) {
+    if (heard) AfterPeersOfFailedCall(stream);
+    if (failure) std::rethrow_exception(failure);
+    if (checked) std::rethrow_exception(checked);
+    throw CommError("pycomm: the collective failed on another rank (see its error)");
+  }
 
   // 3. This rank's outputs are whole once every rank's part is done.
   for (int q = 0; q < size; ++q) {

@@ -186,10 +186,11 @@ class DeviceGroup {
   // Split work's hand-off: every rank's `message` (one size on all) reaches every rank, in
   // `table` (rank q's at q * message.size()), once the leader has checked them with `check`.
   // Returns the leader's answer: kFailed where `failure` (this rank's own) is set on any rank.
-  // Throws nothing: `error` gets the leader's check's error, or a peer's hand-off's.
+  // Throws nothing: `error` gets the leader's check's error, or a peer's hand-off's. `heard`
+  // (if given): whether every rank's message reached the leader and its answer this rank.
   char ExchangeAll(const std::vector<char>& message, std::vector<char>* table,
                    const std::function<void(const std::vector<std::vector<char>>&)>& check,
-                   const std::exception_ptr& failure, std::exception_ptr* error);
+                   const std::exception_ptr& failure, std::exception_ptr* error, bool* heard = nullptr);
   // Closes this rank's mappings of the allocations that `message`'s sender retired.
   void CloseRetired(const char* message);
   // After a call: frees the old staging buffers whose retirement every peer has now heard of
@@ -205,6 +206,13 @@ class DeviceGroup {
   void ReleaseEvents();
   // Orders `stream` after `event`'s last record: on the device or on the host, as sync_ says.
   void After(cudaEvent_t event, cudaStream_t stream, int peer);
+  // A call that fails after some rank queued work (part of it, even) may leave that work writing
+  // into other ranks' buffers. So that nothing the caller queues next on `stream` (a rewrite, a
+  // free) overtakes it: the rank that queued records `done` after what it queued, and every rank
+  // that waits for others' `done` orders `stream` after them, once every rank has had its say
+  // (each recorded before it told the leader). Best effort: the call's own error is the one told.
+  void MarkDoneAfterFailure(cudaStream_t stream);
+  void AfterPeersOfFailedCall(cudaStream_t stream);
 
   Transport& transport_;
   LeaderExchange exchange_;  // each call's hand-off to the leader and its answer

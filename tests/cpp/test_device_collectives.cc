@@ -29,7 +29,9 @@
 #include "core/collectives.h"
 #include "core/device.h"
 #include "core/hierarchy.h"
+#include "cuda/cuda_check.h"
 #include "cuda/device_group.h"
+#include "cuda/reduce_kernels.h"
 #include "expect.h"
 #include "reduce/half.h"
 #include "transport/loopback.h"
@@ -1062,8 +1064,8 @@ class Meeting {
 };
 
 // Split work: a rank whose kernel launch fails (after every rank has its peers' buffers, before
-// the second hand-off) fails the call on every rank at once; once every rank's GPU work has run
-// (the other ranks' parts may still write into every output) the next call works.
+// the second hand-off) fails the call on every rank at once; the other ranks' parts, which write
+// into every output, go before what each rank queues next on its stream, so the next call works.
 void TestSplitLaunchFailure(const std::vector<int>& node_of, int failing) {
   const int P = static_cast<int>(node_of.size());
   Meeting meeting(P);
@@ -1081,8 +1083,6 @@ void TestSplitLaunchFailure(const std::vector<int>& node_of, int failing) {
           failed[r] = 1;
         }
         fake_cuda::Fail(fake_cuda::kNothing);
-        // The other ranks' parts of the failed call may still write into `a`.
-        cudaDeviceSynchronize();
         meeting.Arrive();
         const std::vector<int64_t> again(n, r + 1);
         cudaMemcpyAsync(a, again.data(), n * 8, cudaMemcpyHostToDevice, nullptr);
@@ -1101,6 +1101,80 @@ void TestSplitLaunchFailure(const std::vector<int>& node_of, int failing) {
            "split failure " + where + " failed " + std::to_string(failed[r]) + " right " + std::to_string(right[r]));
   }
   Expect(seconds < 4, "split failure took " + std::to_string(seconds) + " s");
+}
+
+// A call whose work fails after part of it was queued (on the leader, or on one rank of split
+// work): the work queued still writes into other ranks' buffers, so each rank's stream must go on
+// after it. Each rank then queues a rewrite of its buffer and synchronises its stream, the last
+// rank first, so that any work of the failed call left unordered would run after a rewrite and
+// undo it.
+void TestPartialWorkOrdered(int P, pycomm::cuda::DeviceSync sync, pycomm::cuda::DeviceWork how, int failing) {
+  auto transports = pycomm::CreateLoopbackTransports(P);
+  Meeting meeting(P);
+  const size_t slice = 100, n = slice * P;
+  std::vector<std::string> errors(P);
+  std::vector<int> rewritten(P, 0);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < P; ++r) {
+    threads.emplace_back([&, r] {
+      uint64_t seq = 0;
+      try {
+        pycomm::cuda::DeviceGroup group(*transports[r], &seq, 0, 5, sync, how);
+        int64_t* a = DeviceArray(std::vector<int64_t>(n, r + 1));
+        // Split: each rank sums its slice of every buffer into every buffer; the leader, all of it.
+        const pycomm::cuda::GroupWork work = [&, r](const std::vector<std::vector<void*>>& buffers,
+                                                    pycomm::cuda::WorkPart part, cudaStream_t stream) {
+          const size_t first = part.parts == 1 ? 0 : part.index * slice, count = part.parts == 1 ? n : slice;
+          std::vector<const void*> in;
+          std::vector<void*> out;
+          for (const auto& rank_buffers : buffers) {
+            in.push_back(static_cast<int64_t*>(rank_buffers[0]) + first);
+            out.push_back(static_cast<int64_t*>(rank_buffers[0]) + first);
+          }
+          pycomm::cuda::Check(pycomm::cuda::LaunchReduce(in.data(), P, out.data(), P, count, DataType::kInt64,
+                                                         ReduceOp::kSum, 1, stream),
+                              "launch");
+          if (r == failing) throw std::runtime_error("injected after a launch");
+        };
+        const pycomm::cuda::DeviceCall call{pycomm::cuda::DeviceCall::kAllreduce,
+                                            static_cast<int32_t>(DataType::kInt64),
+                                            static_cast<int32_t>(ReduceOp::kSum), -1, n};
+        try {
+          group.Run(call, {{a, n * 8, true, true}}, nullptr, work);
+        } catch (const std::exception& e) {
+          errors[r] = e.what();
+        }
+        const std::vector<int64_t> fresh(n, -7);
+        cudaMemcpyAsync(a, fresh.data(), n * 8, cudaMemcpyHostToDevice, nullptr);
+        for (int turn = P - 1; turn >= 0; --turn) {
+          if (turn == r) Sync();
+          meeting.Arrive();
+        }
+        Sync();
+        std::vector<int64_t> now(a, a + n);
+        rewritten[r] = now == fresh;
+        cudaDeviceSynchronize();
+        cudaFree(a);
+        group.Quiesce();
+      } catch (const std::exception& e) {
+        errors[r] = std::string("set-up or close: ") + e.what();
+      }
+      fake_cuda::ThreadExit();
+    });
+  }
+  for (auto& t : threads) t.join();
+  const std::string where = std::to_string(P) + " ranks, " + pycomm::cuda::DeviceSyncName(sync) + "/" +
+                            pycomm::cuda::DeviceWorkName(how) + ", failing on rank " + std::to_string(failing);
+  for (int r = 0; r < P; ++r) {
+    // The leader names the rank that failed; the others hear that one did.
+    const bool told = r == failing
+                          ? errors[r].find("injected") != std::string::npos
+                          : errors[r].find("failed on another rank") != std::string::npos ||
+                                errors[r].find("rank " + std::to_string(failing) + " could not") != std::string::npos;
+    Expect(told && rewritten[r], "partial work ordered, " + where + ", rank " + std::to_string(r) + ": rewritten " +
+                                     std::to_string(rewritten[r]) + " error: " + errors[r]);
+  }
+  Expect(fake_cuda::LiveEvents() == 0, where + ": events left");
 }
 
 // PYCOMM_GPU_SYNC and PYCOMM_GPU_WORK as each rank of a node asked (groups made directly, so that
@@ -1367,5 +1441,10 @@ int main() {
   TestSettingsTogether({{S::kHost, W::kAuto}, {S::kAuto, W::kAuto}, {S::kStream, W::kAuto}}, "mismatch", "");
   TestSettingsTogether({{S::kAuto, W::kLeader}, {S::kAuto, W::kSplit}}, "mismatch", "");
   TestSettingsTogether({{S::kHost, W::kAuto}, {S::kAuto, W::kSplit}}, "error", "");
+  TestPartialWorkOrdered(2, S::kHost, W::kLeader, 0);
+  TestPartialWorkOrdered(3, S::kStream, W::kLeader, 0);
+  TestPartialWorkOrdered(2, S::kStream, W::kSplit, 0);
+  TestPartialWorkOrdered(3, S::kStream, W::kSplit, 1);
+  TestPartialWorkOrdered(4, S::kStream, W::kSplit, 3);
   return pycomm_test::Report();
 }
