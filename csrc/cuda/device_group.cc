@@ -31,8 +31,9 @@ struct Header {
 constexpr size_t kHeaderBytes = sizeof(Header);
 static_assert(kHeaderBytes % 8 == 0, "IPC records stay 8-byte aligned");
 
-// The leader's answer.
-enum Answer : char { kFailed = 0, kDone = 1, kMismatch = LeaderExchange::kMismatch };
+// The leader's answer. kUnheard: failed, and some rank's message never reached the leader (split
+// work's hand-offs tell it apart; it reads as kFailed everywhere else).
+enum Answer : char { kFailed = 0, kDone = 1, kMismatch = LeaderExchange::kMismatch, kUnheard = 3 };
 
 size_t AlignUp(size_t n) { return (n + kStagingAlign - 1) / kStagingAlign * kStagingAlign; }
 
@@ -284,6 +285,7 @@ void DeviceGroup::Describe(const std::vector<BufferRef>& buffers, cudaStream_t s
     }
   }
   if (!staged) return;
+  staged_this_call_ = true;
   char* superseded = nullptr;
   char* staging = staging_.Reserve(staged, &superseded);
   if (superseded) {
@@ -431,6 +433,7 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
   std::exception_ptr unready;
   DeviceGuard guard(device_, &unready);
   importer_.NextCall();
+  staged_this_call_ = false;
   try {
     if (work_ == DeviceWork::kSplit) {
       RunSplit(call, buffers, stream, work, agree, unready);
@@ -438,6 +441,14 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
       RunLeader(call, buffers, stream, work, agree, unready);
     }
   } catch (...) {
+    // What the failed call queued into staging (its stage-in, others' work, waited for above)
+    // goes before the next call's stage-in, on whatever stream, as after StageOut.
+    if (staged_this_call_) {
+      try {
+        Check(cudaEventRecord(staging_free_, stream), "cudaEventRecord(staging free)");
+      } catch (...) {
+      }
+    }
     SettleRetired(false);
     throw;
   }
@@ -572,8 +583,8 @@ char DeviceGroup::ExchangeAll(const std::vector<char>& message, std::vector<char
   try {
     if (transport_.rank() != kLeader) {
       answer = exchange_.Hand(message.data(), bytes, table->data(), table->size());
-      if (heard) *heard = true;
-      return answer;
+      if (heard) *heard = answer != kUnheard;
+      return answer == kUnheard ? static_cast<char>(kFailed) : answer;
     }
     std::vector<std::vector<char>> messages;
     exchange_.Collect(&messages, bytes, table->size());
@@ -592,7 +603,8 @@ char DeviceGroup::ExchangeAll(const std::vector<char>& message, std::vector<char
     try {
       // No reply where the call fails: a peer stalled past the time-out may still be reading the
       // last one.
-      exchange_.Answer(answer, answer == kDone ? table->data() : nullptr);
+      exchange_.Answer(answer == kFailed && !collected ? static_cast<char>(kUnheard) : answer,
+                       answer == kDone ? table->data() : nullptr);
       if (heard) *heard = collected;
     } catch (...) {  // a peer gone: the call fails here too
       if (!*error) *error = std::current_exception();

@@ -210,7 +210,8 @@ class DeviceGroup {
   // into other ranks' buffers. So that nothing the caller queues next on `stream` (a rewrite, a
   // free) overtakes it: the rank that queued records `done` after what it queued, and every rank
   // that waits for others' `done` orders `stream` after them, once every rank has had its say
-  // (each recorded before it told the leader). Best effort: the call's own error is the one told.
+  // (each recorded before it told the leader; the leader tells whether it heard every rank). Best
+  // effort: the call's own error is the one told.
   void MarkDoneAfterFailure(cudaStream_t stream);
   void AfterPeersOfFailedCall(cudaStream_t stream);
 
@@ -232,6 +233,7 @@ class DeviceGroup {
   IpcExporter exporter_;
   IpcImporter importer_;
   Scratch staging_{Memory::kDevice};  // exportable memory for buffers from stream-ordered pools
+  bool staged_this_call_ = false;     // whether the call in progress uses staging_
   // Staging buffers outgrown but maybe still open on peers: freed once they have closed them.
   struct RetiredStaging {
     char* ptr;

@@ -1105,10 +1105,11 @@ void TestSplitLaunchFailure(const std::vector<int>& node_of, int failing) {
 
 // A call whose work fails after part of it was queued (on the leader, or on one rank of split
 // work): the work queued still writes into other ranks' buffers, so each rank's stream must go on
-// after it. Each rank then queues a rewrite of its buffer and synchronises its stream, the last
-// rank first, so that any work of the failed call left unordered would run after a rewrite and
-// undo it.
-void TestPartialWorkOrdered(int P, pycomm::cuda::DeviceSync sync, pycomm::cuda::DeviceWork how, int failing) {
+// after it. Each rank then queues a rewrite of its buffer and synchronises its stream, one rank
+// after another (the last rank first, or the first), so that any work of the failed call left
+// unordered would run after a rewrite and undo it.
+void TestPartialWorkOrdered(int P, pycomm::cuda::DeviceSync sync, pycomm::cuda::DeviceWork how, int failing,
+                            bool last_first) {
   auto transports = pycomm::CreateLoopbackTransports(P);
   Meeting meeting(P);
   const size_t slice = 100, n = slice * P;
@@ -1146,8 +1147,8 @@ void TestPartialWorkOrdered(int P, pycomm::cuda::DeviceSync sync, pycomm::cuda::
         }
         const std::vector<int64_t> fresh(n, -7);
         cudaMemcpyAsync(a, fresh.data(), n * 8, cudaMemcpyHostToDevice, nullptr);
-        for (int turn = P - 1; turn >= 0; --turn) {
-          if (turn == r) Sync();
+        for (int i = 0; i < P; ++i) {
+          if (r == (last_first ? P - 1 - i : i)) Sync();
           meeting.Arrive();
         }
         Sync();
@@ -1164,7 +1165,8 @@ void TestPartialWorkOrdered(int P, pycomm::cuda::DeviceSync sync, pycomm::cuda::
   }
   for (auto& t : threads) t.join();
   const std::string where = std::to_string(P) + " ranks, " + pycomm::cuda::DeviceSyncName(sync) + "/" +
-                            pycomm::cuda::DeviceWorkName(how) + ", failing on rank " + std::to_string(failing);
+                            pycomm::cuda::DeviceWorkName(how) + ", failing on rank " + std::to_string(failing) +
+                            (last_first ? ", last rank first" : ", first rank first");
   for (int r = 0; r < P; ++r) {
     // The leader names the rank that failed; the others hear that one did.
     const bool told = r == failing
@@ -1441,10 +1443,12 @@ int main() {
   TestSettingsTogether({{S::kHost, W::kAuto}, {S::kAuto, W::kAuto}, {S::kStream, W::kAuto}}, "mismatch", "");
   TestSettingsTogether({{S::kAuto, W::kLeader}, {S::kAuto, W::kSplit}}, "mismatch", "");
   TestSettingsTogether({{S::kHost, W::kAuto}, {S::kAuto, W::kSplit}}, "error", "");
-  TestPartialWorkOrdered(2, S::kHost, W::kLeader, 0);
-  TestPartialWorkOrdered(3, S::kStream, W::kLeader, 0);
-  TestPartialWorkOrdered(2, S::kStream, W::kSplit, 0);
-  TestPartialWorkOrdered(3, S::kStream, W::kSplit, 1);
-  TestPartialWorkOrdered(4, S::kStream, W::kSplit, 3);
+  for (bool last_first : {true, false}) {
+    TestPartialWorkOrdered(2, S::kHost, W::kLeader, 0, last_first);
+    TestPartialWorkOrdered(3, S::kStream, W::kLeader, 0, last_first);
+    TestPartialWorkOrdered(2, S::kStream, W::kSplit, 0, last_first);
+    TestPartialWorkOrdered(3, S::kStream, W::kSplit, 1, last_first);
+    TestPartialWorkOrdered(4, S::kStream, W::kSplit, 3, last_first);
+  }
   return pycomm_test::Report();
 }
