@@ -146,9 +146,10 @@ class Communicator:
         rank gets bitwise identical results. For device arrays (torch, cupy) the work is queued on
         `stream` (default: the library's current stream) and the call returns without waiting
         for the GPU. As with NCCL, where `stream=` is not the stream x was made on, the caller
-        orders it after whatever wrote x and keeps x and out alive until the work is done; only
-        for an array whose __cuda_array_interface__ names another stream does the work wait for
-        that stream (on the GPU), as the interface asks of its consumers.
+        orders it after whatever wrote x, and keeps cupy arrays alive until the work is done
+        (torch tensors are recorded as in use on that stream, as torch.distributed does, so they
+        may be dropped); only for an array whose __cuda_array_interface__ names another stream
+        does the work wait for that stream (on the GPU), as the interface asks of its consumers.
 
         Arrays that speak only DLPack (__dlpack__, __dlpack_device__): on a CUDA device they are
         exported for `stream` (default: the legacy default stream), and need `out=` (pycomm cannot
@@ -203,13 +204,13 @@ class Communicator:
             d = device_arrays.describe(x, stream=stream)
             op = self._check_op(d.dtype, op)
             shape = self._reduce_scatter_shape(d.shape)
-            stream = device_arrays.stream_handle(d, stream)
+            on = device_arrays.stream_handle(d, stream)
             # In place (NCCL's form): out is this rank's block of x, which only this rank reads.
-            o = self._device_output(d, out, shape, stream, out_in_x_at=self._own_block_at(shape, d.dtype))
+            o = self._device_output(d, out, shape, on, out_in_x_at=self._own_block_at(shape, d.dtype))
             code = dtype_code(d.dtype)
-            self._after_producers(stream, d, o)
-            self._native.reduce_scatter_device(d.ptr, o.ptr, _count(shape), code, int(op), d.device, stream)
-            device_arrays.mark_written(o)
+            self._after_producers(on, d, o)
+            self._native.reduce_scatter_device(d.ptr, o.ptr, _count(shape), code, int(op), d.device, on)
+            self._queued(stream, on, d, o)
             return o.obj
         self._check_host_stream(stream)
         xa = as_input(x)
@@ -231,11 +232,11 @@ class Communicator:
         if _is_device(x):
             d = device_arrays.describe(x, stream=stream)
             shape = self._allgather_shape(d.shape)
-            stream = device_arrays.stream_handle(d, stream)
-            o = self._device_output(d, out, shape, stream, x_in_out_at=self._own_block_at(d.shape, d.dtype))
-            self._after_producers(stream, d, o)
-            self._native.allgather_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), d.device, stream)
-            device_arrays.mark_written(o)
+            on = device_arrays.stream_handle(d, stream)
+            o = self._device_output(d, out, shape, on, x_in_out_at=self._own_block_at(d.shape, d.dtype))
+            self._after_producers(on, d, o)
+            self._native.allgather_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), d.device, on)
+            self._queued(stream, on, d, o)
             return o.obj
         self._check_host_stream(stream)
         xa = as_input(x)
@@ -252,10 +253,10 @@ class Communicator:
         if _is_device(x):
             d = device_arrays.describe(x, stream=stream)
             device_arrays.check_writable(d, "x")
-            stream = device_arrays.stream_handle(d, stream)
-            self._after_producers(stream, d)
-            self._native.broadcast_device(d.ptr, _count(d.shape), dtype_code(d.dtype), int(root), d.device, stream)
-            device_arrays.mark_written(d)
+            on = device_arrays.stream_handle(d, stream)
+            self._after_producers(on, d)
+            self._native.broadcast_device(d.ptr, _count(d.shape), dtype_code(d.dtype), int(root), d.device, on)
+            self._queued(stream, on, d, d)
             return x
         self._check_host_stream(stream)
         xa = as_input(x)
@@ -369,14 +370,14 @@ class Communicator:
         self._check_open()
         d = device_arrays.describe(x, stream=stream)
         op = self._check_op(d.dtype, op)
-        stream = device_arrays.stream_handle(d, stream)
+        on = device_arrays.stream_handle(d, stream)
         # In place (out=x), the common case in training loops: x was just checked as the output too.
         if out is x:
             device_arrays.check_writable(d, "x")
-        o = d if out is x else self._device_output(d, out, d.shape, stream)
-        self._after_producers(stream, d, o)
-        self._native.allreduce_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), int(op), d.device, stream)
-        device_arrays.mark_written(o)
+        o = d if out is x else self._device_output(d, out, d.shape, on)
+        self._after_producers(on, d, o)
+        self._native.allreduce_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), int(op), d.device, on)
+        self._queued(stream, on, d, o)
         return o.obj
 
     def _after_producers(self, stream: int, d, o=None) -> None:
@@ -389,6 +390,14 @@ class Communicator:
             # No elements: nothing to order (nor a GPU to ask).
             if theirs not in (None, stream) and isinstance(theirs, int) and _count(a.shape):
                 self._native.order_after_stream(a.ptr, stream, theirs)
+
+    @staticmethod
+    def _queued(asked, stream: int, d, o) -> None:
+        """Once work reading x (`d`) and writing out (`o`) is queued on `stream`: out counts as
+        modified, and where the caller named the stream (`asked`, stream=) both are held for it."""
+        device_arrays.mark_written(o)
+        if asked is not None:
+            device_arrays.hold_for_stream(stream, (d,) if o is d else (d, o))
 
     def _prepare_allreduce(self, x, op, out):
         self._check_open()

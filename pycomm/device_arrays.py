@@ -165,6 +165,23 @@ def mark_written(d: DeviceArray) -> None:
         sys.modules["torch"].autograd.graph.increment_version(d.obj)
 
 
+def hold_for_stream(stream: int, arrays) -> None:
+    """After work on `arrays` was queued on `stream`, named by the caller (stream=): torch's
+    caching allocator hands a freed tensor's memory out again in the order of the stream it was
+    allocated for, so a tensor the caller drops at once could be reused while `stream` still
+    reads or writes it. As torch.distributed does, each tensor is recorded as in use on `stream`
+    (Tensor.record_stream), where that is not its current stream. cupy's pool has no such record:
+    its arrays stay the caller's to keep, as with NCCL."""
+    for a in arrays:
+        if a.library != "torch" or stream == stream_handle(a, None):
+            continue
+        torch = sys.modules["torch"]
+        device = a.obj.device
+        # 0 and 1 are both the legacy default stream, torch's default.
+        on = torch.cuda.default_stream(device) if stream in (0, 1) else torch.cuda.ExternalStream(stream, device)
+        a.obj.record_stream(on)
+
+
 # DLPack's DLManagedTensor starts with its DLTensor; only that part is read.
 class _DLDevice(ctypes.Structure):
     _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]

@@ -219,6 +219,10 @@ def test_torch_outputs_written_on_the_device_count_as_modified(recorded, monkeyp
     (CPU tensors stand in for CUDA ones here: the recorder queues nothing.)"""
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(device_arrays, "is_device_array", lambda x: True)
+    held = []  # with stream=: the stream, and the data of the tensors held for it
+    monkeypatch.setattr(
+        device_arrays, "hold_for_stream", lambda stream, arrays: held.append((stream, [a.ptr for a in arrays]))
+    )
     P = recorded.size
     x, out = torch.ones(2 * P), torch.ones(2 * P)
     calls = [
@@ -234,6 +238,55 @@ def test_torch_outputs_written_on_the_device_count_as_modified(recorded, monkeyp
         call()
         assert tensor._version == before + 1
     assert len(recorded._native.calls) == len(calls)
+    x_at, out_at = x.data_ptr(), out.data_ptr()
+    assert held == [(5, [x_at]), (5, [x_at, out_at]), (5, [x_at, out_at]), (5, [x_at, out_at]), (5, [x_at])]
+    # On the current stream (no stream=) nothing needs holding.
+    monkeypatch.setattr(device_arrays, "stream_handle", lambda like, stream: 5 if stream is None else stream)
+    recorded.allreduce(x, out=out)
+    assert len(held) == len(calls) and len(recorded._native.calls) == len(calls) + 1
+
+
+def test_torch_tensors_are_recorded_on_a_stream_the_caller_names(monkeypatch):
+    """torch's caching allocator would hand a dropped tensor's memory out again in the order of
+    its own stream: with stream= naming another, the tensor is recorded as in use there (as
+    torch.distributed does), with torch's stream object for the handle; not on its current
+    stream, and not for other libraries' arrays."""
+    made = []
+
+    class ExternalStream:
+        def __init__(self, handle, device):
+            made.append(("external", handle, device))
+
+    def default_stream(device):
+        made.append(("default", device))
+        return "default"
+
+    cuda = SimpleNamespace(ExternalStream=ExternalStream, default_stream=default_stream)
+    raw = SimpleNamespace(_cuda_getCurrentRawStream=lambda device: 100 + device)
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda, _C=raw))
+
+    class Tensor:
+        device = "cuda:1"
+
+        def __init__(self):
+            self.recorded = []
+
+        def record_stream(self, stream):
+            self.recorded.append(stream)
+
+    def described(obj, library="torch"):
+        return SimpleNamespace(library=library, obj=obj, device=1, producer_stream=None)
+
+    t, u, c = Tensor(), Tensor(), Tensor()
+    device_arrays.hold_for_stream(101, [described(t)])  # its current stream
+    assert made == [] and t.recorded == []
+    device_arrays.hold_for_stream(7, [described(t), described(u), described(c, "cupy")])
+    assert made == [("external", 7, "cuda:1")] * 2
+    assert len(t.recorded) == len(u.recorded) == 1 and isinstance(t.recorded[0], ExternalStream)
+    assert c.recorded == []
+    for legacy in (0, 1):
+        device_arrays.hold_for_stream(legacy, [described(t)])
+        assert made[-1] == ("default", "cuda:1") and t.recorded[-1] == "default"
 
 
 def test_outputs_are_allocated_for_the_stream_the_work_goes_on(recorded, monkeypatch):
