@@ -1103,6 +1103,31 @@ void TestSplitLaunchFailure(const std::vector<int>& node_of, int failing) {
   Expect(seconds < 4, "split failure took " + std::to_string(seconds) + " s");
 }
 
+// An int64 sum of n elements, as DeviceGroup compares calls.
+pycomm::cuda::DeviceCall SumCall(size_t n) {
+  return {pycomm::cuda::DeviceCall::kAllreduce, static_cast<int32_t>(DataType::kInt64),
+          static_cast<int32_t>(ReduceOp::kSum), -1, n};
+}
+
+// Work for DeviceGroup::Run on every rank's one int64 buffer: split, each rank sums its slice
+// (`slice` elements) of every buffer into every buffer; on the leader, all of them whole. After
+// its launch it throws where `fail` says so.
+pycomm::cuda::GroupWork SumIntoAll(int P, size_t slice, std::function<bool()> fail) {
+  return [=](const std::vector<std::vector<void*>>& buffers, pycomm::cuda::WorkPart part, cudaStream_t stream) {
+    const size_t first = part.parts == 1 ? 0 : part.index * slice, count = part.parts == 1 ? P * slice : slice;
+    std::vector<const void*> in;
+    std::vector<void*> out;
+    for (const auto& rank_buffers : buffers) {
+      in.push_back(static_cast<int64_t*>(rank_buffers[0]) + first);
+      out.push_back(static_cast<int64_t*>(rank_buffers[0]) + first);
+    }
+    pycomm::cuda::Check(
+        pycomm::cuda::LaunchReduce(in.data(), P, out.data(), P, count, DataType::kInt64, ReduceOp::kSum, 1, stream),
+        "launch");
+    if (fail()) throw std::runtime_error("injected after a launch");
+  };
+}
+
 // A call whose work fails after part of it was queued (on the leader, or on one rank of split
 // work): the work queued still writes into other ranks' buffers, so each rank's stream must go on
 // after it. Each rank then queues a rewrite of its buffer and synchronises its stream, one rank
@@ -1122,26 +1147,8 @@ void TestPartialWorkOrdered(int P, pycomm::cuda::DeviceSync sync, pycomm::cuda::
       try {
         pycomm::cuda::DeviceGroup group(*transports[r], &seq, 0, 5, sync, how);
         int64_t* a = DeviceArray(std::vector<int64_t>(n, r + 1));
-        // Split: each rank sums its slice of every buffer into every buffer; the leader, all of it.
-        const pycomm::cuda::GroupWork work = [&, r](const std::vector<std::vector<void*>>& buffers,
-                                                    pycomm::cuda::WorkPart part, cudaStream_t stream) {
-          const size_t first = part.parts == 1 ? 0 : part.index * slice, count = part.parts == 1 ? n : slice;
-          std::vector<const void*> in;
-          std::vector<void*> out;
-          for (const auto& rank_buffers : buffers) {
-            in.push_back(static_cast<int64_t*>(rank_buffers[0]) + first);
-            out.push_back(static_cast<int64_t*>(rank_buffers[0]) + first);
-          }
-          pycomm::cuda::Check(pycomm::cuda::LaunchReduce(in.data(), P, out.data(), P, count, DataType::kInt64,
-                                                         ReduceOp::kSum, 1, stream),
-                              "launch");
-          if (r == failing) throw std::runtime_error("injected after a launch");
-        };
-        const pycomm::cuda::DeviceCall call{pycomm::cuda::DeviceCall::kAllreduce,
-                                            static_cast<int32_t>(DataType::kInt64),
-                                            static_cast<int32_t>(ReduceOp::kSum), -1, n};
         try {
-          group.Run(call, {{a, n * 8, true, true}}, nullptr, work);
+          group.Run(SumCall(n), {{a, n * 8, true, true}}, nullptr, SumIntoAll(P, slice, [&] { return r == failing; }));
         } catch (const std::exception& e) {
           errors[r] = e.what();
         }
@@ -1177,6 +1184,80 @@ void TestPartialWorkOrdered(int P, pycomm::cuda::DeviceSync sync, pycomm::cuda::
                                      std::to_string(rewritten[r]) + " error: " + errors[r]);
   }
   Expect(fake_cuda::LiveEvents() == 0, where + ": events left");
+}
+
+// Split work on memory from stream-ordered pools (so through each rank's staging buffer): a call
+// that fails after a part was queued, on one stream, then a call on another stream with other
+// buffers, which the caller need not order after the failed one. Rank 1's second stream does wait for
+// its first (as a caller may), which makes the other ranks' failed parts run in the middle of
+// the second call unless the failed call marked the staging buffer free only after them.
+void TestFailedCallStagingOrdered(int P) {
+  auto transports = pycomm::CreateLoopbackTransports(P);
+  const size_t slice = 100, n = slice * P;
+  const auto second = reinterpret_cast<cudaStream_t>(0x5);
+  Meeting meeting(P);
+  std::vector<std::string> errors(P);
+  std::vector<int> right(P, 0);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < P; ++r) {
+    threads.emplace_back([&, r] {
+      uint64_t seq = 0;
+      try {
+        pycomm::cuda::DeviceGroup group(*transports[r], &seq, 0, 5, pycomm::cuda::DeviceSync::kStream,
+                                        pycomm::cuda::DeviceWork::kSplit);
+        auto pooled = [&](int64_t value, cudaStream_t stream) {
+          void* p = nullptr;
+          cudaMallocAsync(&p, n * 8, stream);
+          thread_local std::vector<std::vector<int64_t>> sources;
+          sources.emplace_back(n, value);
+          cudaMemcpyAsync(p, sources.back().data(), n * 8, cudaMemcpyHostToDevice, stream);
+          return static_cast<int64_t*>(p);
+        };
+        int64_t* a = pooled(r + 1, nullptr);
+        int64_t* b = pooled(10 * (r + 1), second);
+        int calls = 0;
+        auto fail_second = [&] { return r == 0 && calls == 2; };
+        // The first call grows the staging buffer (the old one is closed everywhere, which waits
+        // for the GPU); the second fails.
+        for (int call = 0; call < 2; ++call) {
+          try {
+            ++calls;
+            group.Run(SumCall(n), {{a, n * 8, true, true}}, nullptr, SumIntoAll(P, slice, fail_second));
+          } catch (const std::exception&) {
+          }
+        }
+        cudaEvent_t first_done = nullptr;
+        if (r == 1) {
+          cudaEventCreateWithFlags(&first_done, cudaEventDisableTiming);
+          cudaEventRecord(first_done, nullptr);
+          cudaStreamWaitEvent(second, first_done, 0);
+        }
+        ++calls;
+        group.Run(SumCall(n), {{b, n * 8, true, true}}, second, SumIntoAll(P, slice, fail_second));
+        for (int q = 0; q < P; ++q) {  // rank 0 first: its second stream runs before anything of the first call
+          if (q == r) Sync(second);
+          meeting.Arrive();
+        }
+        const std::vector<int64_t> want(n, 10 * P * (P + 1) / 2);
+        right[r] = std::vector<int64_t>(b, b + n) == want;
+        cudaDeviceSynchronize();
+        if (first_done) cudaEventDestroy(first_done);
+        cudaFree(a);
+        cudaFree(b);
+        group.Quiesce();
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+      fake_cuda::ThreadExit();
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < P; ++r) {
+    Expect(errors[r].empty() && right[r], "staging after a failed call, " + std::to_string(P) + " ranks, rank " +
+                                              std::to_string(r) + ": right " + std::to_string(right[r]) + " " +
+                                              errors[r]);
+  }
+  Expect(fake_cuda::LiveEvents() == 0, "staging after a failed call: events left");
 }
 
 // PYCOMM_GPU_SYNC and PYCOMM_GPU_WORK as each rank of a node asked (groups made directly, so that
@@ -1450,5 +1531,7 @@ int main() {
     TestPartialWorkOrdered(3, S::kStream, W::kSplit, 1, last_first);
     TestPartialWorkOrdered(4, S::kStream, W::kSplit, 3, last_first);
   }
+  TestFailedCallStagingOrdered(2);
+  TestFailedCallStagingOrdered(3);
   return pycomm_test::Report();
 }
