@@ -285,7 +285,6 @@ void DeviceGroup::Describe(const std::vector<BufferRef>& buffers, cudaStream_t s
     }
   }
   if (!staged) return;
-  staged_this_call_ = true;
   char* superseded = nullptr;
   char* staging = staging_.Reserve(staged, &superseded);
   if (superseded) {
@@ -299,6 +298,8 @@ void DeviceGroup::Describe(const std::vector<BufferRef>& buffers, cudaStream_t s
   }
   // The previous call's stage-out, possibly on another stream, must finish before this stage-in.
   Check(cudaStreamWaitEvent(stream, staging_free_, 0), "cudaStreamWaitEvent(staging free)");
+  // From here on, should the call fail, `stream` marks the staging free (Run): it has waited.
+  staged_this_call_ = true;
   IpcBuffer exported;
   if (!exporter_.Export(staging, &exported)) throw CommError("pycomm: cannot export the CUDA staging buffer");
   for (size_t i = 0; i < buffers.size(); ++i) {
@@ -583,7 +584,9 @@ char DeviceGroup::ExchangeAll(const std::vector<char>& message, std::vector<char
   try {
     if (transport_.rank() != kLeader) {
       answer = exchange_.Hand(message.data(), bytes, table->data(), table->size());
-      if (heard) *heard = answer != kUnheard;
+      // kMismatch: maybe a rank in another call, never heard (in the status hand-off, where
+      // `heard` is asked for, nothing else gives it).
+      if (heard) *heard = answer == kDone || answer == kFailed;
       return answer == kUnheard ? static_cast<char>(kFailed) : answer;
     }
     std::vector<std::vector<char>> messages;

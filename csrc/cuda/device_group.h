@@ -233,7 +233,7 @@ class DeviceGroup {
   IpcExporter exporter_;
   IpcImporter importer_;
   Scratch staging_{Memory::kDevice};  // exportable memory for buffers from stream-ordered pools
-  bool staged_this_call_ = false;     // whether the call in progress uses staging_
+  bool staged_this_call_ = false;     // whether the call in progress queued work on staging_
   // Staging buffers outgrown but maybe still open on peers: freed once they have closed them.
   struct RetiredStaging {
     char* ptr;

@@ -1197,7 +1197,7 @@ void TestFailedCallStagingOrdered(int P) {
   const auto second = reinterpret_cast<cudaStream_t>(0x5);
   Meeting meeting(P);
   std::vector<std::string> errors(P);
-  std::vector<int> right(P, 0);
+  std::vector<int> right(P, 0), failed(P, 0);
   std::vector<std::thread> threads;
   for (int r = 0; r < P; ++r) {
     threads.emplace_back([&, r] {
@@ -1224,6 +1224,7 @@ void TestFailedCallStagingOrdered(int P) {
             ++calls;
             group.Run(SumCall(n), {{a, n * 8, true, true}}, nullptr, SumIntoAll(P, slice, fail_second));
           } catch (const std::exception&) {
+            failed[r] += call == 1;
           }
         }
         cudaEvent_t first_done = nullptr;
@@ -1253,11 +1254,91 @@ void TestFailedCallStagingOrdered(int P) {
   }
   for (auto& t : threads) t.join();
   for (int r = 0; r < P; ++r) {
-    Expect(errors[r].empty() && right[r], "staging after a failed call, " + std::to_string(P) + " ranks, rank " +
-                                              std::to_string(r) + ": right " + std::to_string(right[r]) + " " +
-                                              errors[r]);
+    Expect(errors[r].empty() && right[r] && failed[r] == 1, "staging after a failed call, " + std::to_string(P) +
+                                                                " ranks, rank " + std::to_string(r) + ": right " +
+                                                                std::to_string(right[r]) + " " + errors[r]);
   }
   Expect(fake_cuda::LiveEvents() == 0, "staging after a failed call: events left");
+}
+
+// Split work on pool memory, each call on a stream of its own: a call whose staging buffer cannot
+// grow (no device memory) fails before its stage-in waited for the last stage-out, so
+// it must leave the staging buffer's "free" mark as it was; the next call's stage-in then still
+// waits for the first call's stage-out. Rank 1's third stream waits for its first (as a caller
+// may), which runs the first call's stage-out late unless that order holds.
+void TestFailedGrowthKeepsStagingOrder(int P) {
+  auto transports = pycomm::CreateLoopbackTransports(P);
+  const size_t slice = 100, n = slice * P;
+  const auto first = reinterpret_cast<cudaStream_t>(0x5), grown = reinterpret_cast<cudaStream_t>(0x6),
+             third = reinterpret_cast<cudaStream_t>(0x7);
+  Meeting meeting(P);
+  std::vector<std::string> errors(P);
+  std::vector<int> right(P, 0), failed(P, 0);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < P; ++r) {
+    threads.emplace_back([&, r] {
+      uint64_t seq = 0;
+      try {
+        pycomm::cuda::DeviceGroup group(*transports[r], &seq, 0, 5, pycomm::cuda::DeviceSync::kStream,
+                                        pycomm::cuda::DeviceWork::kSplit);
+        auto pooled = [&](int64_t value, size_t count, cudaStream_t stream) {
+          void* p = nullptr;
+          cudaMallocAsync(&p, count * 8, stream);
+          thread_local std::vector<std::vector<int64_t>> sources;
+          sources.emplace_back(count, value);
+          cudaMemcpyAsync(p, sources.back().data(), count * 8, cudaMemcpyHostToDevice, stream);
+          return static_cast<int64_t*>(p);
+        };
+        auto never = [] { return false; };
+        // The staging buffer grows once (its old one freed, which waits for the GPU), then serves
+        // a call of half the size, and cannot grow for one of 4 times the size.
+        int64_t* warm = pooled(1, 2 * n, first);
+        group.Run(SumCall(2 * n), {{warm, 2 * n * 8, true, true}}, first, SumIntoAll(P, 2 * slice, never));
+        int64_t* a = pooled(r + 1, n, first);
+        group.Run(SumCall(n), {{a, n * 8, true, true}}, first, SumIntoAll(P, slice, never));
+        int64_t* big = pooled(1, 4 * n, grown);
+        fake_cuda::Fail(fake_cuda::kMalloc);  // on every rank: no rank retires its old buffer
+        try {
+          group.Run(SumCall(4 * n), {{big, 4 * n * 8, true, true}}, grown, SumIntoAll(P, 4 * slice, never));
+        } catch (const std::exception&) {
+          failed[r] = 1;
+        }
+        fake_cuda::Fail(fake_cuda::kNothing);
+        int64_t* c = pooled(100 * (r + 1), n, third);
+        cudaEvent_t first_done = nullptr;
+        if (r == 1) {
+          cudaEventCreateWithFlags(&first_done, cudaEventDisableTiming);
+          cudaEventRecord(first_done, first);
+          cudaStreamWaitEvent(third, first_done, 0);
+        }
+        group.Run(SumCall(n), {{c, n * 8, true, true}}, third, SumIntoAll(P, slice, never));
+        for (int q = 0; q < P; ++q) {  // rank 0 first
+          if (q == r) Sync(third);
+          meeting.Arrive();
+        }
+        cudaDeviceSynchronize();
+        right[r] = std::vector<int64_t>(a, a + n) == std::vector<int64_t>(n, P * (P + 1) / 2) &&
+                   std::vector<int64_t>(c, c + n) == std::vector<int64_t>(n, 100 * P * (P + 1) / 2);
+        meeting.Arrive();  // nobody frees before all have read
+        if (first_done) cudaEventDestroy(first_done);
+        cudaFree(warm);
+        cudaFree(a);
+        cudaFree(big);
+        cudaFree(c);
+        group.Quiesce();
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+      fake_cuda::ThreadExit();
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < P; ++r) {
+    Expect(errors[r].empty() && right[r] && failed[r], "staging after a failed growth, " + std::to_string(P) +
+                                                           " ranks, rank " + std::to_string(r) + ": right " +
+                                                           std::to_string(right[r]) + " " + errors[r]);
+  }
+  Expect(fake_cuda::LiveEvents() == 0, "staging after a failed growth: events left");
 }
 
 // PYCOMM_GPU_SYNC and PYCOMM_GPU_WORK as each rank of a node asked (groups made directly, so that
@@ -1533,5 +1614,7 @@ int main() {
   }
   TestFailedCallStagingOrdered(2);
   TestFailedCallStagingOrdered(3);
+  TestFailedGrowthKeepsStagingOrder(2);
+  TestFailedGrowthKeepsStagingOrder(3);
   return pycomm_test::Report();
 }
