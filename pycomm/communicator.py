@@ -148,8 +148,9 @@ class Communicator:
         for the GPU. As with NCCL, where `stream=` is not the stream x was made on, the caller
         orders it after whatever wrote x, and keeps cupy arrays alive until the work is done
         (torch tensors are recorded as in use on that stream, as torch.distributed does, so they
-        may be dropped); only for an array whose __cuda_array_interface__ names another stream
-        does the work wait for that stream (on the GPU), as the interface asks of its consumers.
+        may be dropped at once); only for an array whose __cuda_array_interface__ names another
+        stream does the work wait for that stream (on the GPU), as the interface asks of its
+        consumers.
 
         Arrays that speak only DLPack (__dlpack__, __dlpack_device__): on a CUDA device they are
         exported for `stream` (default: the legacy default stream), and need `out=` (pycomm cannot
@@ -208,9 +209,9 @@ class Communicator:
             # In place (NCCL's form): out is this rank's block of x, which only this rank reads.
             o = self._device_output(d, out, shape, on, out_in_x_at=self._own_block_at(shape, d.dtype))
             code = dtype_code(d.dtype)
-            self._after_producers(on, d, o)
+            self._before_work(stream, on, d, o)
             self._native.reduce_scatter_device(d.ptr, o.ptr, _count(shape), code, int(op), d.device, on)
-            self._queued(stream, on, d, o)
+            device_arrays.mark_written(o)
             return o.obj
         self._check_host_stream(stream)
         xa = as_input(x)
@@ -234,9 +235,9 @@ class Communicator:
             shape = self._allgather_shape(d.shape)
             on = device_arrays.stream_handle(d, stream)
             o = self._device_output(d, out, shape, on, x_in_out_at=self._own_block_at(d.shape, d.dtype))
-            self._after_producers(on, d, o)
+            self._before_work(stream, on, d, o)
             self._native.allgather_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), d.device, on)
-            self._queued(stream, on, d, o)
+            device_arrays.mark_written(o)
             return o.obj
         self._check_host_stream(stream)
         xa = as_input(x)
@@ -254,9 +255,9 @@ class Communicator:
             d = device_arrays.describe(x, stream=stream)
             device_arrays.check_writable(d, "x")
             on = device_arrays.stream_handle(d, stream)
-            self._after_producers(on, d)
+            self._before_work(stream, on, d)
             self._native.broadcast_device(d.ptr, _count(d.shape), dtype_code(d.dtype), int(root), d.device, on)
-            self._queued(stream, on, d, d)
+            device_arrays.mark_written(d)
             return x
         self._check_host_stream(stream)
         xa = as_input(x)
@@ -375,29 +376,26 @@ class Communicator:
         if out is x:
             device_arrays.check_writable(d, "x")
         o = d if out is x else self._device_output(d, out, d.shape, on)
-        self._after_producers(on, d, o)
+        self._before_work(stream, on, d, o)
         self._native.allreduce_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), int(op), d.device, on)
-        self._queued(stream, on, d, o)
+        device_arrays.mark_written(o)
         return o.obj
 
-    def _after_producers(self, stream: int, d, o=None) -> None:
-        """__cuda_array_interface__ leaves ordering to the consumer: where x (`d`, with stream=) or
-        out (`o`) names a stream other than the one the work goes on, the work waits for that
-        stream's queued work, on the GPU. Called once every check has passed; the common case
-        (no other stream named) costs one comparison per array."""
-        for a in (d,) if o is None or o is d else (d, o):
+    def _before_work(self, asked, stream: int, d, o=None) -> None:
+        """Once every check has passed, before the work on x (`d`) and out (`o`) is queued on
+        `stream`. __cuda_array_interface__ leaves ordering to the consumer: where an array names
+        a stream other than the work's, the work waits for that stream's queued work, on the
+        GPU. Where the caller named the stream (`asked`, stream=), torch tensors are held for it
+        (even should the call fail after queuing part of its work). The common case (no stream
+        named anywhere) costs one comparison per array."""
+        arrays = (d,) if o is None or o is d else (d, o)
+        for a in arrays:
             theirs = a.producer_stream  # only __cuda_array_interface__ arrays have one
             # No elements: nothing to order (nor a GPU to ask).
             if theirs not in (None, stream) and isinstance(theirs, int) and _count(a.shape):
                 self._native.order_after_stream(a.ptr, stream, theirs)
-
-    @staticmethod
-    def _queued(asked, stream: int, d, o) -> None:
-        """Once work reading x (`d`) and writing out (`o`) is queued on `stream`: out counts as
-        modified, and where the caller named the stream (`asked`, stream=) both are held for it."""
-        device_arrays.mark_written(o)
         if asked is not None:
-            device_arrays.hold_for_stream(stream, (d,) if o is d else (d, o))
+            device_arrays.hold_for_stream(stream, arrays)
 
     def _prepare_allreduce(self, x, op, out):
         self._check_open()

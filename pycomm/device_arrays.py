@@ -166,20 +166,37 @@ def mark_written(d: DeviceArray) -> None:
 
 
 def hold_for_stream(stream: int, arrays) -> None:
-    """After work on `arrays` was queued on `stream`, named by the caller (stream=): torch's
+    """Before work on `arrays` is queued on `stream`, named by the caller (stream=): torch's
     caching allocator hands a freed tensor's memory out again in the order of the stream it was
-    allocated for, so a tensor the caller drops at once could be reused while `stream` still
+    allocated on, so a tensor the caller drops at once could be reused while `stream` still
     reads or writes it. As torch.distributed does, each tensor is recorded as in use on `stream`
-    (Tensor.record_stream), where that is not its current stream. cupy's pool has no such record:
+    (Tensor.record_stream: nothing where that is its own stream). cupy's pool has no such record:
     its arrays stay the caller's to keep, as with NCCL."""
     for a in arrays:
-        if a.library != "torch" or stream == stream_handle(a, None):
-            continue
+        if a.library == "torch":
+            a.obj.record_stream(_torch_stream(stream, a.obj.device))
+
+
+_torch_streams: dict = {}  # (handle, device) -> torch's stream object for it
+
+
+def _torch_stream(handle: int, device):
+    """torch's stream object for a raw handle: its default stream for 0, 1 and 2. The legacy
+    default stream (0, 1) is torch's own; an event on it waits for every thread's per-thread
+    default stream (2), which torch would otherwise take as the stream of whichever thread
+    frees the tensor."""
+    key = (handle, device)
+    stream = _torch_streams.get(key)
+    if stream is None:
         torch = sys.modules["torch"]
-        device = a.obj.device
-        # 0 and 1 are both the legacy default stream, torch's default.
-        on = torch.cuda.default_stream(device) if stream in (0, 1) else torch.cuda.ExternalStream(stream, device)
-        a.obj.record_stream(on)
+        if handle in (0, 1, 2):
+            stream = torch.cuda.default_stream(device)
+        else:
+            stream = torch.cuda.ExternalStream(handle, device)
+        if len(_torch_streams) >= 64:  # handles of streams long destroyed
+            _torch_streams.clear()
+        _torch_streams[key] = stream
+    return stream
 
 
 # DLPack's DLManagedTensor starts with its DLTensor; only that part is read.

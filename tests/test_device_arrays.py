@@ -219,9 +219,11 @@ def test_torch_outputs_written_on_the_device_count_as_modified(recorded, monkeyp
     (CPU tensors stand in for CUDA ones here: the recorder queues nothing.)"""
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(device_arrays, "is_device_array", lambda x: True)
-    held = []  # with stream=: the stream, and the data of the tensors held for it
+    held = []  # with stream=: the stream, the data of the tensors held for it, and the calls made before
     monkeypatch.setattr(
-        device_arrays, "hold_for_stream", lambda stream, arrays: held.append((stream, [a.ptr for a in arrays]))
+        device_arrays,
+        "hold_for_stream",
+        lambda stream, arrays: held.append((stream, [a.ptr for a in arrays], len(recorded._native.calls))),
     )
     P = recorded.size
     x, out = torch.ones(2 * P), torch.ones(2 * P)
@@ -238,8 +240,10 @@ def test_torch_outputs_written_on_the_device_count_as_modified(recorded, monkeyp
         call()
         assert tensor._version == before + 1
     assert len(recorded._native.calls) == len(calls)
+    # Held before each call's work is queued (a call may fail after queuing part of it).
     x_at, out_at = x.data_ptr(), out.data_ptr()
-    assert held == [(5, [x_at]), (5, [x_at, out_at]), (5, [x_at, out_at]), (5, [x_at, out_at]), (5, [x_at])]
+    both = [x_at, out_at]
+    assert held == [(5, [x_at], 0), (5, both, 1), (5, both, 2), (5, both, 3), (5, [x_at], 4)]
     # On the current stream (no stream=) nothing needs holding.
     monkeypatch.setattr(device_arrays, "stream_handle", lambda like, stream: 5 if stream is None else stream)
     recorded.allreduce(x, out=out)
@@ -248,9 +252,10 @@ def test_torch_outputs_written_on_the_device_count_as_modified(recorded, monkeyp
 
 def test_torch_tensors_are_recorded_on_a_stream_the_caller_names(monkeypatch):
     """torch's caching allocator would hand a dropped tensor's memory out again in the order of
-    its own stream: with stream= naming another, the tensor is recorded as in use there (as
-    torch.distributed does), with torch's stream object for the handle; not on its current
-    stream, and not for other libraries' arrays."""
+    the stream it was allocated on: with stream=, the tensor is recorded as in use on that one
+    (as torch.distributed does), with torch's stream object for the handle, made once; the
+    default streams (0, 1 legacy, 2 per-thread) as torch's default stream. Other libraries'
+    arrays are left alone."""
     made = []
 
     class ExternalStream:
@@ -261,15 +266,16 @@ def test_torch_tensors_are_recorded_on_a_stream_the_caller_names(monkeypatch):
         made.append(("default", device))
         return "default"
 
-    cuda = SimpleNamespace(ExternalStream=ExternalStream, default_stream=default_stream)
-    raw = SimpleNamespace(_cuda_getCurrentRawStream=lambda device: 100 + device)
-    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda, _C=raw))
+    monkeypatch.setitem(
+        sys.modules,
+        "torch",
+        SimpleNamespace(cuda=SimpleNamespace(ExternalStream=ExternalStream, default_stream=default_stream)),
+    )
+    monkeypatch.setattr(device_arrays, "_torch_streams", {})
 
     class Tensor:
-        device = "cuda:1"
-
-        def __init__(self):
-            self.recorded = []
+        def __init__(self, device="cuda:1"):
+            self.device, self.recorded = device, []
 
         def record_stream(self, stream):
             self.recorded.append(stream)
@@ -277,16 +283,17 @@ def test_torch_tensors_are_recorded_on_a_stream_the_caller_names(monkeypatch):
     def described(obj, library="torch"):
         return SimpleNamespace(library=library, obj=obj, device=1, producer_stream=None)
 
-    t, u, c = Tensor(), Tensor(), Tensor()
-    device_arrays.hold_for_stream(101, [described(t)])  # its current stream
-    assert made == [] and t.recorded == []
+    t, u, c, v = Tensor(), Tensor(), Tensor(), Tensor("cuda:0")
     device_arrays.hold_for_stream(7, [described(t), described(u), described(c, "cupy")])
-    assert made == [("external", 7, "cuda:1")] * 2
-    assert len(t.recorded) == len(u.recorded) == 1 and isinstance(t.recorded[0], ExternalStream)
+    device_arrays.hold_for_stream(7, [described(t), described(v)])
+    assert made == [("external", 7, "cuda:1"), ("external", 7, "cuda:0")]  # one object a stream and GPU
+    assert len(t.recorded) == 2 and t.recorded[0] is t.recorded[1] is u.recorded[0]
+    assert isinstance(v.recorded[0], ExternalStream) and v.recorded[0] is not t.recorded[0]
     assert c.recorded == []
-    for legacy in (0, 1):
+    for legacy in (0, 1, 2):
         device_arrays.hold_for_stream(legacy, [described(t)])
-        assert made[-1] == ("default", "cuda:1") and t.recorded[-1] == "default"
+        assert t.recorded[-1] == "default"
+    assert made[2:] == [("default", "cuda:1")] * 3
 
 
 def test_outputs_are_allocated_for_the_stream_the_work_goes_on(recorded, monkeypatch):
