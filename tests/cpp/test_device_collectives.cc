@@ -1341,6 +1341,78 @@ void TestFailedGrowthKeepsStagingOrder(int P) {
   Expect(fake_cuda::LiveEvents() == 0, "staging after a failed growth: events left");
 }
 
+// Hand-offs as messages (no arena), the next one to the leader held back once asked.
+class HeldBackSends : public Forwarding {
+ public:
+  using Forwarding::Forwarding;
+  const char* name() const override { return "held back"; }
+  std::unique_ptr<pycomm::Request> Isend(int peer, const void* buf, size_t bytes) override {
+    if (peer == 0 && hold_next_.exchange(false)) std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+    return inner_->Isend(peer, buf, bytes);
+  }
+  void HoldNext() { hold_next_ = true; }
+
+ private:
+  std::atomic<bool> hold_next_{false};
+};
+
+// Split work where the last rank queues its part, its GPU then stalls (a rank about to die), and
+// its last hand-off reaches the leader only after the time-out: the leader answers that it did
+// not hear every rank, and no rank's stream waits for the stalled rank's `done` (which would
+// hold up everything the caller queues next, until that GPU recovers).
+void TestUnheardRankNotWaitedFor(int P) {
+  auto loopback = pycomm::CreateLoopbackTransports(P);
+  std::vector<std::unique_ptr<HeldBackSends>> transports;
+  for (auto& t : loopback) transports.push_back(std::make_unique<HeldBackSends>(std::move(t)));
+  const int stalled = P - 1;
+  const size_t slice = 100, n = slice * P;
+  std::vector<std::string> errors(P);
+  std::vector<double> sync_seconds(P, 0);
+  std::atomic<int> measured{0};
+  std::vector<std::thread> threads;
+  for (int r = 0; r < P; ++r) {
+    threads.emplace_back([&, r] {
+      uint64_t seq = 0;
+      try {
+        pycomm::cuda::DeviceGroup group(*transports[r], &seq, 0, 1, pycomm::cuda::DeviceSync::kStream,
+                                        pycomm::cuda::DeviceWork::kSplit);
+        int64_t* a = DeviceArray(std::vector<int64_t>(n, r + 1));
+        const auto sum = SumIntoAll(P, slice, [] { return false; });
+        const pycomm::cuda::GroupWork work = [&, r](const std::vector<std::vector<void*>>& buffers,
+                                                    pycomm::cuda::WorkPart part, cudaStream_t stream) {
+          sum(buffers, part, stream);
+          if (r == stalled) fake_cuda::StallStream(), transports[r]->HoldNext();
+        };
+        try {
+          group.Run(SumCall(n), {{a, n * 8, true, true}}, nullptr, work);
+        } catch (const std::exception& e) {
+          errors[r] = e.what();
+        }
+        if (r != stalled) {
+          const auto start = std::chrono::steady_clock::now();
+          Sync();
+          sync_seconds[r] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+          if (++measured == P - 1) fake_cuda::ReleaseStalls();  // the test is over
+        }
+        while (measured < P - 1) std::this_thread::yield();
+        cudaDeviceSynchronize();
+        cudaFree(a);
+      } catch (const std::exception& e) {
+        errors[r] = std::string("set-up: ") + e.what();
+      }
+      fake_cuda::ThreadExit();
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < P; ++r) {
+    if (r == stalled) continue;
+    Expect(!errors[r].empty() && errors[r].find("set-up") == std::string::npos && sync_seconds[r] < 0.5,
+           "a rank the leader never heard, " + std::to_string(P) + " ranks, rank " + std::to_string(r) +
+               ": its stream took " + std::to_string(sync_seconds[r]) + " s; error: " + errors[r]);
+  }
+  Expect(fake_cuda::LiveEvents() == 0, "a rank the leader never heard: events left");
+}
+
 // PYCOMM_GPU_SYNC and PYCOMM_GPU_WORK as each rank of a node asked (groups made directly, so that
 // ranks can ask differently): a value set on some ranks wins over auto on the others; values
 // that conflict, or split with host ordering, fail on every rank, quickly.
@@ -1616,5 +1688,7 @@ int main() {
   TestFailedCallStagingOrdered(3);
   TestFailedGrowthKeepsStagingOrder(2);
   TestFailedGrowthKeepsStagingOrder(3);
+  TestUnheardRankNotWaitedFor(2);
+  TestUnheardRankNotWaitedFor(3);
   return pycomm_test::Report();
 }
