@@ -1368,7 +1368,7 @@ void TestUnheardRankNotWaitedFor(int P) {
   const size_t slice = 100, n = slice * P;
   std::vector<std::string> errors(P);
   std::vector<double> sync_seconds(P, 0);
-  std::atomic<int> measured{0};
+  std::atomic<int> measured{0}, synced{0};
   std::vector<std::thread> threads;
   for (int r = 0; r < P; ++r) {
     threads.emplace_back([&, r] {
@@ -1395,7 +1395,9 @@ void TestUnheardRankNotWaitedFor(int P) {
           if (++measured == P - 1) fake_cuda::ReleaseStalls();  // the test is over
         }
         while (measured < P - 1) std::this_thread::yield();
-        cudaDeviceSynchronize();
+        cudaDeviceSynchronize();  // this rank's part, which may read others' `a`, has run
+        ++synced;
+        while (synced < P) std::this_thread::yield();
         cudaFree(a);
       } catch (const std::exception& e) {
         errors[r] = std::string("set-up: ") + e.what();
