@@ -35,6 +35,12 @@ static_assert(kHeaderBytes % 8 == 0, "IPC records stay 8-byte aligned");
 // work's hand-offs tell it apart; it reads as kFailed everywhere else).
 enum Answer : char { kFailed = 0, kDone = 1, kMismatch = LeaderExchange::kMismatch, kUnheard = 3 };
 
+// After a failed call: the call's own error is the one to tell, so a failure here is dropped
+// (and cleared, as Check does).
+void RecordAfterFailure(cudaEvent_t event, cudaStream_t stream) {
+  if (cudaEventRecord(event, stream) != cudaSuccess) cudaGetLastError();
+}
+
 size_t AlignUp(size_t n) { return (n + kStagingAlign - 1) / kStagingAlign * kStagingAlign; }
 
 void Exchange(Transport& transport, int peer, const void* send, size_t send_bytes, void* recv, size_t recv_bytes,
@@ -323,13 +329,6 @@ void DeviceGroup::After(cudaEvent_t event, cudaStream_t stream, int peer) {
   }
 }
 
-void DeviceGroup::MarkDoneAfterFailure(cudaStream_t stream) {
-  try {
-    Check(cudaEventRecord(done_, stream), "cudaEventRecord(done)");
-  } catch (...) {
-  }
-}
-
 void DeviceGroup::AfterPeersOfFailedCall(cudaStream_t stream) {
   for (int q = 0; q < transport_.size(); ++q) {
     if (!peer_done_[q]) continue;  // a rank this one never waits for (the leader's peers)
@@ -444,12 +443,7 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
   } catch (...) {
     // What the failed call queued into staging (its stage-in, others' work, waited for above)
     // goes before the next call's stage-in, on whatever stream, as after StageOut.
-    if (staged_this_call_) {
-      try {
-        Check(cudaEventRecord(staging_free_, stream), "cudaEventRecord(staging free)");
-      } catch (...) {
-      }
-    }
+    if (staged_this_call_) RecordAfterFailure(staging_free_, stream);
     SettleRetired(false);
     throw;
   }
@@ -565,7 +559,7 @@ void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>
       Check(cudaEventRecord(done_, stream), "cudaEventRecord(done)");
     } catch (...) {
       fail(kFailed);
-      MarkDoneAfterFailure(stream);  // for what `work` queued before it failed
+      RecordAfterFailure(done_, stream);  // for what `work` queued before it failed
     }
   }
   exchange_.Answer(answer);
@@ -711,7 +705,7 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
       queued = 1;
     } catch (...) {
       failure = std::current_exception();
-      MarkDoneAfterFailure(stream);  // for what `work` queued before it failed
+      RecordAfterFailure(done_, stream);  // for what `work` queued before it failed
     }
   }
   std::vector<char> status(sizeof queued), statuses;

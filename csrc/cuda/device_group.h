@@ -209,10 +209,9 @@ class DeviceGroup {
   // A call that fails after some rank queued work (part of it, even) may leave that work writing
   // into other ranks' buffers. So that nothing the caller queues next on `stream` (a rewrite, a
   // free) overtakes it: the rank that queued records `done` after what it queued, and every rank
-  // that waits for others' `done` orders `stream` after them, once every rank has had its say
-  // (each recorded before it told the leader; the leader tells whether it heard every rank). Best
-  // effort: the call's own error is the one told.
-  void MarkDoneAfterFailure(cudaStream_t stream);
+  // that waits for others' `done` orders `stream` after them (this), once every rank has had its
+  // say (each recorded before it told the leader; the leader tells whether it heard every rank).
+  // Best effort: the call's own error is the one told.
   void AfterPeersOfFailedCall(cudaStream_t stream);
 
   Transport& transport_;
