@@ -50,6 +50,7 @@ fi
   nvcc --version | tail -1
   $PY -c "import mpi4py.MPI as M, torch, cupy; print(M.Get_library_version().splitlines()[0], torch.__version__, cupy.__version__)"
   which mpirun
+  echo "C++ compiler: $(command -v "${CXX:-c++}") ($("${CXX:-c++}" --version | head -1))"
   cat "$PARTS/setup.log" 2>/dev/null
 } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
@@ -60,13 +61,19 @@ cmake -S . -B build/gpu-check -DCMAKE_BUILD_TYPE=Release -DPYCOMM_BUILD_PYTHON=O
   timed "$(limit 300)" cmake --build build/gpu-check -j 16 >>"$OUT/build.log" 2>&1 &&
   cp build/gpu-check/_core*.so pycomm/
 status=$?
+# Which libstdc++ the module uses: std::locale or istream code defined in it means libstdc++ was
+# linked in statically (suspected in the crash of bench/results/2026-11-27-h200-gpu-recheck.md).
+[ $status -eq 0 ] && {
+  ldd pycomm/_core*.so | grep -E "stdc|gcc_s"
+  echo "libstdc++ code in the module: $(nm -D --defined-only pycomm/_core*.so | grep -cE '_ZNSt6locale|_ZNSi10_M_extract') symbols"
+} >>"$OUT/machine.txt" 2>&1
 step "build (CUDA, module)" "$([ $status -eq 0 ] && echo ok || echo FAILED)"
 if [ $status -ne 0 ]; then
   tail -30 "$OUT/build.log"
   printf '%s\n' "${summary[@]}"
   exit 1
 fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONFAULTHANDLER=1  # a crash prints the Python stack of each thread
 
 # 3. Kernels
 timed "$(limit 120)" ./build/gpu-check/reduce_bench >"$OUT/reduce_bench.txt" 2>&1

@@ -7,10 +7,10 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
 #include <string>
 
 #include "pycomm/pycomm.h"
+#include "transport/peer_watch.h"
 
 namespace pycomm {
 
@@ -34,19 +34,11 @@ int CopyAll(int64_t pid, bool write, void* remote, void* local, size_t bytes) {
   return 0;
 }
 
-// A process that is exiting may still exist while its memory is already gone (EFAULT).
-bool Exited(int64_t pid) {
-  std::ifstream file("/proc/" + std::to_string(pid) + "/stat");
-  std::string stat;
-  if (!file || !std::getline(file, stat)) return true;
-  const auto close = stat.rfind(')');
-  return close == std::string::npos || close + 2 >= stat.size() || std::strchr("ZXx", stat[close + 2]) != nullptr;
-}
-
 void Check(int error, int64_t pid, int peer, const char* what) {
   if (error == 0) return;
   const std::string who = "rank " + std::to_string(peer) + " (pid " + std::to_string(pid) + ")";
-  if (error == ESRCH || Exited(pid)) throw PeerError("pycomm: " + who + " has died", peer);
+  // A process that is exiting may still exist while its memory is already gone (EFAULT).
+  if (error == ESRCH || LiveStartTicks(pid) < 0) throw PeerError("pycomm: " + who + " has died", peer);
   throw CommError(std::string("pycomm: ") + what + " the memory of " + who + " failed: " + std::strerror(error));
 }
 

@@ -15,6 +15,10 @@ struct ProcessIdentity {
   int64_t node;         // equal for the ranks of one node (any id the transport chooses)
 };
 
+// /proc/<pid>/stat's start time of a live process; -1 where there is no such process, or it has
+// exited (a zombie or dead one).
+int64_t LiveStartTicks(int64_t pid);
+
 // This process, on `node`.
 ProcessIdentity ThisProcess(int64_t node);
 

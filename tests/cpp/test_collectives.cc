@@ -2,6 +2,11 @@
 // against a serial reference over many sizes, rank counts and chunk sizes, quickly and without
 // MPI. Prints "N passed, N failed" and exits non-zero on any failure.
 
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -17,6 +22,7 @@
 #include "pycomm/pycomm.h"
 #include "transport/leader_exchange.h"
 #include "transport/loopback.h"
+#include "transport/peer_watch.h"
 #include "transport/shared_arena.h"
 
 namespace {
@@ -316,7 +322,45 @@ void TestLeaderExchangeMismatch() {
 
 }  // namespace
 
+// The start time that identifies a process, read from /proc/<pid>/stat: for this process, for a
+// child whose command name holds spaces and parentheses (the fields are counted after the last
+// ')'), and none once the child is a zombie or gone.
+void TestLiveStartTicks() {
+  using pycomm::LiveStartTicks;
+  const int64_t mine = LiveStartTicks(getpid());
+  Expect(mine > 0 && LiveStartTicks(getpid()) == mine, "this process has a start time, the same each time");
+  const pid_t child = fork();
+  if (child == 0) {
+    prctl(PR_SET_NAME, "x) 1 2 (y", 0, 0, 0);
+    for (;;) pause();
+  }
+  int64_t theirs = -1;
+  for (int i = 0; i < 200; ++i) {  // until the child has renamed itself (its start time is the same before)
+    theirs = LiveStartTicks(child);
+    char name[64] = {};
+    const std::string path = "/proc/" + std::to_string(child) + "/comm";
+    if (FILE* f = std::fopen(path.c_str(), "r")) {
+      std::fgets(name, sizeof(name), f);
+      std::fclose(f);
+    }
+    if (std::strncmp(name, "x) 1 2 (y", 9) == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  Expect(theirs >= mine, "a child started later: start time " + std::to_string(theirs) + " >= " + std::to_string(mine));
+  Expect(LiveStartTicks(child) == theirs, "a child named 'x) 1 2 (y' keeps its start time");
+  kill(child, SIGKILL);
+  int64_t zombie = theirs;
+  for (int i = 0; i < 200 && zombie >= 0; ++i) {  // dead but not yet reaped
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    zombie = LiveStartTicks(child);
+  }
+  Expect(zombie == -1, "a killed child that is not reaped has no start time");
+  waitpid(child, nullptr, 0);
+  Expect(LiveStartTicks(child) == -1, "a reaped child has no start time");
+}
+
 int main() {
+  TestLiveStartTicks();
   const size_t chunks[] = {8, 24, 4096, size_t{1} << 20};
   for (int P = 1; P <= 5; ++P) {
     for (size_t chunk : chunks) {
