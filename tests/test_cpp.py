@@ -43,3 +43,18 @@ def test_device_collectives_over_a_fake_cuda_runtime(cpp_tests):
     result = subprocess.run([str(program)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert " 0 failed" in result.stdout
+
+
+def test_native_code_uses_no_iostreams():
+    """csrc/ reads and writes text with the C library: an istringstream's number parsing crashed
+    every communicator at creation with the lent H200 machine's toolchain
+    (bench/results/2026-11-27-h200-gpu-recheck.md), which no CI machine can show."""
+    streams = ("<iostream>", "<istream>", "<ostream>", "<sstream>", "<fstream>")
+    found = [
+        f"{path.relative_to(ROOT)}: {line.strip()}"
+        for path in sorted((ROOT / "csrc").rglob("*"))
+        if path.suffix in (".cc", ".h", ".cu")
+        for line in path.read_text().splitlines()
+        if line.startswith("#include") and any(header in line for header in streams)
+    ]
+    assert not found, "iostream headers in csrc/:\n" + "\n".join(found)

@@ -3,10 +3,10 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -17,10 +17,12 @@ FaultPlan FaultPlan::FromEnvironment() {
   FaultPlan plan;
   const char* env = std::getenv("PYCOMM_FAULT");
   if (!env || !*env) return plan;
-  std::stringstream items(env);
-  std::string item;
+  const std::string items = env;
   try {
-    while (std::getline(items, item, ',')) {
+    // Comma-separated items; a last comma ends the list.
+    for (size_t start = 0, end; start < items.size(); start = end + 1) {
+      end = std::min(items.find(',', start), items.size());
+      const std::string item = items.substr(start, end - start);
       const auto eq = item.find('=');
       const std::string key = item.substr(0, eq), value = eq == std::string::npos ? "" : item.substr(eq + 1);
       if (key == "rank") {

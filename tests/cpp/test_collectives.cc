@@ -14,10 +14,12 @@
 #include <cstring>
 #include <functional>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "core/fault.h"
 #include "expect.h"
 #include "pycomm/pycomm.h"
 #include "transport/leader_exchange.h"
@@ -359,7 +361,34 @@ void TestLiveStartTicks() {
   Expect(LiveStartTicks(child) == -1, "a reaped child has no start time");
 }
 
+// PYCOMM_FAULT, split at its commas: every item read, a last comma allowed, an empty item or a
+// bad number refused.
+void TestFaultPlanParsing() {
+  auto parse = [](const char* value, pycomm::FaultPlan* plan) {
+    setenv("PYCOMM_FAULT", value, 1);
+    try {
+      *plan = pycomm::FaultPlan::FromEnvironment();
+      return true;
+    } catch (const std::invalid_argument&) {
+      return false;
+    }
+  };
+  pycomm::FaultPlan plan;
+  Expect(parse("rank=2,call=7,action=stall,seconds=1.5", &plan) && plan.rank == 2 && plan.call == 7 &&
+             plan.action == pycomm::FaultPlan::kStall && plan.seconds == 1.5,
+         "PYCOMM_FAULT: every item read");
+  Expect(parse("action=exit,call=3,rank=1,", &plan) && plan.rank == 1 && plan.call == 3 &&
+             plan.action == pycomm::FaultPlan::kExit,
+         "PYCOMM_FAULT: a last comma allowed");
+  Expect(!parse("rank=1,,call=3,action=exit", &plan), "PYCOMM_FAULT: an empty item refused");
+  Expect(!parse("rank=one,call=3,action=exit", &plan), "PYCOMM_FAULT: a bad number refused");
+  Expect(!parse("rank=1,call=3", &plan), "PYCOMM_FAULT: no action refused");
+  Expect(parse("", &plan) && plan.action == pycomm::FaultPlan::kNone, "PYCOMM_FAULT empty: no fault");
+  unsetenv("PYCOMM_FAULT");
+}
+
 int main() {
+  TestFaultPlanParsing();
   TestLiveStartTicks();
   const size_t chunks[] = {8, 24, 4096, size_t{1} << 20};
   for (int P = 1; P <= 5; ++P) {
