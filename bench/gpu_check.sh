@@ -50,7 +50,6 @@ fi
   nvcc --version | tail -1
   $PY -c "import mpi4py.MPI as M, torch, cupy; print(M.Get_library_version().splitlines()[0], torch.__version__, cupy.__version__)"
   which mpirun
-  echo "C++ compiler: $(command -v "${CXX:-c++}") ($("${CXX:-c++}" --version | head -1))"
   cat "$PARTS/setup.log" 2>/dev/null
 } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
@@ -64,6 +63,7 @@ status=$?
 # Which libstdc++ the module uses: std::locale or istream code defined in it means libstdc++ was
 # linked in statically (suspected in the crash of bench/results/2026-11-27-h200-gpu-recheck.md).
 [ $status -eq 0 ] && {
+  grep -m1 "^CMAKE_CXX_COMPILER:" build/gpu-check/CMakeCache.txt
   ldd pycomm/_core*.so | grep -E "stdc|gcc_s"
   echo "libstdc++ code in the module: $(nm -D --defined-only pycomm/_core*.so | grep -cE '_ZNSt6locale|_ZNSi10_M_extract') symbols"
 } >>"$OUT/machine.txt" 2>&1
