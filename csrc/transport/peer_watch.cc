@@ -27,9 +27,9 @@ int64_t LiveStartTicks(int64_t pid) {
   if (got <= 0) return -1;
   stat[got] = '\0';
   // The fields after the command name, which may itself hold spaces and parentheses.
-  const char* rest = std::strrchr(stat, ')');
+  char* rest = std::strrchr(stat, ')');
   if (!rest || rest[1] != ' ' || !rest[2] || std::strchr("ZXx", rest[2])) return -1;  // field 3: state
-  char* field = const_cast<char*>(rest + 3);
+  char* field = rest + 3;
   int64_t value = -1;
   for (int i = 4; i <= 22; ++i) {  // field 22: starttime
     char* end = nullptr;
