@@ -478,8 +478,11 @@ class GroupCollectives : public DeviceCollectives {
     }
   }
 
-  // The leader's device scratch for this call; ReleaseScratch marks where this call is done with it.
+  // This rank's device scratch for this call; ReleaseScratch marks where this call is done with it.
   char* Scratch(size_t bytes, cudaStream_t s) {
+    if (!scratch_free_) {  // made at set-up on leaders of several nodes; elsewhere at first use (Reduce)
+      cuda::Check(cudaEventCreateWithFlags(&scratch_free_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    }
     char* scratch = scratch_.Reserve(bytes);
     cuda::Check(cudaStreamWaitEvent(s, scratch_free_, 0), "cudaStreamWaitEvent(scratch free)");
     return scratch;
@@ -492,7 +495,7 @@ class GroupCollectives : public DeviceCollectives {
   // With more ranks on a node the reduction runs in several passes that accumulate in
   // outputs[0] (rounded to the dtype between passes), which is then copied to the other outputs.
   // Every rank still gets the same bits: one pass writes them all.
-  void Reduce(std::vector<const void*> inputs, const std::vector<void*>& outputs, size_t count, DataType dtype,
+  void Reduce(const std::vector<const void*>& inputs, const std::vector<void*>& outputs, size_t count, DataType dtype,
               ReduceOp op, cudaStream_t s) {
     constexpr size_t kIn = cuda::kMaxReduceInputs, kOut = cuda::kMaxReduceOutputs;
     if (inputs.size() <= kIn && outputs.size() <= kOut) {
@@ -501,21 +504,23 @@ class GroupCollectives : public DeviceCollectives {
     }
     const ReduceOp partial = Partial(op);
     void* acc = outputs[0];
-    // In place, acc may be an input that a later pass would read after the first overwrote it:
-    // that input goes first instead (a fixed order still, so every run gets the same bits).
-    const auto late = std::find(inputs.begin() + std::min(inputs.size(), kIn), inputs.end(), acc);
-    if (late != inputs.end()) std::rotate(inputs.begin(), late, late + 1);
+    // In place, acc may be an input that a later pass reads: the passes before the last then
+    // accumulate in scratch, and only the last writes acc. The inputs keep their order, so the
+    // bits are those of the same call out of place.
     size_t next = std::min(inputs.size(), kIn);
-    if (next > 1 || inputs[0] != acc) {
-      Launch(std::vector<const void*>(inputs.begin(), inputs.begin() + next), {acc}, count, dtype, partial, s);
+    const bool read_late = std::find(inputs.begin() + next, inputs.end(), acc) != inputs.end();
+    void* sum = read_late ? Scratch(count * DataTypeSize(dtype), s) : acc;
+    if (next > 1 || inputs[0] != sum) {
+      Launch(std::vector<const void*>(inputs.begin(), inputs.begin() + next), {sum}, count, dtype, partial, s);
     }
     while (next < inputs.size()) {
       const size_t take = std::min(inputs.size() - next, kIn - 1);
-      std::vector<const void*> group = {acc};
+      std::vector<const void*> group = {sum};
       group.insert(group.end(), inputs.begin() + next, inputs.begin() + next + take);
-      Launch(group, {acc}, count, dtype, partial, s);
       next += take;
+      Launch(group, {next == inputs.size() ? acc : sum}, count, dtype, partial, s);
     }
+    if (read_late) ReleaseScratch(s);
     if (outputs.size() == 1 && op == partial) return;
     // The first group includes acc itself, so a kAvg divides once and later groups copy.
     for (size_t first = 0; first < outputs.size(); first += kOut) {

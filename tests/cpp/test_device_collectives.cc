@@ -276,6 +276,12 @@ double SecondsToRun(const std::vector<int>& node_of,
 
 int64_t Value(int rank, size_t i) { return static_cast<int64_t>((rank + 1) * 1000 + i % 977) - 500; }
 
+// float32 values whose sums round: their bits depend on the order of the additions, which must
+// not depend on whether the call is in place.
+float Inexact(int rank, size_t i) {
+  return 0.1f * static_cast<float>(Value(rank, i)) + 1e-3f * static_cast<float>(i % 7);
+}
+
 // On `stream` (each rank's own; null: its default stream): inputs written there, the collectives
 // queued there, results read after synchronising only it.
 void TestAllreduce(const std::vector<int>& node_of, size_t n, cudaStream_t stream = nullptr) {
@@ -298,6 +304,12 @@ void TestAllreduce(const std::vector<int>& node_of, size_t n, cudaStream_t strea
     int64_t* a = DeviceArray(in, stream);
     int64_t* out = DeviceArray(std::vector<int64_t>(n, -1), stream);
     float* f = DeviceArray(fin, stream);
+    std::vector<float> gin(n);
+    for (size_t i = 0; i < n; ++i) gin[i] = Inexact(r, i);
+    float* g = DeviceArray(gin, stream);
+    float* gout = DeviceArray(std::vector<float>(n, -1), stream);
+    c.Allreduce(g, gout, n, DataType::kFloat32, ReduceOp::kSum, stream);
+    c.Allreduce(g, g, n, DataType::kFloat32, ReduceOp::kSum, stream);
     c.Allreduce(a, out, n, DataType::kInt64, ReduceOp::kSum, stream);
     c.Allreduce(a, a, n, DataType::kInt64, ReduceOp::kSum, stream);
     c.Allreduce(f, f, n, DataType::kFloat32, ReduceOp::kAvg, stream);
@@ -309,6 +321,8 @@ void TestAllreduce(const std::vector<int>& node_of, size_t n, cudaStream_t strea
     }
     Expect(halves, "float16 " + Layout(node_of) + " n=" + std::to_string(n));
     cudaFree(h);
+    Expect(Same(g, gout, n * 4), "float32 in place as out of place " + Layout(node_of) + " n=" + std::to_string(n));
+    cudaFree(g), cudaFree(gout);
     Expect(Same(out, sum.data(), n * 8), "allreduce " + Layout(node_of) + " n=" + std::to_string(n));
     Expect(Same(a, sum.data(), n * 8), "in place " + Layout(node_of) + " n=" + std::to_string(n));
     Expect(Same(f, avg.data(), n * 4), "avg " + Layout(node_of) + " n=" + std::to_string(n));
@@ -341,6 +355,12 @@ void TestOthers(const std::vector<int>& node_of, size_t block) {
     float* f = DeviceArray(fin);
     float* favg = DeviceArray(std::vector<float>(block, -1));
     c.ReduceScatter(f, favg, block, DataType::kFloat32, ReduceOp::kAvg, nullptr);
+    std::vector<float> gin(block * P);
+    for (size_t i = 0; i < gin.size(); ++i) gin[i] = Inexact(r, i);
+    float* g = DeviceArray(gin);
+    float* gmine = DeviceArray(std::vector<float>(block, -1));
+    c.ReduceScatter(g, gmine, block, DataType::kFloat32, ReduceOp::kSum, nullptr);
+    c.ReduceScatter(g, g + r * block, block, DataType::kFloat32, ReduceOp::kSum, nullptr);
     c.Allgather(x, all, block, DataType::kInt64, nullptr);
     // In place: x is this rank's block of the output.
     std::vector<int64_t> placed(block * P, -1);
@@ -364,6 +384,8 @@ void TestOthers(const std::vector<int>& node_of, size_t block) {
     }
     Expect(ok, "reduce_scatter avg " + where);
     cudaFree(f), cudaFree(favg);
+    Expect(Same(g + r * block, gmine, block * 4), "float32 reduce_scatter in place as out of place " + where);
+    cudaFree(g), cudaFree(gmine);
     Expect(Same(x_in_place + r * block, mine, block * 8), "reduce_scatter in place " + where);
     cudaFree(x_in_place);
 
