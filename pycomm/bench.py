@@ -44,6 +44,11 @@ MAX_ITERS = 1000
 # Per rank, for the memory-bandwidth floor: far larger than any cache (a GPU's L2 included).
 FLOOR_COPY_BYTES = 64 << 20
 FLOOR_DEVICE_COPY_BYTES = 256 << 20  # a GPU copies 64 MiB in tens of microseconds: less noise
+# Copies queued back to back per timing of a GPU's floor. Where ranks share one GPU, each timing
+# also pays the switches between their contexts (~140 us each on an H200): with one 256 MiB copy
+# per rank and timing, the CLI measured 1935 GB/s where bench/gpu_allreduce.py, timing 20, measured
+# 3617 GB/s in the same check (bench/results/2026-11-27-h200-gpu-recheck.md).
+FLOOR_DEVICE_COPIES = 20
 
 # Inputs repeat with this period along the array. 7 is prime, so a block of data landing at a
 # wrong offset (chunks and ring segments are mostly powers of two long) almost never matches.
@@ -303,16 +308,17 @@ class DeviceBuffers:
         self.synchronize = gpu.synchronize
 
     def floor_copy(self):
-        """For node_memory_bandwidth: a copy on this rank's GPU, waited for. Its buffers go with
-        the measurement, back to the library's pool for the sweep's arrays (ranks sharing a GPU
-        each hold two meanwhile)."""
+        """For node_memory_bandwidth: FLOOR_DEVICE_COPIES copies on this rank's GPU, waited for
+        once. Its buffers go with the measurement, back to the library's pool for the sweep's
+        arrays (ranks sharing a GPU each hold two meanwhile)."""
         dst, src = (self.gpu.empty(FLOOR_DEVICE_COPY_BYTES, np.dtype(np.uint8)) for _ in range(2))
 
         def run():
-            self.gpu.copy(dst, src)
+            for _ in range(FLOOR_DEVICE_COPIES):
+                self.gpu.copy(dst, src)
             self.gpu.synchronize()
 
-        return run, FLOOR_DEVICE_COPY_BYTES
+        return run, FLOOR_DEVICE_COPIES * FLOOR_DEVICE_COPY_BYTES
 
     def empty(self, count: int, dtype: np.dtype):
         return self.gpu.empty(count, dtype)
