@@ -43,12 +43,34 @@ class CupyLikeArray(CaiArray):
 
     def __init__(self, n):
         super().__init__(n)
+        self.size = self._host.size
         self.data = types.SimpleNamespace(ptr=self._host.ctypes.data)
         self.flags = types.SimpleNamespace(c_contiguous=True)
         self.device = types.SimpleNamespace(id=0)
 
 
 CupyLikeArray.__module__ = "cupy"
+
+
+def torch_like_tensor(n):
+    """A CPU tensor that says it is on a GPU (None without torch): a subclass, whose attribute
+    reads cost about twice a plain tensor's, so its time is an upper bound. torch's raw current
+    stream is stood in for where this torch has none (a CPU build)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+
+    class OnGpu(torch.Tensor):
+        __torch_function__ = torch._C._disabled_torch_function_impl
+
+        @property
+        def is_cuda(self):
+            return True
+
+    if not hasattr(torch._C, "_cuda_getCurrentRawStream"):
+        torch._C._cuda_getCurrentRawStream = lambda device: 0
+    return torch.zeros(n).as_subclass(OnGpu)
 
 
 def per_call_us(fn, calls: int, repeat: int) -> float:
@@ -88,7 +110,11 @@ def main() -> None:
         baseline = per_call_us(lambda: MPI.COMM_SELF.Allreduce(MPI.IN_PLACE, buf), args.calls, args.repeat)
         print(f"{'call':50s} {'us/call':>8s} {'vs MPI':>7s}")
         print(f"{'mpi4py COMM_SELF.Allreduce, 8 B (baseline)':50s} {baseline:8.2f} {1.0:7.2f}")
-        for name, array in [("cupy-like array", CupyLikeArray(2)), ("interface-only array", CaiArray(2))]:
+        arrays = [("cupy-like array", CupyLikeArray(2)), ("interface-only array", CaiArray(2))]
+        tensor = torch_like_tensor(2)
+        if tensor is not None:
+            arrays.append(("torch tensor (a subclass on the CPU)", tensor))
+        for name, array in arrays:
             cost = per_call_us(lambda a=array: comm.allreduce(a, out=a), args.calls, args.repeat)
             print(f"{'pycomm allreduce(x, out=x), ' + name:50s} {cost:8.2f} {cost / baseline:7.2f}")
     finally:

@@ -132,7 +132,10 @@ def latency_breakdown(comm) -> dict:
         "  the core's call alone (no Python checks)": lambda: comm._native.allreduce_device(
             d.ptr, d.ptr, 2, code, 0, d.device, handle
         ),
-        "  Python: describe + stream handle": lambda: device_arrays.stream_handle(device_arrays.describe(x), None),
+        "  Python: reading the tensor (in-place fast path)": lambda: device_arrays.plain_in_place(x),
+        "  Python: describe + stream handle (other calls)": lambda: device_arrays.stream_handle(
+            device_arrays.describe(x), None
+        ),
         "for scale: torch kernel + stream sync": lambda: (x.add_(0), stream.synchronize()),
         "for scale: torch kernel + event polled": kernel_then_poll,
         "for scale: empty stream sync": stream.synchronize,

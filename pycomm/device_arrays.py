@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._native import _core
-from .dtypes import dtype_code
+from .dtypes import dtype_code, known_code
 
 
 class DeviceArray(NamedTuple):
@@ -89,6 +89,7 @@ def is_torch_cpu(x) -> bool:
 
 
 _torch_dtypes = {}  # torch dtype -> numpy dtype, for those seen before
+_torch_codes = {}  # torch dtype -> pycomm's code, for those seen before and supported
 
 
 def _torch_dtype(t) -> np.dtype:
@@ -106,6 +107,8 @@ def _torch_dtype(t) -> np.dtype:
         except TypeError:
             raise TypeError(f"pycomm: dtype {t.dtype} is not supported") from None
     _torch_dtypes[t.dtype] = dtype
+    with contextlib.suppress(TypeError):  # unsupported: describe() says so on each call
+        _torch_codes[t.dtype] = dtype_code(dtype)
     return dtype
 
 
@@ -151,6 +154,47 @@ def describe(x, what: str = "x", stream=None) -> DeviceArray:
     return DeviceArray(x, ptr, shape, dtype, -1, "cai", None, iface.get("stream"), bool(readonly))
 
 
+def plain_in_place(x):
+    """For the commonest device call (in place, on the library's current stream): (library, ptr,
+    count, dtype code, device, stream) of a torch CUDA tensor or cupy array (is_device_array(x)
+    is true) that needs none of describe()'s special cases and whose dtype was described before;
+    None otherwise, and describe() then checks it and words any error. A small call's budget is
+    ~20 us on every rank (issue 4): this skips describe()'s tuple and the lookups it repeats."""
+    kind = _kinds.get(type(x))
+    if kind == _TORCH:
+        if x.requires_grad or x.is_neg() or x.is_conj() or not x.is_contiguous():
+            return None
+        code = _torch_codes.get(x.dtype)
+        if code is None:
+            return None
+        device = x.get_device()
+        raw = _torch_raw_stream()
+        if raw is None:
+            return None
+        return _TORCH, x.data_ptr(), x.numel(), code, device, raw(device)
+    if kind == _CUPY:
+        code = known_code(x.dtype)
+        if code is None or not x.flags.c_contiguous:
+            return None
+        device = x.device.id
+        return _CUPY, x.data.ptr, x.size, code, device, sys.modules["cupy"].cuda.get_current_stream(device).ptr
+    return None
+
+
+def _torch_raw_stream():
+    """torch's current stream of a device as a raw handle, without building a Stream object
+    (CUDA builds of torch have it); None elsewhere."""
+    return getattr(sys.modules["torch"]._C, "_cuda_getCurrentRawStream", None)
+
+
+def bump_version(library: str, obj) -> None:
+    """Once a write into `obj` is queued: a torch tensor's version goes up, as with torch's own
+    in-place operations, so that autograd refuses a backward that saved its old values instead
+    of silently using the new ones."""
+    if library == _TORCH:
+        sys.modules["torch"].autograd.graph.increment_version((obj,))  # a tuple: a single tensor is slower
+
+
 def check_writable(d: DeviceArray, what: str) -> None:
     """Before anything is sent: pycomm is about to write into `d`."""
     if d.readonly:
@@ -158,11 +202,8 @@ def check_writable(d: DeviceArray, what: str) -> None:
 
 
 def mark_written(d: DeviceArray) -> None:
-    """Once a write into `d` is queued: a torch tensor's version goes up, as with torch's own
-    in-place operations, so that autograd refuses a backward that saved its old values instead
-    of silently using the new ones."""
-    if d.library == "torch":
-        sys.modules["torch"].autograd.graph.increment_version(d.obj)
+    """Once a write into `d` is queued (bump_version)."""
+    bump_version(d.library, d.obj)
 
 
 def hold_for_stream(stream: int, arrays) -> None:
@@ -377,8 +418,7 @@ def stream_handle(like: DeviceArray, stream) -> int:
         return _stream_value(stream)
     if like.library == "torch":
         torch = sys.modules["torch"]
-        # The raw handle without building a Stream object (CUDA builds of torch have it).
-        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        raw = _torch_raw_stream()
         if raw is not None:
             return raw(like.device)
         return torch.cuda.current_stream(like.obj.device).cuda_stream

@@ -18,6 +18,7 @@ _CODES = {
 
 SUPPORTED = tuple(_CODES)
 FLOATING = ("float16", "bfloat16", "float32", "float64")
+FLOATING_CODES = frozenset(_CODES[name] for name in FLOATING)
 
 
 # dtype objects seen before -> code; dtype.name costs microseconds, a dict hit does not.
@@ -30,6 +31,11 @@ def dtype_code(dtype: np.dtype) -> int:
     if code is None:
         code = _CODE_CACHE[dtype] = _lookup(dtype)
     return code
+
+
+def known_code(dtype):
+    """The code of a dtype that dtype_code() has accepted before, else None (for fast paths)."""
+    return _CODE_CACHE.get(dtype)
 
 
 def _lookup(dtype: np.dtype) -> int:

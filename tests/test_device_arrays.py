@@ -155,6 +155,7 @@ class CupyLikeArray:
 
     def __init__(self, shape, dtype="float32", ptr=0x7F0000001000, device=1, c_contiguous=True):
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.size = int(np.prod(self.shape))
         self.data = SimpleNamespace(ptr=ptr)
         self.flags = SimpleNamespace(c_contiguous=c_contiguous)
         self.device = SimpleNamespace(id=device)
@@ -184,6 +185,66 @@ def test_cupy_arrays_are_read_from_their_attributes(recorded, monkeypatch):
     with pytest.raises(TypeError, match="not supported"):
         recorded.allreduce(CupyLikeArray((4,), "complex64"), stream=9)
     assert len(recorded._native.calls) == 1
+
+
+def test_in_place_calls_on_the_current_stream_skip_describe_and_pass_the_same_arguments(recorded, monkeypatch):
+    """The fast path (in place, no stream=, a known op) makes the native call that the full
+    checks make, and leaves every unusual array or op to them (and to their errors)."""
+    streams = SimpleNamespace(get_current_stream=lambda device_id=-1: SimpleNamespace(ptr=100 + device_id))
+    monkeypatch.setitem(sys.modules, "cupy", SimpleNamespace(cuda=streams))
+    described = []
+    describe = device_arrays.describe
+    monkeypatch.setattr(device_arrays, "describe", lambda x, *a, **k: described.append(x) or describe(x, *a, **k))
+    calls = recorded._native.calls
+    x = CupyLikeArray((2, 3), "int32", device=1)
+    recorded.allreduce(x, op="max", out=x, stream=101)  # the full path: the array's current stream named
+    recorded.allreduce(x, op="max", out=x)
+    recorded.allreduce(x, op=pycomm.ReduceOp.MAX, out=x)
+    assert calls[0] == calls[1] == calls[2] and calls[0][1][-1] == 101
+    assert described == [x]
+    recorded.allreduce(x, op="MAX", out=x)  # another spelling: the full path
+    assert calls[3] == calls[0] and described == [x, x]
+    for bad, error, match in [
+        ((CupyLikeArray((4,), c_contiguous=False), "sum"), ValueError, "C-contiguous"),
+        ((CupyLikeArray((4,), "complex64"), "sum"), TypeError, "not supported"),
+        ((x, "avg"), ValueError, "integer"),
+        ((x, "mean"), ValueError, "unknown op"),
+    ]:
+        with pytest.raises(error, match=match):
+            recorded.allreduce(bad[0], op=bad[1], out=bad[0])
+    assert len(calls) == 4
+    recorded.close()
+    with pytest.raises(pycomm.CommError, match="closed"):
+        recorded.allreduce(x, op="max", out=x)
+    assert len(calls) == 4
+
+
+def test_torch_in_place_fast_path(recorded, monkeypatch):
+    """CPU tensors stand in for CUDA ones, with a stand-in for torch's raw current stream."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(device_arrays, "is_device_array", lambda x: True)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 40 + device, raising=False)
+    monkeypatch.setattr(device_arrays, "hold_for_stream", lambda stream, arrays: None)  # CPU tensors
+    described = []
+    describe = device_arrays.describe
+    monkeypatch.setattr(device_arrays, "describe", lambda x, *a, **k: described.append(x) or describe(x, *a, **k))
+    calls = recorded._native.calls
+    x = torch.ones(6, dtype=torch.float64)
+    recorded.allreduce(x, op="avg", out=x, stream=39)  # CPU tensors are on device -1
+    before = x._version
+    assert recorded.allreduce(x, op="avg", out=x) is x
+    assert x._version == before + 1 and calls[1] == calls[0] and described == [x]
+    for bad, match in [
+        (torch.ones(3, requires_grad=True), "requires grad"),
+        (torch._neg_view(torch.ones(3)), "negated"),
+        (torch.ones(3, 2).t(), "contiguous"),
+        (torch.zeros(3, dtype=torch.complex64), "not supported"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            recorded.allreduce(bad, out=bad)
+    with pytest.raises(ValueError, match="integer"):
+        recorded.allreduce(torch.ones(3, dtype=torch.int32), op="avg", out=torch.ones(3, dtype=torch.int32))
+    assert len(calls) == 2
 
 
 def test_torch_tensors_are_described_from_their_attributes():
