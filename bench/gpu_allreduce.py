@@ -146,7 +146,35 @@ def latency_breakdown(comm) -> dict:
         print("# latency breakdown at 8 B (us per call, slowest rank):")
         for name in parts:
             print(f"#   {name:<50} {out[name.strip()]:8.1f}")
+    out["phases"] = phase_breakdown(comm, x)
     return out
+
+
+def phase_breakdown(comm, x, calls: int = 500) -> dict:
+    """Host microseconds per call in each phase of an in-place allreduce of `x`, on every rank
+    (the core's phase timing): where the hand-offs' time goes. Phases are summed per role, each
+    over the calls that entered it; the rest of a call (Python, the bindings) is in none."""
+    from pycomm._native import _core
+
+    comm.allreduce(x, out=x)
+    torch.cuda.synchronize()
+    world.Barrier()
+    _core.set_phase_timing(True)
+    for _ in range(calls):
+        comm.allreduce(x, out=x)
+    _core.set_phase_timing(False)
+    torch.cuda.synchronize()
+    mine = {phase: seconds / laps * 1e6 for phase, seconds, laps in _core.phase_times()}
+    everyone = world.gather(mine)
+    if world.rank != 0:
+        return {}
+    names = list(dict.fromkeys(name for ranks in everyone for name in ranks))
+    print(f"# phases of an 8 B allreduce in place (host us per call, {calls} calls):")
+    print("#   " + f"{'phase':<48}" + "".join(f"{'rank ' + str(r):>9}" for r in range(world.size)))
+    for name in names:
+        cells = "".join(f"{ranks[name]:9.2f}" if name in ranks else f"{'-':>9}" for ranks in everyone)
+        print(f"#   {name:<48}{cells}")
+    return {f"rank {r}": ranks for r, ranks in enumerate(everyone)}
 
 
 def main():

@@ -385,7 +385,7 @@ void DeviceGroup::StageOut(const std::vector<BufferRef>& buffers, const std::vec
 
 std::exception_ptr DeviceGroup::Prepare(const DeviceCall& call, const std::vector<BufferRef>& buffers,
                                         cudaStream_t stream, const std::exception_ptr& unready,
-                                        std::vector<char>* message, std::vector<size_t>* staged_at) {
+                                        std::vector<char>* message, std::vector<size_t>* staged_at, PhaseClock& clock) {
   message->assign(kHeaderBytes + buffers.size() * sizeof(IpcBuffer), 0);
   Header header{};
   header.call = call;
@@ -398,10 +398,13 @@ std::exception_ptr DeviceGroup::Prepare(const DeviceCall& call, const std::vecto
     sent_retired_ = exporter_.TakeRetired(kRetiredPerCall);
     header.retired_count = static_cast<int32_t>(sent_retired_.size());
     std::copy(sent_retired_.begin(), sent_retired_.end(), header.retired);
+    clock.Lap("prepare: export the buffers");
     if (sync_ == DeviceSync::kStream) {
       Check(cudaEventRecord(ready_, stream), "cudaEventRecord(ready)");
+      clock.Lap("prepare: record ready");
     } else {
       Check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+      clock.Lap("prepare: wait for the own stream");
     }
     header.status = 1;
     std::memcpy(message->data() + kHeaderBytes, mine.data(), mine.size() * sizeof(IpcBuffer));
@@ -430,15 +433,17 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
                       const GroupWork& work, const CrossNodeAgreement& agree) {
   if (quiesced_) throw CommError("pycomm: the device collectives are closed");
   if (!ipc_) throw std::logic_error("pycomm: a device group without CUDA IPC was used");
+  PhaseClock clock;
   std::exception_ptr unready;
   DeviceGuard guard(device_, &unready);
   importer_.NextCall();
   staged_this_call_ = false;
+  clock.Lap("all: make the GPU current");
   try {
     if (work_ == DeviceWork::kSplit) {
-      RunSplit(call, buffers, stream, work, agree, unready);
+      RunSplit(call, buffers, stream, work, agree, unready, clock);
     } else {
-      RunLeader(call, buffers, stream, work, agree, unready);
+      RunLeader(call, buffers, stream, work, agree, unready, clock);
     }
   } catch (...) {
     // What the failed call queued into staging (its stage-in, others' work, waited for above)
@@ -481,15 +486,17 @@ void DeviceGroup::SettleRetired(bool delivered) {
 }
 
 void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
-                            const GroupWork& work, const CrossNodeAgreement& agree, const std::exception_ptr& unready) {
+                            const GroupWork& work, const CrossNodeAgreement& agree, const std::exception_ptr& unready,
+                            PhaseClock& clock) {
   const int rank = transport_.rank(), size = transport_.size();
   const size_t message_bytes = kHeaderBytes + buffers.size() * sizeof(IpcBuffer);
 
   if (rank != kLeader) {
     std::vector<char> message;
     std::vector<size_t> staged_at;
-    const std::exception_ptr failure = Prepare(call, buffers, stream, unready, &message, &staged_at);
+    const std::exception_ptr failure = Prepare(call, buffers, stream, unready, &message, &staged_at, clock);
     const char answer = exchange_.Hand(message.data(), message_bytes);
+    clock.Lap("peer: hand over, until the leader's answer");
     // The leader works only for calls every rank prepared, and may have queued part of it.
     if (answer == kFailed && !failure) AfterPeersOfFailedCall(stream);
     if (failure) std::rethrow_exception(failure);
@@ -500,6 +507,7 @@ void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>
     if (answer != kDone) throw CommError("pycomm: the collective failed on another rank (see its error)");
     // The leader recorded `done` before telling us, so this waits for this call's work.
     After(peer_done_[kLeader], stream, kLeader);
+    clock.Lap("peer: wait for the leader's work");
     StageOut(buffers, staged_at, stream);
     return;
   }
@@ -521,6 +529,7 @@ void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>
   // the peers' buffers mapped included.
   try {
     exchange_.Collect(&messages, message_bytes);
+    clock.Lap("leader: collect the peers' hand-offs");
     if (unready) std::rethrow_exception(unready);
     for (int peer = 1; peer < size; ++peer) CloseRetired(messages[peer].data());
     CheckCalls(call, messages);
@@ -534,6 +543,7 @@ void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>
       }
     }
     if (agree) agree.prepare(WorkPart{});
+    clock.Lap("leader: check the calls, map the buffers");
   } catch (const MismatchError&) {
     fail(kMismatch);
   } catch (...) {
@@ -542,6 +552,7 @@ void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>
   if (agree) {
     try {
       agree.agree(!failure ? 0 : answer == kMismatch ? 2 : 1, WorkPart{});
+      clock.Lap("leader: agree with other nodes");
     } catch (const MismatchError&) {
       fail(kMismatch);
     } catch (...) {
@@ -556,13 +567,16 @@ void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>
         for (int peer = 1; peer < size; ++peer) After(peer_ready_[peer], stream, peer);
       }
       work(mapped, WorkPart{}, stream);
+      clock.Lap("leader: queue the work");
       Check(cudaEventRecord(done_, stream), "cudaEventRecord(done)");
+      clock.Lap("leader: record done");
     } catch (...) {
       fail(kFailed);
       RecordAfterFailure(done_, stream);  // for what `work` queued before it failed
     }
   }
   exchange_.Answer(answer);
+  clock.Lap("leader: answer");
   if (failure) std::rethrow_exception(failure);
 }
 
@@ -612,17 +626,19 @@ char DeviceGroup::ExchangeAll(const std::vector<char>& message, std::vector<char
 }
 
 void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
-                           const GroupWork& work, const CrossNodeAgreement& agree, const std::exception_ptr& unready) {
+                           const GroupWork& work, const CrossNodeAgreement& agree, const std::exception_ptr& unready,
+                           PhaseClock& clock) {
   const int rank = transport_.rank(), size = transport_.size();
   const size_t message_bytes = kHeaderBytes + buffers.size() * sizeof(IpcBuffer);
   // 1. Every rank's buffers (and that its inputs are ready) to every rank, the calls checked.
   std::vector<char> message;
   std::vector<size_t> staged_at;
-  std::exception_ptr failure = Prepare(call, buffers, stream, unready, &message, &staged_at);
+  std::exception_ptr failure = Prepare(call, buffers, stream, unready, &message, &staged_at, clock);
   std::vector<char> table;
   std::exception_ptr checked;  // the leader's check's error, or this rank's hand-off's
   const char answer = ExchangeAll(
       message, &table, [&](const std::vector<std::vector<char>>& all) { CheckCalls(call, all); }, failure, &checked);
+  clock.Lap("split: exchange the buffers");
   const WorkPart part{rank, size, true};
   if (failure || checked || answer != kDone) {
     // Other nodes hear of it before this node gives up (they would otherwise wait for it).
@@ -665,6 +681,7 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
   } catch (...) {
     failure = std::current_exception();
   }
+  clock.Lap("split: map the buffers");
   if (agree) {
     if (!failure) {
       try {
@@ -694,6 +711,7 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
     if (!failure && verdict != kDone) {
       failure = std::make_exception_ptr(CommError("pycomm: the collective failed on another rank (see its error)"));
     }
+    clock.Lap("split: agree with other nodes");
   }
   if (!failure) {
     try {
@@ -703,6 +721,7 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
       work(mapped, part, stream);
       Check(cudaEventRecord(done_, stream), "cudaEventRecord(done)");
       queued = 1;
+      clock.Lap("split: queue the part");
     } catch (...) {
       failure = std::current_exception();
       RecordAfterFailure(done_, stream);  // for what `work` queued before it failed
@@ -721,6 +740,7 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
         }
       },
       failure, &checked, &heard);
+  clock.Lap("split: exchange the statuses");
   if (failure || checked || all_queued != kDone) {
     if (heard) AfterPeersOfFailedCall(stream);
     if (failure) std::rethrow_exception(failure);
@@ -732,6 +752,7 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
   for (int q = 0; q < size; ++q) {
     if (q != rank) After(peer_done_[q], stream, q);
   }
+  clock.Lap("split: wait for the others' parts");
   StageOut(buffers, staged_at, stream);
 }
 

@@ -36,6 +36,7 @@
 #include <string>
 #include <vector>
 
+#include "core/phase_times.h"
 #include "cuda/ipc_memory.h"
 #include "cuda/scratch.h"
 #include "transport/leader_exchange.h"
@@ -163,10 +164,13 @@ class DeviceGroup {
 
   // `unready`: this rank's failure before the call began (making its GPU current): it still
   // takes part, so that the call fails on every rank instead of the others waiting for it.
+  // `clock`: this call's phases (PhaseClock), lapped as it goes.
   void RunLeader(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
-                 const GroupWork& work, const CrossNodeAgreement& agree, const std::exception_ptr& unready);
+                 const GroupWork& work, const CrossNodeAgreement& agree, const std::exception_ptr& unready,
+                 PhaseClock& clock);
   void RunSplit(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
-                const GroupWork& work, const CrossNodeAgreement& agree, const std::exception_ptr& unready);
+                const GroupWork& work, const CrossNodeAgreement& agree, const std::exception_ptr& unready,
+                PhaseClock& clock);
   // Returns where other ranks can reach buffers[i], staging buffers that cannot be exported
   // (staged_at[i]: where in staging_; SIZE_MAX: not staged).
   void Describe(const std::vector<BufferRef>& buffers, cudaStream_t stream, std::vector<IpcBuffer>* out,
@@ -177,7 +181,7 @@ class DeviceGroup {
   // call fails everywhere.
   std::exception_ptr Prepare(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
                              const std::exception_ptr& unready, std::vector<char>* message,
-                             std::vector<size_t>* staged_at);
+                             std::vector<size_t>* staged_at, PhaseClock& clock);
   // After the call's work: copies staged outputs back to the caller's buffers.
   void StageOut(const std::vector<BufferRef>& buffers, const std::vector<size_t>& staged_at, cudaStream_t stream);
   // On the leader: throws MismatchError or CommError unless every peer's message (header first)

@@ -80,6 +80,14 @@ struct DeviceScope {
 void RegisterCommunicator(py::module_& m) {
   m.def("mpi_build_version", &MpiBuildVersion);
   m.def("built_with_cuda", &BuiltWithCuda);
+  // For benchmarks' latency breakdowns: [(phase, seconds, laps)] of the device calls since
+  // set_phase_timing(True).
+  m.def("set_phase_timing", &SetPhaseTiming, py::arg("on"));
+  m.def("phase_times", [] {
+    py::list out;
+    for (const PhaseTime& t : PhaseTimes()) out.append(py::make_tuple(t.phase, t.seconds, t.laps));
+    return out;
+  });
   m.def("any_peer_failed", &Communicator::AnyPeerFailed);
   py::class_<DeviceScope>(m, "DeviceScope")
       .def(py::init([](int device) { return DeviceScope{device, nullptr}; }))

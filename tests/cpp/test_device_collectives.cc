@@ -1064,6 +1064,55 @@ void TestManyCalls(const std::vector<int>& node_of, size_t n) {
   });
 }
 
+// Phase timing (for bench/gpu_allreduce.py's breakdown): while on, each call of each rank laps
+// its role's phases once; off, nothing is summed. Ranks are threads here, so the process's sums
+// hold every rank's laps.
+void TestPhaseTimes(const std::vector<int>& node_of, bool split) {
+  const int P = static_cast<int>(node_of.size());
+  constexpr int kCalls = 5;
+  auto run = [&](int calls) {
+    RunPlaced(node_of, [&](int, pycomm::DeviceCollectives& c) {
+      int64_t* a = DeviceArray(std::vector<int64_t>(100, 1));
+      for (int call = 0; call < calls; ++call) c.Allreduce(a, a, 100, DataType::kInt64, ReduceOp::kSum, nullptr);
+      Sync();
+      cudaFree(a);
+    });
+  };
+  auto laps = [](const std::string& phase) {
+    for (const pycomm::PhaseTime& t : pycomm::PhaseTimes()) {
+      if (t.phase == phase) return static_cast<int>(t.laps);
+    }
+    return 0;
+  };
+  const std::string where = Layout(node_of) + (split ? " split" : " leader");
+  pycomm::SetPhaseTiming(true);
+  run(kCalls);
+  pycomm::SetPhaseTiming(false);
+  const auto times = pycomm::PhaseTimes();
+  Expect(laps("all: make the GPU current") == P * kCalls, "every call timed " + where);
+  if (split) {
+    Expect(laps("prepare: export the buffers") == P * kCalls, "every rank prepares " + where);
+    Expect(laps("split: queue the part") == P * kCalls, "every rank queues " + where);
+    Expect(laps("split: wait for the others' parts") == P * kCalls, "every rank waits " + where);
+    Expect(laps("leader: queue the work") == 0, "no leader's work " + where);
+  } else {
+    Expect(laps("leader: collect the peers' hand-offs") == kCalls, "the leader collects " + where);
+    Expect(laps("leader: queue the work") == kCalls, "the leader queues " + where);
+    Expect(laps("leader: answer") == kCalls, "the leader answers " + where);
+    Expect(laps("prepare: wait for the own stream") == (P - 1) * kCalls, "peers wait for their streams " + where);
+    Expect(laps("peer: hand over, until the leader's answer") == (P - 1) * kCalls, "peers hand over " + where);
+    Expect(laps("peer: wait for the leader's work") == (P - 1) * kCalls, "peers wait " + where);
+  }
+  bool sane = true;
+  for (const pycomm::PhaseTime& t : times) sane = sane && t.seconds >= 0 && t.seconds < 60 && t.laps > 0;
+  Expect(sane, "phase times " + where);
+  run(2);  // off: nothing more is summed
+  Expect(laps("all: make the GPU current") == P * kCalls, "phase timing off " + where);
+  pycomm::SetPhaseTiming(true);
+  Expect(pycomm::PhaseTimes().empty(), "turned on again, the sums start from zero " + where);
+  pycomm::SetPhaseTiming(false);
+}
+
 // Threads meet: none leaves before all have arrived.
 class Meeting {
  public:
@@ -1552,6 +1601,10 @@ int main() {
   TestAutoSync({0, 0, 0}, 1);
   TestAutoSync({0, 0, 1, 1}, 4);  // each node decides for itself
   TestLeaderAfterSplitSetUp();
+  TestPhaseTimes({0, 0, 0}, false);
+  g_own_gpus = true;  // auto splits
+  TestPhaseTimes({0, 0, 0}, true);
+  g_own_gpus = false;
   TestOrderAfterStream();
   TestUseDevice();
   // A stream of each rank's own instead of its default stream.

@@ -10,6 +10,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace pycomm {
 
@@ -35,6 +36,16 @@ size_t DataTypeSize(DataType dtype);
 const char* DataTypeName(DataType dtype);
 const char* ReduceOpName(ReduceOp op);
 bool IsFloatingPoint(DataType dtype);
+
+// Host time per phase of the device collectives' calls in this process, for benchmarks' latency
+// breakdowns. SetPhaseTiming(true) zeroes the sums and starts them; false stops them.
+struct PhaseTime {
+  std::string phase;  // "<role>: <what>", as first entered
+  double seconds;     // summed over the calls
+  uint64_t laps;      // how many calls entered it
+};
+void SetPhaseTiming(bool on);
+std::vector<PhaseTime> PhaseTimes();
 
 // True when this build has the CUDA parts (device collectives).
 bool BuiltWithCuda();
