@@ -14,6 +14,8 @@
 #      kernels' own test is step 3's;
 #   7. trains with cupy arrays (python -m pycomm.train --device gpu --check) where scikit-learn exists;
 #   8. runs the benchmark CLI on GPU arrays (python -m pycomm.bench --device gpu --vs mpi) at P = 2.
+# GPU_CHECK_QUICK=1 runs steps 1, 2 and the 8 B-64 KiB part of step 4 at P = 2 only (a minute or
+# two after the build), to try a change to the small-message path on a device.
 # Logs and JSON go to $OUT (default build/gpu-check-out): 7 files, under the device tool's 8 (the
 # JSON parts wait in /tmp until the end, so a run cut short leaves no more); a short summary is
 # printed last.
@@ -74,6 +76,16 @@ if [ $status -ne 0 ]; then
   exit 1
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONFAULTHANDLER=1  # a crash prints the Python stack of each thread
+
+if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
+  timed "$(limit 120)" mpirun -n 2 $PY bench/gpu_allreduce.py --max-bytes 65536 --json "$OUT/gpu_allreduce.json" \
+    >"$OUT/gpu_allreduce.txt" 2>&1
+  step "GPU allreduce bench P=2, 8 B-64 KiB" "exit $?"
+  cat "$OUT/gpu_allreduce.txt"
+  printf '%s\n' "${summary[@]}"
+  echo "total: $SECONDS s"
+  exit 0
+fi
 
 # 3. Kernels
 timed "$(limit 120)" ./build/gpu-check/reduce_bench >"$OUT/reduce_bench.txt" 2>&1
