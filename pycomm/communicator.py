@@ -166,6 +166,8 @@ class Communicator:
                 result = np.empty(x.shape, x.dtype) if out is None else out
                 if type(result) is np.ndarray and self._native.allreduce_if_plain(x, result, code):
                     return result
+        if out is x and stream is None and self._allreduce_device_in_place(x, op):
+            return x
         if _is_device(x):
             return self._allreduce_device(x, op, out, stream)
         self._check_host_stream(stream)
@@ -180,6 +182,8 @@ class Communicator:
         wait() returns. Device arrays are queued on `stream` at once, as with allreduce: the
         returned Work is already done, and the stream orders everything after it.
         """
+        if out is x and stream is None and self._allreduce_device_in_place(x, op):
+            return Work(None, x, ())
         if _is_device(x):
             out = self._allreduce_device(x, op, out, stream)
             return Work(None, out, ())
@@ -367,17 +371,22 @@ class Communicator:
                 raise ValueError(f"pycomm: out is on GPU {out_gpu}, x on GPU {x_gpu}")
         return o
 
+    def _allreduce_device_in_place(self, x, op) -> bool:
+        """Fast path for the commonest device call (a training loop's, a benchmark's): x in place
+        on the library's current stream, with a known op. False, having done nothing, for
+        anything unusual (host arrays included): the full checks then run and word any error."""
+        plain = device_arrays.plain_in_place(x)
+        if plain is None or self._closed:
+            return False
+        code = _OP_CODES.get(op) if type(op) is str else int(op) if type(op) is ReduceOp else None
+        library, ptr, count, dtype, device, on = plain
+        if code is None or (code == ReduceOp.AVG and dtype not in FLOATING_CODES):
+            return False
+        self._native.allreduce_device(ptr, ptr, count, dtype, code, device, on)
+        device_arrays.bump_version(library, x)
+        return True
+
     def _allreduce_device(self, x, op, out, stream):
-        # Fast path for the commonest call (a training loop's, a benchmark's): in place on the
-        # library's current stream, with a known op. Anything unusual takes the full checks.
-        if out is x and stream is None and not self._closed:
-            plain = device_arrays.plain_in_place(x)
-            code = _OP_CODES.get(op) if type(op) is str else int(op) if type(op) is ReduceOp else None
-            if plain is not None and code is not None and (code != ReduceOp.AVG or plain[3] in FLOATING_CODES):
-                library, ptr, count, dtype, device, on = plain
-                self._native.allreduce_device(ptr, ptr, count, dtype, code, device, on)
-                device_arrays.bump_version(library, x)
-                return x
         self._check_open()
         d = device_arrays.describe(x, stream=stream)
         op = self._check_op(d.dtype, op)

@@ -156,13 +156,14 @@ def describe(x, what: str = "x", stream=None) -> DeviceArray:
 
 def plain_in_place(x):
     """For the commonest device call (in place, on the library's current stream): (library, ptr,
-    count, dtype code, device, stream) of a torch CUDA tensor or cupy array (is_device_array(x)
-    is true) that needs none of describe()'s special cases and whose dtype was described before;
-    None otherwise, and describe() then checks it and words any error. A small call's budget is
-    ~20 us on every rank (issue 4): this skips describe()'s tuple and the lookups it repeats."""
+    count, dtype code, device, stream) of a torch CUDA tensor or cupy array of a type seen
+    before that needs none of describe()'s special cases and whose dtype was described before;
+    None for anything else (host arrays too), which describe() then checks. A small call's
+    budget is ~20 us on every rank (issue 4): this skips describe()'s tuple and the lookups it
+    repeats."""
     kind = _kinds.get(type(x))
     if kind == _TORCH:
-        if x.requires_grad or x.is_neg() or x.is_conj() or not x.is_contiguous():
+        if not x.is_cuda or x.requires_grad or x.is_neg() or x.is_conj() or not x.is_contiguous():
             return None
         code = _torch_codes.get(x.dtype)
         if code is None:

@@ -220,31 +220,42 @@ def test_in_place_calls_on_the_current_stream_skip_describe_and_pass_the_same_ar
 
 
 def test_torch_in_place_fast_path(recorded, monkeypatch):
-    """CPU tensors stand in for CUDA ones, with a stand-in for torch's raw current stream."""
+    """CPU tensors of a subclass that says it is on a GPU stand in for CUDA tensors, with a
+    stand-in for torch's raw current stream; plain CPU tensors take the numpy path."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(device_arrays, "is_device_array", lambda x: True)
+
+    class OnGpu(torch.Tensor):
+        __torch_function__ = torch._C._disabled_torch_function_impl
+
+        @property
+        def is_cuda(self):
+            return True
+
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 40 + device, raising=False)
     monkeypatch.setattr(device_arrays, "hold_for_stream", lambda stream, arrays: None)  # CPU tensors
     described = []
     describe = device_arrays.describe
     monkeypatch.setattr(device_arrays, "describe", lambda x, *a, **k: described.append(x) or describe(x, *a, **k))
     calls = recorded._native.calls
-    x = torch.ones(6, dtype=torch.float64)
+    x = torch.ones(6, dtype=torch.float64).as_subclass(OnGpu)
     recorded.allreduce(x, op="avg", out=x, stream=39)  # CPU tensors are on device -1
     before = x._version
     assert recorded.allreduce(x, op="avg", out=x) is x
-    assert x._version == before + 1 and calls[1] == calls[0] and described == [x]
+    assert recorded.allreduce_async(x, op="avg", out=x).wait() is x
+    assert x._version == before + 2 and calls[2] == calls[1] == calls[0] and described == [x]
     for bad, match in [
         (torch.ones(3, requires_grad=True), "requires grad"),
         (torch._neg_view(torch.ones(3)), "negated"),
         (torch.ones(3, 2).t(), "contiguous"),
         (torch.zeros(3, dtype=torch.complex64), "not supported"),
+        (torch.ones(3, dtype=torch.int32), "integer"),
     ]:
+        bad = bad.as_subclass(OnGpu)
         with pytest.raises((ValueError, TypeError), match=match):
-            recorded.allreduce(bad, out=bad)
-    with pytest.raises(ValueError, match="integer"):
-        recorded.allreduce(torch.ones(3, dtype=torch.int32), op="avg", out=torch.ones(3, dtype=torch.int32))
-    assert len(calls) == 2
+            recorded.allreduce(bad, op="avg", out=bad)
+    assert len(calls) == 3
+    on_host = torch.ones(3)
+    assert recorded.allreduce(on_host, out=on_host) is on_host and len(calls) == 3
 
 
 def test_torch_tensors_are_described_from_their_attributes():
