@@ -68,7 +68,7 @@ def torch_like_tensor(n):
         def is_cuda(self):
             return True
 
-    if not hasattr(torch._C, "_cuda_getCurrentRawStream"):
+    if not hasattr(torch._C, "_cuda_getCurrentRawStream"):  # for the rest of this process
         torch._C._cuda_getCurrentRawStream = lambda device: 0
     return torch.zeros(n).as_subclass(OnGpu)
 

@@ -153,7 +153,8 @@ def latency_breakdown(comm) -> dict:
 def phase_breakdown(comm, x, calls: int = 500) -> dict:
     """Host microseconds per call in each phase of an in-place allreduce of `x`, on every rank
     (the core's phase timing): where the hand-offs' time goes. Phases are summed per role, each
-    over the calls that entered it; the rest of a call (Python, the bindings) is in none."""
+    over the calls that entered it; the rest of a call (Python, the bindings, the core's checks,
+    a peer's stage-out, giving the caller back its GPU) is in none."""
     from pycomm._native import _core
 
     comm.allreduce(x, out=x)
@@ -217,7 +218,7 @@ def main():
                 f"{'n/a' if gpu_us is None else format(gpu_us, '.1f'):>9} "
                 f"{row['algbw']:>12.2f} {row['busbw']:>12.2f} {row['floor_us']:>10.1f} {row['efficiency']:>6.2f}"
             )
-        size *= 4 if size < (1 << 20) else 2
+        size *= 4 if size < (32 << 10) else 2  # 8 B-32 KiB by 4, then every power of 2: 64 KiB (the target's edge) too
     staged = None
     if args.max_bytes >= 64 << 20:
         x = torch.ones(16 << 20, device="cuda")

@@ -14,8 +14,8 @@
 #      kernels' own test is step 3's;
 #   7. trains with cupy arrays (python -m pycomm.train --device gpu --check) where scikit-learn exists;
 #   8. runs the benchmark CLI on GPU arrays (python -m pycomm.bench --device gpu --vs mpi) at P = 2.
-# GPU_CHECK_QUICK=1 runs steps 1, 2 and the 8 B-64 KiB part of step 4 at P = 2 only (a minute or
-# two after the build), to try a change to the small-message path on a device.
+# GPU_CHECK_QUICK=1 runs steps 1, 2 and the 8 B-64 KiB part of step 4 at P = 2, host sync, only
+# (a minute or two after the build), to try a change to the small-message path on a device.
 # Logs and JSON go to $OUT (default build/gpu-check-out): 7 files, under the device tool's 8 (the
 # JSON parts wait in /tmp until the end, so a run cut short leaves no more); a short summary is
 # printed last.
@@ -73,18 +73,33 @@ step "build (CUDA, module)" "$([ $status -eq 0 ] && echo ok || echo FAILED)"
 if [ $status -ne 0 ]; then
   tail -30 "$OUT/build.log"
   printf '%s\n' "${summary[@]}"
+  rm -rf "$PARTS"
   exit 1
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONFAULTHANDLER=1  # a crash prints the Python stack of each thread
 
+# One JSON for all runs (the device tool brings back few files), keyed by each part's name.
+merge_parts() {
+  $PY - "$PARTS" "$OUT" <<'PYEOF'
+import glob, json, os, sys
+runs = {}
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "part_*.json"))):
+    runs[os.path.basename(path)[5:-5]] = json.load(open(path))
+json.dump(runs, open(os.path.join(sys.argv[2], "gpu_allreduce.json"), "w"), indent=1)
+PYEOF
+  rm -rf "$PARTS"
+}
+
 if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
-  timed "$(limit 120)" mpirun -n 2 $PY bench/gpu_allreduce.py --max-bytes 65536 --json "$OUT/gpu_allreduce.json" \
-    >"$OUT/gpu_allreduce.txt" 2>&1
-  step "GPU allreduce bench P=2, 8 B-64 KiB" "exit $?"
+  PYCOMM_GPU_SYNC=host timed "$(limit 120)" mpirun -n 2 $PY bench/gpu_allreduce.py --max-bytes 65536 \
+    --json "$PARTS/part_host_p2.json" >"$OUT/gpu_allreduce.txt" 2>&1
+  rc=$?
+  step "GPU allreduce bench host P=2, 8 B-64 KiB" "exit $rc"
+  merge_parts
   cat "$OUT/gpu_allreduce.txt"
   printf '%s\n' "${summary[@]}"
   echo "total: $SECONDS s"
-  exit 0
+  exit $rc
 fi
 
 # 3. Kernels
@@ -133,15 +148,7 @@ timed "$(limit 60)" mpirun -n 2 $PY -m pycomm.bench --device gpu -b 16 -e 64M -f
 step "pycomm.bench --device gpu P=2" "exit $? ($(grep -o 'Wrong elements: .*' "$cli"))"
 cat "$cli" >>"$OUT/gpu_allreduce.txt"
 
-# One JSON for all runs: the device tool brings back few files.
-$PY - "$PARTS" "$OUT" <<'PYEOF'
-import glob, json, os, sys
-runs = {}
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "part_*.json"))):
-    runs[os.path.basename(path)[5:-5]] = json.load(open(path))
-json.dump(runs, open(os.path.join(sys.argv[2], "gpu_allreduce.json"), "w"), indent=1)
-PYEOF
-rm -rf "$PARTS"
+merge_parts
 
 echo
 grep -vE "^FAIL" "$OUT/reduce_bench.txt" | tail -12

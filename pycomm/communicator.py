@@ -373,7 +373,7 @@ class Communicator:
 
     def _allreduce_device_in_place(self, x, op) -> bool:
         """Fast path for the commonest device call (a training loop's, a benchmark's): x in place
-        on the library's current stream, with a known op. False, having done nothing, for
+        on the library's current stream, with a known op. False, having sent nothing, for
         anything unusual (host arrays included): the full checks then run and word any error."""
         plain = device_arrays.plain_in_place(x)
         if plain is None or self._closed:

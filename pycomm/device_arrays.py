@@ -157,10 +157,10 @@ def describe(x, what: str = "x", stream=None) -> DeviceArray:
 def plain_in_place(x):
     """For the commonest device call (in place, on the library's current stream): (library, ptr,
     count, dtype code, device, stream) of a torch CUDA tensor or cupy array of a type seen
-    before that needs none of describe()'s special cases and whose dtype was described before;
-    None for anything else (host arrays too), which describe() then checks. A small call's
-    budget is ~20 us on every rank (issue 4): this skips describe()'s tuple and the lookups it
-    repeats."""
+    before that needs none of describe()'s special cases and whose dtype pycomm has accepted
+    before; None for anything else (host arrays too), which describe() then checks. A small
+    call's budget is ~20 us on every rank (issue 4): this skips describe()'s tuple and the
+    lookups it repeats."""
     kind = _kinds.get(type(x))
     if kind == _TORCH:
         if not x.is_cuda or x.requires_grad or x.is_neg() or x.is_conj() or not x.is_contiguous():
@@ -193,7 +193,7 @@ def bump_version(library: str, obj) -> None:
     in-place operations, so that autograd refuses a backward that saved its old values instead
     of silently using the new ones."""
     if library == _TORCH:
-        sys.modules["torch"].autograd.graph.increment_version((obj,))  # a tuple: a single tensor is slower
+        sys.modules["torch"].autograd.graph.increment_version(obj)  # a tensor: torch < 2.5 takes no tuple
 
 
 def check_writable(d: DeviceArray, what: str) -> None:

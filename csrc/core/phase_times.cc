@@ -1,9 +1,8 @@
 #include "core/phase_times.h"
 
 #include <atomic>
-#include <cstring>
+#include <cstdint>
 #include <mutex>
-#include <string>
 #include <vector>
 
 #include "pycomm/pycomm.h"
@@ -12,7 +11,9 @@ namespace pycomm {
 
 namespace {
 
-std::atomic<bool> g_on{false};
+// Odd while timing is on. Turning it on (again) or off moves it on, so that a call that began
+// before adds nothing.
+std::atomic<uint64_t> g_generation{0};
 std::mutex g_mu;
 std::vector<PhaseTime> g_sums;  // in the order first entered
 
@@ -21,7 +22,9 @@ std::vector<PhaseTime> g_sums;  // in the order first entered
 void SetPhaseTiming(bool on) {
   std::lock_guard<std::mutex> lock(g_mu);
   if (on) g_sums.clear();
-  g_on = on;
+  const uint64_t now = g_generation.load();
+  const bool was_on = now % 2 == 1;
+  g_generation = now + (on ? (was_on ? 2 : 1) : (was_on ? 1 : 0));  // on: the next odd one
 }
 
 std::vector<PhaseTime> PhaseTimes() {
@@ -29,7 +32,7 @@ std::vector<PhaseTime> PhaseTimes() {
   return g_sums;
 }
 
-PhaseClock::PhaseClock() : on_(g_on.load(std::memory_order_relaxed)) {
+PhaseClock::PhaseClock() : generation_(g_generation.load(std::memory_order_relaxed)), on_(generation_ % 2 == 1) {
   if (on_) last_ = std::chrono::steady_clock::now();
 }
 
@@ -43,15 +46,19 @@ void PhaseClock::Lap(const char* phase) {
 
 PhaseClock::~PhaseClock() {
   if (!on_ || laps_ == 0) return;
-  std::lock_guard<std::mutex> lock(g_mu);
-  for (int i = 0; i < laps_; ++i) {
-    PhaseTime* sum = nullptr;
-    for (PhaseTime& s : g_sums) {
-      if (s.phase == phase_[i]) sum = &s;
+  try {  // a destructor, maybe while a failed call unwinds: a timing lost is no error
+    std::lock_guard<std::mutex> lock(g_mu);
+    if (g_generation.load() != generation_) return;  // timing stopped, or began again, meanwhile
+    for (int i = 0; i < laps_; ++i) {
+      PhaseTime* sum = nullptr;
+      for (PhaseTime& s : g_sums) {
+        if (s.phase == phase_[i]) sum = &s;
+      }
+      if (!sum) sum = &g_sums.emplace_back(PhaseTime{phase_[i], 0.0, 0});
+      sum->seconds += seconds_[i];
+      ++sum->laps;
     }
-    if (!sum) sum = &g_sums.emplace_back(PhaseTime{phase_[i], 0.0, 0});
-    sum->seconds += seconds_[i];
-    ++sum->laps;
+  } catch (...) {
   }
 }
 

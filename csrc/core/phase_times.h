@@ -1,9 +1,10 @@
 // Where the host time of a call goes, phase by phase, summed over the process's calls: for the
 // latency breakdown of benchmarks (bench/gpu_allreduce.py). Off unless SetPhaseTiming(true)
-// asked for it; a lap then costs one branch.
+// asked for it; while off, a lap costs one branch.
 #pragma once
 
 #include <chrono>
+#include <cstdint>
 
 namespace pycomm {
 
@@ -21,6 +22,7 @@ class PhaseClock {
 
  private:
   static constexpr int kMaxLaps = 16;
+  uint64_t generation_;  // of the timing this call began under: its laps count only in that one
   bool on_;
   std::chrono::steady_clock::time_point last_;
   int laps_ = 0;

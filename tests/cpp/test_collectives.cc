@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "core/fault.h"
+#include "core/phase_times.h"
 #include "expect.h"
 #include "pycomm/pycomm.h"
 #include "transport/leader_exchange.h"
@@ -387,7 +388,43 @@ void TestFaultPlanParsing() {
   unsetenv("PYCOMM_FAULT");
 }
 
+// Phase timing: a call counts where timing was on, unchanged, from its start to its end.
+void TestPhaseClock() {
+  auto laps = [](const char* phase) {
+    for (const pycomm::PhaseTime& t : pycomm::PhaseTimes()) {
+      if (t.phase == phase) return static_cast<int>(t.laps);
+    }
+    return 0;
+  };
+  {
+    pycomm::PhaseClock off;
+    off.Lap("a");
+  }
+  Expect(pycomm::PhaseTimes().empty(), "phase timing off: nothing summed");
+  pycomm::SetPhaseTiming(true);
+  for (int i = 0; i < 3; ++i) {
+    pycomm::PhaseClock clock;
+    clock.Lap("a");
+    clock.Lap("b");
+    clock.Lap("a");
+  }
+  Expect(laps("a") == 6 && laps("b") == 3 && pycomm::PhaseTimes()[0].phase == "a", "phase timing: laps summed");
+  {
+    pycomm::PhaseClock before_restart;
+    pycomm::SetPhaseTiming(true);  // zeroes the sums: the call that began before adds nothing
+    before_restart.Lap("a");
+  }
+  Expect(pycomm::PhaseTimes().empty(), "phase timing restarted: an earlier call adds nothing");
+  {
+    pycomm::PhaseClock before_stop;
+    before_stop.Lap("a");
+    pycomm::SetPhaseTiming(false);
+  }
+  Expect(pycomm::PhaseTimes().empty(), "phase timing stopped: a call in flight adds nothing");
+}
+
 int main() {
+  TestPhaseClock();
   TestFaultPlanParsing();
   TestLiveStartTicks();
   const size_t chunks[] = {8, 24, 4096, size_t{1} << 20};

@@ -38,7 +38,8 @@ const char* ReduceOpName(ReduceOp op);
 bool IsFloatingPoint(DataType dtype);
 
 // Host time per phase of the device collectives' calls in this process, for benchmarks' latency
-// breakdowns. SetPhaseTiming(true) zeroes the sums and starts them; false stops them.
+// breakdowns. SetPhaseTiming(true) zeroes the sums and starts them; false stops them. A call
+// counts only if timing was on, unchanged, from its start to its end.
 struct PhaseTime {
   std::string phase;  // "<role>: <what>", as first entered
   double seconds;     // summed over the calls
