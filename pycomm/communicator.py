@@ -161,7 +161,7 @@ class Communicator:
         # Fast path for plain numpy arrays with a known op: the native layer checks them and
         # says if anything is unusual, and the full checks below then run (and word the error).
         if type(x) is np.ndarray and stream is None:
-            code = _OP_CODES.get(op) if type(op) is str else int(op) if type(op) is ReduceOp else None
+            code = _fast_op_code(op)
             if code is not None:
                 result = np.empty(x.shape, x.dtype) if out is None else out
                 if type(result) is np.ndarray and self._native.allreduce_if_plain(x, result, code):
@@ -378,7 +378,7 @@ class Communicator:
         plain = device_arrays.plain_in_place(x)
         if plain is None or self._closed:
             return False
-        code = _OP_CODES.get(op) if type(op) is str else int(op) if type(op) is ReduceOp else None
+        code = _fast_op_code(op)
         library, ptr, count, dtype, device, on = plain
         if code is None or (code == ReduceOp.AVG and dtype not in FLOATING_CODES):
             return False
@@ -425,8 +425,13 @@ class Communicator:
         return xa, outa, dtype_code(xa.dtype), op, result
 
 
-# Op names as the fast path takes them (other spellings take the full path).
+# Op names as the fast paths take them (other spellings take the full path).
 _OP_CODES = {o.name.lower(): int(o) for o in ReduceOp}
+
+
+def _fast_op_code(op):
+    """The native code of a lowercase op name or a ReduceOp, else None (the full path parses it)."""
+    return _OP_CODES.get(op) if type(op) is str else int(op) if type(op) is ReduceOp else None
 
 
 def _count(shape: tuple) -> int:

@@ -89,7 +89,6 @@ def is_torch_cpu(x) -> bool:
 
 
 _torch_dtypes = {}  # torch dtype -> numpy dtype, for those seen before
-_torch_codes = {}  # torch dtype -> pycomm's code, for those seen before and supported
 
 
 def _torch_dtype(t) -> np.dtype:
@@ -107,8 +106,6 @@ def _torch_dtype(t) -> np.dtype:
         except TypeError:
             raise TypeError(f"pycomm: dtype {t.dtype} is not supported") from None
     _torch_dtypes[t.dtype] = dtype
-    with contextlib.suppress(TypeError):  # unsupported: describe() says so on each call
-        _torch_codes[t.dtype] = dtype_code(dtype)
     return dtype
 
 
@@ -165,7 +162,7 @@ def plain_in_place(x):
     if kind == _TORCH:
         if not x.is_cuda or x.requires_grad or x.is_neg() or x.is_conj() or not x.is_contiguous():
             return None
-        code = _torch_codes.get(x.dtype)
+        code = known_code(_torch_dtypes.get(x.dtype))
         if code is None:
             return None
         device = x.get_device()
