@@ -46,6 +46,18 @@ def read_only_hint(x) -> str:
     )
 
 
+def plain_tensor_view(x):
+    """The numpy view of a torch CPU tensor that needs none of as_input's special cases (the
+    in-place fast path's); None for anything else, which as_input then checks and words. torch
+    itself refuses the unusual ones (requires grad, lazily negated, bfloat16) in numpy()."""
+    if not is_torch_cpu(x):
+        return None
+    try:
+        return x.numpy()
+    except (TypeError, RuntimeError):
+        return None
+
+
 def output_for(x, view: np.ndarray, out, shape: tuple):
     """The call's result and its numpy view: `out` if given (checked), else a new array of x's
     kind (a torch tensor stays a torch tensor). `view` is x's numpy view."""
@@ -65,6 +77,10 @@ def _numpy_view(x, what: str) -> np.ndarray:
     if is_torch_cpu(x):
         if x.requires_grad:
             raise ValueError(f"pycomm: {what} requires grad; pass {what}.detach() (or a .grad)")
+        if x.is_neg() or x.is_conj():  # as for CUDA tensors (device_arrays.describe)
+            raise ValueError(
+                f"pycomm: {what} is a lazily negated or conjugated view; pass {what}.resolve_neg().resolve_conj()"
+            )
         if str(x.dtype) == "torch.bfloat16":  # numpy has no bfloat16: view the bits as ml_dtypes'
             import ml_dtypes
 

@@ -12,7 +12,7 @@ from mpi4py import MPI
 
 from . import device_arrays, settings
 from ._native import _core
-from .buffers import as_input, check_no_partial_overlap, output_for, read_only_hint
+from .buffers import as_input, check_no_partial_overlap, output_for, plain_tensor_view, read_only_hint
 from .dtypes import FLOATING_CODES, dtype_code, is_floating
 from .errors import CommError
 from .ops import ReduceOp, parse_op
@@ -166,13 +166,16 @@ class Communicator:
                 result = np.empty(x.shape, x.dtype) if out is None else out
                 if type(result) is np.ndarray and self._native.allreduce_if_plain(x, result, code):
                     return result
-        if out is x and stream is None and self._allreduce_device_in_place(x, op):
-            return x
+        if out is x and stream is None:
+            if self._allreduce_device_in_place(x, op) or self._allreduce_tensor_in_place(x, op):
+                return x
         if _is_device(x):
             return self._allreduce_device(x, op, out, stream)
         self._check_host_stream(stream)
         xa, outa, code, op, result = self._prepare_allreduce(x, op, out)
         self._native.allreduce(xa, outa, xa.size, code, int(op))
+        if out is not None:
+            device_arrays.mark_host_written(out)
         return result
 
     def allreduce_async(self, x, op="sum", out=None, *, stream=None) -> Work:
@@ -190,6 +193,8 @@ class Communicator:
         self._check_host_stream(stream)
         xa, outa, code, op, result = self._prepare_allreduce(x, op, out)
         native = self._native.allreduce_async(xa, outa, xa.size, code, int(op))
+        if out is not None:
+            device_arrays.mark_host_written(out)  # at issue, as torch.distributed's async ops
         work = Work(native, result, (x, xa, outa))
         # Work completes in issue order, so finished entries are always at the left.
         with self._in_flight_lock:
@@ -224,6 +229,8 @@ class Communicator:
         result, outa = output_for(x, xa, out, shape)
         check_no_partial_overlap(xa, outa)
         self._native.reduce_scatter(xa, outa, outa.size, dtype_code(xa.dtype), int(op))
+        if out is not None:
+            device_arrays.mark_host_written(out)
         return result
 
     def allgather(self, x, out=None, *, stream=None):
@@ -249,6 +256,8 @@ class Communicator:
         result, outa = output_for(x, xa, out, shape)
         check_no_partial_overlap(xa, outa)
         self._native.allgather(xa, outa, xa.size, dtype_code(xa.dtype))
+        if out is not None:
+            device_arrays.mark_host_written(out)
         return result
 
     def broadcast(self, x, root: int = 0, *, stream=None):
@@ -268,6 +277,7 @@ class Communicator:
         if not xa.flags.writeable:
             raise ValueError(f"pycomm: broadcast writes into x, which is read-only{read_only_hint(x)}")
         self._native.broadcast(xa, xa.size, dtype_code(xa.dtype), int(root))
+        device_arrays.mark_host_written(x)
         return x
 
     def empty(self, shape, dtype=np.float32) -> np.ndarray:
@@ -384,6 +394,17 @@ class Communicator:
             return False
         self._native.allreduce_device(ptr, ptr, count, dtype, code, device, on)
         device_arrays.bump_version(library, x)
+        return True
+
+    def _allreduce_tensor_in_place(self, x, op) -> bool:
+        """Fast path for a torch CPU tensor in place with a known op (a CPU training loop's call):
+        its numpy view takes the numpy arrays' fast path. False, having sent nothing, for
+        anything unusual: the full checks then run and word any error."""
+        view = plain_tensor_view(x)
+        code = _fast_op_code(op)
+        if view is None or code is None or self._closed or not self._native.allreduce_if_plain(view, view, code):
+            return False
+        device_arrays.bump_version("torch", x)
         return True
 
     def _allreduce_device(self, x, op, out, stream):

@@ -193,6 +193,13 @@ def bump_version(library: str, obj) -> None:
         sys.modules["torch"].autograd.graph.increment_version(obj)  # a tensor: torch < 2.5 takes no tuple
 
 
+def mark_host_written(obj) -> None:
+    """Once the host path has written into `obj` (a caller's output, or x in place): bump_version
+    for a torch CPU tensor, nothing for other arrays."""
+    if _kind(obj) == _TORCH:
+        bump_version(_TORCH, obj)
+
+
 def check_writable(d: DeviceArray, what: str) -> None:
     """Before anything is sent: pycomm is about to write into `d`."""
     if d.readonly:

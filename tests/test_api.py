@@ -143,6 +143,13 @@ def _torch_bad_inputs():
         ("tensor out of another dtype", lambda c: c.allreduce(torch.ones(3), out=torch.ones(3, dtype=torch.float64)),
          TypeError),
         ("complex tensor", lambda c: c.allreduce(torch.ones(3, dtype=torch.complex64)), TypeError),
+        ("lazily negated tensor in place", lambda c: (lambda t: c.allreduce(t, out=t))(torch._neg_view(torch.ones(3))),
+         ValueError),
+        ("tensor that requires grad, in place", lambda c: (lambda t: c.allreduce(t, out=t))(
+            torch.ones(3, requires_grad=True)), ValueError),
+        ("non-contiguous tensor in place", lambda c: (lambda t: c.allreduce(t, out=t))(torch.ones(4, 4).T), ValueError),
+        ("avg of an integer tensor in place", lambda c: (lambda t: c.allreduce(t, op="avg", out=t))(
+            torch.ones(3, dtype=torch.int32)), ValueError),
     ]  # fmt: skip
 
 
@@ -204,3 +211,69 @@ def test_debug_lines_are_rank_prefixed(capfd):
 
 def test_build_and_runtime_mpi_agree():
     assert pycomm.BUILD_MPI.split()[0].lower() in pycomm.RUNTIME_MPI.lower()
+
+
+class _NativeCallLog:
+    """Passes a communicator's native core through, noting the name of each entry used."""
+
+    def __init__(self, native):
+        self.native, self.names = native, []
+
+    def __getattr__(self, name):
+        self.names.append(name)
+        return getattr(self.native, name)
+
+
+def test_torch_cpu_tensor_in_place_takes_the_fast_path(comm):
+    """A plain torch CPU tensor in place goes to the native fast path numpy arrays take (not
+    through the full checks, ~10 us of Python per call); bfloat16, which numpy lacks, takes the
+    full path's view."""
+    torch = pytest.importorskip("torch")
+    log = comm._native = _NativeCallLog(comm._native)
+    try:
+        x = torch.arange(6, dtype=torch.float32)
+        assert comm.allreduce(x, out=x) is x and torch.equal(x, torch.arange(6, dtype=torch.float32))
+        assert log.names == ["allreduce_if_plain"]
+        b = torch.arange(4).to(torch.bfloat16)
+        assert comm.allreduce(b, op="max", out=b) is b and torch.equal(b, torch.arange(4).to(torch.bfloat16))
+        assert log.names[-1] == "allreduce"
+    finally:
+        comm._native = log.native
+
+
+def _torch_cpu_writes():
+    """(name, call(comm, x, y)): collectives that write into the caller's tensor x (y: input)."""
+    return [
+        ("allreduce in place", lambda c, x, y: c.allreduce(x, out=x)),
+        ("allreduce in place, bfloat16", lambda c, x, y: c.allreduce(x, out=x)),
+        ("allreduce into out", lambda c, x, y: c.allreduce(y, out=x)),
+        ("allreduce_async in place", lambda c, x, y: c.allreduce_async(x, out=x).wait()),
+        ("allreduce_async into out", lambda c, x, y: c.allreduce_async(y, out=x).wait()),
+        ("reduce_scatter into out", lambda c, x, y: c.reduce_scatter(y, out=x)),
+        ("allgather into out", lambda c, x, y: c.allgather(y, out=x)),
+        ("broadcast", lambda c, x, y: c.broadcast(x)),
+    ]
+
+
+@pytest.mark.parametrize("name,call", _torch_cpu_writes(), ids=[w[0] for w in _torch_cpu_writes()])
+def test_torch_cpu_writes_raise_the_tensor_version(comm, name, call):
+    """As torch's own in-place operations do: autograd then refuses a backward that saved the
+    tensor's old values instead of silently using the new ones."""
+    torch = pytest.importorskip("torch")
+    dtype = torch.bfloat16 if "bfloat16" in name else torch.float32
+    x, y = torch.zeros(4, dtype=dtype), torch.arange(4).to(dtype)
+    if "in place" in name or name == "broadcast":
+        x = y.clone()
+    before = x._version
+    call(comm, x, y)
+    assert x._version == before + 1 and torch.equal(x, y)
+
+
+def test_autograd_refuses_a_backward_through_a_tensor_reduced_in_place(comm):
+    torch = pytest.importorskip("torch")
+    w = torch.ones(3, requires_grad=True)
+    saved = torch.full((3,), 2.0)
+    loss = (w * saved).sum()  # saves `saved` for the backward
+    comm.allreduce(saved, out=saved)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
