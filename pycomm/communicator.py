@@ -166,9 +166,12 @@ class Communicator:
                 result = np.empty(x.shape, x.dtype) if out is None else out
                 if type(result) is np.ndarray and self._native.allreduce_if_plain(x, result, code):
                     return result
-        if out is x and stream is None:
-            if self._allreduce_device_in_place(x, op) or self._allreduce_tensor_in_place(x, op):
+        if stream is None and (out is x or out is None):
+            if out is x and self._allreduce_device_in_place(x, op):
                 return x
+            result = self._allreduce_host_tensor(x, op, out)
+            if result is not None:
+                return result
         if _is_device(x):
             return self._allreduce_device(x, op, out, stream)
         self._check_host_stream(stream)
@@ -396,16 +399,21 @@ class Communicator:
         device_arrays.bump_version(library, x)
         return True
 
-    def _allreduce_tensor_in_place(self, x, op) -> bool:
-        """Fast path for a torch CPU tensor in place with a known op (a CPU training loop's call):
-        its numpy view takes the numpy arrays' fast path. False, having sent nothing, for
+    def _allreduce_host_tensor(self, x, op, out):
+        """Fast path for a torch CPU tensor with a known op, in place (out=x: a CPU training
+        loop's call) or into a new tensor (pycomm.torch.allreduce, Horovod's form): numpy views
+        take the numpy arrays' fast path. Returns the result, or None, having sent nothing, for
         anything unusual: the full checks then run and word any error."""
         view = plain_tensor_view(x)
         code = _fast_op_code(op)
-        if view is None or code is None or self._closed or not self._native.allreduce_if_plain(view, view, code):
-            return False
-        device_arrays.bump_version("torch", x)
-        return True
+        if view is None or code is None or self._closed:
+            return None
+        result = x if out is x else sys.modules["torch"].empty_like(x)
+        if not self._native.allreduce_if_plain(view, view if out is x else result.numpy(), code):
+            return None
+        if out is x:
+            device_arrays.bump_version("torch", x)
+        return result
 
     def _allreduce_device(self, x, op, out, stream):
         self._check_open()
