@@ -16,12 +16,12 @@ from .dtypes import dtype_code
 
 def as_input(x, what: str = "x") -> np.ndarray:
     """Returns `x` as a C-contiguous numpy array without copying; rejects anything else."""
-    if not isinstance(x, np.ndarray):
-        x = _numpy_view(x, what)
-    dtype_code(x.dtype)
-    if not x.flags.c_contiguous:
-        raise ValueError(f"pycomm: {what} must be C-contiguous (use np.ascontiguousarray)")
-    return x
+    view = x if isinstance(x, np.ndarray) else _numpy_view(x, what)
+    dtype_code(view.dtype)
+    if not view.flags.c_contiguous:
+        fix = ".contiguous()" if is_torch_cpu(x) else "np.ascontiguousarray"
+        raise ValueError(f"pycomm: {what} must be C-contiguous (use {fix})")
+    return view
 
 
 def as_output(out, shape: tuple, dtype: np.dtype, what: str = "out") -> np.ndarray:

@@ -148,6 +148,8 @@ def _torch_bad_inputs():
         ("tensor that requires grad, in place", lambda c: (lambda t: c.allreduce(t, out=t))(
             torch.ones(3, requires_grad=True)), ValueError),
         ("non-contiguous tensor in place", lambda c: (lambda t: c.allreduce(t, out=t))(torch.ones(4, 4).T), ValueError),
+        ("channels-last tensor", lambda c: c.allreduce(torch.ones(1, 3, 2, 2).to(memory_format=torch.channels_last)),
+         ValueError),
         ("avg of an integer tensor in place", lambda c: (lambda t: c.allreduce(t, op="avg", out=t))(
             torch.ones(3, dtype=torch.int32)), ValueError),
     ]  # fmt: skip
@@ -279,3 +281,11 @@ def test_autograd_refuses_a_backward_through_a_tensor_reduced_in_place(comm):
     comm.allreduce(saved, out=saved)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_non_contiguous_tensor_error_names_torchs_remedy(comm):
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=r"use \.contiguous\(\)"):
+        comm.allreduce(torch.ones(1, 3, 2, 2).to(memory_format=torch.channels_last))
+    with pytest.raises(ValueError, match="np.ascontiguousarray"):
+        comm.allreduce(np.ones((4, 4)).T)
