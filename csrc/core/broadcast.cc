@@ -1,12 +1,16 @@
 // Broadcast as a pipelined chain: root -> root+1 -> ... -> root-1. Each rank forwards a chunk as
 // soon as it has arrived, so for large buffers every link is busy at once and the time approaches
-// one buffer's transfer, whatever the size.
+// one buffer's transfer, whatever the size. Small ones go through the node's arena instead (one
+// round, no messages).
 
 #include <algorithm>
+#include <cstring>
 #include <deque>
 
+#include "core/agreement.h"
 #include "core/collectives.h"
 #include "core/pipeline.h"
+#include "transport/shared_arena.h"
 
 namespace pycomm {
 
@@ -46,6 +50,28 @@ void BroadcastChain(const CollectiveContext& ctx, void* buf, size_t bytes, int r
     }
   }
   for (auto& send : sends) Wait(*send, ctx.timeout_s);
+}
+
+void BroadcastOneShot(const CollectiveContext& ctx, void* buf, size_t count, DataType dtype, int root) {
+  SharedArena& arena = *ctx.transport.arena();
+  const int r = arena.rank();
+  const size_t es = DataTypeSize(dtype);
+  const size_t piece = arena.slot_bytes() / es;
+  const auto mine = AgreementInfo(
+      CallHeader{ctx.call, count, static_cast<int32_t>(CallKind::kBroadcast), static_cast<int32_t>(dtype), -1, root},
+      SharedArena::kOneShot);
+  char* data = static_cast<char*>(buf);
+  size_t begin = 0;
+  do {  // at least one round, which checks the call
+    const size_t n = std::min(piece, count - begin);
+    const uint64_t seq = ++*ctx.arena_seq;
+    if (r == root && n) std::memcpy(arena.slot(r, seq), data + begin * es, n * es);
+    arena.Post(seq, mine);
+    arena.WaitAll(seq, ctx.timeout_s);
+    if (begin == 0) CheckCallsAgree(arena, seq, mine);
+    if (r != root && n) std::memcpy(data + begin * es, arena.slot(root, seq), n * es);
+    begin += n;
+  } while (begin < count);
 }
 
 }  // namespace pycomm

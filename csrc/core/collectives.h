@@ -41,6 +41,17 @@ std::unique_ptr<Request> StartRingAllreduce(Transport& group, void* data, size_t
 // piece of at most arena slot_bytes; each rank reads P times the data. For small messages.
 void AllreduceOneShot(const CollectiveContext& ctx, const void* send, void* recv, size_t count, DataType dtype,
                       ReduceOp op);
+// The same for reduce-scatter (each rank posts its whole input, piece by piece, and reduces its
+// own block from every slot, in rank order) and allgather (each rank posts its block and copies
+// every slot out). recv may be this rank's block of send (reduce-scatter), send this rank's block
+// of recv (allgather). P >= 2.
+void ReduceScatterOneShot(const CollectiveContext& ctx, const void* send, void* recv, size_t recv_count, DataType dtype,
+                          ReduceOp op);
+void AllgatherOneShot(const CollectiveContext& ctx, const void* send, void* recv, size_t send_count, DataType dtype);
+// OneShotTakes for reduce-scatter, allgather and broadcast (BroadcastOneShot), whose call of
+// `bytes` (its largest buffer) moves less than an allreduce's: against single-copy where it may
+// run (`single_copy`; never for broadcast), else against the ring or the chain.
+bool OneShotTakesOthers(Algorithm algorithm, size_t bytes, int ranks, bool single_copy);
 // Whether `algorithm` has an allreduce of `bytes` among `ranks` ranks of one node take the
 // one-shot: always where forced, never under the ring (or the hierarchy, the ring on one node) or
 // forced single-copy, and under auto up to a cut-over that depends on whether the single-copy
@@ -106,5 +117,8 @@ void AllgatherRing(const CollectiveContext& ctx, const void* send, void* recv, s
 
 // Pipelined chain from root through every rank in ring order.
 void BroadcastChain(const CollectiveContext& ctx, void* buf, size_t bytes, int root);
+// Broadcast through transport.arena(), piece by piece: root posts its piece, every rank posts
+// (agreeing on the call), then copies root's. For small messages; P >= 2.
+void BroadcastOneShot(const CollectiveContext& ctx, void* buf, size_t count, DataType dtype, int root);
 
 }  // namespace pycomm

@@ -103,6 +103,10 @@ class CommunicatorImpl : public Communicator {
     Trace("reduce_scatter", recv_count, dtype, ReduceOpName(op));
     Execute([=] {
       if (size() == 1) return Copy(send, recv, recv_count * DataTypeSize(dtype));
+      // Small calls: one arena round, which also checks the call (as the one-shot allreduce).
+      if (UseOneShotForOthers(recv_count * size() * DataTypeSize(dtype), true)) {
+        return ReduceScatterOneShot(Context(current_call_), send, recv, recv_count, dtype, op);
+      }
       if (UseSingleCopy() &&
           ReduceScatterSingleCopy(Context(current_call_), single_copy_, send, recv, recv_count, dtype, op)) {
         return;
@@ -116,6 +120,9 @@ class CommunicatorImpl : public Communicator {
     DataTypeSize(dtype);  // rejects unknown dtypes
     Trace("allgather", send_count, dtype, "-");
     Execute([=] {
+      if (size() > 1 && UseOneShotForOthers(send_count * size() * DataTypeSize(dtype), true)) {
+        return AllgatherOneShot(Context(current_call_), send, recv, send_count, dtype);
+      }
       if (size() > 1 && UseSingleCopy() &&
           AllgatherSingleCopy(Context(current_call_), single_copy_, send, recv, send_count, dtype)) {
         return;
@@ -131,6 +138,7 @@ class CommunicatorImpl : public Communicator {
     Trace("broadcast", count, dtype, ("root " + std::to_string(root)).c_str());
     Execute([=] {
       if (size() == 1) return;
+      if (UseOneShotForOthers(bytes, false)) return BroadcastOneShot(Context(current_call_), buf, count, dtype, root);
       Agree(CallKind::kBroadcast, count, dtype, std::nullopt, root);
       if (bytes) BroadcastChain(Context(), buf, bytes, root);
     });
@@ -379,6 +387,14 @@ class CommunicatorImpl : public Communicator {
     // Until the first single-copy call has probed (then the same on every rank), as if it works.
     return transport_->arena() &&
            OneShotTakes(options_.algorithm, bytes, size(), single_copy_.status != SingleCopyState::kUnavailable);
+  }
+
+  // The same for reduce-scatter and allgather (`against_single_copy`: single-copy takes the next
+  // sizes where it may run) and broadcast (the chain does).
+  bool UseOneShotForOthers(size_t bytes, bool against_single_copy) const {
+    return transport_->arena() &&
+           OneShotTakesOthers(options_.algorithm, bytes, size(),
+                              against_single_copy && single_copy_.status != SingleCopyState::kUnavailable);
   }
 
   // Single-copy (auto or forced) where all ranks share a node: for allreduce above the

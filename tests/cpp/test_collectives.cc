@@ -114,32 +114,45 @@ void TestFloatBitwiseIdentical(int P, size_t n, size_t chunk, pycomm::Algorithm 
   }
 }
 
-void TestReduceScatterAllgather(int P, size_t block, size_t chunk) {
+// In place: reduce_scatter's output is this rank's block of its input, allgather's input this
+// rank's block of its output (forced one-shot and auto, whose small calls take it).
+void TestReduceScatterAllgather(int P, size_t block, size_t chunk, pycomm::Algorithm algorithm, bool in_place = false) {
   std::vector<int64_t> sum(block * P, 0);
   for (int r = 0; r < P; ++r) {
     auto in = Input(r, block * P);
     for (size_t i = 0; i < sum.size(); ++i) sum[i] += in[i];
   }
-  RunRanks(P, chunk, [&](Communicator& c) {
-    auto in = Input(c.rank(), block * P);
-    std::vector<int64_t> mine(block, -1);
-    c.ReduceScatter(in.data(), mine.data(), block, DataType::kInt64, ReduceOp::kSum);
-    Expect(std::equal(mine.begin(), mine.end(), sum.begin() + c.rank() * block),
-           Case("reduce_scatter", P, block, chunk));
-    std::vector<int64_t> all(block * P, -1);
-    c.Allgather(mine.data(), all.data(), block, DataType::kInt64);
-    Expect(all == sum, Case("allgather", P, block, chunk));
-  });
+  std::string what = std::string(in_place ? " in place " : " ") + AlgorithmName(algorithm);
+  RunRanks(
+      P, chunk,
+      [&](Communicator& c) {
+        auto in = Input(c.rank(), block * P);
+        std::vector<int64_t> mine(block, -1);
+        int64_t* out = in_place ? in.data() + c.rank() * block : mine.data();
+        c.ReduceScatter(in.data(), out, block, DataType::kInt64, ReduceOp::kSum);
+        Expect(std::equal(out, out + block, sum.begin() + c.rank() * block),
+               Case(("reduce_scatter" + what).c_str(), P, block, chunk));
+        std::vector<int64_t> all(block * P, -1);
+        if (in_place) std::copy(out, out + block, all.begin() + c.rank() * block);
+        c.Allgather(in_place ? all.data() + c.rank() * block : out, all.data(), block, DataType::kInt64);
+        Expect(all == sum, Case(("allgather" + what).c_str(), P, block, chunk));
+      },
+      algorithm);
 }
 
-void TestBroadcast(int P, size_t n, size_t chunk) {
+void TestBroadcast(int P, size_t n, size_t chunk, pycomm::Algorithm algorithm) {
   for (int root = 0; root < P; ++root) {
-    RunRanks(P, chunk, [&](Communicator& c) {
-      auto buf = Input(c.rank(), n);
-      c.Broadcast(buf.data(), n, DataType::kInt64, root);
-      Expect(buf == Input(root, n), Case(("broadcast root " + std::to_string(root)).c_str(), P, n, chunk));
-      c.Barrier();
-    });
+    RunRanks(
+        P, chunk,
+        [&](Communicator& c) {
+          auto buf = Input(c.rank(), n);
+          c.Broadcast(buf.data(), n, DataType::kInt64, root);
+          Expect(
+              buf == Input(root, n),
+              Case(("broadcast root " + std::to_string(root) + " " + AlgorithmName(algorithm)).c_str(), P, n, chunk));
+          c.Barrier();
+        },
+        algorithm);
   }
 }
 
@@ -438,9 +451,21 @@ int main() {
         }
         TestFloatBitwiseIdentical(P, 1001, chunk, algorithm);
       }
-      for (size_t block : {size_t{0}, size_t{1}, size_t{7}, size_t{300}}) TestReduceScatterAllgather(P, block, chunk);
-      for (size_t n : {size_t{0}, size_t{1}, size_t{333}}) TestBroadcast(P, n, chunk);
+      for (auto algorithm : {pycomm::Algorithm::kAuto, pycomm::Algorithm::kRing, pycomm::Algorithm::kOneShot,
+                             pycomm::Algorithm::kSingleCopy}) {
+        for (size_t block : {size_t{0}, size_t{1}, size_t{7}, size_t{300}}) {
+          TestReduceScatterAllgather(P, block, chunk, algorithm);
+        }
+        for (size_t n : {size_t{0}, size_t{1}, size_t{333}}) TestBroadcast(P, n, chunk, algorithm);
+      }
+      for (auto algorithm : {pycomm::Algorithm::kAuto, pycomm::Algorithm::kOneShot}) {
+        for (size_t block : {size_t{1}, size_t{300}}) TestReduceScatterAllgather(P, block, chunk, algorithm, true);
+      }
     }
+    // Larger than one arena slot (256 KiB): the one-shots go piece by piece.
+    TestReduceScatterAllgather(P, 40003, 1 << 20, pycomm::Algorithm::kOneShot);
+    TestReduceScatterAllgather(P, 40003, 1 << 20, pycomm::Algorithm::kOneShot, true);
+    TestBroadcast(P, 70001, 1 << 20, pycomm::Algorithm::kOneShot);
     // Larger than one arena slot: the one-shot goes piece by piece, alternating slots.
     TestAllreduce(P, 100003, 1 << 20, false, pycomm::Algorithm::kOneShot);
     TestAllreduce(P, 100003, 1 << 20, true, pycomm::Algorithm::kOneShot);

@@ -121,6 +121,30 @@ def mismatched_calls(failures):
         text = str(error)
         failures.check("[one-shot]" in text and ("[single-copy]" in text or "[large]" in text), f"message: {text}")
     comm.close()
+    # The other collectives' small calls take their one-shot too (auto): a different call, count or
+    # root, or a count that sends one rank down another path, is a mismatch on every rank.
+    cases = [
+        ("kind", lambda c: c.allgather(np.ones(3)) if RANK == 0 else c.broadcast(np.ones(3)), "allgather(float64, 3)"),
+        ("count", lambda c: c.allgather(np.ones(3 if RANK == 0 else 4)), "allgather(float64, 3)"),
+        ("path", lambda c: c.allgather(np.ones(3 if RANK == 0 else 300_000)), "allgather(float64, 3)"),
+        ("root", lambda c: c.broadcast(np.ones(4), root=RANK % 2), "broadcast(float64, 4, root 0)"),
+        ("op", lambda c: c.reduce_scatter(np.ones(P), op="max" if RANK else "sum"), "reduce_scatter(float64, 1, sum)"),
+    ]
+    for name, call, expected in cases:
+        comm = pycomm.Communicator(timeout=20)
+        try:
+            call(comm)
+            failures.check(False, f"{name}: mismatch not detected")
+        except pycomm.MismatchError as error:
+            text = str(error)
+            failures.check(f"rank 0 called {expected}" in text, f"{name}: message: {text}")
+        comm.close()
+    # The same small calls on every rank still work.
+    comm = pycomm.Communicator()
+    failures.check(bool(np.all(comm.allgather(np.full(3, RANK)) == np.repeat(np.arange(P), 3))), "small allgather")
+    failures.check(bool(np.all(comm.broadcast(np.full(4, RANK), root=P - 1) == P - 1)), "small broadcast")
+    failures.check(bool(np.all(comm.reduce_scatter(np.ones(2 * P), op="sum") == P)), "small reduce_scatter")
+    comm.close()
 
 
 def mismatched_calls_over_the_transport(failures):
