@@ -212,6 +212,12 @@ class Communicator:
         x.shape[0] must divide by the communicator size; the result has shape
         (x.shape[0] // size, *x.shape[1:]), a numpy array for a host DLPack-only x.
         """
+        if type(x) is np.ndarray and stream is None and x.ndim and x.shape[0] % self.size == 0:
+            code = _fast_op_code(op)  # the fast path, as allreduce's
+            if code is not None:
+                result = np.empty((x.shape[0] // self.size,) + x.shape[1:], x.dtype) if out is None else out
+                if type(result) is np.ndarray and self._native.reduce_scatter_if_plain(x, result, code):
+                    return result
         self._check_open()
         if _is_device(x):
             d = device_arrays.describe(x, stream=stream)
@@ -243,6 +249,10 @@ class Communicator:
         inverse of reduce_scatter's split, as with NCCL's allgather. A host DLPack-only x gives
         a numpy array.
         """
+        if type(x) is np.ndarray and stream is None:  # the fast path, as allreduce's
+            result = np.empty(self._allgather_shape(x.shape), x.dtype) if out is None else out
+            if type(result) is np.ndarray and self._native.allgather_if_plain(x, result):
+                return result
         self._check_open()
         if _is_device(x):
             d = device_arrays.describe(x, stream=stream)
@@ -265,6 +275,8 @@ class Communicator:
 
     def broadcast(self, x, root: int = 0, *, stream=None):
         """Overwrites `x` on every rank with root's `x`, in place, and returns it."""
+        if type(x) is np.ndarray and stream is None and type(root) is int and self._native.broadcast_if_plain(x, root):
+            return x  # the fast path, as allreduce's
         self._check_open()
         self._check_root(root)
         if _is_device(x):

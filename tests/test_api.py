@@ -289,3 +289,25 @@ def test_non_contiguous_tensor_error_names_torchs_remedy(comm):
         comm.allreduce(torch.ones(1, 3, 2, 2).to(memory_format=torch.channels_last))
     with pytest.raises(ValueError, match="np.ascontiguousarray"):
         comm.allreduce(np.ones((4, 4)).T)
+
+
+def test_plain_numpy_collectives_take_the_fast_paths(comm):
+    """broadcast, allgather and reduce_scatter of plain numpy arrays go straight to the native
+    fast paths (a few us of Python checks each otherwise); anything unusual takes the full path."""
+    log = comm._native = _NativeCallLog(comm._native)
+    try:
+        a = np.arange(6, dtype=np.float32).reshape(3, 2)
+        assert comm.broadcast(a) is a
+        assert np.array_equal(comm.allgather(a), a) and np.array_equal(comm.reduce_scatter(a, op="max"), a)
+        out = np.empty_like(a)
+        assert comm.allgather(a, out=out) is out and comm.reduce_scatter(a, out=out) is out
+        assert np.array_equal(comm.allgather(np.array(2.5)), [2.5])  # a 0-d x gathers to shape (size,)
+        fast = [n for n in log.names if n != "size"]
+        assert fast == ["broadcast_if_plain"] + ["allgather_if_plain", "reduce_scatter_if_plain"] * 2 + [
+            "allgather_if_plain"
+        ]
+        del log.names[:]
+        comm.broadcast(a, root=np.int64(0))  # a numpy integer root: the full path's check
+        assert "broadcast" in log.names
+    finally:
+        comm._native = log.native

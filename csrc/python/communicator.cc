@@ -53,19 +53,65 @@ int FastDataType(const py::array& a) {
   }
 }
 
-// Reduces x into out if both pass the fast path's checks (same dtype and shape, out writeable,
-// the two the same memory or disjoint); returns false, having done nothing, otherwise.
-bool AllreduceIfPlain(Communicator& c, const py::array& x, const py::array& out, int op) {
+// The fast paths' checks of an input and an output: both of one fast dtype (FastDataType), `out`
+// writeable, and the two either the same memory or disjoint. The dtype's code, or -1.
+int FastPair(const py::array& x, const py::array& out) {
   const int dtype = FastDataType(x);
-  if (dtype < 0 || FastDataType(out) != dtype || !out.writeable() || op < 0 || op >= kNumReduceOps) return false;
-  if (op == static_cast<int>(ReduceOp::kAvg) && dtype >= 4) return false;  // integers: the full path says why
-  if (x.ndim() != out.ndim() || !std::equal(x.shape(), x.shape() + x.ndim(), out.shape())) return false;
+  if (dtype < 0 || FastDataType(out) != dtype || !out.writeable()) return -1;
   const auto* xb = static_cast<const char*>(x.data());
   const auto* ob = static_cast<const char*>(out.data());
-  const size_t bytes = x.nbytes();
-  if (xb != ob && xb < ob + bytes && ob < xb + bytes) return false;  // partial overlap
+  const auto xn = static_cast<size_t>(x.nbytes()), on = static_cast<size_t>(out.nbytes());
+  if (xb == ob && xn == on) return dtype;
+  return xb < ob + on && ob < xb + xn ? -1 : dtype;  // partial overlap
+}
+
+bool FastOp(int op, int dtype) {
+  if (op < 0 || op >= kNumReduceOps) return false;
+  return op != static_cast<int>(ReduceOp::kAvg) || dtype < 4;  // avg of integers: the full path says why
+}
+
+// Whether out's shape is x's with the first extent times `factor` (x's first extent divided by
+// `divisor` for a reduce_scatter); a 0-d x stands for shape (1,).
+bool ScaledShape(const py::array& x, const py::array& out, ssize_t factor, ssize_t divisor) {
+  const ssize_t rows = x.ndim() ? x.shape(0) : 1;
+  const ssize_t dims = std::max<ssize_t>(x.ndim(), 1);
+  if (out.ndim() != dims || rows % divisor || out.shape(0) != rows / divisor * factor) return false;
+  return x.ndim() == 0 || std::equal(x.shape() + 1, x.shape() + x.ndim(), out.shape() + 1);
+}
+
+// Each *IfPlain runs its collective on numpy arrays that pass the fast path's checks and returns
+// true; otherwise it returns false having done nothing, and the full Python checks run (and
+// word the error). A small call then costs about as much Python as an MPI call through mpi4py.
+bool AllreduceIfPlain(Communicator& c, const py::array& x, const py::array& out, int op) {
+  const int dtype = FastPair(x, out);
+  if (dtype < 0 || !FastOp(op, dtype)) return false;
+  if (x.ndim() != out.ndim() || !std::equal(x.shape(), x.shape() + x.ndim(), out.shape())) return false;
   py::gil_scoped_release release;
-  c.Allreduce(xb, const_cast<char*>(ob), x.size(), static_cast<DataType>(dtype), static_cast<ReduceOp>(op));
+  c.Allreduce(x.data(), Data(out), x.size(), static_cast<DataType>(dtype), static_cast<ReduceOp>(op));
+  return true;
+}
+
+bool ReduceScatterIfPlain(Communicator& c, const py::array& x, const py::array& out, int op) {
+  const int dtype = FastPair(x, out);
+  if (dtype < 0 || !FastOp(op, dtype) || x.ndim() == 0 || !ScaledShape(x, out, 1, c.size())) return false;
+  py::gil_scoped_release release;
+  c.ReduceScatter(x.data(), Data(out), out.size(), static_cast<DataType>(dtype), static_cast<ReduceOp>(op));
+  return true;
+}
+
+bool AllgatherIfPlain(Communicator& c, const py::array& x, const py::array& out) {
+  const int dtype = FastPair(x, out);
+  if (dtype < 0 || !ScaledShape(x, out, c.size(), 1)) return false;
+  py::gil_scoped_release release;
+  c.Allgather(x.data(), Data(out), x.size(), static_cast<DataType>(dtype));
+  return true;
+}
+
+bool BroadcastIfPlain(Communicator& c, const py::array& buf, int root) {
+  const int dtype = FastDataType(buf);
+  if (dtype < 0 || !buf.writeable() || root < 0 || root >= c.size()) return false;
+  py::gil_scoped_release release;
+  c.Broadcast(Data(buf), buf.size(), static_cast<DataType>(dtype), root);
   return true;
 }
 
@@ -129,6 +175,9 @@ void RegisterCommunicator(py::module_& m) {
           },
           py::call_guard<py::gil_scoped_release>())
       .def("allreduce_if_plain", &AllreduceIfPlain, py::arg("x"), py::arg("out"), py::arg("op"))
+      .def("reduce_scatter_if_plain", &ReduceScatterIfPlain, py::arg("x"), py::arg("out"), py::arg("op"))
+      .def("allgather_if_plain", &AllgatherIfPlain, py::arg("x"), py::arg("out"))
+      .def("broadcast_if_plain", &BroadcastIfPlain, py::arg("buf"), py::arg("root"))
       .def(
           "allreduce_async",
           [](Communicator& c, const py::array& send, const py::array& recv, size_t count, int dtype, int op) {
