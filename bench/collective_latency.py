@@ -1,9 +1,12 @@
-"""Time per call of every collective at a few sizes, for comparing two builds of pycomm.
+"""Time per call of every collective at a few sizes, against MPI's, for comparing two builds of pycomm.
 
-    mpirun -n 2 python bench/collective_latency.py [--json PATH]
+    mpirun -n 2 python bench/collective_latency.py [--repeats 5] [--json PATH]
 
-Each figure is the median over --repeats loops of the mean time per call; rank 0 prints them.
-Put another build first on PYTHONPATH to time it the same way (bench/README.md: A/B runs).
+Each figure is the median over --repeats loops of the slowest rank's mean time per call; pycomm's
+call and mpi4py's (MPI_Barrier, MPI_Bcast, MPI_Allgather, MPI_Reduce_scatter_block,
+MPI_Allreduce in place) take turns within each repeat, into buffers allocated once, and "x MPI"
+is MPI's time over pycomm's. Rank 0 prints them. Put another build first on PYTHONPATH to time it
+the same way (bench/README.md: A/B runs).
 """
 
 import argparse
@@ -16,11 +19,19 @@ from mpi4py import MPI
 
 import pycomm
 
-CASES = [  # (name, bytes)
+world = MPI.COMM_WORLD
+
+CASES = [  # (name, bytes of x: every rank's input; reduce_scatter's is size times that)
     ("barrier", 0),
     ("broadcast", 8),
+    ("broadcast", 4 << 10),
+    ("broadcast", 64 << 10),
     ("allgather", 8),
+    ("allgather", 4 << 10),
+    ("allgather", 64 << 10),
     ("reduce_scatter", 8),
+    ("reduce_scatter", 4 << 10),
+    ("reduce_scatter", 64 << 10),
     ("allreduce", 8),
     ("allreduce", 64 << 10),
     ("allreduce", 1 << 20),
@@ -28,16 +39,31 @@ CASES = [  # (name, bytes)
 ]
 
 
-def call(comm, name: str, x: np.ndarray):
+def calls(comm, name: str, nbytes: int):
+    """(pycomm's call, MPI's) for one case, on buffers made here."""
+    P = comm.size
+    x = np.ones(max(1, nbytes // 4) * (P if name == "reduce_scatter" else 1), np.float32)
     if name == "barrier":
-        return comm.barrier()
+        return comm.barrier, world.Barrier
     if name == "broadcast":
-        return comm.broadcast(x)
+        return lambda: comm.broadcast(x), lambda: world.Bcast(x)
     if name == "allgather":
-        return comm.allgather(x)
+        out = np.empty(x.size * P, np.float32)
+        return lambda: comm.allgather(x, out=out), lambda: world.Allgather(x, out)
     if name == "reduce_scatter":
-        return comm.reduce_scatter(x)
-    return comm.allreduce(x, out=x)
+        out = np.empty(x.size // P, np.float32)
+        return lambda: comm.reduce_scatter(x, out=out), lambda: world.Reduce_scatter_block(x, out)
+    return lambda: comm.allreduce(x, out=x), lambda: world.Allreduce(MPI.IN_PLACE, x)
+
+
+def per_call_us(call, iters: int) -> float:
+    for _ in range(max(1, iters // 10)):
+        call()
+    world.Barrier()
+    start = time.perf_counter()
+    for _ in range(iters):
+        call()
+    return world.allreduce((time.perf_counter() - start) / iters, op=MPI.MAX) * 1e6
 
 
 def main() -> None:
@@ -48,24 +74,21 @@ def main() -> None:
     comm = pycomm.Communicator()
     results = {}
     for name, nbytes in CASES:
-        count = max(1, nbytes // 4) * (comm.size if name == "reduce_scatter" else 1)
-        x = np.ones(count, np.float32)
+        ours, theirs = calls(comm, name, nbytes)
         iters = max(5, min(2000, (64 << 20) // max(nbytes, 1) // 8))
-        samples = []
+        samples = {"pycomm": [], "mpi": []}
         for _ in range(a.repeats):
-            for _ in range(max(1, iters // 10)):
-                call(comm, name, x)
-            MPI.COMM_WORLD.Barrier()
-            start = time.perf_counter()
-            for _ in range(iters):
-                call(comm, name, x)
-            samples.append((time.perf_counter() - start) / iters * 1e6)
-        results[f"{name} {nbytes} B"] = statistics.median(samples)
+            samples["pycomm"].append(per_call_us(ours, iters))
+            samples["mpi"].append(per_call_us(theirs, iters))
+        us, mpi_us = statistics.median(samples["pycomm"]), statistics.median(samples["mpi"])
+        results[f"{name} {nbytes} B"] = {"us": us, "mpi_us": mpi_us, "vs_mpi": mpi_us / us}
     if comm.rank == 0:
-        for key, us in results.items():
-            print(f"{key:28s} {us:10.2f} us")
+        print(f"# P={comm.size}; us per call (median of {a.repeats}); x MPI = MPI's time / pycomm's")
+        for key, r in results.items():
+            print(f"{key:28s} {r['us']:10.2f} us  MPI {r['mpi_us']:10.2f} us  {r['vs_mpi']:6.2f} x MPI")
         if a.json:
-            json.dump(results, open(a.json, "w"), indent=1)
+            with open(a.json, "w") as f:
+                json.dump(results, f, indent=1)
     comm.close()
 
 
