@@ -16,6 +16,10 @@ from .buffers import as_input, check_no_partial_overlap, output_for, plain_tenso
 from .dtypes import FLOATING_CODES, dtype_code, is_floating
 from .errors import CommError
 from .ops import ReduceOp, parse_op
+from .timeline import timeline_for
+
+# The collectives a timeline records (PYCOMM_TIMELINE).
+TRACED_CALLS = ("allreduce", "allreduce_async", "reduce_scatter", "allgather", "broadcast", "barrier")
 
 # Communicators still open at interpreter exit are closed before mpi4py finalises MPI.
 _open_communicators = weakref.WeakSet()
@@ -71,31 +75,40 @@ class Communicator:
     Keyword settings override the environment: `timeout` (PYCOMM_TIMEOUT, seconds),
     `chunk_bytes` (PYCOMM_CHUNK_BYTES), `algorithm` (PYCOMM_ALGO: auto, ring, oneshot,
     hierarchical, singlecopy), `inter_node` (PYCOMM_INTER_NODE: how the hierarchical allreduce
-    crosses nodes: auto, mpi, ring), `debug` (PYCOMM_DEBUG).
+    crosses nodes: auto, mpi, ring), `debug` (PYCOMM_DEBUG), `timeline` (PYCOMM_TIMELINE: a
+    path; every call of every rank goes there as a Chrome trace event, see pycomm/timeline.py).
     """
 
-    def __init__(self, comm=None, *, timeout=None, chunk_bytes=None, algorithm=None, inter_node=None, debug=None):
+    def __init__(
+        self, comm=None, *, timeout=None, chunk_bytes=None, algorithm=None, inter_node=None, debug=None, timeline=None
+    ):
         if comm is None:
             comm = MPI.COMM_WORLD
         if not isinstance(comm, MPI.Intracomm):
             raise TypeError(f"pycomm: expected an mpi4py intracommunicator, got {type(comm).__name__}")
         if comm == MPI.COMM_NULL:
             raise ValueError("pycomm: cannot build a communicator over MPI.COMM_NULL")
-        # mpi4py may hand out MPICH's int handles sign-extended; the core takes the 64 bits as they are.
-        self._native = _core.Communicator(
-            comm.handle & 0xFFFFFFFFFFFFFFFF,
+        chosen = (
             settings.chunk_bytes(chunk_bytes),
             settings.timeout(timeout),
             settings.debug(debug),
             settings.ALGORITHMS.index(settings.algorithm(algorithm)),
             settings.INTER_NODE.index(settings.inter_node(inter_node)),
         )
+        timeline_of_calls = timeline_for(settings.timeline(timeline), comm)  # collective
+        # mpi4py may hand out MPICH's int handles sign-extended; the core takes the 64 bits as they are.
+        self._native = _core.Communicator(comm.handle & 0xFFFFFFFFFFFFFFFF, *chosen)
         self._closed = False
         # Async work holds its arrays until it has run, even if the caller drops the Work. The
         # lock keeps threads that issue calls at once from dropping each other's unfinished work.
         self._in_flight = collections.deque()
         self._in_flight_lock = threading.Lock()
         _open_communicators.add(self)
+        self._timeline = timeline_of_calls
+        if self._timeline is not None:
+            # Instance attributes shadow the methods: with no timeline, calls pay nothing.
+            for name in TRACED_CALLS:
+                setattr(self, name, self._timeline.traced(name, self))
 
     # -- introspection -------------------------------------------------------------------------
 
@@ -332,6 +345,8 @@ class Communicator:
             self._native.close()  # runs every queued operation first
             with self._in_flight_lock:
                 self._in_flight.clear()
+            if self._timeline is not None:
+                self._timeline.flush()
 
     def __enter__(self):
         return self

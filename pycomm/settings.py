@@ -70,6 +70,12 @@ def debug(value=None) -> bool:
     return (_env("PYCOMM_DEBUG") or "0").lower() not in ("0", "false", "no", "off")
 
 
+def timeline(value=None):
+    """Where to write the Chrome trace of every call (PYCOMM_TIMELINE): a file path, or None."""
+    raw = value if value is not None else _env("PYCOMM_TIMELINE")
+    return None if raw in (None, "") else os.fspath(raw)
+
+
 def parse_size(raw) -> int:
     """'8', '64K', '1M', '2G' -> bytes (powers of 1024)."""
     if isinstance(raw, bool):

@@ -311,3 +311,22 @@ def test_plain_numpy_collectives_take_the_fast_paths(comm):
         assert "broadcast" in log.names
     finally:
         comm._native = log.native
+
+
+def test_timeline_records_each_call(tmp_path):
+    """Communicator(timeline=path): a Chrome trace event per call; without one the collectives
+    are the class's own methods (nothing is paid per call)."""
+    import json
+
+    with pycomm.Communicator() as plain:
+        assert "allreduce" not in vars(plain)
+    path = tmp_path / "trace.json"
+    with pycomm.Communicator(timeline=path) as c:
+        x = np.ones(4, np.float32)
+        c.allreduce(x, op="max", out=x)
+        c.allreduce_async(x).wait()
+        c.barrier()
+    events = json.loads(path.read_text().rstrip().rstrip(",") + "]")
+    calls = [(e["name"], e["args"]) for e in events if e["ph"] == "X"]
+    assert [name for name, _ in calls] == ["allreduce", "allreduce_async", "allreduce_async: wait", "barrier"]
+    assert calls[0][1] == {"bytes": 16, "dtype": "float32", "op": "max", "in_place": True}
