@@ -173,7 +173,9 @@ class Communicator:
         """
         # Fast path for plain numpy arrays with a known op: the native layer checks them and
         # says if anything is unusual, and the full checks below then run (and word the error).
-        if type(x) is np.ndarray and stream is None:
+        # An output is allocated only for an input the fast path can take (a zero-stride view's
+        # shape may be far larger than its memory).
+        if type(x) is np.ndarray and stream is None and (out is not None or x.flags.c_contiguous):
             code = _fast_op_code(op)
             if code is not None:
                 result = np.empty(x.shape, x.dtype) if out is None else out
@@ -209,14 +211,14 @@ class Communicator:
         self._check_host_stream(stream)
         xa, outa, code, op, result = self._prepare_allreduce(x, op, out)
         native = self._native.allreduce_async(xa, outa, xa.size, code, int(op))
-        if out is not None:
-            device_arrays.mark_host_written(out)  # at issue, as torch.distributed's async ops
         work = Work(native, result, (x, xa, outa))
         # Work completes in issue order, so finished entries are always at the left.
         with self._in_flight_lock:
             while self._in_flight and self._in_flight[0].done():
                 self._in_flight.popleft()
             self._in_flight.append(work)
+        if out is not None:  # at issue, as torch.distributed's async ops; once the arrays are held
+            device_arrays.mark_host_written(out)
         return work
 
     def reduce_scatter(self, x, op="sum", out=None, *, stream=None):
@@ -225,7 +227,8 @@ class Communicator:
         x.shape[0] must divide by the communicator size; the result has shape
         (x.shape[0] // size, *x.shape[1:]), a numpy array for a host DLPack-only x.
         """
-        if type(x) is np.ndarray and stream is None and x.ndim and x.shape[0] % self.size == 0:
+        plain = type(x) is np.ndarray and (out is not None or x.flags.c_contiguous)
+        if plain and stream is None and x.ndim and x.shape[0] % self.size == 0:
             code = _fast_op_code(op)  # the fast path, as allreduce's
             if code is not None:
                 result = np.empty((x.shape[0] // self.size,) + x.shape[1:], x.dtype) if out is None else out
@@ -262,7 +265,8 @@ class Communicator:
         inverse of reduce_scatter's split, as with NCCL's allgather. A host DLPack-only x gives
         a numpy array.
         """
-        if type(x) is np.ndarray and stream is None:  # the fast path, as allreduce's
+        plain = type(x) is np.ndarray and (out is not None or x.flags.c_contiguous)
+        if plain and stream is None:  # the fast path, as allreduce's
             result = np.empty(self._allgather_shape(x.shape), x.dtype) if out is None else out
             if type(result) is np.ndarray and self._native.allgather_if_plain(x, result):
                 return result
@@ -288,8 +292,9 @@ class Communicator:
 
     def broadcast(self, x, root: int = 0, *, stream=None):
         """Overwrites `x` on every rank with root's `x`, in place, and returns it."""
-        if type(x) is np.ndarray and stream is None and type(root) is int and self._native.broadcast_if_plain(x, root):
-            return x  # the fast path, as allreduce's
+        if type(x) is np.ndarray and stream is None and type(root) is int and 0 <= root < self.size:
+            if self._native.broadcast_if_plain(x, root):
+                return x  # the fast path, as allreduce's
         self._check_open()
         self._check_root(root)
         if _is_device(x):
@@ -345,8 +350,6 @@ class Communicator:
             self._native.close()  # runs every queued operation first
             with self._in_flight_lock:
                 self._in_flight.clear()
-            if self._timeline is not None:
-                self._timeline.flush()
 
     def __enter__(self):
         return self

@@ -188,8 +188,10 @@ def _torch_raw_stream():
 def bump_version(library: str, obj) -> None:
     """Once a write into `obj` is queued: a torch tensor's version goes up, as with torch's own
     in-place operations, so that autograd refuses a backward that saved its old values instead
-    of silently using the new ones."""
-    if library == _TORCH:
+    of silently using the new ones. Not for inference tensors, which autograd never saves and
+    whose version some torch builds refuse to raise outside inference mode: the write has
+    happened by then, and the call must not fail for it."""
+    if library == _TORCH and not obj.is_inference():
         sys.modules["torch"].autograd.graph.increment_version(obj)  # a tensor: torch < 2.5 takes no tuple
 
 

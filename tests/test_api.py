@@ -130,6 +130,11 @@ BAD_INPUTS = [
     ("negative root", lambda c: c.broadcast(np.zeros(3), root=-1), ValueError),
     ("root past the last rank", lambda c: c.broadcast(np.zeros(3), root=1), ValueError),
     ("root of wrong type", lambda c: c.broadcast(np.zeros(3), root="0"), TypeError),
+    ("root past a C int", lambda c: c.broadcast(np.zeros(3), root=1 << 40), ValueError),
+    # A zero-stride view's shape is far larger than its memory: refused, not allocated for.
+    ("zero-stride x", lambda c: c.allreduce(np.broadcast_to(np.float32(0), (1 << 40,))), ValueError),
+    ("zero-stride allgather", lambda c: c.allgather(np.broadcast_to(np.float32(0), (1 << 40,))), ValueError),
+    ("zero-stride reduce_scatter", lambda c: c.reduce_scatter(np.broadcast_to(np.float32(0), (1 << 40,))), ValueError),
     ("read-only broadcast buffer", lambda c: c.broadcast(np.frombuffer(b"12345678", np.uint8)), ValueError),
 ]
 
@@ -330,3 +335,19 @@ def test_timeline_records_each_call(tmp_path):
     calls = [(e["name"], e["args"]) for e in events if e["ph"] == "X"]
     assert [name for name, _ in calls] == ["allreduce", "allreduce_async", "allreduce_async: wait", "barrier"]
     assert calls[0][1] == {"bytes": 16, "dtype": "float32", "op": "max", "in_place": True}
+
+
+def test_inference_tensors_are_written_without_a_version(comm, monkeypatch):
+    """Autograd never saves an inference tensor, and some torch builds refuse to raise its version
+    outside inference mode: the call must not fail after its write for that."""
+    torch = pytest.importorskip("torch")
+    with torch.inference_mode():
+        t = torch.ones(3)
+
+    def refuse(tensor):
+        if tensor.is_inference():
+            raise RuntimeError("Inplace update to inference tensor outside InferenceMode is not allowed")
+
+    monkeypatch.setattr(torch.autograd.graph, "increment_version", refuse)
+    assert comm.allreduce(t, out=t) is t and comm.broadcast(t) is t
+    assert comm.allreduce_async(t, out=t).wait() is t
