@@ -71,11 +71,23 @@ if RANK == 0:
         f"barriers do not overlap: {[(e['ts'], e['dur']) for e in barriers]}",
     )
 
-# Set on some ranks only, or a file that some rank cannot open: every rank raises at creation,
-# before any collective that could leave the others waiting.
-cases = [("unopenable", str(path) + ".d/missing/x.json" if RANK == P - 1 else path, OSError)]
+# A sub-communicator without world rank 0 starts a file of its own.
+color = RANK % 2
+group_path = f"{path}.group{color}"
+with pycomm.Communicator(world.Split(color, RANK), timeline=group_path) as group:
+    group.allreduce(np.ones(2))
+world.Barrier()
+if RANK < 2:  # the lowest world rank of each group reads its file
+    events = json.loads(open(group_path).read().rstrip().rstrip(",") + "]")
+    pids = {e["pid"] for e in events if e["ph"] == "X" and e["name"] == "allreduce"}
+    f.check(pids == {r for r in range(P) if r % 2 == color}, f"group {color}'s file: {pids}")
+
+# Paths that differ between ranks, set on some ranks only, or a file that no rank can open: every
+# rank raises at creation, before any collective that could leave the others waiting.
+cases = [("unopenable", f"{path}.d/missing/x.json", OSError)]
 if P > 1:
     cases.append(("some ranks only", path if RANK == 0 else "", ValueError))
+    cases.append(("other paths", f"{path}.{RANK}", ValueError))
 for name, mine, error in cases:
     try:
         pycomm.Communicator(timeline=mine).close()
