@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <stdexcept>
 
 #include "core/agreement.h"
 #include "core/collectives.h"
@@ -15,9 +16,10 @@ namespace pycomm {
 
 bool OneShotTakesOthers(Algorithm algorithm, size_t bytes, int ranks, bool single_copy) {
   if (algorithm != Algorithm::kAuto) return algorithm == Algorithm::kOneShot;
-  // Cut-overs measured on the 2-core VM (docs/algorithms.md): at P = 2 the single-copy
-  // reduce-scatter and allgather win from 16 KiB, the ring and the broadcast chain from 64 KiB; at
-  // P = 4 (2 cores) the one-shots win up to 256 KiB against either.
+  // Cut-overs measured on the 2-core VM (docs/algorithms.md). At P = 2 single-copy wins from
+  // 16 KiB; without it the ring reduce-scatter and the broadcast chain win from 64 KiB (the ring
+  // allgather only above 128 KiB: one cut-over keeps the rule simple). At P = 4 (2 cores) the
+  // one-shots win up to 256 KiB against either.
   if (ranks > 2) return bytes <= size_t{256} << 10;
   return bytes <= (single_copy ? size_t{12} << 10 : size_t{32} << 10);
 }
@@ -28,7 +30,8 @@ void ReduceScatterOneShot(const CollectiveContext& ctx, const void* send, void* 
   const int P = arena.size(), r = arena.rank();
   const size_t es = DataTypeSize(dtype);
   // A piece holds the same elements of every block, so each rank's slot holds P of them.
-  const size_t piece = std::max<size_t>(1, arena.slot_bytes() / es / P);
+  const size_t piece = arena.slot_bytes() / es / P;
+  if (!piece) throw std::logic_error("pycomm: an arena slot holds less than one element per rank");
   const ReduceFn reduce = GetReduceFn(dtype, op);
   const auto mine = AgreementInfo(CallHeader{ctx.call, recv_count, static_cast<int32_t>(CallKind::kReduceScatter),
                                              static_cast<int32_t>(dtype), static_cast<int32_t>(op), -1},

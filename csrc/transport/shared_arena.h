@@ -1,5 +1,6 @@
 // Memory that every rank of one node maps, with a sequence-numbered flag per rank: what the
-// intra-node algorithms (one-shot allreduce) exchange data through, instead of messages.
+// intra-node algorithms (the one-shots, the agreement rounds, the device hand-offs) exchange data
+// through, instead of messages.
 //
 // Layout: a flag (and what the call is) per rank on its own cache lines, then 2 slots per rank (double buffering: a
 // slot written at call k was last read at call k-2, which every rank has left before any rank
@@ -19,7 +20,7 @@
 namespace pycomm {
 
 // Bytes per rank per slot of the arenas that transports create: the largest message (or piece
-// of one) that the one-shot allreduce moves in one call.
+// of one) that a one-shot moves in one round.
 constexpr size_t kArenaSlotBytes = size_t{256} << 10;
 
 class PeerWatch;
