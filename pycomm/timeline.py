@@ -15,7 +15,7 @@ the same one (one over MPI.COMM_WORLD, as pycomm.torch and pycomm.train make).
 
 An event spans a call from entry to return: for device arrays, until the work is queued, not
 done; for allreduce_async, the call that issues it, and then its Work's wait() (args: how long
-the work ran on the progress thread). It costs about 8 us per call; without a timeline, nothing.
+the work ran on the progress thread). It costs about 9 us per call; without a timeline, nothing.
 """
 
 import functools
