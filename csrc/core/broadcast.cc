@@ -1,7 +1,8 @@
 // Broadcast as a pipelined chain: root -> root+1 -> ... -> root-1. Each rank forwards a chunk as
 // soon as it has arrived, so for large buffers every link is busy at once and the time approaches
-// one buffer's transfer, whatever the size. Small ones go through the node's arena instead (one
-// round, no messages).
+// one buffer's transfer, whatever the size. Where the ranks share a node, small broadcasts go
+// through its arena instead (one round, no messages), larger ones single-copy (each rank reads
+// the root's buffer straight into its own).
 
 #include <algorithm>
 #include <cstring>
@@ -10,6 +11,8 @@
 #include "core/agreement.h"
 #include "core/collectives.h"
 #include "core/pipeline.h"
+#include "core/single_copy.h"
+#include "transport/peer_memory.h"
 #include "transport/shared_arena.h"
 
 namespace pycomm {
@@ -72,6 +75,20 @@ void BroadcastOneShot(const CollectiveContext& ctx, void* buf, size_t count, Dat
     if (r != root && n) std::memcpy(data + begin * es, arena.slot(root, seq), n * es);
     begin += n;
   } while (begin < count);
+}
+
+bool BroadcastSingleCopy(const CollectiveContext& ctx, SingleCopyState& state, void* buf, size_t count, DataType dtype,
+                         int root) {
+  auto mine = SingleCopyCall(ctx, CallKind::kBroadcast, count, dtype, -1);
+  mine.root = root;
+  std::vector<PeerBuffers> peers;
+  if (!StartSingleCopy(ctx, state, mine, buf, buf, &peers)) return false;
+  const size_t bytes = count * DataTypeSize(dtype);
+  // Every rank reads the root's buffer straight into its own: one copy per byte received. The
+  // last round keeps the root from returning (and reusing its buffer) while a peer still reads.
+  if (ctx.transport.rank() != root && bytes) ReadPeer(peers[root].pid, root, peers[root].send, buf, bytes);
+  FinishSingleCopy(ctx, mine);
+  return true;
 }
 
 }  // namespace pycomm

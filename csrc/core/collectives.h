@@ -48,10 +48,10 @@ void AllreduceOneShot(const CollectiveContext& ctx, const void* send, void* recv
 void ReduceScatterOneShot(const CollectiveContext& ctx, const void* send, void* recv, size_t recv_count, DataType dtype,
                           ReduceOp op);
 void AllgatherOneShot(const CollectiveContext& ctx, const void* send, void* recv, size_t send_count, DataType dtype);
-// OneShotTakes for reduce-scatter, allgather and broadcast (BroadcastOneShot), whose call of
+// OneShotTakes for reduce-scatter, allgather and `broadcast` (BroadcastOneShot), whose call of
 // `bytes` (its largest buffer) moves less than an allreduce's: against single-copy where it may
-// run (`single_copy`; never for broadcast), else against the ring or the chain.
-bool OneShotTakesOthers(Algorithm algorithm, size_t bytes, int ranks, bool single_copy);
+// run (`single_copy`), else against the ring or the chain.
+bool OneShotTakesOthers(Algorithm algorithm, bool broadcast, size_t bytes, int ranks, bool single_copy);
 // Whether `algorithm` has an allreduce of `bytes` among `ranks` ranks of one node take the
 // one-shot: always where forced, never under the ring (or the hierarchy, the ring on one node) or
 // forced single-copy, and under auto up to a cut-over that depends on whether the single-copy
@@ -107,6 +107,11 @@ bool ReduceScatterSingleCopy(const CollectiveContext& ctx, SingleCopyState& stat
                              size_t recv_count, DataType dtype, ReduceOp op);
 bool AllgatherSingleCopy(const CollectiveContext& ctx, SingleCopyState& state, const void* send, void* recv,
                          size_t send_count, DataType dtype);
+// Broadcast the same way: each rank reads the root's buffer into its own, between the first and
+// last arena rounds. False on every rank, before anything moved, where some rank cannot (the
+// caller then takes the chain).
+bool BroadcastSingleCopy(const CollectiveContext& ctx, SingleCopyState& state, void* buf, size_t count, DataType dtype,
+                         int root);
 
 // Ring reduce-scatter of size * recv_count elements; this rank's block lands in recv.
 void ReduceScatterRing(const CollectiveContext& ctx, const void* send, void* recv, size_t recv_count, DataType dtype,

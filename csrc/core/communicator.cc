@@ -104,7 +104,7 @@ class CommunicatorImpl : public Communicator {
     Execute([=] {
       if (size() == 1) return Copy(send, recv, recv_count * DataTypeSize(dtype));
       // Small calls: one arena round, which also checks the call (as the one-shot allreduce).
-      if (UseOneShotForOthers(recv_count * size() * DataTypeSize(dtype), true)) {
+      if (UseOneShotForOthers(recv_count * size() * DataTypeSize(dtype))) {
         return ReduceScatterOneShot(Context(current_call_), send, recv, recv_count, dtype, op);
       }
       if (UseSingleCopy() &&
@@ -120,7 +120,7 @@ class CommunicatorImpl : public Communicator {
     DataTypeSize(dtype);  // rejects unknown dtypes
     Trace("allgather", send_count, dtype, "-");
     Execute([=] {
-      if (size() > 1 && UseOneShotForOthers(send_count * size() * DataTypeSize(dtype), true)) {
+      if (size() > 1 && UseOneShotForOthers(send_count * size() * DataTypeSize(dtype))) {
         return AllgatherOneShot(Context(current_call_), send, recv, send_count, dtype);
       }
       if (size() > 1 && UseSingleCopy() &&
@@ -138,7 +138,10 @@ class CommunicatorImpl : public Communicator {
     Trace("broadcast", count, dtype, ("root " + std::to_string(root)).c_str());
     Execute([=] {
       if (size() == 1) return;
-      if (UseOneShotForOthers(bytes, false)) return BroadcastOneShot(Context(current_call_), buf, count, dtype, root);
+      if (UseOneShotForOthers(bytes, true)) return BroadcastOneShot(Context(current_call_), buf, count, dtype, root);
+      if (UseSingleCopy() && BroadcastSingleCopy(Context(current_call_), single_copy_, buf, count, dtype, root)) {
+        return;
+      }
       Agree(CallKind::kBroadcast, count, dtype, std::nullopt, root);
       if (bytes) BroadcastChain(Context(), buf, bytes, root);
     });
@@ -389,12 +392,10 @@ class CommunicatorImpl : public Communicator {
            OneShotTakes(options_.algorithm, bytes, size(), single_copy_.status != SingleCopyState::kUnavailable);
   }
 
-  // The same for reduce-scatter and allgather (`against_single_copy`: single-copy takes the next
-  // sizes where it may run) and broadcast (the chain does).
-  bool UseOneShotForOthers(size_t bytes, bool against_single_copy) const {
-    return transport_->arena() &&
-           OneShotTakesOthers(options_.algorithm, bytes, size(),
-                              against_single_copy && single_copy_.status != SingleCopyState::kUnavailable);
+  // The same for reduce-scatter, allgather and `broadcast`.
+  bool UseOneShotForOthers(size_t bytes, bool broadcast = false) const {
+    return transport_->arena() && OneShotTakesOthers(options_.algorithm, broadcast, bytes, size(),
+                                                     single_copy_.status != SingleCopyState::kUnavailable);
   }
 
   // Single-copy (auto or forced) where all ranks share a node: for allreduce above the

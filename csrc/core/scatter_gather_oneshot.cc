@@ -14,13 +14,14 @@
 
 namespace pycomm {
 
-bool OneShotTakesOthers(Algorithm algorithm, size_t bytes, int ranks, bool single_copy) {
+bool OneShotTakesOthers(Algorithm algorithm, bool broadcast, size_t bytes, int ranks, bool single_copy) {
   if (algorithm != Algorithm::kAuto) return algorithm == Algorithm::kOneShot;
   // Cut-overs measured on the 2-core VM (docs/algorithms.md). At P = 2 single-copy wins from
   // 16 KiB; without it the ring reduce-scatter and the broadcast chain win from 64 KiB (the ring
   // allgather only above 128 KiB: one cut-over keeps the rule simple). At P = 4 (2 cores) the
-  // one-shots win up to 256 KiB against either.
-  if (ranks > 2) return bytes <= size_t{256} << 10;
+  // one-shots win up to 256 KiB, and the broadcast's at every size measured (to 64 MiB: its
+  // pieces stay in cache, where single-copy's readers each read the root's buffer from memory).
+  if (ranks > 2) return broadcast || bytes <= size_t{256} << 10;
   return bytes <= (single_copy ? size_t{12} << 10 : size_t{32} << 10);
 }
 

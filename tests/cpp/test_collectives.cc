@@ -466,6 +466,8 @@ int main() {
     TestReduceScatterAllgather(P, 40003, 1 << 20, pycomm::Algorithm::kOneShot);
     TestReduceScatterAllgather(P, 40003, 1 << 20, pycomm::Algorithm::kOneShot, true);
     TestBroadcast(P, 70001, 1 << 20, pycomm::Algorithm::kOneShot);
+    TestBroadcast(P, 70001, 1 << 20, pycomm::Algorithm::kSingleCopy);
+    TestBroadcast(P, 70001, 1 << 20, pycomm::Algorithm::kAuto);
     // Larger than one arena slot: the one-shot goes piece by piece, alternating slots.
     TestAllreduce(P, 100003, 1 << 20, false, pycomm::Algorithm::kOneShot);
     TestAllreduce(P, 100003, 1 << 20, true, pycomm::Algorithm::kOneShot);
