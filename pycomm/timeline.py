@@ -6,12 +6,12 @@ The file is in the trace format's JSON array form, whose closing bracket is opti
 appends each event as it happens, one whole line per write (O_APPEND), so no rank waits for
 another to write it, and the events of a rank that dies or is aborted mid-call stay readable.
 Appends from several processes keep whole lines on a local file system, not on NFS: on several
-nodes, give the file a node-local path (each node's then holds its ranks' events, and only the
-node of world rank 0 starts it). Each rank is a process of the trace (pid: its rank in
-MPI.COMM_WORLD), each calling thread a thread. Times are microseconds from the creation of the
-process's first communicator with a timeline, which ends with the ranks meeting: the ranks'
-clocks line up to within that meeting's skew where every process's first such communicator was
-the same one (one over MPI.COMM_WORLD, as pycomm.torch and pycomm.train make).
+nodes, put `{rank}` in the path (`/tmp/trace.{rank}.json`, node-local) for a file per rank. Each
+rank is a process of the trace (pid: its rank in MPI.COMM_WORLD), each calling thread a thread.
+Times are microseconds from the creation of the process's first communicator with a timeline,
+which ends with the ranks meeting: the ranks' clocks line up to within that meeting's skew where
+every process's first such communicator was the same one (one over MPI.COMM_WORLD, as
+pycomm.torch and pycomm.train make), and, across nodes, as far as the nodes' clocks agree.
 
 An event spans a call from entry to return: for device arrays, until the work is queued, not
 done; for allreduce_async, the call that issues it, and then its Work's wait() (args: how long
@@ -21,6 +21,7 @@ the work ran on the progress thread). It costs about 9 us per call; without a ti
 import functools
 import json
 import os
+import sys
 import threading
 import time
 
@@ -36,46 +37,67 @@ class TimelineFile:
     def __init__(self, path: str, start: bool):
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if start else 0)
         self._fd = os.open(path, flags, 0o644)
+        self._path = path
         self._lock = threading.Lock()
         self.origin_ns = None  # time zero of every event: set once the ranks have met
         if start:
             os.write(self._fd, b"[\n")
 
     def add(self, event: dict) -> None:
+        """Appends `event` as one line. Best effort: a collective that has run on every rank must
+        not fail on one for its trace, so a failed write (a full disk) ends this file's trace
+        here, said once on stderr."""
         # default=str: dtypes come as they are (str() of a numpy dtype costs microseconds).
         line = (json.dumps(event, separators=(",", ":"), default=str) + ",\n").encode()
         with self._lock:
-            os.write(self._fd, line)
+            if self._fd is None:
+                return
+            try:
+                while line:
+                    line = line[os.write(self._fd, line) :]
+            except OSError as e:
+                os.close(self._fd)
+                self._fd = None
+                sys.stderr.write(f"pycomm: the timeline stops here, {self._path!r} cannot be written: {e}\n")
 
 
-def timeline_for(path, comm):
-    """The Timeline of a communicator over `comm` (None where `path` is None). Collective: every
+def timeline_for(setting, comm):
+    """The Timeline of a communicator over `comm` (None where `setting` is None). Collective: every
     rank calls it, with a timeline or not. The ranks first compare their settings, so that every
-    rank raises, before any other collective, where the paths differ or some rank could not open
-    the file. Where no rank of `comm` has the file open yet, the one of lowest world rank starts
-    it afresh (its first line, `[`), and the others open it only after that."""
-    path = None if path is None else os.path.abspath(path)
-    with _files_lock:
-        opened = _files.get(path) if path is not None else None
+    rank raises, before any other collective, where they differ or some rank could not open its
+    file. A setting with `{rank}` names a file per rank (world rank), which each rank starts
+    afresh: the form for several nodes. Otherwise all share one file: where no rank of `comm` has
+    it open yet, the one of lowest world rank starts it, and the others open it only after that
+    (communicators on disjoint groups that start the same file at once race: trace from one that
+    spans every tracing rank first, such as MPI.COMM_WORLD's)."""
+    setting = None if setting is None else str(setting)
     world_rank = MPI.COMM_WORLD.rank
-    said = comm.allgather((path, opened is not None, world_rank))
-    if len({p for p, _, _ in said}) > 1:
+    path, opened, error = None, None, None
+    if setting is not None:
+        try:
+            path = os.path.abspath(setting.replace("{rank}", str(world_rank)))
+            with _files_lock:
+                opened = _files.get(path)
+        except (OSError, ValueError) as e:
+            error = e
+    said = comm.allgather((setting, opened is not None, world_rank))
+    if len({s for s, _, _ in said}) > 1:
         raise ValueError(
             "pycomm: PYCOMM_TIMELINE (timeline=) differs between ranks, or is set on some only: "
-            f"set it alike on every rank ({sorted({str(p) for p, _, _ in said})})"
+            f"set it alike on every rank ({sorted({str(s) for s, _, _ in said})})"
         )
-    if path is None:
+    if setting is None:
         return None
+    own_file = "{rank}" in setting
     starter = None if any(has for _, has, _ in said) else min(rank for _, _, rank in said)
-    error = None
-    if starter == world_rank:
+    if error is None and opened is None and (own_file or starter == world_rank):
         error = _open(path, start=True)
-    comm.Barrier()  # the file is started before anyone appends
-    if opened is None and starter != world_rank:
+    comm.Barrier()  # the shared file is started before anyone appends
+    if error is None and path not in _files:
         error = _open(path, start=False)
     if not all(comm.allgather(error is None)):
         if error is not None:
-            raise OSError(f"pycomm: cannot open the timeline file {path!r}: {error}") from error
+            raise OSError(f"pycomm: cannot open the timeline file {setting!r}: {error}") from error
         raise OSError("pycomm: another rank could not open the timeline file (see its error)")
     opened = _files[path]
     if opened.origin_ns is None:
@@ -84,12 +106,12 @@ def timeline_for(path, comm):
 
 
 def _open(path: str, start: bool):
-    """Opens this process's file for `path`; returns the OSError, if any."""
+    """Opens this process's file for `path`; returns the error, if any."""
     try:
         with _files_lock:
             if path not in _files:
                 _files[path] = TimelineFile(path, start)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a path with a NUL byte
         return e
     return None
 

@@ -351,3 +351,16 @@ def test_inference_tensors_are_written_without_a_version(comm, monkeypatch):
     monkeypatch.setattr(torch.autograd.graph, "increment_version", refuse)
     assert comm.allreduce(t, out=t) is t and comm.broadcast(t) is t
     assert comm.allreduce_async(t, out=t).wait() is t
+
+
+def test_timeline_that_cannot_be_written_stops_without_failing_calls(tmp_path, capfd):
+    """A collective that ran must not fail on one rank for its trace (a full disk, say)."""
+    import os
+
+    with pycomm.Communicator(timeline=tmp_path / "trace.json") as c:
+        trace = c._timeline._file
+        os.close(trace._fd)
+        trace._fd = os.open(tmp_path / "trace.json", os.O_RDONLY)  # every write now fails
+        x = np.ones(3)
+        assert c.allreduce(x, out=x) is x and c.allreduce(x, out=x) is x
+    assert capfd.readouterr().err.count("the timeline stops here") == 1

@@ -1,8 +1,8 @@
 // Broadcast as a pipelined chain: root -> root+1 -> ... -> root-1. Each rank forwards a chunk as
 // soon as it has arrived, so for large buffers every link is busy at once and the time approaches
-// one buffer's transfer, whatever the size. Where the ranks share a node, small broadcasts go
-// through its arena instead (one round, no messages), larger ones single-copy (each rank reads
-// the root's buffer straight into its own).
+// one buffer's transfer, whatever the size. Where the ranks share a node, broadcasts go through
+// its arena instead (a round per slot-sized piece, no messages: at P > 2 every size, at P = 2 small
+// ones), or single-copy (each rank reads the root's buffer straight into its own).
 
 #include <algorithm>
 #include <cstring>

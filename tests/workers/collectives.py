@@ -222,7 +222,7 @@ def check_shared_buffers(failures):
 
 def check_singlecopy_fallback(failures):
     """PYCOMM_CMA=0 on the last rank only: all ranks agree to run the ring, and keep to it (also
-    for reduce_scatter and allgather)."""
+    for reduce_scatter and allgather; broadcast takes the chain)."""
     import os
 
     if RANK == P - 1:
@@ -240,6 +240,10 @@ def check_singlecopy_fallback(failures):
             failures.check(block.shape == (5, 3) and bool(np.all(block == P * (P + 1) // 2)), f"reduce_scatter {block}")
             rows = comm.allgather(np.full(4, RANK, np.int64))
             failures.check(np.array_equal(rows, np.repeat(np.arange(P), 4)), f"allgather {rows}")
+            # And broadcast, above its one-shot: the chain where single-copy cannot run.
+            for n in (3, 300_001):
+                got = comm.broadcast(np.full(n, RANK, np.float64), root=P - 1)
+                failures.check(bool(np.all(got == P - 1)), f"{algorithm} broadcast n={n}: {got[:4]}")
 
 
 def main():

@@ -129,6 +129,7 @@ def mismatched_calls(failures):
         ("path", lambda c: c.allgather(np.ones(3 if RANK == 0 else 300_000)), "allgather(float64, 3)"),
         ("root", lambda c: c.broadcast(np.ones(4), root=RANK % 2), "broadcast(float64, 4, root 0)"),
         ("root, large", lambda c: c.broadcast(np.ones(100_000), root=RANK % 2), "broadcast(float64, 100000, root 0)"),
+        ("bcast path", lambda c: c.broadcast(np.ones(3 if RANK == 0 else 100_000)), "broadcast(float64, 3, root 0)"),
         ("op", lambda c: c.reduce_scatter(np.ones(P), op="max" if RANK else "sum"), "reduce_scatter(float64, 1, sum)"),
     ]
     for name, call, expected in cases:
