@@ -10,9 +10,9 @@ MPI's time over auto's (MPI_Bcast, MPI_Allgather, MPI_Reduce_scatter_block throu
 
 import argparse
 import statistics
-import time
 
 import numpy as np
+from collective_latency import per_call_us  # bench/'s own
 from mpi4py import MPI
 
 import pycomm
@@ -22,16 +22,9 @@ world = MPI.COMM_WORLD
 ALGORITHMS = ("oneshot", "singlecopy", "ring", "auto")  # broadcast's "ring" is the chain
 
 
-def per_call_us(call, iters: int) -> float:
-    samples = []
-    for _ in range(5):
-        call()
-        world.Barrier()
-        start = time.perf_counter()
-        for _ in range(iters):
-            call()
-        samples.append(world.allreduce((time.perf_counter() - start) / iters, op=MPI.MAX))
-    return statistics.median(samples) * 1e6
+def median_us(call, iters: int) -> float:
+    """The median of 5 loops of per_call_us."""
+    return statistics.median(per_call_us(call, iters) for _ in range(5))
 
 
 def calls(name: str, total: int, comms: dict) -> dict:

@@ -12,12 +12,12 @@ the same way (bench/README.md: A/B runs).
 import argparse
 import json
 import statistics
-import time
 
 import numpy as np
 from mpi4py import MPI
 
 import pycomm
+from pycomm.bench import time_calls
 
 world = MPI.COMM_WORLD
 
@@ -57,13 +57,22 @@ def calls(comm, name: str, nbytes: int):
 
 
 def per_call_us(call, iters: int) -> float:
+    """The slowest rank's microseconds per call over `iters` calls, after iters / 10 untimed."""
     for _ in range(max(1, iters // 10)):
         call()
-    world.Barrier()
-    start = time.perf_counter()
-    for _ in range(iters):
-        call()
-    return world.allreduce((time.perf_counter() - start) / iters, op=MPI.MAX) * 1e6
+    return time_calls(call, iters, world) * 1e6
+
+
+def report(header: str, lines: list, results: dict, json_path) -> None:
+    """On rank 0: the header, a line per case, and the results as JSON where asked for."""
+    if world.rank != 0:
+        return
+    print(header)
+    for line in lines:
+        print(line)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 def main() -> None:
@@ -82,13 +91,15 @@ def main() -> None:
             samples["mpi"].append(per_call_us(theirs, iters))
         us, mpi_us = statistics.median(samples["pycomm"]), statistics.median(samples["mpi"])
         results[f"{name} {nbytes} B"] = {"us": us, "mpi_us": mpi_us, "vs_mpi": mpi_us / us}
-    if comm.rank == 0:
-        print(f"# P={comm.size}; us per call (median of {a.repeats}); x MPI = MPI's time / pycomm's")
-        for key, r in results.items():
-            print(f"{key:28s} {r['us']:10.2f} us  MPI {r['mpi_us']:10.2f} us  {r['vs_mpi']:6.2f} x MPI")
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(results, f, indent=1)
+    report(
+        f"# P={comm.size}; us per call (median of {a.repeats}); x MPI = MPI's time / pycomm's",
+        [
+            f"{k:28s} {r['us']:10.2f} us  MPI {r['mpi_us']:10.2f} us  {r['vs_mpi']:6.2f} x MPI"
+            for k, r in results.items()
+        ],
+        results,
+        a.json,
+    )
     comm.close()
 
 

@@ -9,27 +9,16 @@ tensor an MPI user would pass `t.numpy()`, timed too). At these sizes a call is 
 """
 
 import argparse
-import json
 import statistics
-import time
 
 import numpy as np
 import torch
+from collective_latency import per_call_us, report  # bench/'s own
 from mpi4py import MPI
 
 import pycomm
 
 world = MPI.COMM_WORLD
-
-
-def per_call(call, iters: int) -> float:
-    for _ in range(iters // 10):
-        call()
-    world.Barrier()
-    start = time.perf_counter()
-    for _ in range(iters):
-        call()
-    return world.allreduce((time.perf_counter() - start) / iters, op=MPI.MAX)
 
 
 def cases(comm, array: np.ndarray, tensor) -> dict:
@@ -56,18 +45,17 @@ def main() -> None:
         samples = {name: [] for name in calls}
         for _ in range(a.repeats):
             for name, call in calls.items():
-                samples[name].append(per_call(call, iters) * 1e6)
+                samples[name].append(per_call_us(call, iters))
         baseline = statistics.median(samples["MPI_Allreduce (mpi4py, numpy)"])
         for name, times in samples.items():
             us = statistics.median(times)
             results[f"{name}, {nbytes} B"] = {"us": us, "vs_mpi": baseline / us}
-    if comm.rank == 0:
-        print(f"# P={comm.size}, float32 sum in place; us per call (median of {a.repeats}); x MPI = MPI's time / this")
-        for key, r in results.items():
-            print(f"{key:64s} {r['us']:9.2f} us  {r['vs_mpi']:6.2f} x MPI")
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(results, f, indent=1)
+    report(
+        f"# P={comm.size}, float32 sum in place; us per call (median of {a.repeats}); x MPI = MPI's time / this",
+        [f"{k:64s} {r['us']:9.2f} us  {r['vs_mpi']:6.2f} x MPI" for k, r in results.items()],
+        results,
+        a.json,
+    )
     comm.close()
 
 
