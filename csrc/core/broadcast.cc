@@ -1,19 +1,16 @@
 // Broadcast as a pipelined chain: root -> root+1 -> ... -> root-1. Each rank forwards a chunk as
 // soon as it has arrived, so for large buffers every link is busy at once and the time approaches
 // one buffer's transfer, whatever the size. Where the ranks share a node, broadcasts go through
-// its arena instead (a round per slot-sized piece, no messages: at P > 2 every size, at P = 2 small
-// ones), or single-copy (each rank reads the root's buffer straight into its own).
+// its arena instead (oneshot_collectives.cc: at P > 2 every size, at P = 2 small ones), or
+// single-copy (here: each rank reads the root's buffer straight into its own).
 
 #include <algorithm>
-#include <cstring>
 #include <deque>
 
-#include "core/agreement.h"
 #include "core/collectives.h"
 #include "core/pipeline.h"
 #include "core/single_copy.h"
 #include "transport/peer_memory.h"
-#include "transport/shared_arena.h"
 
 namespace pycomm {
 
@@ -53,28 +50,6 @@ void BroadcastChain(const CollectiveContext& ctx, void* buf, size_t bytes, int r
     }
   }
   for (auto& send : sends) Wait(*send, ctx.timeout_s);
-}
-
-void BroadcastOneShot(const CollectiveContext& ctx, void* buf, size_t count, DataType dtype, int root) {
-  SharedArena& arena = *ctx.transport.arena();
-  const int r = arena.rank();
-  const size_t es = DataTypeSize(dtype);
-  const size_t piece = arena.slot_bytes() / es;
-  const auto mine = AgreementInfo(
-      CallHeader{ctx.call, count, static_cast<int32_t>(CallKind::kBroadcast), static_cast<int32_t>(dtype), -1, root},
-      SharedArena::kOneShot);
-  char* data = static_cast<char*>(buf);
-  size_t begin = 0;
-  do {  // at least one round, which checks the call
-    const size_t n = std::min(piece, count - begin);
-    const uint64_t seq = ++*ctx.arena_seq;
-    if (r == root && n) std::memcpy(arena.slot(r, seq), data + begin * es, n * es);
-    arena.Post(seq, mine);
-    arena.WaitAll(seq, ctx.timeout_s);
-    if (begin == 0) CheckCallsAgree(arena, seq, mine);
-    if (r != root && n) std::memcpy(data + begin * es, arena.slot(root, seq), n * es);
-    begin += n;
-  } while (begin < count);
 }
 
 bool BroadcastSingleCopy(const CollectiveContext& ctx, SingleCopyState& state, void* buf, size_t count, DataType dtype,
