@@ -98,9 +98,30 @@ def address(a: np.ndarray) -> int:
     return a.ctypes.data
 
 
-def check_no_partial_overlap(x: np.ndarray, out: np.ndarray) -> None:
-    """In place (out is x's memory exactly) is fine; any other overlap would corrupt the result."""
+def check_no_partial_overlap(x: np.ndarray, out: np.ndarray, x_in_out_at=None, out_in_x_at=None) -> None:
+    """x and out may overlap only in place (check_in_place); any other overlap would corrupt the
+    result. Their shapes and dtypes are already checked."""
     if out is x or not np.may_share_memory(x, out):
         return
-    if address(x) != address(out) or x.nbytes != out.nbytes:
+    check_in_place(address(x), address(out), x_in_out_at, out_in_x_at)
+
+
+def check_in_place(x_ptr: int, out_ptr: int, x_in_out_at=None, out_in_x_at=None) -> None:
+    """x and out overlap: only as the same memory, x at `x_in_out_at` bytes into out (allgather:
+    x is this rank's block of out), or out at `out_in_x_at` bytes into x (reduce_scatter: out is
+    this rank's block of x), NCCL's in-place forms. Elsewhere one rank's writes could land where
+    another rank has yet to read."""
+    if x_in_out_at is not None:
+        if x_ptr != out_ptr + x_in_out_at:
+            raise ValueError(
+                "pycomm: x overlaps out other than as this rank's block of it "
+                "(in place: x = out[rank * n:(rank + 1) * n])"
+            )
+    elif out_in_x_at is not None:
+        if out_ptr != x_ptr + out_in_x_at:
+            raise ValueError(
+                "pycomm: out overlaps x other than as this rank's block of it "
+                "(in place: out = x[rank * n:(rank + 1) * n])"
+            )
+    elif x_ptr != out_ptr:
         raise ValueError("pycomm: out overlaps x without being the same memory")

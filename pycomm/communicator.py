@@ -12,7 +12,14 @@ from mpi4py import MPI
 
 from . import device_arrays, settings
 from ._native import _core
-from .buffers import as_input, check_no_partial_overlap, output_for, plain_tensor_view, read_only_hint
+from .buffers import (
+    as_input,
+    check_in_place,
+    check_no_partial_overlap,
+    output_for,
+    plain_tensor_view,
+    read_only_hint,
+)
 from .dtypes import FLOATING_CODES, dtype_code, is_floating
 from .errors import CommError
 from .ops import ReduceOp, parse_op
@@ -252,7 +259,8 @@ class Communicator:
         op = self._check_op(xa.dtype, op)
         shape = self._reduce_scatter_shape(xa.shape)
         result, outa = output_for(x, xa, out, shape)
-        check_no_partial_overlap(xa, outa)
+        # In place (NCCL's form): out is this rank's block of x, as on a GPU.
+        check_no_partial_overlap(xa, outa, out_in_x_at=self._own_block_at(shape, xa.dtype))
         self._native.reduce_scatter(xa, outa, outa.size, dtype_code(xa.dtype), int(op))
         if out is not None:
             device_arrays.mark_host_written(out)
@@ -284,7 +292,7 @@ class Communicator:
         xa = as_input(x)
         shape = self._allgather_shape(xa.shape)
         result, outa = output_for(x, xa, out, shape)
-        check_no_partial_overlap(xa, outa)
+        check_no_partial_overlap(xa, outa, x_in_out_at=self._own_block_at(xa.shape, xa.dtype))
         self._native.allgather(xa, outa, xa.size, dtype_code(xa.dtype))
         if out is not None:
             device_arrays.mark_host_written(out)
@@ -396,15 +404,12 @@ class Communicator:
         return self.rank * _count(block_shape) * dtype.itemsize
 
     def _device_output(self, d, out, shape, stream: int, x_in_out_at=None, out_in_x_at=None):
-        """out, checked against x; they may overlap only in place: as the same memory, x at
-        `x_in_out_at` bytes into out (allgather: x is this rank's block of out), or out at
-        `out_in_x_at` bytes into x (reduce_scatter: out is this rank's block of x). Elsewhere one
-        rank's writes could land where another rank has yet to read."""
+        """out, checked against x; they may overlap only in place (buffers.check_in_place)."""
         if out is None:
             return device_arrays.new_array(d, shape, stream)
         o = device_arrays.check_output(out, d, shape, stream=stream)
         if _overlap(d, o):
-            _check_in_place(d, o, x_in_out_at, out_in_x_at)
+            check_in_place(d.ptr, o.ptr, x_in_out_at, out_in_x_at)
         elif d.device != o.device or d.device < 0:
             # The core checks x's GPU; out must be on the same one. Where an array does not say
             # its GPU (__cuda_array_interface__), the driver does.
@@ -504,24 +509,6 @@ def _overlap(a, b) -> bool:
     a_end = a.ptr + _count(a.shape) * a.dtype.itemsize
     b_end = b.ptr + _count(b.shape) * b.dtype.itemsize
     return a.ptr < b_end and b.ptr < a_end
-
-
-def _check_in_place(d, o, x_in_out_at, out_in_x_at) -> None:
-    """x (d) and out (o) overlap: only as Communicator._device_output allows."""
-    if x_in_out_at is not None:
-        if d.ptr != o.ptr + x_in_out_at:
-            raise ValueError(
-                "pycomm: x overlaps out other than as this rank's block of it "
-                "(in place: x = out[rank * n:(rank + 1) * n])"
-            )
-    elif out_in_x_at is not None:
-        if o.ptr != d.ptr + out_in_x_at:
-            raise ValueError(
-                "pycomm: out overlaps x other than as this rank's block of it "
-                "(in place: out = x[rank * n:(rank + 1) * n])"
-            )
-    elif d.ptr != o.ptr:
-        raise ValueError("pycomm: out overlaps x without being the same memory")
 
 
 def _is_device(x) -> bool:

@@ -127,6 +127,9 @@ BAD_INPUTS = [
     ("async avg of integers", lambda c: c.allreduce_async(np.zeros(3, np.int32), op="avg"), ValueError),
     ("reduce_scatter of a 0-d array", lambda c: c.reduce_scatter(np.zeros(())), ValueError),
     ("allgather into a wrong out", lambda c: c.allgather(np.zeros(3), out=np.zeros(2)), ValueError),
+    # In place, x must be exactly this rank's block of out (allgather), out of x (reduce_scatter).
+    ("allgather x inside out elsewhere", lambda c: (lambda b: c.allgather(b[1:], out=b[:3]))(np.zeros(4)), ValueError),
+    ("reduce_scatter out elsewhere", lambda c: (lambda b: c.reduce_scatter(b[:3], out=b[1:]))(np.zeros(4)), ValueError),
     ("negative root", lambda c: c.broadcast(np.zeros(3), root=-1), ValueError),
     ("root past the last rank", lambda c: c.broadcast(np.zeros(3), root=1), ValueError),
     ("root of wrong type", lambda c: c.broadcast(np.zeros(3), root="0"), TypeError),

@@ -24,9 +24,11 @@ def test_allreduce_matrix(nprocs, group, algorithm):
     run_mpi(nprocs, "collectives.py", "allreduce", *DTYPE_GROUPS[group], env={"PYCOMM_ALGO": algorithm})
 
 
+@pytest.mark.parametrize("algorithm", ["auto", "ring", "oneshot", "singlecopy"])
 @pytest.mark.parametrize("nprocs", [1, 2, 3, 4])
-def test_reduce_scatter_allgather_broadcast_barrier(nprocs):
-    run_mpi(nprocs, "collectives.py", "others")
+def test_reduce_scatter_allgather_broadcast_barrier(nprocs, algorithm):
+    """Out of place, out= and NCCL's in-place forms, with each algorithm forced."""
+    run_mpi(nprocs, "collectives.py", "others", env={"PYCOMM_ALGO": algorithm})
 
 
 @pytest.mark.parametrize("nprocs", [2, 3])

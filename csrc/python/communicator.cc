@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 
 #include "pycomm/pycomm.h"
@@ -54,15 +55,15 @@ int FastDataType(const py::array& a) {
 }
 
 // The fast paths' checks of an input and an output: both of one fast dtype (FastDataType), `out`
-// writeable, and the two either the same memory or disjoint. The dtype's code, or -1.
-int FastPair(const py::array& x, const py::array& out) {
+// writeable, and the two either disjoint or in place: out starting `in_place_shift` bytes after x
+// (0: the same memory; the caller checks the shapes). The dtype's code, or -1.
+int FastPair(const py::array& x, const py::array& out, ptrdiff_t in_place_shift = 0) {
   const int dtype = FastDataType(x);
   if (dtype < 0 || FastDataType(out) != dtype || !out.writeable()) return -1;
-  const auto* xb = static_cast<const char*>(x.data());
-  const auto* ob = static_cast<const char*>(out.data());
-  const auto xn = static_cast<size_t>(x.nbytes()), on = static_cast<size_t>(out.nbytes());
-  if (xb == ob && xn == on) return dtype;
-  return xb < ob + on && ob < xb + xn ? -1 : dtype;  // partial overlap
+  const auto xb = reinterpret_cast<uintptr_t>(x.data()), ob = reinterpret_cast<uintptr_t>(out.data());
+  const auto xn = static_cast<uintptr_t>(x.nbytes()), on = static_cast<uintptr_t>(out.nbytes());
+  if (ob - xb == static_cast<uintptr_t>(in_place_shift)) return dtype;
+  return xb < ob + on && ob < xb + xn ? -1 : dtype;  // any other overlap
 }
 
 bool FastOp(int op, int dtype) {
@@ -92,7 +93,8 @@ bool AllreduceIfPlain(Communicator& c, const py::array& x, const py::array& out,
 }
 
 bool ReduceScatterIfPlain(Communicator& c, const py::array& x, const py::array& out, int op) {
-  const int dtype = FastPair(x, out);
+  // In place (NCCL's form): out is this rank's block of x.
+  const int dtype = FastPair(x, out, c.rank() * out.nbytes());
   if (dtype < 0 || !FastOp(op, dtype) || x.ndim() == 0 || !ScaledShape(x, out, 1, c.size())) return false;
   py::gil_scoped_release release;
   c.ReduceScatter(x.data(), Data(out), out.size(), static_cast<DataType>(dtype), static_cast<ReduceOp>(op));
@@ -100,7 +102,8 @@ bool ReduceScatterIfPlain(Communicator& c, const py::array& x, const py::array& 
 }
 
 bool AllgatherIfPlain(Communicator& c, const py::array& x, const py::array& out) {
-  const int dtype = FastPair(x, out);
+  // In place: x is this rank's block of out.
+  const int dtype = FastPair(x, out, -c.rank() * x.nbytes());
   if (dtype < 0 || !ScaledShape(x, out, c.size(), 1)) return false;
   py::gil_scoped_release release;
   c.Allgather(x.data(), Data(out), x.size(), static_cast<DataType>(dtype));

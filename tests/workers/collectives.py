@@ -4,6 +4,7 @@ usage: collectives.py MODE [DTYPE ...]
 """
 
 import sys
+import types
 
 import numpy as np
 from common import (
@@ -65,12 +66,28 @@ def check_other_collectives(comm, dtypes, failures):
                 want = full[RANK * rows : (RANK + 1) * rows]
                 ok = block.shape == (rows, 3) and matches_block(block, inputs, dtype, op, rows)
                 failures.check(ok, f"reduce_scatter {name} {op} rows={rows}: {block.ravel()[:4]} vs {want.ravel()[:4]}")
+                # In place (NCCL's form): out is this rank's block of x; the same bits as above.
+                x = inputs[RANK].copy()
+                own = x[RANK * rows : (RANK + 1) * rows]
+                result = comm.reduce_scatter(x, op=op, out=own)
+                failures.check(
+                    result is own and np.array_equal(own.view(np.uint8), block.view(np.uint8)),
+                    f"reduce_scatter {name} {op} rows={rows} in place",
+                )
             # allgather: every rank's block, in rank order.
             x = make_input(RANK, rows * 2, dtype, "sum").reshape(rows, 2)
             gathered = comm.allgather(x)
             want = np.concatenate([make_input(q, rows * 2, dtype, "sum").reshape(rows, 2) for q in range(P)])
             failures.check(
                 np.array_equal(gathered.view(np.uint8), want.view(np.uint8)), f"allgather {name} rows={rows}"
+            )
+            # In place: x is this rank's block of out; the other blocks start as garbage.
+            out = np.full_like(want, 3)
+            out[RANK * rows : (RANK + 1) * rows] = x
+            result = comm.allgather(out[RANK * rows : (RANK + 1) * rows], out=out)
+            failures.check(
+                result is out and np.array_equal(out.view(np.uint8), want.view(np.uint8)),
+                f"allgather {name} rows={rows} in place",
             )
         for root in range(P):
             for n in (0, 1, 100, 5000):
@@ -83,6 +100,32 @@ def check_other_collectives(comm, dtypes, failures):
     g = comm.allgather(np.array(RANK, np.int64))
     failures.check(g.tolist() == list(range(P)), f"allgather of 0-d: {g}")
     comm.barrier()
+
+
+def check_in_place_fast_paths(comm, failures):
+    """NCCL's in-place forms of plain numpy arrays take the native fast paths: with only those
+    left on the communicator, the full path's first native call would raise AttributeError."""
+    native, rows = comm._native, 4
+    comm._native = types.SimpleNamespace(
+        rank=native.rank,
+        size=native.size,
+        reduce_scatter_if_plain=native.reduce_scatter_if_plain,
+        allgather_if_plain=native.allgather_if_plain,
+    )
+    try:
+        x = np.arange(rows * P, dtype=np.float32)
+        own = x[RANK * rows : (RANK + 1) * rows]
+        comm.reduce_scatter(x, out=own)
+        want = P * np.arange(RANK * rows, (RANK + 1) * rows)
+        failures.check(np.array_equal(own, want), "fast in-place reduce_scatter")
+        out = np.zeros(rows * P, np.float32)
+        out[RANK * rows : (RANK + 1) * rows] = RANK
+        comm.allgather(out[RANK * rows : (RANK + 1) * rows], out=out)
+        failures.check(np.array_equal(out, np.repeat(np.arange(P), rows)), "fast in-place allgather")
+    except AttributeError as error:
+        failures.check(False, f"an in-place call left the fast path: {error}")
+    finally:
+        comm._native = native
 
 
 def matches_block(block, inputs, dtype, op, rows):
@@ -257,6 +300,7 @@ def main():
         for chunk in (8, 1 << 20):
             with pycomm.Communicator(chunk_bytes=chunk) as comm:
                 check_other_collectives(comm, dtypes, failures)
+                check_in_place_fast_paths(comm, failures)
     elif mode == "dlpack":
         with pycomm.Communicator() as comm:
             check_dlpack_host(comm, failures)
