@@ -13,7 +13,8 @@
 #      CUDA IPC, and the benchmark CLI on torch bfloat16 (step 8 runs it on cupy float32); the
 #      kernels' own test is step 3's;
 #   7. trains with cupy arrays (python -m pycomm.train --device gpu --check) where scikit-learn exists;
-#   8. runs the benchmark CLI on GPU arrays (python -m pycomm.bench --device gpu --vs mpi) at P = 2.
+#   8. runs the benchmark CLI on GPU arrays (python -m pycomm.bench --device gpu --vs mpi) at P = 2:
+#      the allreduce sweep, then allgather and reduce_scatter in place, short.
 # GPU_CHECK_QUICK=1 runs steps 1, 2 and the 8 B-64 KiB part of step 4 at P = 2, host sync, only
 # (a minute or two after the build), to try a change to the small-message path on a device.
 # Logs and JSON go to $OUT (default build/gpu-check-out): 7 files, under the device tool's 8 (the
@@ -147,6 +148,13 @@ timed "$(limit 60)" mpirun -n 2 $PY -m pycomm.bench --device gpu -b 16 -e 64M -f
   --json "$PARTS/part_bench_cli_p2.json" >"$cli" 2>&1
 step "pycomm.bench --device gpu P=2" "exit $? ($(grep -o 'Wrong elements: .*' "$cli"))"
 cat "$cli" >>"$OUT/gpu_allreduce.txt"
+# 8a. The CLI's other collectives on cupy arrays, in NCCL's in-place forms (FSDP's allgather), short
+for c in allgather reduce_scatter; do
+  timed "$(limit 30)" mpirun -n 2 $PY -m pycomm.bench --device gpu -c $c --in-place -b 1K -e 4M -f 64 --vs mpi \
+    --json "$PARTS/part_bench_cli_${c}_p2.json" >"$cli" 2>&1
+  step "pycomm.bench --device gpu -c $c" "exit $? ($(grep -o 'Wrong elements: .*' "$cli"))"
+  cat "$cli" >>"$OUT/gpu_allreduce.txt"
+done
 
 merge_parts
 

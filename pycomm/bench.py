@@ -1,14 +1,17 @@
-"""Allreduce benchmark in the manner of nccl-tests' all_reduce_perf.
+"""Collective benchmark in the manner of nccl-tests' all_reduce_perf (and, with --collective,
+reduce_scatter_perf, all_gather_perf and broadcast_perf).
 
     mpirun -n 2 python -m pycomm.bench -b 8 -e 256M -f 2 --vs mpi
     mpirun -n 2 python -m pycomm.bench --device gpu -b 8 -e 256M --vs mpi
+    mpirun -n 4 python -m pycomm.bench --collective allgather --vs mpi
 
 Every rank runs the same sweep; rank 0 prints the table. Each size is checked against the exact
 expected result before it is timed, so a fast but wrong engine cannot pass unnoticed (#wrong), and
 `--vs mpi` times MPI_Allreduce on the same buffers in the same run, because a speed-up only means
-something against a baseline measured side by side. With `--device gpu` the buffers are cupy or
+something against a baseline measured side by side (MPI's own collective: MPI_Allreduce,
+MPI_Reduce_scatter_block, MPI_Allgather, MPI_Bcast). With `--device gpu` the buffers are cupy or
 torch arrays on each rank's GPU, every timed loop ends when its GPU work has, and `--vs mpi` times
-what a program without pycomm does with them: copy to the host, MPI_Allreduce, copy back. See
+what a program without pycomm does with them: copy to the host, the MPI call, copy back. See
 bench/README.md.
 """
 
@@ -31,6 +34,7 @@ from mpi4py import MPI
 from mpi4py.util.dtlib import from_numpy_dtype
 
 import pycomm
+from pycomm.bench_collectives import COLLECTIVES, PERIOD
 from pycomm.bench_gpu import LIBRARIES, GpuArrays, GpuUnavailable
 from pycomm.dtypes import is_floating
 from pycomm.ops import ReduceOp, parse_op
@@ -50,9 +54,6 @@ FLOOR_DEVICE_COPY_BYTES = 256 << 20  # a GPU copies 64 MiB in tens of microsecon
 # 3617 GB/s in the same check (bench/results/2026-11-27-h200-gpu-recheck.md).
 FLOOR_DEVICE_COPIES = 20
 
-# Inputs repeat with this period along the array. 7 is prime, so a block of data landing at a
-# wrong offset (chunks and ring segments are mostly powers of two long) almost never matches.
-PERIOD = 7
 # Fill and check in blocks of whole periods, so checking needs no full-size temporary arrays.
 BLOCK_ELEMS = PERIOD * (1 << 15)
 
@@ -242,10 +243,11 @@ def node_memory_bandwidth(node, copy=None) -> float:
     return node.size * 2 * nbytes / statistics.median(times)
 
 
-def floor_busbw(memory_bw: float, local_size: int, size: int) -> float:
-    """busbw of an allreduce that reads each input once and writes each output once: each of the
-    node's ranks moves 2 bytes of memory traffic per byte of its buffer."""
-    return memory_bw / (2 * local_size) * bus_factor(size)
+def floor_busbw(memory_bw: float, local_size: int, collective) -> float:
+    """busbw of a collective that reads each input once and writes each output once: each of the
+    node's ranks moves collective.traffic() bytes of memory traffic per byte of the size (2 for
+    an allreduce)."""
+    return memory_bw / (collective.traffic() * local_size) * collective.bus_factor()
 
 
 def mpi_has_dtype(dtype: np.dtype) -> bool:
@@ -256,19 +258,16 @@ def mpi_has_dtype(dtype: np.dtype) -> bool:
     return True
 
 
-def bus_factor(size: int) -> float:
-    # nccl-tests' convention: a ring moves 2(P-1)/P of the data over each link, 0 at P=1.
-    return 2.0 * (size - 1) / size
-
-
 # -- the sweep ---------------------------------------------------------------------------------
 
 
-def sizes_in_elements(args, itemsize: int) -> list:
+def sizes_in_elements(args, itemsize: int, multiple: int = 1) -> list:
+    """Element counts of the sweep's sizes, each rounded down to a multiple of `multiple` (the
+    ranks, where a size is cut into a block per rank, as nccl-tests does)."""
     counts, size = [], args.min_bytes
     while size <= args.max_bytes:
-        count = size // itemsize
-        if count and (not counts or count != counts[-1]):  # smaller than one element: skip
+        count = size // itemsize // multiple * multiple
+        if count and (not counts or count != counts[-1]):  # smaller than one element (block): skip
             counts.append(count)
         size = max(size + 1, int(size * args.factor))
     return counts
@@ -291,9 +290,11 @@ class HostBuffers:
     def wrong(self, buf, table: np.ndarray) -> int:
         return count_wrong(buf, table)
 
-    def mpi_call(self, world, x, y, mpi_op, in_place: bool):
-        send = MPI.IN_PLACE if in_place else x
-        return lambda: world.Allreduce(send, y, op=mpi_op)
+    def mpi_call(self, world, collective, x, y, mpi_op, in_place: bool):
+        """(MPI's call on x and y, where it leaves its result)."""
+        if in_place:
+            return lambda: collective.mpi_in_place_call(world, x, y, mpi_op), collective.mpi_in_place_result(x, y)
+        return lambda: collective.mpi_call(world, x, y, mpi_op), y
 
     def floor_copy(self):
         return None  # node_memory_bandwidth copies in host memory itself
@@ -331,42 +332,55 @@ class DeviceBuffers:
     def wrong(self, buf, table: np.ndarray) -> int:
         return count_wrong(self.gpu.download(buf, self.dtype), table)
 
-    def mpi_call(self, world, x, y, mpi_op, in_place: bool):
+    def mpi_call(self, world, collective, x, y, mpi_op, in_place: bool):
+        """(MPI's call on x and y through host copies, where it leaves its result: y)."""
+
         # What a program does without pycomm (and without a CUDA-aware MPI): the copies count.
         def staged():
             host = self.gpu.download(x, self.dtype)
-            world.Allreduce(MPI.IN_PLACE, host, op=mpi_op)
-            self.gpu.upload(host, y)
+            self.gpu.upload(collective.mpi_staged(world, host, len(y), mpi_op), y)
 
-        return staged
+        return staged, y
 
 
-def run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok, also=None, node=None, buffers=None) -> dict:
+def run_size(count, args, collective, op, comm, world, mpi_ok, also=None, node=None, buffers=None) -> dict:
+    """Checks and times one size (`count` elements: the larger buffer's, as nccl-tests counts)."""
+    dtype = collective.dtype
     # Buffers live for one size only, so at most two max-size arrays exist per rank.
-    # --shared: the input lives in comm.empty memory (in place), as a training loop's gradient
-    # buckets would; MPI then reduces the same array.
+    # --shared: the buffers live in comm.empty memory (in place), as a training loop's gradient
+    # buckets would; MPI then works on the same arrays.
     buffers = buffers or HostBuffers(comm, args.shared)
     sync = buffers.synchronize
-    x = buffers.empty(count, dtype)
-    y = x if args.in_place else buffers.empty(count, dtype)
-    buffers.fill(x, mine)
+    if args.in_place:
+        x, y = collective.in_place(buffers.empty(max(collective.counts(count)), dtype))
+    else:
+        x, y = (buffers.empty(n, dtype) for n in collective.counts(count))
+
+    def fill() -> None:
+        for begin, end, table in collective.input_parts(count):
+            buffers.fill(x[begin:end], table)
+
+    def wrong(result) -> int:
+        found = sum(buffers.wrong(result[begin:end], table) for begin, end, table in collective.result_parts(count))
+        return world.allreduce(found, op=MPI.SUM)
 
     def pycomm_call():
-        comm.allreduce(x, op=op, out=y)
+        collective.call(comm, x, y, op)
 
-    mpi_call = buffers.mpi_call(world, x, y, _MPI_OPS[op], args.in_place)
+    mpi_call, mpi_result = buffers.mpi_call(world, collective, x, y, _MPI_OPS[op], args.in_place)
 
     # Correctness first, on freshly filled inputs; in place, the timed loops overwrite them.
+    fill()
     pycomm_call()
-    wrong = world.allreduce(buffers.wrong(y, expected), op=MPI.SUM) if args.check else None
+    wrong_elements = wrong(y) if args.check else None
     engines = {"pycomm": Measurement(pycomm_call, args, world, sync)}
 
     mpi_wrong = None
     if mpi_ok:
-        buffers.fill(x, mine)
+        fill()
         mpi_call()
         if args.check and op != ReduceOp.AVG:
-            mpi_wrong = world.allreduce(buffers.wrong(y, expected), op=MPI.SUM)
+            mpi_wrong = wrong(mpi_result)
         engines["mpi"] = Measurement(mpi_call, args, world, sync)
 
     # --also: the same buffers through communicators forced to other algorithms.
@@ -374,11 +388,11 @@ def run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok, also=N
     for name, other in (also or {}).items():
 
         def other_call(other=other):
-            other.allreduce(x, op=op, out=y)
+            collective.call(other, x, y, op)
 
-        buffers.fill(x, mine)
+        fill()
         other_call()
-        also_wrong[name] = world.allreduce(buffers.wrong(y, expected), op=MPI.SUM) if args.check else None
+        also_wrong[name] = wrong(y) if args.check else None
         engines[name] = Measurement(other_call, args, world, sync)
 
     for engine in engines.values():
@@ -392,24 +406,24 @@ def run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok, also=N
             engine.repeat(world)
 
     nbytes = count * dtype.itemsize
-    factor = bus_factor(world.size)
+    factor = collective.bus_factor()
     seconds = engines["pycomm"].seconds
     row = {
         "size": nbytes,
         "count": count,
         "type": args.dtype,
-        "redop": op.name.lower(),
+        "redop": op.name.lower() if collective.reduces else "none",
         "time_us": seconds * 1e6,
         "algbw": nbytes / seconds / 1e9,
         "busbw": nbytes / seconds / 1e9 * factor,
-        "wrong": wrong,
+        "wrong": wrong_elements,
         "iters": engines["pycomm"].iters,
         "warmup": engines["pycomm"].warmup,
         "times_us": [t * 1e6 for t in engines["pycomm"].times],
     }
     if memory_bw is not None:
         row["memory_bw"] = memory_bw / 1e9
-        row["floor_busbw"] = floor_busbw(memory_bw, node.size, world.size) / 1e9
+        row["floor_busbw"] = floor_busbw(memory_bw, node.size, collective) / 1e9
     if "mpi" in engines:
         mpi_seconds = engines["mpi"].seconds
         row.update(
@@ -520,8 +534,10 @@ def metadata(args, argv, comm, world) -> dict:
         # How the ranks were laid out and any pycomm / MPI settings in force.
         "local_size": comm.local_size,
         "environment": {k: v for k, v in os.environ.items() if k.startswith(("PYCOMM_", "MPIR_CVAR_"))},
+        "collective": args.collective,
         "dtype": args.dtype,
         "op": args.op,
+        "root": args.root if COLLECTIVES[args.collective].rooted else None,
         "in_place": args.in_place,
         "device": args.device,
         "check": args.check,
@@ -556,7 +572,8 @@ def write_plot(path: str, rows: list, meta: dict) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("size (bytes)")
     ax.set_ylabel(f"{key} (GB/s)")
-    ax.set_title(f"allreduce {meta['dtype']} {meta['op']}, P={meta['P']}, {meta['hostname']}, {meta['date'][:10]}")
+    what = " ".join(str(meta[k]) for k in ("collective", "dtype", "op") if meta[k] is not None)
+    ax.set_title(f"{what}, P={meta['P']}, {meta['hostname']}, {meta['date'][:10]}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -611,17 +628,33 @@ def _nonnegative_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m pycomm.bench",
-        description="Times pycomm's allreduce over a range of sizes (run under mpirun -n P).",
+        description="Times one of pycomm's collectives over a range of sizes (run under mpirun -n P).",
+    )
+    parser.add_argument(
+        "-c",
+        "--collective",
+        choices=list(COLLECTIVES),
+        default="allreduce",
+        help="default allreduce; a size is the larger buffer's (reduce_scatter's input, allgather's output), "
+        "as in nccl-tests",
     )
     parser.add_argument("-b", "--min-bytes", type=_size_arg, default=8, help="smallest size (default 8; K/M/G)")
     parser.add_argument("-e", "--max-bytes", type=_size_arg, default=256 << 20, help="largest size (default 256M)")
     parser.add_argument("-f", "--factor", type=float, default=2.0, help="size multiplier between steps (default 2)")
     parser.add_argument("--dtype", default="float32", choices=pycomm.SUPPORTED_DTYPES, help="default float32")
-    parser.add_argument("--op", default="sum", choices=[o.name.lower() for o in ReduceOp], help="default sum")
+    parser.add_argument(
+        "--op", choices=[o.name.lower() for o in ReduceOp], help="allreduce and reduce_scatter: default sum"
+    )
+    parser.add_argument("-r", "--root", type=_nonnegative_int, help="broadcast: the root rank (default 0)")
     parser.add_argument("--iters", type=_positive_int, help="timed calls per size (default: adaptive, 5 to 1000)")
     parser.add_argument("--warmup", type=_nonnegative_int, help="untimed calls per size (default: iters/10)")
     parser.add_argument("--repeats", type=_positive_int, default=1, help="timed loops per size; the median is shown")
-    parser.add_argument("--in-place", action="store_true", help="reduce into the input buffer")
+    parser.add_argument(
+        "--in-place",
+        action="store_true",
+        help="NCCL's in-place forms: allreduce into x, reduce_scatter into x's own block, allgather from "
+        "out's own block",
+    )
     parser.add_argument(
         "--device",
         choices=["cpu", "gpu"],
@@ -642,7 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="count elements differing from the exact result (default on)",
     )
-    parser.add_argument("--vs", choices=["mpi"], help="also time MPI_Allreduce (mpi4py) and show the ratio")
+    parser.add_argument(
+        "--vs", choices=["mpi"], help="also time MPI's own collective (mpi4py) and show the ratio (its time / pycomm's)"
+    )
     parser.add_argument(
         "--also",
         type=_algorithm_list,
@@ -679,22 +714,35 @@ def main(argv=None) -> int:
     if args.min_bytes > args.max_bytes:
         parser.error("--min-bytes is larger than --max-bytes")
     dtype = numpy_dtype(args.dtype)
-    op = parse_op(args.op)
+    kind = COLLECTIVES[args.collective]
+    if args.op is not None and not kind.reduces:
+        parser.error(f"--op applies to allreduce and reduce_scatter, not to {args.collective}")
+    if args.root is not None and not kind.rooted:
+        parser.error(f"--root applies to broadcast, not to {args.collective}")
+    if kind.reduces:
+        args.op = args.op or "sum"
+    op = parse_op(args.op or "sum")  # unused where nothing is reduced
     if op == ReduceOp.AVG and not is_floating(dtype):
         parser.error(f"avg is only defined for floating-point dtypes, not {args.dtype}")
-
     world = MPI.COMM_WORLD
+    args.root = args.root or 0
+    if args.root >= world.size:
+        parser.error(f"--root {args.root} is not a rank of {world.size}")
+    args.in_place = args.in_place or kind.in_place_only
+    tables = input_tables(op, dtype, world.size, world.rank) if kind.reduces else None
+    collective = kind(world.size, world.rank, dtype, tables, args.root)
+
     lead = world.rank == 0
     with pycomm.Communicator() as comm:
         buffers = device_buffers(args, dtype, comm, world, parser) if args.device == "gpu" else None
-        mine, expected = input_tables(op, dtype, world.size, world.rank)
         mpi_ok = args.vs == "mpi" and mpi_has_dtype(dtype)
         meta = metadata(args, argv, comm, world)
         if buffers:
             meta.update(gpu=buffers.gpu.device_name, gpu_library=buffers.gpu.library)
         if lead:
+            what = f"op={op.name.lower()}" if kind.reduces else f"root={args.root}" if kind.rooted else ""
             print(
-                f"# pycomm allreduce benchmark: P={world.size} dtype={args.dtype} op={op.name.lower()} "
+                f"# pycomm {args.collective} benchmark: P={world.size} dtype={args.dtype} {what} "
                 f"in_place={'yes' if args.in_place else 'no'} shared={'yes' if args.shared else 'no'} "
                 f"chunk_bytes={comm.chunk_bytes} algorithm={comm.algorithm} inter_node={comm.inter_node} "
                 f"local_size={comm.local_size}\n"
@@ -704,10 +752,10 @@ def main(argv=None) -> int:
             if buffers:
                 print(f"# device=gpu: {meta['gpu_library']} arrays on {meta['gpu']}")
                 if mpi_ok:
-                    print("# --vs mpi: each MPI call copies to the host, runs MPI_Allreduce and copies back")
+                    print(f"# --vs mpi: each MPI call copies to the host, runs {kind.mpi_name} and copies back")
             if args.vs == "mpi" and not mpi_ok:
                 print(f"# --vs mpi: this MPI has no {args.dtype} datatype, so the MPI columns are N/A")
-            elif mpi_ok and op == ReduceOp.AVG:
+            elif mpi_ok and kind.reduces and op == ReduceOp.AVG:
                 print("# --vs mpi: MPI has no avg, so the MPI columns time MPI_SUM")
             print(format_header(args), flush=True)
 
@@ -715,8 +763,8 @@ def main(argv=None) -> int:
         node = world.Split_type(MPI.COMM_TYPE_SHARED) if args.floor else None
         try:
             rows = [
-                run_size(count, args, dtype, op, comm, world, mine, expected, mpi_ok, also, node, buffers)
-                for count in sizes_in_elements(args, dtype.itemsize)
+                run_size(count, args, collective, op, comm, world, mpi_ok, also, node, buffers)
+                for count in sizes_in_elements(args, dtype.itemsize, collective.count_multiple())
             ]
         finally:
             for other in also.values():
@@ -761,7 +809,8 @@ def summarize(rows: list, args, meta: dict, total_wrong: int) -> None:
         mpi_wrong = sum(r.get("mpi_wrong") or 0 for r in rows)
         if mpi_wrong:
             # MPI is the reference: its errors mean this benchmark's expected values are wrong.
-            print(f"# MPI_Allreduce also got {mpi_wrong} elements wrong: the expected values are suspect")
+            mpi_name = COLLECTIVES[meta["collective"]].mpi_name
+            print(f"# {mpi_name} also got {mpi_wrong} elements wrong: the expected values are suspect")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"metadata": meta, "rows": rows}, f, indent=2)

@@ -33,6 +33,33 @@ def test_sweep_against_mpi_and_a_forced_algorithm(tmp_path):
     assert report["metadata"]["P"] == 2 and report["metadata"]["also"] == ["ring"]
 
 
+@pytest.mark.parametrize("collective", ["reduce_scatter", "allgather", "broadcast"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_other_collectives_against_mpi(tmp_path, collective, in_place):
+    """--collective: nccl-tests' sizes (the larger buffer, in whole blocks per rank), every result
+    checked, pycomm's and MPI's, out of place and in NCCL's in-place forms, beside a forced ring."""
+    out = tmp_path / "rows.json"
+    args = ["pycomm.bench", "-c", collective, "-b", "8", "-e", "64K", "-f", "16", "--vs", "mpi", "--also", "ring"]
+    args += ["--json", out, *QUICK] + (["--in-place"] if in_place else [])
+    args += ["-r", "2"] if collective == "broadcast" else []
+    result = run_mpi(3, "-m", *args, timeout=120)
+    assert f"# pycomm {collective} benchmark: P=3" in result.stdout, result.stdout
+    assert "# Wrong elements: 0 OK" in result.stdout, result.stdout
+    report = json.loads(out.read_text())
+    sizes = [row["size"] for row in report["rows"]]
+    if collective == "broadcast":
+        assert sizes == [8, 128, 2048, 32768] and report["metadata"]["root"] == 2
+    else:  # whole blocks of float32 per rank: 8 B has fewer elements than ranks
+        assert sizes == [120, 2040, 32760], sizes
+    for row in report["rows"]:
+        assert row["redop"] == ("sum" if collective == "reduce_scatter" else "none")
+        assert row["wrong"] == 0 and row["mpi_wrong"] == 0 and row["also"]["ring"]["wrong"] == 0
+        assert row["ratio"] > 0 and row["floor_busbw"] > 0
+    assert report["metadata"]["collective"] == collective and report["metadata"]["in_place"] == (
+        in_place or collective == "broadcast"
+    )
+
+
 def test_single_rank_without_mpirun():
     cmd = [sys.executable, "-m", "pycomm.bench", "-b", "1K", "-e", "4K", "--no-floor", "--op", "avg", *QUICK]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -69,6 +96,21 @@ def test_gpu_sweep_on_a_stand_in_gpu(tmp_path):
     assert int(counts["synchronize"]) >= 2 * 4
 
 
+@pytest.mark.parametrize(
+    "collective, mpi_name", [("reduce_scatter", "MPI_Reduce_scatter_block"), ("allgather", "MPI_Allgather")]
+)
+def test_other_collectives_in_place_on_a_stand_in_gpu(tmp_path, collective, mpi_name):
+    """--device gpu with --collective: in-place views of device arrays, filled and checked through
+    host copies; MPI's call staged through the host into this rank's output."""
+    out = tmp_path / "rows.json"
+    args = ["-c", collective, "--in-place", "-b", "8", "-e", "64K", "-f", "16", "--device", "gpu", "--vs", "mpi"]
+    result = run_mpi(3, "bench_gpu_standin.py", *args, "--json", out, *QUICK, timeout=120)
+    assert "# Wrong elements: 0 OK" in result.stdout, result.stdout
+    assert f"copies to the host, runs {mpi_name} and copies back" in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 3 and all(row["wrong"] == 0 and row["mpi_wrong"] == 0 for row in rows), rows
+
+
 def test_gpu_set_up_failing_on_one_rank_stops_every_rank():
     """One rank's GPU cannot be set up (an exclusive-process GPU, say): every rank exits 2 at once,
     none waits in the sweep's first collective for it."""
@@ -88,6 +130,10 @@ def test_gpu_set_up_failing_on_one_rank_stops_every_rank():
         ["--device", "gpu", "--shared"],
         ["--device", "gpu", "--also", "ring"],
         ["--gpu-library", "torch"],
+        ["-c", "allgather", "--op", "max"],
+        ["-c", "allreduce", "--root", "0"],
+        ["-c", "broadcast", "--root", "1"],  # one rank: no rank 1
+        ["-c", "alltoall"],
     ],
 )
 def test_bad_options_exit_2_with_a_message(bad):
