@@ -4,9 +4,9 @@
 
 Each figure is the median over --repeats loops of the slowest rank's mean time per call; pycomm's
 call and mpi4py's (MPI_Barrier, MPI_Bcast, MPI_Allgather, MPI_Reduce_scatter_block,
-MPI_Allreduce in place) take turns within each repeat, into buffers allocated once, and "x MPI"
-is MPI's time over pycomm's. Rank 0 prints them. Put another build first on PYTHONPATH to time it
-the same way (bench/README.md: A/B runs).
+MPI_Allreduce in place, MPI_Iallreduce in place + MPI_Wait) take turns within each repeat, into
+buffers allocated once, and "x MPI" is MPI's time over pycomm's. Rank 0 prints them. Put another
+build first on PYTHONPATH to time it the same way (bench/README.md: A/B runs).
 """
 
 import argparse
@@ -36,6 +36,8 @@ CASES = [  # (name, bytes of x: every rank's input; reduce_scatter's is size tim
     ("allreduce", 64 << 10),
     ("allreduce", 1 << 20),
     ("allreduce", 16 << 20),
+    ("allreduce_async", 8),  # issued and waited for at once, as osu_iallreduce without compute
+    ("allreduce_async", 64 << 10),
 ]
 
 
@@ -53,6 +55,8 @@ def calls(comm, name: str, nbytes: int):
     if name == "reduce_scatter":
         out = np.empty(x.size // P, np.float32)
         return lambda: comm.reduce_scatter(x, out=out), lambda: world.Reduce_scatter_block(x, out)
+    if name == "allreduce_async":
+        return lambda: comm.allreduce_async(x, out=x).wait(), lambda: world.Iallreduce(MPI.IN_PLACE, x).Wait()
     return lambda: comm.allreduce(x, out=x), lambda: world.Allreduce(MPI.IN_PLACE, x)
 
 

@@ -180,14 +180,10 @@ class Communicator:
         """
         # Fast path for plain numpy arrays with a known op: the native layer checks them and
         # says if anything is unusual, and the full checks below then run (and word the error).
-        # An output is allocated only for an input the fast path can take (a zero-stride view's
-        # shape may be far larger than its memory).
-        if type(x) is np.ndarray and stream is None and (out is not None or x.flags.c_contiguous):
-            code = _fast_op_code(op)
-            if code is not None:
-                result = np.empty(x.shape, x.dtype) if out is None else out
-                if type(result) is np.ndarray and self._native.allreduce_if_plain(x, result, code):
-                    return result
+        code = _fast_op_code(op)
+        result = _plain_output(x, out, stream) if code is not None else None
+        if result is not None and self._native.allreduce_if_plain(x, result, code):
+            return result
         if stream is None and (out is x or out is None):
             if out is x and self._allreduce_device_in_place(x, op):
                 return x
@@ -210,6 +206,12 @@ class Communicator:
         wait() returns. Device arrays are queued on `stream` at once, as with allreduce: the
         returned Work is already done, and the stream orders everything after it.
         """
+        code = _fast_op_code(op)  # the fast path, as allreduce's
+        result = _plain_output(x, out, stream) if code is not None else None
+        if result is not None:
+            native = self._native.allreduce_async_if_plain(x, result, code)
+            if native is not None:
+                return self._held_until_done(Work(native, result, (x, result)))
         if out is x and stream is None and self._allreduce_device_in_place(x, op):
             return Work(None, x, ())
         if _is_device(x):
@@ -218,14 +220,18 @@ class Communicator:
         self._check_host_stream(stream)
         xa, outa, code, op, result = self._prepare_allreduce(x, op, out)
         native = self._native.allreduce_async(xa, outa, xa.size, code, int(op))
-        work = Work(native, result, (x, xa, outa))
+        work = self._held_until_done(Work(native, result, (x, xa, outa)))
+        if out is not None:  # at issue, as torch.distributed's async ops; once the arrays are held
+            device_arrays.mark_host_written(out)
+        return work
+
+    def _held_until_done(self, work: Work) -> Work:
+        """Keeps `work` (and so its arrays) until it is done, even where the caller drops it."""
         # Work completes in issue order, so finished entries are always at the left.
         with self._in_flight_lock:
             while self._in_flight and self._in_flight[0].done():
                 self._in_flight.popleft()
             self._in_flight.append(work)
-        if out is not None:  # at issue, as torch.distributed's async ops; once the arrays are held
-            device_arrays.mark_host_written(out)
         return work
 
     def reduce_scatter(self, x, op="sum", out=None, *, stream=None):
@@ -491,6 +497,17 @@ class Communicator:
 
 # Op names as the fast paths take them (other spellings take the full path).
 _OP_CODES = {o.name.lower(): int(o) for o in ReduceOp}
+
+
+def _plain_output(x, out, stream):
+    """For the allreduce fast paths: where x is a plain numpy array on no stream, `out` if it is
+    one too, or a new array for a C-contiguous x (not for other views: a zero-stride view's shape
+    may be far larger than its memory). None otherwise: the full path then checks the call."""
+    if type(x) is not np.ndarray or stream is not None:
+        return None
+    if out is None:
+        return np.empty(x.shape, x.dtype) if x.flags.c_contiguous else None
+    return out if type(out) is np.ndarray else None
 
 
 def _fast_op_code(op):

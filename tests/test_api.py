@@ -47,6 +47,23 @@ def test_async(comm):
     assert work.done() and np.array_equal(y, x)
 
 
+def test_async_numpy_takes_the_fast_path(comm):
+    """A plain numpy allreduce_async goes straight to the native call (a few us of Python checks
+    otherwise); anything unusual takes the full path."""
+    log = comm._native = _NativeCallLog(comm._native)
+    try:
+        x = np.arange(5, dtype=np.float64)
+        assert comm.allreduce_async(x, out=x).wait() is x and np.array_equal(x, np.arange(5))
+        y = comm.allreduce_async(x, op="max").wait()
+        assert y.dtype == x.dtype and np.array_equal(y, x) and y is not x
+        assert [n for n in log.names if n != "size"] == ["allreduce_async_if_plain"] * 2
+        b = np.arange(4).astype(ml_dtypes.bfloat16)  # not a dtype the fast path knows
+        assert np.array_equal(comm.allreduce_async(b, op="max").wait(), b)
+        assert log.names[-1] == "allreduce_async"
+    finally:
+        comm._native = log.native
+
+
 def test_reduce_scatter_allgather_broadcast_barrier(comm):
     x = np.arange(6, dtype=np.int32).reshape(3, 2)
     assert np.array_equal(comm.reduce_scatter(x), x)

@@ -1,6 +1,6 @@
 // Runs a communicator's operations one at a time, in the order they were issued: asynchronous
-// ones on a progress thread, blocking ones on the caller's thread once everything issued before
-// them has finished.
+// ones on a progress thread (or on the thread that waits for them, if it gets there first),
+// blocking ones on the caller's thread once everything issued before them has finished.
 #pragma once
 
 #include <condition_variable>
@@ -22,7 +22,9 @@ class Executor {
   ~Executor();  // Close() without teardown
 
   // Queues `fn`; the returned Work completes when it has run. Throws CommError once Close() has
-  // begun, or when there is no progress thread.
+  // begun, or when there is no progress thread. Its Wait() runs the queue's front itself (in
+  // issue order) where the progress thread has not started it yet: a wait right after the
+  // submit then costs no hand-off between threads.
   std::shared_ptr<Work> Submit(std::function<void()> fn);
   // Runs `fn` on this thread after all previously submitted work, and before any submitted later.
   // Throws CommError once Close() has begun.
@@ -33,15 +35,9 @@ class Executor {
 
  private:
   class Task;
-  void Loop();
+  struct Queue;  // shared with the tasks, whose Work may outlive the executor
 
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<std::shared_ptr<Task>> queue_;
-  bool busy_ = false;      // an operation is running, on either thread
-  bool stopping_ = false;  // no more Submit(); the thread exits once the queue is empty
-  bool closed_ = false;    // no more Run() either
-  int waiting_runs_ = 0;   // callers blocked in Run()
+  std::shared_ptr<Queue> q_;
   std::thread thread_;
 };
 

@@ -83,13 +83,29 @@ bool ScaledShape(const py::array& x, const py::array& out, ssize_t factor, ssize
 // Each *IfPlain runs its collective on numpy arrays that pass the fast path's checks and returns
 // true; otherwise it returns false having done nothing, and the full Python checks run (and
 // word the error). A small call then costs about as much Python as an MPI call through mpi4py.
-bool AllreduceIfPlain(Communicator& c, const py::array& x, const py::array& out, int op) {
+// The allreduce fast paths' checks: FastPair, FastOp and the same shape. The dtype's code, or -1.
+int PlainAllreduce(const py::array& x, const py::array& out, int op) {
   const int dtype = FastPair(x, out);
-  if (dtype < 0 || !FastOp(op, dtype)) return false;
-  if (x.ndim() != out.ndim() || !std::equal(x.shape(), x.shape() + x.ndim(), out.shape())) return false;
+  if (dtype < 0 || !FastOp(op, dtype)) return -1;
+  if (x.ndim() != out.ndim() || !std::equal(x.shape(), x.shape() + x.ndim(), out.shape())) return -1;
+  return dtype;
+}
+
+bool AllreduceIfPlain(Communicator& c, const py::array& x, const py::array& out, int op) {
+  const int dtype = PlainAllreduce(x, out, op);
+  if (dtype < 0) return false;
   py::gil_scoped_release release;
   c.Allreduce(x.data(), Data(out), x.size(), static_cast<DataType>(dtype), static_cast<ReduceOp>(op));
   return true;
+}
+
+// As AllreduceIfPlain, for allreduce_async: its Work, or None having issued nothing. Queuing
+// blocks on nothing that needs the GIL, so it keeps it.
+py::object AllreduceAsyncIfPlain(Communicator& c, const py::array& x, const py::array& out, int op) {
+  const int dtype = PlainAllreduce(x, out, op);
+  if (dtype < 0) return py::none();
+  return py::cast(
+      c.AllreduceAsync(x.data(), Data(out), x.size(), static_cast<DataType>(dtype), static_cast<ReduceOp>(op)));
 }
 
 bool ReduceScatterIfPlain(Communicator& c, const py::array& x, const py::array& out, int op) {
@@ -178,6 +194,7 @@ void RegisterCommunicator(py::module_& m) {
           },
           py::call_guard<py::gil_scoped_release>())
       .def("allreduce_if_plain", &AllreduceIfPlain, py::arg("x"), py::arg("out"), py::arg("op"))
+      .def("allreduce_async_if_plain", &AllreduceAsyncIfPlain, py::arg("x"), py::arg("out"), py::arg("op"))
       .def("reduce_scatter_if_plain", &ReduceScatterIfPlain, py::arg("x"), py::arg("out"), py::arg("op"))
       .def("allgather_if_plain", &AllgatherIfPlain, py::arg("x"), py::arg("out"))
       .def("broadcast_if_plain", &BroadcastIfPlain, py::arg("buf"), py::arg("root"))

@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/executor.h"
 #include "core/fault.h"
 #include "core/phase_times.h"
 #include "expect.h"
@@ -168,6 +169,49 @@ void TestAsyncOrder(int P) {
       Expect(bufs[i] == std::vector<int64_t>(100 + i, P - 1 + i), "async max #" + std::to_string(i));
     }
   });
+}
+
+// The executor alone: issue order whichever thread runs a task (the progress thread, a waiter
+// that takes the queue's front, a blocking Run() that first runs what was queued before it); a
+// task nobody waits for still runs, whether the progress thread naps or sleeps; a task's error
+// reaches its waiter.
+void TestExecutor() {
+  std::vector<int> order;  // tasks run one at a time, each after the last (the queue's lock orders them)
+  auto record = [&](int i) { return [&order, i] { order.push_back(i); }; };
+  auto done_within = [](const std::shared_ptr<pycomm::Work>& w, double seconds) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+    while (!w->Done() && std::chrono::steady_clock::now() < end)
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    return w->Done();
+  };
+  pycomm::Executor executor;
+  for (int round = 0; round < 50; ++round) {
+    order.clear();
+    auto a = executor.Submit(record(0));
+    auto b = executor.Submit(record(1));
+    auto c = executor.Submit(record(2));
+    b->Wait();  // a before b, wherever they ran (c may be running: order is read after Run)
+    Expect(a->Done() && b->Done(), "wait finishes the tasks issued before");
+    executor.Run(record(3));  // after everything submitted before it
+    Expect(c->Done() && order == std::vector<int>({0, 1, 2, 3}), "run after submitted work");
+  }
+  // Nobody waits: the napping thread (just active) and the sleeping one (idle for longer than its
+  // naps last) both start it.
+  Expect(done_within(executor.Submit(record(4)), 10), "unwaited task runs while the thread naps");
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  Expect(done_within(executor.Submit(record(5)), 10), "unwaited task runs after the thread slept");
+  auto failing = executor.Submit([] { throw std::runtime_error("task failed"); });
+  bool thrown = false;
+  try {
+    failing->Wait();
+  } catch (const std::runtime_error&) {
+    thrown = true;
+  }
+  Expect(thrown, "a task's error reaches its waiter");
+  auto queued = executor.Submit(record(6));
+  executor.Close([] {});
+  Expect(queued->Done() && order.back() == 6, "close runs queued tasks");
+  queued->Wait();  // after close: returns at once
 }
 
 // Blocking-only (no progress thread): blocking calls work, an asynchronous one is refused before
@@ -440,6 +484,7 @@ int main() {
   TestPhaseClock();
   TestFaultPlanParsing();
   TestLiveStartTicks();
+  TestExecutor();
   const size_t chunks[] = {8, 24, 4096, size_t{1} << 20};
   for (int P = 1; P <= 5; ++P) {
     for (size_t chunk : chunks) {
