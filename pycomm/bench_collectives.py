@@ -3,10 +3,13 @@
 gives, its bus factor, what its result must be, and MPI's call for the same work.
 
 A size is the larger buffer's (the reduce-scatter's input, the allgather's output), as in
-nccl-tests; the other is 1/P of it. Expected values are periodic along the buffer (bench.PERIOD)
-and depend on the rank that contributed them, so a block at a wrong offset or from a wrong rank
-shows as wrong elements. In place means NCCL's forms, those pycomm accepts: the reduce-scatter's
-output is this rank's block of its input, the allgather's input this rank's block of its output.
+nccl-tests; the other is 1/P of it. Expected values are periodic along the buffer (PERIOD) and
+depend on the rank that contributed them, so a block at a wrong offset or from a wrong rank
+shows as wrong elements; a reduce-scatter's blocks differ only by where their period starts, so
+one of another rank passes unseen where the blocks are a multiple of PERIOD long (P = 3 or 7 at
+some sizes), and the other sizes of a sweep catch it. In place means NCCL's forms, those pycomm
+accepts: the reduce-scatter's output is this rank's block of its input, the allgather's input
+this rank's block of its output.
 """
 
 import numpy as np
@@ -24,9 +27,10 @@ def rotated(table: np.ndarray, start: int) -> np.ndarray:
 
 def owned_values(owner: int, start: int, dtype: np.dtype) -> np.ndarray:
     """One period of values for elements from `start` on that rank `owner` contributes, where no
-    reduction applies (allgather, broadcast): small, so exact in every dtype, and unlike every
-    other rank's at the same place unless (block + 3) is a multiple of 7."""
-    return np.array([(start + k + 3 * owner) % PERIOD for k in range(PERIOD)], dtype=dtype)
+    reduction applies (allgather, broadcast): the position mod PERIOD plus PERIOD times the owner
+    (mod 18), so that a block from another rank is wrong in every element (ranks 18 apart aside),
+    and at most 125: exact in every dtype."""
+    return np.array([(start + k) % PERIOD + PERIOD * (owner % 18) for k in range(PERIOD)], dtype=dtype)
 
 
 class Collective:

@@ -69,7 +69,8 @@ class Work:
 
     @property
     def seconds(self) -> float:
-        """How long the operation ran on the progress thread once started; 0 until done."""
+        """How long the operation ran once started (on the progress thread, or on the thread
+        that waited for it); 0 until done."""
         return 0.0 if self._native is None else self._native.seconds()
 
 
@@ -200,7 +201,8 @@ class Communicator:
         return result
 
     def allreduce_async(self, x, op="sum", out=None, *, stream=None) -> Work:
-        """Starts an allreduce on the communicator's progress thread and returns its Work.
+        """Queues an allreduce for the communicator's progress thread and returns its Work
+        (wait() runs it on the calling thread if the progress thread has not begun it).
 
         Operations complete in the order they were issued. Do not touch `x` or `out` until
         wait() returns. Device arrays are queued on `stream` at once, as with allreduce: the

@@ -9,7 +9,7 @@ from pycomm.bench import count_wrong, fill_periodic, input_tables
 from pycomm.bench_collectives import COLLECTIVES
 from pycomm.ops import ReduceOp
 
-COUNT_PER_RANK = 37  # a block of 37: not a multiple of the period (7), nor is 37 + 3
+COUNT_PER_RANK = 37  # a block of 37: not a multiple of the period (7)
 
 
 def ranks(name: str, P: int, dtype: np.dtype, op: ReduceOp):
@@ -57,6 +57,11 @@ def test_checks_pass_the_true_result_and_catch_misplaced_data(name, P, dtype, op
         assert wrong(collective, count, result) == 0
         assert wrong(collective, count, np.roll(result, 1)) > 0  # one element off
     if name == "allgather" and P > 1:
+        for block in (4, 7, 32):  # whatever the block's length, a swap shows
+            count_of = block * P
+            results_of = numpy_results(name, [filled_input(c, count_of) for c in group], op)[0]
+            swapped = np.concatenate([results_of[block : 2 * block], results_of[:block], results_of[2 * block :]])
+            assert wrong(group[0], count_of, swapped) == 2 * block
         swapped = np.concatenate([results[0][COUNT_PER_RANK : 2 * COUNT_PER_RANK], results[0][:COUNT_PER_RANK]])
         swapped = np.concatenate([swapped, results[0][2 * COUNT_PER_RANK :]])
         assert wrong(group[0], count, swapped) > 0  # two ranks' blocks exchanged

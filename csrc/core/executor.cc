@@ -1,8 +1,8 @@
 #include "core/executor.h"
 
-#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <stdexcept>
 
 namespace pycomm {
 
@@ -37,6 +37,8 @@ struct Executor::Queue {
 };
 
 class Executor::Task : public Work {
+  friend struct Executor::Queue;  // RunFront takes it off the queue
+
  public:
   Task(std::function<void()> fn, std::weak_ptr<Queue> queue) : fn_(std::move(fn)), queue_(std::move(queue)) {}
 
@@ -60,7 +62,7 @@ class Executor::Task : public Work {
         if (Done()) break;
         // This task, or one issued before it, waits at the front with nothing running: run it
         // here rather than wake the progress thread for it and be woken back.
-        if (q->FrontRunnable() && Queued(*q)) {
+        if (q->FrontRunnable() && queued_) {
           q->RunFront(lock);
         } else {
           ++q->waiting_waits;
@@ -68,6 +70,8 @@ class Executor::Task : public Work {
           --q->waiting_waits;
         }
       }
+    } else if (!Done()) {
+      throw std::logic_error("pycomm: a task outlived its executor unrun");  // Close() runs them all
     }
     if (error_) std::rethrow_exception(error_);
   }
@@ -78,12 +82,9 @@ class Executor::Task : public Work {
   double Seconds() const override { return Done() ? seconds_ : 0.0; }
 
  private:
-  bool Queued(const Queue& q) const {
-    return std::any_of(q.tasks.begin(), q.tasks.end(), [this](const auto& t) { return t.get() == this; });
-  }
-
   std::function<void()> fn_;
   std::weak_ptr<Queue> queue_;
+  bool queued_ = true;  // still in the queue (guarded by the queue's lock)
   std::exception_ptr error_;
   double seconds_ = 0.0;
   std::atomic<bool> done_{false};
@@ -92,6 +93,7 @@ class Executor::Task : public Work {
 void Executor::Queue::RunFront(std::unique_lock<std::mutex>& lock) {
   auto task = std::move(tasks.front());
   tasks.pop_front();
+  task->queued_ = false;
   busy = true;
   lock.unlock();
   task->Run();

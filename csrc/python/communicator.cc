@@ -99,13 +99,16 @@ bool AllreduceIfPlain(Communicator& c, const py::array& x, const py::array& out,
   return true;
 }
 
-// As AllreduceIfPlain, for allreduce_async: its Work, or None having issued nothing. Queuing
-// blocks on nothing that needs the GIL, so it keeps it.
+// As AllreduceIfPlain, for allreduce_async: its Work, or None having issued nothing.
 py::object AllreduceAsyncIfPlain(Communicator& c, const py::array& x, const py::array& out, int op) {
   const int dtype = PlainAllreduce(x, out, op);
   if (dtype < 0) return py::none();
-  return py::cast(
-      c.AllreduceAsync(x.data(), Data(out), x.size(), static_cast<DataType>(dtype), static_cast<ReduceOp>(op)));
+  std::shared_ptr<Work> work;
+  {
+    py::gil_scoped_release release;  // as the full path: a stall here (PYCOMM_FAULT) holds no other thread
+    work = c.AllreduceAsync(x.data(), Data(out), x.size(), static_cast<DataType>(dtype), static_cast<ReduceOp>(op));
+  }
+  return py::cast(work);
 }
 
 bool ReduceScatterIfPlain(Communicator& c, const py::array& x, const py::array& out, int op) {
