@@ -4,7 +4,11 @@
     pt.init()                                            # over MPI.COMM_WORLD
     pt.broadcast_parameters(model.state_dict(), root_rank=0)
     optimizer = pt.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    pt.broadcast_optimizer_state(optimizer, root_rank=0)  # after rank 0 loaded a checkpoint
     loss.backward(); optimizer.step()                    # gradients averaged over the ranks
+
+Also as in Horovod: allreduce / allreduce_ (in place), allgather, broadcast / broadcast_,
+broadcast_object.
 
 CPU tensors go through the engine as zero-copy views, CUDA tensors through the device path (a
 CUDA parameter's bucket lives on its GPU).
@@ -14,8 +18,10 @@ communication overlaps the rest of backward. Buckets live in the communicator's 
 where the node has one, and start in the same order on every rank.
 """
 
+import pickle
 import threading
 
+import numpy as np
 import torch
 
 from .bucketing import plan_buckets
@@ -53,6 +59,33 @@ def allreduce(tensor: torch.Tensor, op="avg", comm=None) -> torch.Tensor:
     return _comm(comm).allreduce(tensor.detach(), op=op)
 
 
+def allreduce_(tensor: torch.Tensor, op="avg", comm=None) -> torch.Tensor:
+    """Reduces `tensor` over the ranks in place (average by default) and returns it."""
+    _comm(comm).allreduce(tensor.detach(), op=op, out=tensor.detach())
+    return tensor
+
+
+def allgather(tensor: torch.Tensor, comm=None) -> torch.Tensor:
+    """A new tensor: every rank's `tensor` concatenated along dimension 0, in rank order. Every
+    rank's must have the same shape (unlike Horovod's, whose first dimensions may differ)."""
+    return _comm(comm).allgather(tensor.detach().contiguous())
+
+
+def broadcast(tensor: torch.Tensor, root_rank: int = 0, comm=None) -> torch.Tensor:
+    """A new tensor holding root_rank's `tensor`; `tensor` itself is left as it was."""
+    return _comm(comm).broadcast(tensor.detach().clone(memory_format=torch.contiguous_format), root=root_rank)
+
+
+def broadcast_(tensor: torch.Tensor, root_rank: int = 0, comm=None) -> torch.Tensor:
+    """Overwrites `tensor` with root_rank's, in place, and returns it."""
+    with torch.no_grad():
+        if tensor.is_contiguous():
+            _comm(comm).broadcast(tensor.detach(), root=root_rank)
+        else:
+            tensor.copy_(_comm(comm).broadcast(tensor.detach().contiguous(), root=root_rank))
+    return tensor
+
+
 def broadcast_parameters(params, root_rank: int = 0, comm=None) -> None:
     """Overwrites every tensor of `params` (a state_dict, named_parameters() or tensors) with
     root_rank's, in place. Every rank must pass the same tensors in the same order."""
@@ -62,11 +95,38 @@ def broadcast_parameters(params, root_rank: int = 0, comm=None) -> None:
         tensor = item[1] if isinstance(item, tuple) else item
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"pycomm: broadcast_parameters got a {type(tensor).__name__}, not a tensor")
-        with torch.no_grad():
-            if tensor.is_contiguous():
-                comm.broadcast(tensor.detach(), root=root_rank)
-            else:
-                tensor.copy_(comm.broadcast(tensor.detach().contiguous(), root=root_rank))
+        broadcast_(tensor, root_rank, comm)
+
+
+def broadcast_object(obj, root_rank: int = 0, comm=None):
+    """root_rank's `obj` on every rank (pickled there; `obj` is ignored elsewhere). Through
+    pycomm's own broadcast, so a rank that never comes gives an error, not a hang."""
+    comm = _comm(comm)
+    mine = comm.rank == root_rank
+    payload = np.frombuffer(bytearray(pickle.dumps(obj)), np.uint8) if mine else None
+    length = np.array([payload.size if mine else 0], np.int64)
+    comm.broadcast(length, root=root_rank)
+    data = comm.broadcast(payload if mine else np.empty(int(length[0]), np.uint8), root=root_rank)
+    return obj if mine else pickle.loads(data.tobytes())
+
+
+def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int = 0, comm=None) -> None:
+    """Gives every rank's `optimizer` root_rank's state: hyperparameters (learning rates...) and
+    per-parameter state (momentum buffers, Adam's moments, step counts), as after root_rank
+    loaded a checkpoint. Every rank's optimizer must be over the same parameters in the same
+    order; the state travels through host memory and lands on each parameter's device."""
+    comm = _comm(comm)
+    state = None
+    if comm.rank == root_rank:
+        state = optimizer.state_dict()
+        state = {**state, "state": {k: _on_host(v) for k, v in state["state"].items()}}
+    state = broadcast_object(state, root_rank, comm)
+    if comm.rank != root_rank:
+        optimizer.load_state_dict(state)  # moves state tensors to their parameters' devices
+
+
+def _on_host(per_param: dict) -> dict:
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in per_param.items()}
 
 
 class _Bucket:

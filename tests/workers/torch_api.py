@@ -82,4 +82,47 @@ try:
 except RuntimeError as e:
     f.check("accumulated twice before step()" in str(e), f"second backward: {e}")
 opt.synchronize()
+
+# Horovod's other calls: in place, gather, broadcast of tensors and of objects.
+x = torch.full((4,), float(rank + 1))
+f.check(pt.allreduce_(x, op="sum") is x and torch.equal(x, torch.full((4,), size * (size + 1) / 2)), "allreduce_")
+g = pt.allgather(torch.full((2, 3), rank, dtype=torch.int64))
+want = torch.arange(size).repeat_interleave(2).unsqueeze(1).expand(2 * size, 3)
+f.check(g.shape == (2 * size, 3) and torch.equal(g, want), f"allgather: {g.tolist()}")
+t = torch.arange(6.0).reshape(2, 3) + rank
+b = pt.broadcast(t, root_rank=size - 1)
+f.check(torch.equal(b, torch.arange(6.0).reshape(2, 3) + size - 1), "broadcast from the last rank")
+f.check(torch.equal(t, torch.arange(6.0).reshape(2, 3) + rank), "broadcast leaves its input alone")
+nc = (torch.arange(6.0).reshape(2, 3) + rank).t()  # not contiguous
+f.check(pt.broadcast_(nc, root_rank=0) is nc and torch.equal(nc, torch.arange(6.0).reshape(2, 3).t()), "broadcast_")
+obj = pt.broadcast_object({"rank": rank, "tensor": torch.ones(2) * rank, "text": "x" * rank}, root_rank=size - 1)
+f.check(obj["rank"] == size - 1 and obj["text"] == "x" * (size - 1), f"broadcast_object: {obj}")
+f.check(torch.equal(obj["tensor"], torch.ones(2) * (size - 1)), "broadcast_object's tensor")
+
+# broadcast_optimizer_state: the root has stepped (Adam's moments and step counts exist) and
+# changed its learning rate; the others are fresh. Afterwards every rank holds the root's state,
+# and the same steps keep the parameters identical.
+root = size - 1
+model = model_with_seed(11)
+opt = pt.DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3 * (rank + 1)), bucket_mb=bucket_mb)
+if rank == root:  # loads a checkpoint: an optimizer that stepped alone, over a copy of the model
+    alone = model_with_seed(11)
+    local = torch.optim.Adam(alone.parameters(), lr=0.02)
+    for _ in range(3):
+        local.zero_grad()
+        alone(torch.randn(8, 7)).sum().backward()
+        local.step()
+    opt.load_state_dict(local.state_dict())
+pt.broadcast_parameters(model.state_dict(), root_rank=root)
+pt.broadcast_optimizer_state(opt, root_rank=root)
+f.check(opt.param_groups[0]["lr"] == 0.02, f"optimizer lr after broadcast: {opt.param_groups[0]['lr']}")
+moments = [opt.state[p]["exp_avg"] for p in model.parameters()] if len(opt.state) else []
+f.check(len(moments) == 4 and same_on_all_ranks(flat(moments)), "Adam's moments equal on every rank")
+f.check(all(int(opt.state[p]["step"]) == 3 for p in model.parameters()), "Adam's step counts")
+gen = torch.Generator().manual_seed(rank)
+for _ in range(2):
+    opt.zero_grad()
+    model(torch.randn(8, 7, generator=gen)).sum().backward()
+    opt.step()
+f.check(same_on_all_ranks(flat(model.parameters())), "identical parameters after steps from the broadcast state")
 f.finish()
