@@ -117,20 +117,26 @@ class Allreduce(Collective):
         world.Allreduce(send, recv, op=mpi_op)
 
 
-class ReduceScatter(Collective):
-    name, mpi_name = "reduce_scatter", "MPI_Reduce_scatter_block"
+class _BlockPerRank(Collective):
+    """reduce_scatter and allgather: the size is cut into a block per rank, each rank moves
+    (P-1)/P of the size over the links (nccl-tests' bus factor), and reads or writes 1 + 1/P of it
+    in memory (its whole buffer and its own block)."""
 
     def count_multiple(self) -> int:
-        return self.size  # a block per rank
-
-    def counts(self, count: int) -> tuple:
-        return count, count // self.size
+        return self.size
 
     def bus_factor(self) -> float:
         return (self.size - 1) / self.size
 
     def traffic(self) -> float:
         return 1.0 + 1.0 / self.size
+
+
+class ReduceScatter(_BlockPerRank):
+    name, mpi_name = "reduce_scatter", "MPI_Reduce_scatter_block"
+
+    def counts(self, count: int) -> tuple:
+        return count, count // self.size
 
     def in_place(self, whole):
         block = len(whole) // self.size
@@ -153,21 +159,12 @@ class ReduceScatter(Collective):
         return x[: len(y)]  # MPI leaves it at the start of the input
 
 
-class Allgather(Collective):
+class Allgather(_BlockPerRank):
     name, mpi_name = "allgather", "MPI_Allgather"
     reduces = False
 
-    def count_multiple(self) -> int:
-        return self.size  # a block per rank
-
     def counts(self, count: int) -> tuple:
         return count // self.size, count
-
-    def bus_factor(self) -> float:
-        return (self.size - 1) / self.size
-
-    def traffic(self) -> float:
-        return 1.0 + 1.0 / self.size
 
     def in_place(self, whole):
         block = len(whole) // self.size
