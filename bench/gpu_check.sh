@@ -150,9 +150,9 @@ step "pycomm.bench --device gpu P=2" "exit $? ($(grep -o 'Wrong elements: .*' "$
 cat "$cli" >>"$OUT/gpu_allreduce.txt"
 # 8a. The CLI's other collectives on cupy arrays, in NCCL's in-place forms (FSDP's allgather), short
 for c in allgather reduce_scatter; do
-  timed "$(limit 30)" mpirun -n 2 $PY -m pycomm.bench --device gpu -c $c --in-place -b 1K -e 4M -f 64 --vs mpi \
+  timed "$(limit 30)" mpirun -n 2 $PY -m pycomm.bench --device gpu --collective $c --in-place -b 1K -e 4M -f 64 --vs mpi \
     --json "$PARTS/part_bench_cli_${c}_p2.json" >"$cli" 2>&1
-  step "pycomm.bench --device gpu -c $c" "exit $? ($(grep -o 'Wrong elements: .*' "$cli"))"
+  step "pycomm.bench --device gpu --collective $c" "exit $? ($(grep -o 'Wrong elements: .*' "$cli"))"
   cat "$cli" >>"$OUT/gpu_allreduce.txt"
 done
 

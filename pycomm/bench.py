@@ -611,6 +611,13 @@ def _algorithm_list(text: str) -> list:
     return names
 
 
+_NCCL_TYPE_NAMES = {"half": "float16", "float": "float32", "double": "float64"}
+
+
+def _dtype_arg(text: str) -> str:
+    return _NCCL_TYPE_NAMES.get(text, text)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -630,8 +637,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pycomm.bench",
         description="Times one of pycomm's collectives over a range of sizes (run under mpirun -n P).",
     )
+    # Short options as nccl-tests spells them (-b -e -f -d -o -r -n -w), so its users' commands
+    # carry over; nccl-tests has a program per collective, so --collective has no short form
+    # (its -c is the check).
     parser.add_argument(
-        "-c",
         "--collective",
         choices=list(COLLECTIVES),
         default="allreduce",
@@ -641,13 +650,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-b", "--min-bytes", type=_size_arg, default=8, help="smallest size (default 8; K/M/G)")
     parser.add_argument("-e", "--max-bytes", type=_size_arg, default=256 << 20, help="largest size (default 256M)")
     parser.add_argument("-f", "--factor", type=float, default=2.0, help="size multiplier between steps (default 2)")
-    parser.add_argument("--dtype", default="float32", choices=pycomm.SUPPORTED_DTYPES, help="default float32")
     parser.add_argument(
-        "--op", choices=[o.name.lower() for o in ReduceOp], help="allreduce and reduce_scatter: default sum"
+        "-d",
+        "--dtype",
+        type=_dtype_arg,
+        default="float32",
+        choices=pycomm.SUPPORTED_DTYPES,
+        help="default float32; nccl-tests' half, float, double also",
+    )
+    parser.add_argument(
+        "-o", "--op", choices=[o.name.lower() for o in ReduceOp], help="allreduce and reduce_scatter: default sum"
     )
     parser.add_argument("-r", "--root", type=_nonnegative_int, help="broadcast: the root rank (default 0)")
-    parser.add_argument("--iters", type=_positive_int, help="timed calls per size (default: adaptive, 5 to 1000)")
-    parser.add_argument("--warmup", type=_nonnegative_int, help="untimed calls per size (default: iters/10)")
+    parser.add_argument("-n", "--iters", type=_positive_int, help="timed calls per size (default: adaptive, 5 to 1000)")
+    parser.add_argument("-w", "--warmup", type=_nonnegative_int, help="untimed calls per size (default: iters/10)")
     parser.add_argument("--repeats", type=_positive_int, default=1, help="timed loops per size; the median is shown")
     parser.add_argument(
         "--in-place",

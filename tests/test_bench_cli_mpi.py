@@ -39,7 +39,8 @@ def test_other_collectives_against_mpi(tmp_path, collective, in_place):
     """--collective: nccl-tests' sizes (the larger buffer, in whole blocks per rank), every result
     checked, pycomm's and MPI's, out of place and in NCCL's in-place forms, beside a forced ring."""
     out = tmp_path / "rows.json"
-    args = ["pycomm.bench", "-c", collective, "-b", "8", "-e", "64K", "-f", "16", "--vs", "mpi", "--also", "ring"]
+    args = ["pycomm.bench", "--collective", collective, "-b", "8", "-e", "64K", "-f", "16", "--vs", "mpi"]
+    args += ["--also", "ring"]
     args += ["--json", out, *QUICK] + (["--in-place"] if in_place else [])
     args += ["-r", "2"] if collective == "broadcast" else []
     result = run_mpi(3, "-m", *args, timeout=120)
@@ -61,10 +62,12 @@ def test_other_collectives_against_mpi(tmp_path, collective, in_place):
 
 
 def test_single_rank_without_mpirun():
-    cmd = [sys.executable, "-m", "pycomm.bench", "-b", "1K", "-e", "4K", "--no-floor", "--op", "avg", *QUICK]
+    # nccl-tests' short options: -d float -o avg -n 3 -w 1
+    cmd = [sys.executable, "-m", "pycomm.bench", "-b", "1K", "-e", "4K", "--no-floor", "-d", "float", "-o", "avg"]
+    cmd += ["-n", "3", "-w", "1"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "# Wrong elements: 0 OK" in result.stdout
+    assert "# Wrong elements: 0 OK" in result.stdout and "dtype=float32 op=avg" in result.stdout
     assert "floor_busbw" not in result.stdout
 
 
@@ -103,7 +106,8 @@ def test_other_collectives_in_place_on_a_stand_in_gpu(tmp_path, collective, mpi_
     """--device gpu with --collective: in-place views of device arrays, filled and checked through
     host copies; MPI's call staged through the host into this rank's output."""
     out = tmp_path / "rows.json"
-    args = ["-c", collective, "--in-place", "-b", "8", "-e", "64K", "-f", "16", "--device", "gpu", "--vs", "mpi"]
+    args = ["--collective", collective, "--in-place", "-b", "8", "-e", "64K", "-f", "16", "--device", "gpu"]
+    args += ["--vs", "mpi"]
     result = run_mpi(3, "bench_gpu_standin.py", *args, "--json", out, *QUICK, timeout=120)
     assert "# Wrong elements: 0 OK" in result.stdout, result.stdout
     assert f"copies to the host, runs {mpi_name} and copies back" in result.stdout
@@ -130,10 +134,10 @@ def test_gpu_set_up_failing_on_one_rank_stops_every_rank():
         ["--device", "gpu", "--shared"],
         ["--device", "gpu", "--also", "ring"],
         ["--gpu-library", "torch"],
-        ["-c", "allgather", "--op", "max"],
-        ["-c", "allreduce", "--root", "0"],
+        ["--collective", "allgather", "--op", "max"],
+        ["--collective", "allreduce", "--root", "0"],
         ["-c", "broadcast", "--root", "1"],  # one rank: no rank 1
-        ["-c", "alltoall"],
+        ["--collective", "alltoall"],
     ],
 )
 def test_bad_options_exit_2_with_a_message(bad):
