@@ -242,13 +242,11 @@ class Communicator:
         x.shape[0] must divide by the communicator size; the result has shape
         (x.shape[0] // size, *x.shape[1:]), a numpy array for a host DLPack-only x.
         """
-        plain = type(x) is np.ndarray and (out is not None or x.flags.c_contiguous)
-        if plain and stream is None and x.ndim and x.shape[0] % self.size == 0:
-            code = _fast_op_code(op)  # the fast path, as allreduce's
-            if code is not None:
-                result = np.empty((x.shape[0] // self.size,) + x.shape[1:], x.dtype) if out is None else out
-                if type(result) is np.ndarray and self._native.reduce_scatter_if_plain(x, result, code):
-                    return result
+        code = _fast_op_code(op)  # the fast path, as allreduce's
+        if code is not None and type(x) is np.ndarray and x.ndim and x.shape[0] % self.size == 0:
+            result = _plain_output(x, out, stream, (x.shape[0] // self.size,) + x.shape[1:])
+            if result is not None and self._native.reduce_scatter_if_plain(x, result, code):
+                return result
         self._check_open()
         if _is_device(x):
             d = device_arrays.describe(x, stream=stream)
@@ -281,10 +279,9 @@ class Communicator:
         inverse of reduce_scatter's split, as with NCCL's allgather. A host DLPack-only x gives
         a numpy array.
         """
-        plain = type(x) is np.ndarray and (out is not None or x.flags.c_contiguous)
-        if plain and stream is None:  # the fast path, as allreduce's
-            result = np.empty(self._allgather_shape(x.shape), x.dtype) if out is None else out
-            if type(result) is np.ndarray and self._native.allgather_if_plain(x, result):
+        if type(x) is np.ndarray:  # the fast path, as allreduce's
+            result = _plain_output(x, out, stream, self._allgather_shape(x.shape))
+            if result is not None and self._native.allgather_if_plain(x, result):
                 return result
         self._check_open()
         if _is_device(x):
@@ -501,14 +498,15 @@ class Communicator:
 _OP_CODES = {o.name.lower(): int(o) for o in ReduceOp}
 
 
-def _plain_output(x, out, stream):
-    """For the allreduce fast paths: where x is a plain numpy array on no stream, `out` if it is
-    one too, or a new array for a C-contiguous x (not for other views: a zero-stride view's shape
-    may be far larger than its memory). None otherwise: the full path then checks the call."""
+def _plain_output(x, out, stream, shape=None):
+    """For the fast paths: where x is a plain numpy array on no stream, `out` if it is one too, or
+    a new array of `shape` (default x's) for a C-contiguous x (not for other views: a zero-stride
+    view's shape may be far larger than its memory). None otherwise: the full path then checks
+    the call."""
     if type(x) is not np.ndarray or stream is not None:
         return None
     if out is None:
-        return np.empty(x.shape, x.dtype) if x.flags.c_contiguous else None
+        return np.empty(x.shape if shape is None else shape, x.dtype) if x.flags.c_contiguous else None
     return out if type(out) is np.ndarray else None
 
 
