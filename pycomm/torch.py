@@ -7,8 +7,9 @@
     pt.broadcast_optimizer_state(optimizer, root_rank=0)  # after rank 0 loaded a checkpoint
     loss.backward(); optimizer.step()                    # gradients averaged over the ranks
 
-Also as in Horovod: allreduce / allreduce_ (in place), allgather, broadcast / broadcast_,
-broadcast_object.
+Also as in Horovod: allreduce / allreduce_ (in place), allreduce_async / allreduce_async_ with
+synchronize / poll, allgather (first dimensions may differ), reducescatter, broadcast /
+broadcast_, broadcast_object, shutdown.
 
 CPU tensors go through the engine as zero-copy views, CUDA tensors through the device path (a
 CUDA parameter's bucket lives on its GPU).
@@ -42,6 +43,18 @@ def _comm(comm) -> Communicator:
     return comm if comm is not None else init()
 
 
+def is_initialized() -> bool:
+    return _default is not None
+
+
+def shutdown() -> None:
+    """Closes the module's communicator; a later init() creates a new one (collective)."""
+    global _default
+    if _default is not None:
+        _default.close()
+        _default = None
+
+
 def rank() -> int:
     return init().rank
 
@@ -54,6 +67,10 @@ def local_rank() -> int:
     return init().local_rank
 
 
+def local_size() -> int:
+    return init().local_size
+
+
 def allreduce(tensor: torch.Tensor, op="avg", comm=None) -> torch.Tensor:
     """A new tensor: `tensor` reduced over the ranks (average by default, as in Horovod)."""
     return _comm(comm).allreduce(tensor.detach(), op=op)
@@ -61,14 +78,102 @@ def allreduce(tensor: torch.Tensor, op="avg", comm=None) -> torch.Tensor:
 
 def allreduce_(tensor: torch.Tensor, op="avg", comm=None) -> torch.Tensor:
     """Reduces `tensor` over the ranks in place (average by default) and returns it."""
-    _comm(comm).allreduce(tensor.detach(), op=op, out=tensor.detach())
-    return tensor
+    comm = _comm(comm)
+    return _in_place(tensor, lambda t: comm.allreduce(t, op=op, out=t))
+
+
+class Handle:
+    """An allreduce_async in flight: pass it to synchronize() (or poll() it)."""
+
+    def __init__(self, work, tensor: torch.Tensor, staged: torch.Tensor):
+        self._work, self._tensor, self._staged = work, tensor, staged
+
+    def _finish(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+            if self._staged is not self._tensor:
+                with torch.no_grad():
+                    self._tensor.copy_(self._staged)
+        return self._tensor
+
+
+def allreduce_async(tensor: torch.Tensor, op="avg", comm=None) -> Handle:
+    """Starts reducing `tensor` into a new tensor; synchronize(handle) returns it."""
+    staged = tensor.detach().clone(memory_format=torch.contiguous_format)
+    return Handle(_comm(comm).allreduce_async(staged, op=op, out=staged), staged, staged)
+
+
+def allreduce_async_(tensor: torch.Tensor, op="avg", comm=None) -> Handle:
+    """Starts reducing `tensor` in place; synchronize(handle) returns it. Leave `tensor` alone
+    until then."""
+    t = tensor.detach()
+    staged = t if t.is_contiguous() else t.contiguous()
+    return Handle(_comm(comm).allreduce_async(staged, op=op, out=staged), tensor, staged)
+
+
+def synchronize(handle: Handle) -> torch.Tensor:
+    """Waits for `handle`'s allreduce and returns its result."""
+    return handle._finish()
+
+
+def poll(handle: Handle) -> bool:
+    """True once synchronize(handle) would not block."""
+    return handle._work is None or handle._work.done()
 
 
 def allgather(tensor: torch.Tensor, comm=None) -> torch.Tensor:
-    """A new tensor: every rank's `tensor` concatenated along dimension 0, in rank order. Every
-    rank's must have the same shape (unlike Horovod's, whose first dimensions may differ)."""
-    return _comm(comm).allgather(tensor.detach().contiguous())
+    """A new tensor: every rank's `tensor` concatenated along dimension 0, in rank order. The
+    first dimensions may differ between ranks; the others, and the dtype, must not."""
+    comm = _comm(comm)
+    t = tensor.detach().contiguous()
+    if t.dim() == 0:
+        return comm.allgather(t)
+    rows = _agree_on_rows(comm, t.shape)
+    if min(rows) == max(rows):
+        return comm.allgather(t)
+    # Pad every rank's block to the longest, gather, then drop each block's padding.
+    padded = t.new_zeros((max(rows), *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    blocks = comm.allgather(padded).split(max(rows))
+    return torch.cat([block[:n] for block, n in zip(blocks, rows)])
+
+
+def _agree_on_rows(comm, shape: torch.Size) -> list:
+    """Every rank's first dimension, after checking (on every rank alike) that the other
+    dimensions agree."""
+    dims = comm.allgather(np.array([len(shape)], np.int64))
+    if dims.min() != dims.max():
+        raise ValueError(f"pycomm: allgather got tensors of {sorted(set(dims.tolist()))} dimensions on different ranks")
+    shapes = comm.allgather(np.array([list(shape)], np.int64))
+    if (shapes[:, 1:] != shapes[0, 1:]).any():
+        raise ValueError(
+            "pycomm: allgather's tensors may differ only in their first dimension; per rank: "
+            + ", ".join(str(tuple(s)) for s in shapes.tolist())
+        )
+    return shapes[:, 0].tolist()
+
+
+def reducescatter(tensor: torch.Tensor, op="avg", comm=None) -> torch.Tensor:
+    """This rank's rows of `tensor` reduced over the ranks (average by default). As in Horovod,
+    the rows split as evenly as they can: where they do not divide, the first ranks get one more."""
+    comm = _comm(comm)
+    t = tensor.detach().contiguous()
+    if t.dim() == 0:
+        raise ValueError("pycomm: reducescatter needs a tensor of at least one dimension")
+    rows, size = t.shape[0], comm.size
+    if rows % size == 0:
+        return comm.reduce_scatter(t, op=op)
+    # Pad each rank's share to the longest one's, so that the engine's equal blocks line up.
+    longest, extra = -(-rows // size), rows % size
+    padded = t.new_zeros((longest * size, *t.shape[1:]))
+    start = 0
+    for r in range(size):
+        n = longest if r < extra else longest - 1
+        padded[r * longest : r * longest + n] = t[start : start + n]
+        start += n
+    mine = longest if comm.rank < extra else longest - 1
+    return comm.reduce_scatter(padded, op=op)[:mine].clone()
 
 
 def broadcast(tensor: torch.Tensor, root_rank: int = 0, comm=None) -> torch.Tensor:
@@ -78,11 +183,19 @@ def broadcast(tensor: torch.Tensor, root_rank: int = 0, comm=None) -> torch.Tens
 
 def broadcast_(tensor: torch.Tensor, root_rank: int = 0, comm=None) -> torch.Tensor:
     """Overwrites `tensor` with root_rank's, in place, and returns it."""
+    comm = _comm(comm)
+    return _in_place(tensor, lambda t: comm.broadcast(t, root=root_rank))
+
+
+def _in_place(tensor: torch.Tensor, collective) -> torch.Tensor:
+    """Runs `collective`, which overwrites the contiguous tensor it gets, on `tensor`'s data: a
+    non-contiguous tensor goes through a contiguous copy and gets the result back."""
     with torch.no_grad():
-        if tensor.is_contiguous():
-            _comm(comm).broadcast(tensor.detach(), root=root_rank)
-        else:
-            tensor.copy_(_comm(comm).broadcast(tensor.detach().contiguous(), root=root_rank))
+        t = tensor.detach()
+        staged = t if t.is_contiguous() else t.contiguous()
+        collective(staged)
+        if staged is not t:
+            t.copy_(staged)
     return tensor
 
 

@@ -99,6 +99,51 @@ obj = pt.broadcast_object({"rank": rank, "tensor": torch.ones(2) * rank, "text":
 f.check(obj["rank"] == size - 1 and obj["text"] == "x" * (size - 1), f"broadcast_object: {obj}")
 f.check(torch.equal(obj["tensor"], torch.ones(2) * (size - 1)), "broadcast_object's tensor")
 
+# allreduce_ on a non-contiguous tensor gets the result back through a contiguous copy.
+nc = (torch.arange(6.0).reshape(2, 3) + rank).t()
+want = torch.arange(6.0).reshape(2, 3).t() + size - 1
+f.check(pt.allreduce_(nc, op="max") is nc and torch.equal(nc, want), "allreduce_ non-contiguous")
+
+# Horovod's async calls: handles, poll, synchronize; in place (non-contiguous too) and new.
+x = torch.full((5,), float(rank))
+nc = (torch.arange(6.0).reshape(2, 3) + rank).t()
+handles = [pt.allreduce_async(x, op="sum"), pt.allreduce_async_(x, op="max"), pt.allreduce_async_(nc, op="min")]
+y = pt.synchronize(handles[0])
+f.check(pt.poll(handles[1]) in (True, False) and pt.synchronize(handles[1]) is x, "allreduce_async_ returns its tensor")
+f.check(pt.synchronize(handles[2]) is nc and pt.poll(handles[2]), "synchronize of a non-contiguous tensor")
+f.check(torch.equal(y, torch.full((5,), size * (size - 1) / 2)), f"allreduce_async: {y.tolist()}")
+f.check(torch.equal(x, torch.full((5,), float(size - 1))), f"allreduce_async_: {x.tolist()}")
+f.check(torch.equal(nc, torch.arange(6.0).reshape(2, 3).t()), f"allreduce_async_ non-contiguous: {nc.tolist()}")
+
+# allgather: first dimensions may differ (rank r gives r rows; rank 0 none), the others may not.
+g = pt.allgather(torch.full((rank, 2), rank, dtype=torch.int32))
+want = torch.cat([torch.full((r, 2), r, dtype=torch.int32) for r in range(size)])
+f.check(g.shape == want.shape and torch.equal(g, want), f"allgather of uneven rows: {g.tolist()}")
+if size > 1:
+    try:
+        pt.allgather(torch.zeros(2, 3 if rank == 0 else 4))
+        f.check(False, "allgather of different trailing dimensions must raise")
+    except ValueError as e:
+        f.check("first dimension" in str(e) and "(2, 3)" in str(e), f"allgather trailing dimensions: {e}")
+    try:
+        pt.allgather(torch.zeros((2,) * (1 + (rank == 0))))
+        f.check(False, "allgather of different dimension counts must raise")
+    except ValueError as e:
+        f.check("dimensions on different ranks" in str(e), f"allgather dimension counts: {e}")
+f.check(torch.equal(pt.allgather(torch.tensor([rank])), torch.arange(size)), "allgather after refused calls")
+
+# reducescatter: Horovod's split; where rows do not divide, the first ranks get one more.
+for rows in (2 * size, 2 * size + 1, size - 1):
+    x = torch.arange(rows * 3, dtype=torch.float64).reshape(rows, 3) * (rank + 1)
+    mine = pt.reducescatter(x, op="sum")
+    counts = [rows // size + (r < rows % size) for r in range(size)]
+    start = sum(counts[:rank])
+    total = torch.arange(rows * 3, dtype=torch.float64).reshape(rows, 3) * (size * (size + 1) / 2)
+    want = total[start : start + counts[rank]]
+    f.check(mine.shape == want.shape and torch.equal(mine, want), f"reducescatter of {rows} rows: {mine.tolist()}")
+avg = pt.reducescatter(torch.full((size, 2), float(rank)))
+f.check(torch.equal(avg, torch.full((1, 2), (size - 1) / 2)), f"reducescatter averages by default: {avg.tolist()}")
+
 # broadcast_optimizer_state: the root has stepped (Adam's moments and step counts exist) and
 # changed its learning rate; the others are fresh. Afterwards every rank holds the root's state,
 # and the same steps keep the parameters identical.
@@ -125,4 +170,10 @@ for _ in range(2):
     model(torch.randn(8, 7, generator=gen)).sum().backward()
     opt.step()
 f.check(same_on_all_ranks(flat(model.parameters())), "identical parameters after steps from the broadcast state")
+
+# shutdown closes the module's communicator; init() makes a new one.
+pt.shutdown()
+f.check(not pt.is_initialized() and "closed" in repr(comm), "shutdown")
+f.check(pt.allreduce(torch.ones(2), op="sum").tolist() == [size, size] and pt.is_initialized(), "init after shutdown")
+f.check(pt.local_size() >= 1, "local_size")
 f.finish()
