@@ -120,6 +120,19 @@ def test_peer_exits_in_the_middle_of_a_single_copy_allreduce(nprocs):
     assert "rank 1 (pid" in result.stdout and "FAIL" not in result.stdout, result.stdout
 
 
+# One-shot (1 KiB) and single-copy (8 MiB) wait in shared-memory rounds, where a rank that
+# leaves says so; the job then ends through MPI_Abort (rank 1 is alive, in MPI_Finalize or asleep).
+@pytest.mark.parametrize("how", ["raise", "close"])
+@pytest.mark.parametrize("nprocs, size_bytes", [(2, 1024), (3, 8 << 20)])
+def test_peer_that_leaves_raises_peer_error_at_once(nprocs, size_bytes, how):
+    result = run_mpi(nprocs, "lifecycle.py", "leave", how, size_bytes, check=False, timeout=90)
+    for r in range(nprocs):
+        if r != 1:
+            assert f"rank {r}: PeerError after" in result.stdout, result.stdout
+    assert "calling MPI_Abort instead of MPI_Finalize" in result.stdout, result.stdout
+    assert "FAIL" not in result.stdout, result.stdout
+
+
 def test_exit_after_a_dead_peer_does_not_hang():
     """MPICH's MPI_Finalize waits for every rank, dead ones included: after a PeerError, pycomm
     ends the job with MPI_Abort at exit instead, so mpirun returns (non-zero) at once."""

@@ -302,6 +302,9 @@ class CommunicatorImpl : public Communicator {
     } catch (const std::exception& e) {
       broken_reason_ = e.what();
       broken_ = true;
+      // This rank posts nothing more: peers that wait for it hear so at once, not at their timeout.
+      if (SharedArena* arena = transport_->arena()) arena->Leave();
+      if (hierarchy_ && hierarchy_->node && hierarchy_->node->arena()) hierarchy_->node->arena()->Leave();
       // MPI forbids cancelling an abandoned MPI_Iallreduce, which may still write into the
       // staging segment: that memory (and the groups' communicators) stays for the process's life.
       if (hierarchy_) hierarchy_.release();

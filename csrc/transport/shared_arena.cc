@@ -33,6 +33,8 @@ SharedArena::SharedArena(void* base, int rank, int size, size_t slot_bytes, std:
   static_assert(std::atomic<uint64_t>::is_always_lock_free, "flags in shared memory must be lock-free");
 }
 
+SharedArena::~SharedArena() { Leave(); }
+
 std::atomic<uint64_t>* SharedArena::flag(int rank) const {
   return reinterpret_cast<std::atomic<uint64_t>*>(base_ + static_cast<size_t>(rank) * kLine);
 }
@@ -65,9 +67,24 @@ std::atomic<uint32_t>* SharedArena::sleepers(int rank) const {
   return reinterpret_cast<std::atomic<uint32_t>*>(base_ + static_cast<size_t>(rank) * kLine + kSleepersOffset);
 }
 
+std::atomic<uint32_t>* SharedArena::left(int rank) const {
+  return reinterpret_cast<std::atomic<uint32_t>*>(base_ + static_cast<size_t>(rank) * kLine + kLeftOffset);
+}
+
 void SharedArena::Post(uint64_t seq, const CallInfo& info) {
   *info_slot(rank_, seq) = info;
   flag(rank_)->store(seq, std::memory_order_release);
+  WakeSleepers();
+}
+
+void SharedArena::Leave() {
+  // Released after every post of this rank: a waiter that sees it and still not the round it
+  // waits for knows that round will never come.
+  left(rank_)->store(1, std::memory_order_release);
+  WakeSleepers();
+}
+
+void SharedArena::WakeSleepers() {
   // Paired with the sleeper's count-then-check (both sequentially consistent): either it sees
   // the new flag, or this sees it counted and wakes it.
   std::atomic_thread_fence(std::memory_order_seq_cst);
@@ -86,12 +103,15 @@ namespace {
 // The flags seen as requests, so that waiting shares the spin-yield-sleep schedule and timeout.
 class FlagRequest : public Request {
  public:
-  FlagRequest(const std::atomic<uint64_t>* flag, std::atomic<uint32_t>* sleepers, uint64_t seq, int peer,
-              const PeerWatch* watch)
-      : flag_(flag), sleepers_(sleepers), seq_(seq), peer_(peer), watch_(watch) {}
+  FlagRequest(const std::atomic<uint64_t>* flag, std::atomic<uint32_t>* sleepers, const std::atomic<uint32_t>* left,
+              uint64_t seq, int peer, const PeerWatch* watch)
+      : flag_(flag), sleepers_(sleepers), left_(left), seq_(seq), peer_(peer), watch_(watch) {}
   bool Test() override {
     if (flag_->load(std::memory_order_acquire) >= seq_) return true;
-    if (watch_ && (++polls_ & PeerWatch::kPollMask) == 0) watch_->Check();
+    if ((++polls_ & PeerWatch::kPollMask) == 0) {
+      if (watch_) watch_->Check();
+      CheckNotLeft();
+    }
     return false;
   }
   int peer() const override { return peer_; }
@@ -108,8 +128,18 @@ class FlagRequest : public Request {
   }
 
  private:
+  void CheckNotLeft() const {
+    if (left_->load(std::memory_order_acquire) == 0) return;
+    if (flag_->load(std::memory_order_acquire) >= seq_) return;  // posted before it left
+    throw PeerError("pycomm: rank " + std::to_string(peer_) +
+                        " has left the communicator (closed it, failed in it, or is exiting) without taking part "
+                        "in the call this rank waits in",
+                    peer_);
+  }
+
   const std::atomic<uint64_t>* flag_;
   std::atomic<uint32_t>* sleepers_;
+  const std::atomic<uint32_t>* left_;
   uint64_t seq_;
   int peer_;
   const PeerWatch* watch_;
@@ -121,13 +151,13 @@ class FlagRequest : public Request {
 void SharedArena::WaitAll(uint64_t seq, double timeout_s) const {
   for (int r = 0; r < size_; ++r) {
     if (r == rank_) continue;
-    FlagRequest request(flag(r), sleepers(r), seq, name(r), watch_);
+    FlagRequest request(flag(r), sleepers(r), left(r), seq, name(r), watch_);
     Wait(request, timeout_s);
   }
 }
 
 std::unique_ptr<Request> SharedArena::Arrival(int rank, uint64_t seq) const {
-  return std::make_unique<FlagRequest>(flag(rank), sleepers(rank), seq, name(rank), watch_);
+  return std::make_unique<FlagRequest>(flag(rank), sleepers(rank), left(rank), seq, name(rank), watch_);
 }
 
 std::shared_ptr<void> AllocateLocalArenaMemory(int size, size_t slot_bytes) {

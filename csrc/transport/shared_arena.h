@@ -33,6 +33,10 @@ class SharedArena {
   // `base` must hold BytesFor(size, slot_bytes) zeroed bytes mapped by every rank; `keep_alive`
   // owns the mapping (unmaps it when the arena goes).
   SharedArena(void* base, int rank, int size, size_t slot_bytes, std::shared_ptr<void> keep_alive);
+  // Leaves (below): the arena goes when its communicator closes or its process exits.
+  ~SharedArena();
+  SharedArena(const SharedArena&) = delete;
+  SharedArena& operator=(const SharedArena&) = delete;
 
   int rank() const { return rank_; }
   int size() const { return size_; }
@@ -82,6 +86,10 @@ class SharedArena {
   uint64_t posted(int rank) const;
   // Completes once `rank` has posted `seq`: for waits that must also drive other requests.
   std::unique_ptr<Request> Arrival(int rank, uint64_t seq) const;
+  // Tells the other ranks that this one will post nothing more (its communicator closed or
+  // failed): their waits for a round it has not posted then fail with PeerError within a
+  // fraction of a second instead of running into the timeout. Rounds it did post still complete.
+  void Leave();
   // Waits also fail at once, naming the rank, when `watch` sees a rank die (null: no watch).
   void set_peer_watch(const PeerWatch* watch) { watch_ = watch; }
   // How errors name rank q: names[q] (its rank in the whole communicator, for an arena of a
@@ -89,14 +97,18 @@ class SharedArena {
   void set_rank_names(std::vector<int> names) { names_ = std::move(names); }
 
  private:
-  // Per rank: its flag, how many ranks sleep on it, then two CallInfo (double-buffered like the
-  // slots), on two cache lines of their own: no false sharing, adjacent-line prefetch included.
+  // Per rank: its flag, how many ranks sleep on it, whether it has left, then two CallInfo
+  // (double-buffered like the slots), on two cache lines of their own: no false sharing,
+  // adjacent-line prefetch included.
   static constexpr size_t kLine = 128;
   static constexpr size_t kSleepersOffset = 8;  // ranks asleep on this rank's flag (futex)
+  static constexpr size_t kLeftOffset = 12;     // nonzero once the rank has left (Leave)
   static constexpr size_t kInfoOffset = 16;
   static_assert(kInfoOffset + 2 * sizeof(CallInfo) <= kLine, "a rank's flag and infos share its line");
   std::atomic<uint64_t>* flag(int rank) const;
   std::atomic<uint32_t>* sleepers(int rank) const;
+  std::atomic<uint32_t>* left(int rank) const;
+  void WakeSleepers();
   CallInfo* info_slot(int rank, uint64_t seq) const;
 
   char* base_;

@@ -282,6 +282,53 @@ void TestTimeout() {
   Expect(refused, "a communicator refuses calls after a peer error");
 }
 
+// A rank that leaves the arena (its communicator closed or broke): a round it posted before
+// leaving still completes; a wait for a later one fails at once with PeerError naming it, not at
+// the timeout. Through the communicator too: rank 1 closes after one allreduce.
+void TestPeerLeaves() {
+  auto transports = pycomm::CreateLoopbackTransports(2);
+  pycomm::SharedArena& mine = *transports[0]->arena();
+  pycomm::SharedArena& theirs = *transports[1]->arena();
+  theirs.Post(1, pycomm::SharedArena::CallInfo{});
+  theirs.Leave();
+  mine.Post(1, pycomm::SharedArena::CallInfo{});
+  mine.WaitAll(1, 60);
+  mine.Post(2, pycomm::SharedArena::CallInfo{});
+  const auto start = std::chrono::steady_clock::now();
+  int named = -1;
+  try {
+    mine.WaitAll(2, 60);
+  } catch (const pycomm::PeerError& e) {
+    named = e.peer();
+  }
+  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  Expect(named == 1 && seconds < 10, "arena: a round after the peer left (" + std::to_string(seconds) + " s)");
+
+  transports = pycomm::CreateLoopbackTransports(2);
+  pycomm::Options options;
+  options.timeout_s = 60;
+  auto comm0 = Communicator::FromTransport(std::move(transports[0]), options);
+  auto comm1 = Communicator::FromTransport(std::move(transports[1]), options);
+  std::thread leaver([&] {
+    int64_t x = 1;
+    comm1->Allreduce(&x, &x, 1, DataType::kInt64, ReduceOp::kSum);
+    comm1->Close();
+  });
+  int64_t x = 1;
+  comm0->Allreduce(&x, &x, 1, DataType::kInt64, ReduceOp::kSum);
+  leaver.join();
+  const auto again = std::chrono::steady_clock::now();
+  named = -1;
+  try {
+    comm0->Allreduce(&x, &x, 1, DataType::kInt64, ReduceOp::kSum);
+  } catch (const pycomm::PeerError& e) {
+    named = e.peer();
+  }
+  seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - again).count();
+  Expect(x == 2 && named == 1 && seconds < 10,
+         "communicator: a call after the peer closed (" + std::to_string(seconds) + " s)");
+}
+
 // The device collectives' hand-off to their leader, through the arena (with rounds of other
 // arena users in between, sharing its counter) or through messages, with and without a reply;
 // messages or replies too large for an arena slot fall back to messages.
@@ -525,6 +572,7 @@ int main() {
     TestLeaderExchange(P, false);
   }
   TestTimeout();
+  TestPeerLeaves();
   TestLeaderExchangeMismatch();
   return pycomm_test::Report();
 }

@@ -205,9 +205,10 @@ def injected_fault(failures):
             failures.check("rank 1 (pid" in str(error) and "died" in str(error), f"message: {error}")
         else:
             failures.check(elapsed < 60, f"PeerError took {elapsed:.1f} s")
-            # A stalled rank that wakes finds its peers gone: it may see them dead instead.
+            # A stalled rank that wakes finds its peers gone: dead, or left after their error.
             timed_out = "timed out" in str(error) and "waiting for rank" in str(error)
-            failures.check(timed_out or "died" in str(error), f"message: {error}")
+            gone = "died" in str(error) or "has left the communicator" in str(error)
+            failures.check(timed_out or gone, f"message: {error}")
         try:
             comm.allreduce(x)
             failures.check(False, "usable after PeerError")
@@ -251,6 +252,39 @@ def peer_exits_mid_call(failures):
     os._exit(1 if failures.items else 0)
 
 
+def peer_leaves(failures):
+    """Rank 1 leaves before its third call while the others make it: it raises an exception that
+    nobody catches (pycomm closes its communicators at exit, then MPI_Finalize waits), or closes
+    its communicator and goes on with other work. The others raise PeerError naming it at once,
+    not at their 600 s timeout."""
+    import time
+
+    how, size_bytes = sys.argv[2], int(sys.argv[3])
+    comm = pycomm.Communicator(timeout=600)
+    x = np.ones(size_bytes // 4, np.float32)
+    for _ in range(2):
+        comm.allreduce(x)
+    if RANK == 1:
+        if how == "raise":
+            raise RuntimeError("an error in rank 1's own code")
+        comm.close()
+        time.sleep(30)  # alive and busy elsewhere: only its leaving can tell the others
+        return
+    start = time.monotonic()
+    try:
+        comm.allreduce(x)
+        failures.check(False, "no PeerError")
+    except pycomm.PeerError as error:
+        elapsed = time.monotonic() - start
+        print(f"rank {RANK}: PeerError after {elapsed:.2f} s: {error}", flush=True)
+        failures.check(elapsed < 20, f"PeerError took {elapsed:.1f} s")
+        failures.check("rank 1 has left the communicator" in str(error), f"message: {error}")
+    print(f"rank {RANK}: {failures.checked} checks, {len(failures.items)} failed", flush=True)
+    for item in failures.items:
+        print(f"FAIL rank {RANK}: {item}", flush=True)
+    sys.exit(1 if failures.items else 0)  # no agreement with rank 1: pycomm's exit hook ends the job
+
+
 def killed_in_a_large_allreduce(failures):
     """Loops over 64 MiB allreduces (shared buffers and plain arrays) until the test kills every rank."""
     comm = pycomm.Communicator()
@@ -273,6 +307,7 @@ def main():
             "mismatch-transport": mismatched_calls_over_the_transport,
             "fault": injected_fault,
             "exit-mid-call": peer_exits_mid_call,
+            "leave": peer_leaves,
             "killed": killed_in_a_large_allreduce,
         }
     )
