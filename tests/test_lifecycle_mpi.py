@@ -121,11 +121,14 @@ def test_peer_exits_in_the_middle_of_a_single_copy_allreduce(nprocs):
 
 
 # One-shot (1 KiB) and single-copy (8 MiB) wait in shared-memory rounds, where a rank that
-# leaves says so; the job then ends through MPI_Abort (rank 1 is alive, in MPI_Finalize or asleep).
+# leaves says so; the ring's messages go over MPI, but its call first agrees in shared memory.
+# The job then ends through MPI_Abort (rank 1 is alive, in MPI_Finalize or asleep).
 @pytest.mark.parametrize("how", ["raise", "close"])
-@pytest.mark.parametrize("nprocs, size_bytes", [(2, 1024), (3, 8 << 20)])
-def test_peer_that_leaves_raises_peer_error_at_once(nprocs, size_bytes, how):
-    result = run_mpi(nprocs, "lifecycle.py", "leave", how, size_bytes, check=False, timeout=90)
+@pytest.mark.parametrize(
+    "nprocs, size_bytes, algorithm", [(2, 1024, "auto"), (3, 8 << 20, "auto"), (3, 4 << 20, "ring")]
+)
+def test_peer_that_leaves_raises_peer_error_at_once(nprocs, size_bytes, algorithm, how):
+    result = run_mpi(nprocs, "lifecycle.py", "leave", how, size_bytes, algorithm, check=False, timeout=90)
     for r in range(nprocs):
         if r != 1:
             assert f"rank {r}: PeerError after" in result.stdout, result.stdout

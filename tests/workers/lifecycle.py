@@ -259,8 +259,8 @@ def peer_leaves(failures):
     not at their 600 s timeout."""
     import time
 
-    how, size_bytes = sys.argv[2], int(sys.argv[3])
-    comm = pycomm.Communicator(timeout=600)
+    how, size_bytes, algorithm = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    comm = pycomm.Communicator(timeout=600, algorithm=algorithm)
     x = np.ones(size_bytes // 4, np.float32)
     for _ in range(2):
         comm.allreduce(x)
