@@ -19,6 +19,7 @@ communication overlaps the rest of backward. Buckets live in the communicator's 
 where the node has one, and start in the same order on every rank.
 """
 
+import contextlib
 import pickle
 import threading
 
@@ -263,8 +264,10 @@ class _Bucket:
 
 
 class _DistributedOptimizer(torch.optim.Optimizer):
-    def __init__(self, params, comm, bucket_bytes: int, op):
+    def __init__(self, params, comm, bucket_bytes: int, op, backward_passes_per_step: int):
         super(self.__class__, self).__init__(params)
+        if backward_passes_per_step < 1:
+            raise ValueError(f"pycomm: backward_passes_per_step must be at least 1, not {backward_passes_per_step}")
         self._pycomm = comm
         self._op = op
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
@@ -273,6 +276,13 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._buckets = _assign_buckets(comm, params, bucket_bytes)
         self._bucket_of = {p: b for b in self._buckets for p in b.params}
         self._next = 0
+        # Gradients accumulate locally over this many backward passes, then go to their bucket.
+        self._passes = backward_passes_per_step
+        self._passes_left = dict.fromkeys(params, backward_passes_per_step)
+        # Set by synchronize(), cleared by the next gradient or step(): synchronize() then step()
+        # (to clip the averaged gradients in between) averages once, as Horovod does.
+        self._synchronized = False
+        self._skip_synchronize = False
         # Autograd runs the hooks of CPU and of each GPU's gradients on threads of their own:
         # which buckets are ready, and which have started, change under this lock only.
         self._lock = threading.Lock()
@@ -280,11 +290,16 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def _grad_ready(self, p: torch.Tensor) -> None:
         bucket = self._bucket_of[p]
+        self._synchronized = False
         if p not in bucket.pending:
             raise RuntimeError(
-                "pycomm: a gradient was accumulated twice before step(); call step() (or synchronize()) "
-                "after each backward"
+                f"pycomm: a gradient was accumulated over more than backward_passes_per_step={self._passes} "
+                "backward passes before step(); call step() (or synchronize()) after each backward, or raise "
+                "backward_passes_per_step"
             )
+        self._passes_left[p] -= 1
+        if self._passes_left[p] > 0:
+            return  # accumulates in p.grad until the last pass of the step
         bucket.views[p].copy_(p.grad)
         with self._lock:
             bucket.pending.discard(p)
@@ -300,11 +315,18 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def synchronize(self) -> None:
         """Waits for every bucket and writes the averaged gradients back into p.grad. Parameters
-        that got no gradient this step count as zero (on every rank)."""
+        that got no gradient this step count as zero (on every rank); those that got fewer than
+        backward_passes_per_step count with what they got. Once per step: a second call (step()
+        after synchronize()) does nothing until a new gradient comes."""
+        if self._synchronized:
+            return
         with self._lock:
             for bucket in self._buckets:
                 for p in list(bucket.pending):
-                    bucket.views[p].zero_()
+                    if self._passes_left[p] < self._passes and p.grad is not None:
+                        bucket.views[p].copy_(p.grad)
+                    else:
+                        bucket.views[p].zero_()
                     bucket.pending.discard(p)
             self._start_ready()
         for bucket in self._buckets:
@@ -317,9 +339,22 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                     p.grad.copy_(view)
             bucket.pending = set(bucket.params)
         self._next = 0
+        self._passes_left = dict.fromkeys(self._passes_left, self._passes)
+        self._synchronized = True
+
+    @contextlib.contextmanager
+    def skip_synchronize(self):
+        """Horovod's: step() inside it applies the gradients as they are (call synchronize() first)."""
+        self._skip_synchronize = True
+        try:
+            yield
+        finally:
+            self._skip_synchronize = False
 
     def step(self, closure=None):
-        self.synchronize()
+        if not self._skip_synchronize:
+            self.synchronize()
+        self._synchronized = False  # the next step averages again, with or without new gradients
         return super(self.__class__, self).step(closure)
 
 
@@ -334,13 +369,18 @@ def _assign_buckets(comm, params: list, bucket_bytes: int) -> list:
     ]
 
 
-def DistributedOptimizer(optimizer: torch.optim.Optimizer, comm=None, bucket_mb: float = 25.0, op="avg"):
+def DistributedOptimizer(
+    optimizer: torch.optim.Optimizer, comm=None, bucket_mb: float = 25.0, op="avg", backward_passes_per_step: int = 1
+):
     """Wraps `optimizer` so that step() first averages the gradients over the ranks.
 
     The result is an instance of a subclass of the optimizer's own class (so LR schedulers and
     isinstance checks keep working) over the same param_groups. Gradient allreduces start during
-    backward, bucket by bucket (`bucket_mb` MiB each).
+    backward, bucket by bucket (`bucket_mb` MiB each). With backward_passes_per_step=N, gradients
+    accumulate locally over N backward passes (summed, as torch accumulates them) and are averaged
+    over the ranks once, during the last. As in Horovod, synchronize() averages them ahead of
+    step() (to clip them, say); step() then does not average again.
     """
     namespace = {k: v for k, v in _DistributedOptimizer.__dict__.items() if k not in ("__dict__", "__weakref__")}
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), namespace)
-    return cls(optimizer.param_groups, _comm(comm), int(bucket_mb * 2**20), op)
+    return cls(optimizer.param_groups, _comm(comm), int(bucket_mb * 2**20), op, backward_passes_per_step)

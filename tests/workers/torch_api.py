@@ -1,5 +1,6 @@
 """pycomm.torch under mpirun: broadcast_parameters, DistributedOptimizer, CPU tensors in the API."""
 
+import contextlib
 import sys
 
 import numpy as np
@@ -24,6 +25,20 @@ def model_with_seed(seed):
 
 def flat(tensors) -> np.ndarray:
     return torch.cat([t.detach().reshape(-1) for t in tensors]).numpy()
+
+
+def averaged_over_ranks(model, local) -> bool:
+    """Whether every parameter's gradient is the average of every rank's `local` one."""
+    ok = True
+    for p, g in zip(model.parameters(), local):
+        everyone = [t.numpy() for t in comm.allgather(g.unsqueeze(0).contiguous())]
+        ok = ok and matches(p.grad.numpy(), everyone, np.dtype(np.float32), "avg")
+    return ok
+
+
+def backward(model, gen, rows=16):
+    x, target = torch.randn(rows, 7, generator=gen), torch.randint(0, 5, (rows,), generator=gen)
+    torch.nn.functional.cross_entropy(model(x), target).backward()
 
 
 # broadcast_parameters: ranks start different; afterwards all hold rank 0's values.
@@ -56,9 +71,7 @@ for step in range(4):
     torch.nn.functional.cross_entropy(model(x), target).backward()
     local = [p.grad.detach().clone() for p in model.parameters()]
     opt.synchronize()
-    for p, g in zip(model.parameters(), local):
-        everyone = [t.numpy() for t in comm.allgather(g.unsqueeze(0).contiguous())]
-        f.check(matches(p.grad.numpy(), everyone, np.dtype(np.float32), "avg"), f"step {step}: averaged gradient")
+    f.check(averaged_over_ranks(model, local), f"step {step}: averaged gradient")
     opt.step()
     scheduler.step()
     f.check(same_on_all_ranks(flat(model.parameters())), f"step {step}: identical parameters")
@@ -80,8 +93,66 @@ try:
     model(torch.randn(4, 7)).sum().backward()
     f.check(False, "second backward before step() must raise")
 except RuntimeError as e:
-    f.check("accumulated twice before step()" in str(e), f"second backward: {e}")
+    f.check("more than backward_passes_per_step=1" in str(e), f"second backward: {e}")
 opt.synchronize()
+
+# Horovod's gradient clipping: synchronize(), clip the averaged gradients, then step() (plain, or
+# inside skip_synchronize()) applies the clipped ones: it must not average again, nor zero them.
+model = model_with_seed(9)
+opt = pt.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), bucket_mb=bucket_mb)
+gen = torch.Generator().manual_seed(50 + rank)
+for skip in (False, True):
+    opt.zero_grad()
+    backward(model, gen)
+    local = [p.grad.detach().clone() for p in model.parameters()]
+    opt.synchronize()
+    opt.synchronize()  # a second call changes nothing
+    f.check(averaged_over_ranks(model, local), f"clipping (skip={skip}): averaged gradient")
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+    clipped = [p.grad.detach().clone() for p in model.parameters()]
+    before = flat(model.parameters())
+    with opt.skip_synchronize() if skip else contextlib.nullcontext():
+        opt.step()
+    f.check(
+        all(torch.equal(p.grad, c) for p, c in zip(model.parameters(), clipped)), f"clipped gradients kept ({skip})"
+    )
+    moved = before - 0.1 * flat(clipped)
+    f.check(
+        np.allclose(flat(model.parameters()), moved, rtol=0, atol=1e-6), f"step applies the clipped gradients ({skip})"
+    )
+    f.check(same_on_all_ranks(flat(model.parameters())), f"clipping (skip={skip}): identical parameters")
+
+# backward_passes_per_step: gradients summed locally over the passes, averaged once over the ranks.
+model = model_with_seed(10)
+opt = pt.DistributedOptimizer(
+    torch.optim.SGD(model.parameters(), lr=0.1), bucket_mb=bucket_mb, backward_passes_per_step=2
+)
+opt.zero_grad()
+backward(model, gen, rows=5)
+backward(model, gen, rows=3)
+local = [p.grad.detach().clone() for p in model.parameters()]  # both passes' sum
+opt.step()
+f.check(averaged_over_ranks(model, local), "two passes per step: averaged sum")
+f.check(same_on_all_ranks(flat(model.parameters())), "two passes per step: identical parameters")
+opt.zero_grad()
+backward(model, gen)
+backward(model, gen)
+try:
+    backward(model, gen)
+    f.check(False, "a third pass of two must raise")
+except RuntimeError as e:
+    f.check("more than backward_passes_per_step=2" in str(e), f"third pass: {e}")
+opt.synchronize()
+opt.zero_grad()
+backward(model, gen)  # fewer passes than expected: what there is counts
+local = [p.grad.detach().clone() for p in model.parameters()]
+opt.step()
+f.check(averaged_over_ranks(model, local), "one pass of two: averaged")
+try:
+    pt.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), backward_passes_per_step=0)
+    f.check(False, "backward_passes_per_step=0 must raise")
+except ValueError:
+    pass
 
 # Horovod's other calls: in place, gather, broadcast of tensors and of objects.
 x = torch.full((4,), float(rank + 1))
