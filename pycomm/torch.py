@@ -9,7 +9,8 @@
 
 Also as in Horovod: allreduce / allreduce_ (in place), allreduce_async / allreduce_async_ with
 synchronize / poll, allgather (first dimensions may differ), reducescatter, broadcast /
-broadcast_, broadcast_object, shutdown.
+broadcast_, broadcast_object, shutdown. `name=` is accepted, as Horovod's, and unused: ranks pair
+their calls by order, as with NCCL.
 
 CPU tensors go through the engine as zero-copy views, CUDA tensors through the device path (a
 CUDA parameter's bucket lives on its GPU).
@@ -20,8 +21,10 @@ where the node has one, and start in the same order on every rank.
 """
 
 import contextlib
+import functools
 import pickle
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -30,6 +33,9 @@ from .bucketing import plan_buckets
 from .communicator import Communicator
 
 _default = None
+
+# Horovod's names for the reductions.
+Average, Sum, Min, Max, Product = "avg", "sum", "min", "max", "prod"
 
 
 def init(comm=None, **settings) -> Communicator:
@@ -41,7 +47,11 @@ def init(comm=None, **settings) -> Communicator:
 
 
 def _comm(comm) -> Communicator:
-    return comm if comm is not None else init()
+    if comm is None:
+        return init()
+    if not isinstance(comm, Communicator):
+        raise TypeError(f"pycomm: comm= takes a pycomm.Communicator, not a {type(comm).__name__}")
+    return comm
 
 
 def is_initialized() -> bool:
@@ -72,12 +82,12 @@ def local_size() -> int:
     return init().local_size
 
 
-def allreduce(tensor: torch.Tensor, op="avg", comm=None) -> torch.Tensor:
+def allreduce(tensor: torch.Tensor, op=Average, comm=None, name=None) -> torch.Tensor:
     """A new tensor: `tensor` reduced over the ranks (average by default, as in Horovod)."""
     return _comm(comm).allreduce(tensor.detach(), op=op)
 
 
-def allreduce_(tensor: torch.Tensor, op="avg", comm=None) -> torch.Tensor:
+def allreduce_(tensor: torch.Tensor, op=Average, comm=None, name=None) -> torch.Tensor:
     """Reduces `tensor` over the ranks in place (average by default) and returns it."""
     comm = _comm(comm)
     return _in_place(tensor, lambda t: comm.allreduce(t, op=op, out=t))
@@ -99,13 +109,13 @@ class Handle:
         return self._tensor
 
 
-def allreduce_async(tensor: torch.Tensor, op="avg", comm=None) -> Handle:
+def allreduce_async(tensor: torch.Tensor, op=Average, comm=None, name=None) -> Handle:
     """Starts reducing `tensor` into a new tensor; synchronize(handle) returns it."""
     staged = tensor.detach().clone(memory_format=torch.contiguous_format)
     return Handle(_comm(comm).allreduce_async(staged, op=op, out=staged), staged, staged)
 
 
-def allreduce_async_(tensor: torch.Tensor, op="avg", comm=None) -> Handle:
+def allreduce_async_(tensor: torch.Tensor, op=Average, comm=None, name=None) -> Handle:
     """Starts reducing `tensor` in place; synchronize(handle) returns it. Leave `tensor` alone
     until then."""
     t = tensor.detach()
@@ -123,7 +133,7 @@ def poll(handle: Handle) -> bool:
     return handle._work is None or handle._work.done()
 
 
-def allgather(tensor: torch.Tensor, comm=None) -> torch.Tensor:
+def allgather(tensor: torch.Tensor, comm=None, name=None) -> torch.Tensor:
     """A new tensor: every rank's `tensor` concatenated along dimension 0, in rank order. The
     first dimensions may differ between ranks; the others, and the dtype, must not."""
     comm = _comm(comm)
@@ -155,7 +165,7 @@ def _agree_on_rows(comm, shape: torch.Size) -> list:
     return shapes[:, 0].tolist()
 
 
-def reducescatter(tensor: torch.Tensor, op="avg", comm=None) -> torch.Tensor:
+def reducescatter(tensor: torch.Tensor, op=Average, comm=None, name=None) -> torch.Tensor:
     """This rank's rows of `tensor` reduced over the ranks (average by default). As in Horovod,
     the rows split as evenly as they can: where they do not divide, the first ranks get one more."""
     comm = _comm(comm)
@@ -177,12 +187,12 @@ def reducescatter(tensor: torch.Tensor, op="avg", comm=None) -> torch.Tensor:
     return comm.reduce_scatter(padded, op=op)[:mine].clone()
 
 
-def broadcast(tensor: torch.Tensor, root_rank: int = 0, comm=None) -> torch.Tensor:
+def broadcast(tensor: torch.Tensor, root_rank: int = 0, comm=None, name=None) -> torch.Tensor:
     """A new tensor holding root_rank's `tensor`; `tensor` itself is left as it was."""
     return _comm(comm).broadcast(tensor.detach().clone(memory_format=torch.contiguous_format), root=root_rank)
 
 
-def broadcast_(tensor: torch.Tensor, root_rank: int = 0, comm=None) -> torch.Tensor:
+def broadcast_(tensor: torch.Tensor, root_rank: int = 0, comm=None, name=None) -> torch.Tensor:
     """Overwrites `tensor` with root_rank's, in place, and returns it."""
     comm = _comm(comm)
     return _in_place(tensor, lambda t: comm.broadcast(t, root=root_rank))
@@ -212,7 +222,7 @@ def broadcast_parameters(params, root_rank: int = 0, comm=None) -> None:
         broadcast_(tensor, root_rank, comm)
 
 
-def broadcast_object(obj, root_rank: int = 0, comm=None):
+def broadcast_object(obj, root_rank: int = 0, comm=None, name=None):
     """root_rank's `obj` on every rank (pickled there; `obj` is ignored elsewhere). Through
     pycomm's own broadcast, so a rank that never comes gives an error, not a hang."""
     comm = _comm(comm)
@@ -264,46 +274,102 @@ class _Bucket:
 
 
 class _DistributedOptimizer(torch.optim.Optimizer):
-    def __init__(self, params, comm, bucket_bytes: int, op, backward_passes_per_step: int):
-        super(self.__class__, self).__init__(params)
+    def __init__(self, optimizer, comm, bucket_bytes: int, op, backward_passes_per_step: int, names: dict):
+        super(self.__class__, self).__init__(optimizer.param_groups)
+        self.defaults = optimizer.defaults  # for add_param_group, as the wrapped optimizer's
         if backward_passes_per_step < 1:
             raise ValueError(f"pycomm: backward_passes_per_step must be at least 1, not {backward_passes_per_step}")
         self._pycomm = comm
         self._op = op
-        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
-        if len({id(p) for p in params}) != len(params):
-            raise ValueError("pycomm: a parameter appears twice in the optimizer's param_groups")
-        self._buckets = _assign_buckets(comm, params, bucket_bytes)
-        self._bucket_of = {p: b for b in self._buckets for p in b.params}
+        self._names = names
+        self._bucket_bytes = bucket_bytes
+        self._buckets, self._bucket_of, self._hooks = [], {}, []
         self._next = 0
         # Gradients accumulate locally over this many backward passes, then go to their bucket.
         self._passes = backward_passes_per_step
-        self._passes_left = dict.fromkeys(params, backward_passes_per_step)
+        self._passes_left = {}
+        # The backward pass under way: the parameters whose gradient came, and whether its end
+        # (which counts the others as passed, with no gradient) is queued.
+        self._touched, self._pass_open = set(), False
         # Set by synchronize(), cleared by the next gradient or step(): synchronize() then step()
         # (to clip the averaged gradients in between) averages once, as Horovod does.
         self._synchronized = False
         self._skip_synchronize = False
         # Autograd runs the hooks of CPU and of each GPU's gradients on threads of their own:
-        # which buckets are ready, and which have started, change under this lock only.
+        # the step's bookkeeping changes under this lock only.
         self._lock = threading.Lock()
-        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in params]
+        self._watch([p for group in self.param_groups for p in group["params"]])
+
+    def _watch(self, params: list) -> None:
+        """Buckets and gradient hooks for `params` (those that take gradients)."""
+        params = [p for p in params if p.requires_grad]
+        if len({id(p) for p in params}) != len(params) or any(p in self._bucket_of for p in params):
+            raise ValueError("pycomm: a parameter appears twice in the optimizer's param_groups")
+        buckets = _assign_buckets(self._pycomm, params, self._bucket_bytes)
+        self._buckets += buckets
+        self._bucket_of.update({p: b for b in buckets for p in b.params})
+        self._passes_left.update(dict.fromkeys(params, self._passes))
+        # The hooks hold the optimizer weakly: a parameter outlives the optimizer it was wrapped
+        # in (a second DistributedOptimizer over the same model), and a dead one's hooks go.
+        hook = functools.partial(_grad_hook, weakref.ref(self))
+        handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
+        weakref.finalize(self, _remove_hooks, handles)
+        self._hooks += handles
+
+    def add_param_group(self, param_group: dict) -> None:
+        super(self.__class__, self).add_param_group(param_group)
+        if hasattr(self, "_buckets"):  # not while the base class's __init__ adds the first groups
+            self._watch(self.param_groups[-1]["params"])
+
+    def _name(self, p: torch.Tensor) -> str:
+        return self._names.get(p, f"a parameter of shape {tuple(p.shape)}")
 
     def _grad_ready(self, p: torch.Tensor) -> None:
         bucket = self._bucket_of[p]
-        self._synchronized = False
-        if p not in bucket.pending:
-            raise RuntimeError(
-                f"pycomm: a gradient was accumulated over more than backward_passes_per_step={self._passes} "
-                "backward passes before step(); call step() (or synchronize()) after each backward, or raise "
-                "backward_passes_per_step"
-            )
-        self._passes_left[p] -= 1
-        if self._passes_left[p] > 0:
-            return  # accumulates in p.grad until the last pass of the step
-        bucket.views[p].copy_(p.grad)
+        with self._lock:
+            self._synchronized = False
+            if p not in bucket.pending:
+                raise RuntimeError(
+                    f"pycomm: the gradient of {self._name(p)} was accumulated over more than backward_passes_per_step="
+                    f"{self._passes} backward passes before step(); call step() (or synchronize()) after each "
+                    "backward, or raise backward_passes_per_step"
+                )
+            if not self._pass_open:
+                self._pass_open = _at_end_of_backward(self._end_of_pass)
+            self._touched.add(p)
+            self._passes_left[p] -= 1
+            if self._passes_left[p] > 0:
+                return  # accumulates in p.grad until the last pass of the step
+        self._fill(p)
         with self._lock:
             bucket.pending.discard(p)
             self._start_ready()
+
+    def _end_of_pass(self) -> None:
+        # Parameters this backward gave no gradient have passed too: those on their last pass
+        # go to their buckets now, so that every rank has started all of the step's allreduces
+        # before any collective of the caller's that follows backward (they pair in order).
+        with self._lock:
+            untouched = [p for p, left in self._passes_left.items() if left > 0 and p not in self._touched]
+            for p in untouched:
+                self._passes_left[p] -= 1
+            last = [p for p in untouched if self._passes_left[p] == 0]
+            self._touched, self._pass_open = set(), False
+        for p in last:
+            self._fill(p)
+        with self._lock:
+            for p in last:
+                self._bucket_of[p].pending.discard(p)
+            self._start_ready()
+
+    def _fill(self, p: torch.Tensor) -> None:
+        """p's gradient into its bucket: what p.grad holds (summed over the step's passes, or
+        assigned by hand), or zero where it has none, as Horovod averages them."""
+        view = self._bucket_of[p].views[p]
+        if p.grad is None:
+            view.zero_()
+        else:
+            view.copy_(p.grad.to_dense() if p.grad.is_sparse else p.grad)
 
     def _start_ready(self) -> None:
         # Strictly in bucket order, whatever order autograd finished them in: every rank then
@@ -314,33 +380,52 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._next += 1
 
     def synchronize(self) -> None:
-        """Waits for every bucket and writes the averaged gradients back into p.grad. Parameters
-        that got no gradient this step count as zero (on every rank); those that got fewer than
-        backward_passes_per_step count with what they got. Once per step: a second call (step()
-        after synchronize()) does nothing until a new gradient comes."""
+        """Waits for every bucket and writes the averaged gradients back into p.grad. A
+        parameter's gradient that no hook saw this step (none, or assigned by hand) counts as
+        p.grad holds it, zero for none. Once per step: a second call (step() after
+        synchronize()) does nothing until a new gradient comes."""
         if self._synchronized:
             return
+        self._check_every_gradient_watched()
+        with self._lock:
+            pending = [p for bucket in self._buckets for p in bucket.pending]
+        for p in pending:
+            self._fill(p)
         with self._lock:
             for bucket in self._buckets:
-                for p in list(bucket.pending):
-                    if self._passes_left[p] < self._passes and p.grad is not None:
-                        bucket.views[p].copy_(p.grad)
-                    else:
-                        bucket.views[p].zero_()
-                    bucket.pending.discard(p)
+                bucket.pending.clear()
             self._start_ready()
         for bucket in self._buckets:
             bucket.work.wait()
             bucket.work = None
             for p, view in bucket.views.items():
-                if p.grad is None:
+                if p.grad is None or p.grad.is_sparse:
                     p.grad = view.clone()
                 else:
                     p.grad.copy_(view)
             bucket.pending = set(bucket.params)
-        self._next = 0
-        self._passes_left = dict.fromkeys(self._passes_left, self._passes)
-        self._synchronized = True
+        with self._lock:
+            self._next = 0
+            self._passes_left = dict.fromkeys(self._passes_left, self._passes)
+            self._touched, self._pass_open = set(), False
+            self._synchronized = True
+
+    def _check_every_gradient_watched(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p not in self._bucket_of:
+                    raise RuntimeError(
+                        f"pycomm: {self._name(p)} has a gradient but did not require one when DistributedOptimizer "
+                        "wrapped the optimizer, so it is not averaged; unfreeze parameters before wrapping"
+                    )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if any(left < self._passes for left in self._passes_left.values()) and not self._synchronized:
+            raise RuntimeError(
+                "pycomm: optimizer.zero_grad() between backward() and step() would drop gradients whose averaging "
+                "has begun on every rank; call optimizer.synchronize() first"
+            )
+        super(self.__class__, self).zero_grad(set_to_none)
 
     @contextlib.contextmanager
     def skip_synchronize(self):
@@ -352,10 +437,36 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._skip_synchronize = False
 
     def step(self, closure=None):
+        loss = None
+        if closure is not None:  # its backward first, so that step() averages its gradients
+            with torch.enable_grad():
+                loss = closure()
         if not self._skip_synchronize:
             self.synchronize()
         self._synchronized = False  # the next step averages again, with or without new gradients
-        return super(self.__class__, self).step(closure)
+        super(self.__class__, self).step()
+        return loss
+
+
+def _at_end_of_backward(callback) -> bool:
+    """Queues `callback` to run once the backward pass under way ends (as DDP does); False
+    where no backward pass is under way (a hook called by hand)."""
+    try:
+        torch.autograd.Variable._execution_engine.queue_callback(callback)
+        return True
+    except RuntimeError:
+        return False
+
+
+def _grad_hook(optimizer_ref, p: torch.Tensor) -> None:
+    optimizer = optimizer_ref()
+    if optimizer is not None:
+        optimizer._grad_ready(p)
+
+
+def _remove_hooks(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
 
 
 def _assign_buckets(comm, params: list, bucket_bytes: int) -> list:
@@ -370,7 +481,13 @@ def _assign_buckets(comm, params: list, bucket_bytes: int) -> list:
 
 
 def DistributedOptimizer(
-    optimizer: torch.optim.Optimizer, comm=None, bucket_mb: float = 25.0, op="avg", backward_passes_per_step: int = 1
+    optimizer: torch.optim.Optimizer,
+    named_parameters=None,
+    *,
+    comm=None,
+    bucket_mb: float = 25.0,
+    op=Average,
+    backward_passes_per_step: int = 1,
 ):
     """Wraps `optimizer` so that step() first averages the gradients over the ranks.
 
@@ -379,8 +496,18 @@ def DistributedOptimizer(
     backward, bucket by bucket (`bucket_mb` MiB each). With backward_passes_per_step=N, gradients
     accumulate locally over N backward passes (summed, as torch accumulates them) and are averaged
     over the ranks once, during the last. As in Horovod, synchronize() averages them ahead of
-    step() (to clip them, say); step() then does not average again.
+    step() (to clip them, say); step() then does not average again. `named_parameters` (e.g.
+    model.named_parameters()) must name every parameter; errors then name them.
     """
+    names = {}
+    if named_parameters is not None:
+        named = list(named_parameters)
+        if len({name for name, _ in named}) != len(named):
+            raise ValueError("pycomm: named_parameters holds a name twice")
+        names = {p: name for name, p in named}
+        unnamed = [p for group in optimizer.param_groups for p in group["params"] if p not in names]
+        if unnamed:
+            raise ValueError(f"pycomm: named_parameters does not name {len(unnamed)} of the optimizer's parameters")
     namespace = {k: v for k, v in _DistributedOptimizer.__dict__.items() if k not in ("__dict__", "__weakref__")}
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), namespace)
-    return cls(optimizer.param_groups, _comm(comm), int(bucket_mb * 2**20), op, backward_passes_per_step)
+    return cls(optimizer, _comm(comm), int(bucket_mb * 2**20), op, backward_passes_per_step, names)

@@ -154,6 +154,93 @@ try:
 except ValueError:
     pass
 
+# A parameter only rank 0 uses, then a collective of the caller's between backward and step:
+# every rank has started all of its gradient allreduces by the end of backward, so the
+# caller's allreduce pairs with the caller's, not with a gradient bucket.
+used, branch = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+opt = pt.DistributedOptimizer(torch.optim.SGD([used, branch], lr=1.0), bucket_mb=bucket_mb)
+for _ in range(2):
+    opt.zero_grad()
+    loss = (used * (rank + 1)).sum() + ((branch * 10).sum() if rank == 0 else 0)
+    loss.backward()
+    metric = pt.allreduce(torch.full((8,), 100.0 * (rank + 1)), op=pt.Sum, name="metric")
+    opt.step()
+    f.check(torch.equal(metric, torch.full((8,), 50.0 * size * (size + 1))), f"caller's allreduce: {metric.tolist()}")
+    f.check(torch.equal(used.grad, torch.full((4,), (size + 1) / 2)), f"used: {used.grad.tolist()}")
+    f.check(torch.equal(branch.grad, torch.full((4,), 10 / size)), f"rank 0's branch: {branch.grad.tolist()}")
+
+# Gradients that no hook sees (assigned by hand, or a second step() after one backward) are
+# averaged as p.grad holds them, as Horovod does; step(closure) averages the closure's.
+p0 = torch.nn.Parameter(torch.zeros(3))
+opt = pt.DistributedOptimizer(torch.optim.SGD([p0], lr=1.0), named_parameters=[("p0", p0)])
+(g,) = torch.autograd.grad((p0 * (rank + 1)).sum(), [p0])
+p0.grad = g
+opt.step()
+f.check(torch.equal(p0.grad, torch.full((3,), (size + 1) / 2)), f"assigned gradient: {p0.grad.tolist()}")
+opt.step()
+f.check(torch.equal(p0.detach(), torch.full((3,), -(size + 1.0))), f"second step, same gradient: {p0.tolist()}")
+
+
+def closure():
+    opt.zero_grad()
+    loss = (p0 * (rank + 1)).sum()
+    loss.backward()
+    return loss
+
+
+f.check(opt.step(closure).item() == -3 * (size + 1) * (rank + 1), "step(closure) returns the closure's loss")
+f.check(torch.equal(p0.detach(), torch.full((3,), -1.5 * (size + 1))), f"step(closure): {p0.tolist()}")
+
+# add_param_group after wrapping: the group takes the wrapped optimizer's defaults, and its
+# gradients are averaged; a parameter unfrozen after wrapping is refused, not left unaveraged.
+a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+opt = pt.DistributedOptimizer(torch.optim.SGD([a], lr=1.0, momentum=0.9), bucket_mb=bucket_mb)
+opt.add_param_group({"params": [b]})
+((a + b) * (rank + 1)).sum().backward()
+opt.step()
+f.check(opt.param_groups[1]["lr"] == 1.0 and opt.param_groups[1]["momentum"] == 0.9, "add_param_group defaults")
+f.check(torch.equal(b.grad, torch.full((2,), (size + 1) / 2)), f"added group averaged: {b.grad.tolist()}")
+frozen = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+opt = pt.DistributedOptimizer(torch.optim.SGD([a, frozen], lr=1.0), named_parameters=[("a", a), ("frozen", frozen)])
+frozen.requires_grad_(True)
+opt.zero_grad()
+(a + frozen).sum().backward()
+try:
+    opt.step()
+    f.check(False, "a parameter unfrozen after wrapping must be refused")
+except RuntimeError as e:
+    f.check("frozen has a gradient but did not require one" in str(e), f"unfrozen: {e}")
+try:
+    opt.zero_grad()
+    f.check(False, "zero_grad() between backward and step must raise")
+except RuntimeError as e:
+    f.check("call optimizer.synchronize() first" in str(e), f"zero_grad between: {e}")
+
+# A second optimizer over the same model (the first one dropped) trains; sparse gradients are
+# averaged as dense ones.
+model = model_with_seed(12)
+for lr in (0.1, 0.01):
+    opt = pt.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=lr), bucket_mb=bucket_mb)
+    for _ in range(2):
+        opt.zero_grad()
+        backward(model, gen)
+        opt.step()
+f.check(same_on_all_ranks(flat(model.parameters())), "a second DistributedOptimizer over one model")
+emb = torch.nn.Embedding(6, 2, sparse=True)
+opt = pt.DistributedOptimizer(torch.optim.SGD(emb.parameters(), lr=1.0))
+emb(torch.tensor([rank % 6])).sum().backward()
+opt.step()
+want = torch.zeros(6, 2)
+for r in range(size):
+    want[r % 6] += 1 / size
+f.check(torch.equal(emb.weight.grad, want), f"sparse gradient: {emb.weight.grad.tolist()}")
+for bad in (dict(named_parameters=[("w", a)]), dict(named_parameters=[("w", a), ("w", b)]), dict(comm="world")):
+    try:
+        pt.DistributedOptimizer(torch.optim.SGD([a, b], lr=1.0), **bad)
+        f.check(False, f"{bad} must be refused")
+    except (ValueError, TypeError):
+        pass
+
 # Horovod's other calls: in place, gather, broadcast of tensors and of objects.
 x = torch.full((4,), float(rank + 1))
 f.check(pt.allreduce_(x, op="sum") is x and torch.equal(x, torch.full((4,), size * (size + 1) / 2)), "allreduce_")
