@@ -31,6 +31,7 @@ import torch
 
 from .bucketing import plan_buckets
 from .communicator import Communicator
+from .ops import ReduceOp, parse_op
 
 _default = None
 
@@ -83,8 +84,62 @@ def local_size() -> int:
 
 
 def allreduce(tensor: torch.Tensor, op=Average, comm=None, name=None) -> torch.Tensor:
-    """A new tensor: `tensor` reduced over the ranks (average by default, as in Horovod)."""
-    return _comm(comm).allreduce(tensor.detach(), op=op)
+    """A new tensor: `tensor` reduced over the ranks (average by default, as in Horovod).
+    Differentiable for Sum and Average (see _Allreduce)."""
+    comm = _comm(comm)
+    if _tracks_gradient(tensor):
+        return _Allreduce.apply(tensor, op, comm)
+    return comm.allreduce(tensor.detach(), op=op)
+
+
+def _tracks_gradient(tensor: torch.Tensor) -> bool:
+    return tensor.requires_grad and torch.is_grad_enabled()
+
+
+# Gradients flow back as for the sum of every rank's loss (as through torch.distributed.nn's
+# collectives): each rank's input gets its share of every rank's output gradient.
+class _Allreduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, op, comm):
+        ctx.op, ctx.comm = op, comm
+        return comm.allreduce(tensor.detach().contiguous(), op=op)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _check_differentiable(ctx.op, "allreduce")
+        return ctx.comm.allreduce(grad.contiguous(), op=ctx.op), None, None
+
+
+class _Allgather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, comm):
+        ctx.comm, ctx.shape = comm, tensor.shape
+        result, ctx.rows = _gather(comm, tensor.detach().contiguous())
+        return result
+
+    @staticmethod
+    def backward(ctx, grad):
+        every = ctx.comm.allreduce(grad.contiguous(), op=Sum)
+        start = sum(ctx.rows[: ctx.comm.rank])
+        return every[start : start + ctx.rows[ctx.comm.rank]].reshape(ctx.shape), None
+
+
+class _Reducescatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, op, comm):
+        ctx.op, ctx.comm = op, comm
+        return _scatter_rows(comm, tensor.detach().contiguous(), op)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _check_differentiable(ctx.op, "reducescatter")
+        every, _ = _gather(ctx.comm, grad.contiguous())
+        return (every / ctx.comm.size if parse_op(ctx.op) == ReduceOp.AVG else every), None, None
+
+
+def _check_differentiable(op, what: str) -> None:
+    if parse_op(op) not in (ReduceOp.SUM, ReduceOp.AVG):
+        raise RuntimeError(f"pycomm: {what} with op {parse_op(op).name.lower()} has no gradient (sum and avg do)")
 
 
 def allreduce_(tensor: torch.Tensor, op=Average, comm=None, name=None) -> torch.Tensor:
@@ -135,19 +190,26 @@ def poll(handle: Handle) -> bool:
 
 def allgather(tensor: torch.Tensor, comm=None, name=None) -> torch.Tensor:
     """A new tensor: every rank's `tensor` concatenated along dimension 0, in rank order. The
-    first dimensions may differ between ranks; the others, and the dtype, must not."""
+    first dimensions may differ between ranks; the others, and the dtype, must not.
+    Differentiable (see _Allreduce)."""
     comm = _comm(comm)
-    t = tensor.detach().contiguous()
+    if _tracks_gradient(tensor):
+        return _Allgather.apply(tensor, comm)
+    return _gather(comm, tensor.detach().contiguous())[0]
+
+
+def _gather(comm, t: torch.Tensor) -> tuple:
+    """allgather's result, and every rank's rows in it."""
     if t.dim() == 0:
-        return comm.allgather(t)
+        return comm.allgather(t), [1] * comm.size
     rows = _agree_on_rows(comm, t.shape)
     if min(rows) == max(rows):
-        return comm.allgather(t)
+        return comm.allgather(t), rows
     # Pad every rank's block to the longest, gather, then drop each block's padding.
     padded = t.new_zeros((max(rows), *t.shape[1:]))
     padded[: t.shape[0]] = t
     blocks = comm.allgather(padded).split(max(rows))
-    return torch.cat([block[:n] for block, n in zip(blocks, rows)])
+    return torch.cat([block[:n] for block, n in zip(blocks, rows)]), rows
 
 
 def _agree_on_rows(comm, shape: torch.Size) -> list:
@@ -167,9 +229,15 @@ def _agree_on_rows(comm, shape: torch.Size) -> list:
 
 def reducescatter(tensor: torch.Tensor, op=Average, comm=None, name=None) -> torch.Tensor:
     """This rank's rows of `tensor` reduced over the ranks (average by default). As in Horovod,
-    the rows split as evenly as they can: where they do not divide, the first ranks get one more."""
+    the rows split as evenly as they can: where they do not divide, the first ranks get one more.
+    Differentiable for Sum and Average (see _Allreduce)."""
     comm = _comm(comm)
-    t = tensor.detach().contiguous()
+    if _tracks_gradient(tensor):
+        return _Reducescatter.apply(tensor, op, comm)
+    return _scatter_rows(comm, tensor.detach().contiguous(), op)
+
+
+def _scatter_rows(comm, t: torch.Tensor, op) -> torch.Tensor:
     if t.dim() == 0:
         raise ValueError("pycomm: reducescatter needs a tensor of at least one dimension")
     rows, size = t.shape[0], comm.size

@@ -302,6 +302,29 @@ for rows in (2 * size, 2 * size + 1, size - 1):
 avg = pt.reducescatter(torch.full((size, 2), float(rank)))
 f.check(torch.equal(avg, torch.full((1, 2), (size - 1) / 2)), f"reducescatter averages by default: {avg.tolist()}")
 
+# Differentiable collectives: gradients as for the sum of every rank's loss.
+for op, scale in ((pt.Sum, 1.0), (pt.Average, 1.0 / size)):
+    x = torch.ones(3, requires_grad=True)
+    (pt.allreduce(x, op=op) * (rank + 1)).sum().backward()
+    f.check(torch.allclose(x.grad, torch.full((3,), scale * size * (size + 1) / 2)), f"allreduce {op} grad: {x.grad}")
+    rows = 2 * size + 1
+    x = torch.ones(rows, 2, requires_grad=True)
+    (pt.reducescatter(x, op=op) * (rank + 1)).sum().backward()
+    counts = torch.tensor([rows // size + (r < rows % size) for r in range(size)])
+    want = (torch.repeat_interleave(torch.arange(size), counts) + 1.0).unsqueeze(1).expand(-1, 2) * scale
+    f.check(torch.allclose(x.grad, want), f"reducescatter {op} grad: {x.grad}")
+x = torch.ones(rank + 1, 2, requires_grad=True)
+y = pt.allgather(x * 1.0)
+(y * (rank + 1) * torch.arange(1.0, y.shape[0] + 1).unsqueeze(1)).sum().backward()
+start = rank * (rank + 1) // 2
+want = size * (size + 1) / 2 * torch.arange(start + 1.0, start + rank + 2).unsqueeze(1).expand(-1, 2)
+f.check(y.shape == (size * (size + 1) // 2, 2) and torch.allclose(x.grad, want), f"allgather grad: {x.grad}")
+try:
+    pt.allreduce(torch.ones(2, requires_grad=True), op=pt.Max).sum().backward()
+    f.check(False, "max has no gradient")
+except RuntimeError as e:
+    f.check("has no gradient" in str(e), f"max backward: {e}")
+
 # broadcast_optimizer_state: the root has stepped (Adam's moments and step counts exist) and
 # changed its learning rate; the others are fresh. Afterwards every rank holds the root's state,
 # and the same steps keep the parameters identical.
