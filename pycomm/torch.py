@@ -9,15 +9,16 @@
 
 Also as in Horovod: allreduce / allreduce_ (in place), allreduce_async / allreduce_async_ with
 synchronize / poll, allgather (first dimensions may differ), reducescatter, broadcast /
-broadcast_, broadcast_object, shutdown. `name=` is accepted, as Horovod's, and unused: ranks pair
-their calls by order, as with NCCL.
+broadcast_, broadcast_object, allgather_object, barrier, shutdown. `name=` is accepted, as
+Horovod's, and unused: ranks pair their calls by order, as with NCCL.
 
 CPU tensors go through the engine as zero-copy views, CUDA tensors through the device path (a
 CUDA parameter's bucket lives on its GPU).
 DistributedOptimizer copies each gradient into a fused bucket as soon as autograd has
 accumulated it; a bucket's averaging allreduce starts once all its gradients are in, so
-communication overlaps the rest of backward. Buckets live in the communicator's shared segment
-where the node has one, and start in the same order on every rank.
+communication overlaps the rest of backward, and at the latest when backward ends. Buckets live
+in the communicator's shared segment where the node has one, and start in the same order on
+every rank.
 """
 
 import contextlib
@@ -300,6 +301,22 @@ def broadcast_object(obj, root_rank: int = 0, comm=None, name=None):
     comm.broadcast(length, root=root_rank)
     data = comm.broadcast(payload if mine else np.empty(int(length[0]), np.uint8), root=root_rank)
     return obj if mine else pickle.loads(data.tobytes())
+
+
+def allgather_object(obj, comm=None, name=None) -> list:
+    """Every rank's `obj`, in rank order (pickled; the sizes may differ)."""
+    comm = _comm(comm)
+    payload = np.frombuffer(bytearray(pickle.dumps(obj)), np.uint8)
+    lengths = comm.allgather(np.array([payload.size], np.int64))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: payload.size] = payload
+    blocks = comm.allgather(padded).reshape(comm.size, -1)
+    return [pickle.loads(block[:n].tobytes()) for block, n in zip(blocks, lengths.tolist())]
+
+
+def barrier(comm=None) -> None:
+    """Returns once every rank has called it."""
+    _comm(comm).barrier()
 
 
 def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int = 0, comm=None) -> None:

@@ -256,6 +256,9 @@ f.check(pt.broadcast_(nc, root_rank=0) is nc and torch.equal(nc, torch.arange(6.
 obj = pt.broadcast_object({"rank": rank, "tensor": torch.ones(2) * rank, "text": "x" * rank}, root_rank=size - 1)
 f.check(obj["rank"] == size - 1 and obj["text"] == "x" * (size - 1), f"broadcast_object: {obj}")
 f.check(torch.equal(obj["tensor"], torch.ones(2) * (size - 1)), "broadcast_object's tensor")
+objs = pt.allgather_object({"rank": rank, "text": "y" * (3 * rank)})
+f.check(objs == [{"rank": r, "text": "y" * (3 * r)} for r in range(size)], f"allgather_object: {objs}")
+pt.barrier()
 
 # allreduce_ on a non-contiguous tensor gets the result back through a contiguous copy.
 nc = (torch.arange(6.0).reshape(2, 3) + rank).t()
