@@ -107,6 +107,11 @@ class Communicator:
         # mpi4py may hand out MPICH's int handles sign-extended; the core takes the 64 bits as they are.
         self._native = _core.Communicator(comm.handle & 0xFFFFFFFFFFFFFFFF, *chosen)
         self._closed = False
+        # For dup(): the same MPI communicator and settings (the environment's still apply).
+        self._mpi_comm = comm
+        self._asked = dict(
+            timeout=timeout, chunk_bytes=chunk_bytes, algorithm=algorithm, inter_node=inter_node, debug=debug
+        )
         # Async work holds its arrays until it has run, even if the caller drops the Work. The
         # lock keeps threads that issue calls at once from dropping each other's unfinished work.
         self._in_flight = collections.deque()
@@ -325,6 +330,13 @@ class Communicator:
         self._native.broadcast(xa, xa.size, dtype_code(xa.dtype), int(root))
         device_arrays.mark_host_written(x)
         return x
+
+    def dup(self) -> "Communicator":
+        """A new communicator over the same ranks with the same settings (collective, as
+        MPI_Comm_dup): its calls never pair with this one's, so a library can keep its traffic
+        apart from its caller's. Close it when done."""
+        self._check_open()
+        return Communicator(self._mpi_comm, **self._asked)
 
     def empty(self, shape, dtype=np.float32) -> np.ndarray:
         """A numpy array inside memory that every rank of this node maps (collective: every rank

@@ -16,9 +16,9 @@ CPU tensors go through the engine as zero-copy views, CUDA tensors through the d
 CUDA parameter's bucket lives on its GPU).
 DistributedOptimizer copies each gradient into a fused bucket as soon as autograd has
 accumulated it; a bucket's averaging allreduce starts once all its gradients are in, so
-communication overlaps the rest of backward, and at the latest when backward ends. Buckets live
-in the communicator's shared segment where the node has one, and start in the same order on
-every rank.
+communication overlaps the rest of backward. Buckets live in the shared segment of the
+optimizer's own communicator (a dup() of the one it is given) where the node has one, and start in
+the same order on every rank.
 """
 
 import contextlib
@@ -86,11 +86,11 @@ def local_size() -> int:
 
 def allreduce(tensor: torch.Tensor, op=Average, comm=None, name=None) -> torch.Tensor:
     """A new tensor: `tensor` reduced over the ranks (average by default, as in Horovod).
-    Differentiable for Sum and Average (see _Allreduce)."""
+    Differentiable for Sum and Average (see _Allreduce); with the others the result is a constant."""
     comm = _comm(comm)
-    if _tracks_gradient(tensor):
+    if _tracks_gradient(tensor) and parse_op(op) in (ReduceOp.SUM, ReduceOp.AVG):
         return _Allreduce.apply(tensor, op, comm)
-    return comm.allreduce(tensor.detach(), op=op)
+    return comm.allreduce(tensor.detach().contiguous(), op=op)
 
 
 def _tracks_gradient(tensor: torch.Tensor) -> bool:
@@ -107,8 +107,7 @@ class _Allreduce(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        _check_differentiable(ctx.op, "allreduce")
-        return ctx.comm.allreduce(grad.contiguous(), op=ctx.op), None, None
+        return allreduce(grad.contiguous(), ctx.op, ctx.comm), None, None
 
 
 class _Allgather(torch.autograd.Function):
@@ -120,7 +119,7 @@ class _Allgather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        every = ctx.comm.allreduce(grad.contiguous(), op=Sum)
+        every = allreduce(grad.contiguous(), Sum, ctx.comm)
         start = sum(ctx.rows[: ctx.comm.rank])
         return every[start : start + ctx.rows[ctx.comm.rank]].reshape(ctx.shape), None
 
@@ -133,14 +132,8 @@ class _Reducescatter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        _check_differentiable(ctx.op, "reducescatter")
-        every, _ = _gather(ctx.comm, grad.contiguous())
+        every = allgather(grad.contiguous(), ctx.comm)
         return (every / ctx.comm.size if parse_op(ctx.op) == ReduceOp.AVG else every), None, None
-
-
-def _check_differentiable(op, what: str) -> None:
-    if parse_op(op) not in (ReduceOp.SUM, ReduceOp.AVG):
-        raise RuntimeError(f"pycomm: {what} with op {parse_op(op).name.lower()} has no gradient (sum and avg do)")
 
 
 def allreduce_(tensor: torch.Tensor, op=Average, comm=None, name=None) -> torch.Tensor:
@@ -231,9 +224,9 @@ def _agree_on_rows(comm, shape: torch.Size) -> list:
 def reducescatter(tensor: torch.Tensor, op=Average, comm=None, name=None) -> torch.Tensor:
     """This rank's rows of `tensor` reduced over the ranks (average by default). As in Horovod,
     the rows split as evenly as they can: where they do not divide, the first ranks get one more.
-    Differentiable for Sum and Average (see _Allreduce)."""
+    Differentiable for Sum and Average (see _Allreduce); with the others the result is a constant."""
     comm = _comm(comm)
-    if _tracks_gradient(tensor):
+    if _tracks_gradient(tensor) and parse_op(op) in (ReduceOp.SUM, ReduceOp.AVG):
         return _Reducescatter.apply(tensor, op, comm)
     return _scatter_rows(comm, tensor.detach().contiguous(), op)
 
@@ -364,18 +357,21 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self.defaults = optimizer.defaults  # for add_param_group, as the wrapped optimizer's
         if backward_passes_per_step < 1:
             raise ValueError(f"pycomm: backward_passes_per_step must be at least 1, not {backward_passes_per_step}")
-        self._pycomm = comm
+        # The gradients' allreduces go through a communicator of their own, as NCCL's process
+        # groups keep theirs apart: where ranks' graphs differ (a parameter only some use), a
+        # bucket starts during backward on some ranks and in synchronize() on others, and on a
+        # shared communicator it would pair with the caller's own collectives in between (or
+        # with those of a differentiable collective's backward).
+        self._pycomm = comm.dup()
+        weakref.finalize(self, self._pycomm.close)
         self._op = op
         self._names = names
         self._bucket_bytes = bucket_bytes
-        self._buckets, self._bucket_of, self._hooks = [], {}, []
+        self._buckets, self._bucket_of = [], {}
         self._next = 0
         # Gradients accumulate locally over this many backward passes, then go to their bucket.
         self._passes = backward_passes_per_step
         self._passes_left = {}
-        # The backward pass under way: the parameters whose gradient came, and whether its end
-        # (which counts the others as passed, with no gradient) is queued.
-        self._touched, self._pass_open = set(), False
         # Set by synchronize(), cleared by the next gradient or step(): synchronize() then step()
         # (to clip the averaged gradients in between) averages once, as Horovod does.
         self._synchronized = False
@@ -394,12 +390,12 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._buckets += buckets
         self._bucket_of.update({p: b for b in buckets for p in b.params})
         self._passes_left.update(dict.fromkeys(params, self._passes))
-        # The hooks hold the optimizer weakly: a parameter outlives the optimizer it was wrapped
-        # in (a second DistributedOptimizer over the same model), and a dead one's hooks go.
+        # A parameter outlives the optimizer it was wrapped in (a second DistributedOptimizer
+        # over the same model): the newest one's hook replaces any earlier one's, on every rank
+        # alike, whenever the garbage collector gets to the old optimizer.
         hook = functools.partial(_grad_hook, weakref.ref(self))
-        handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
-        weakref.finalize(self, _remove_hooks, handles)
-        self._hooks += handles
+        for p in params:
+            _hook_only(p, p.register_post_accumulate_grad_hook(hook))
 
     def add_param_group(self, param_group: dict) -> None:
         super(self.__class__, self).add_param_group(param_group)
@@ -419,32 +415,12 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                     f"{self._passes} backward passes before step(); call step() (or synchronize()) after each "
                     "backward, or raise backward_passes_per_step"
                 )
-            if not self._pass_open:
-                self._pass_open = _at_end_of_backward(self._end_of_pass)
-            self._touched.add(p)
             self._passes_left[p] -= 1
             if self._passes_left[p] > 0:
                 return  # accumulates in p.grad until the last pass of the step
         self._fill(p)
         with self._lock:
             bucket.pending.discard(p)
-            self._start_ready()
-
-    def _end_of_pass(self) -> None:
-        # Parameters this backward gave no gradient have passed too: those on their last pass
-        # go to their buckets now, so that every rank has started all of the step's allreduces
-        # before any collective of the caller's that follows backward (they pair in order).
-        with self._lock:
-            untouched = [p for p, left in self._passes_left.items() if left > 0 and p not in self._touched]
-            for p in untouched:
-                self._passes_left[p] -= 1
-            last = [p for p in untouched if self._passes_left[p] == 0]
-            self._touched, self._pass_open = set(), False
-        for p in last:
-            self._fill(p)
-        with self._lock:
-            for p in last:
-                self._bucket_of[p].pending.discard(p)
             self._start_ready()
 
     def _fill(self, p: torch.Tensor) -> None:
@@ -492,13 +468,12 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         with self._lock:
             self._next = 0
             self._passes_left = dict.fromkeys(self._passes_left, self._passes)
-            self._touched, self._pass_open = set(), False
             self._synchronized = True
 
     def _check_every_gradient_watched(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None and p not in self._bucket_of:
+                if p.requires_grad and p.grad is not None and p not in self._bucket_of:
                     raise RuntimeError(
                         f"pycomm: {self._name(p)} has a gradient but did not require one when DistributedOptimizer "
                         "wrapped the optimizer, so it is not averaged; unfreeze parameters before wrapping"
@@ -533,25 +508,23 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         return loss
 
 
-def _at_end_of_backward(callback) -> bool:
-    """Queues `callback` to run once the backward pass under way ends (as DDP does); False
-    where no backward pass is under way (a hook called by hand)."""
-    try:
-        torch.autograd.Variable._execution_engine.queue_callback(callback)
-        return True
-    except RuntimeError:
-        return False
-
-
 def _grad_hook(optimizer_ref, p: torch.Tensor) -> None:
     optimizer = optimizer_ref()
     if optimizer is not None:
         optimizer._grad_ready(p)
 
 
-def _remove_hooks(handles: list) -> None:
-    for handle in handles:
-        handle.remove()
+# id(parameter) -> (a weak reference to it, the handle of pycomm's hook on it).
+_hooked = {}
+
+
+def _hook_only(p: torch.Tensor, handle) -> None:
+    """Makes `handle` pycomm's only hook on p, removing an earlier optimizer's."""
+    key = id(p)
+    earlier = _hooked.get(key)
+    if earlier is not None and earlier[0]() is p:
+        earlier[1].remove()
+    _hooked[key] = (weakref.ref(p, lambda _, key=key: _hooked.pop(key, None)), handle)
 
 
 def _assign_buckets(comm, params: list, bucket_bytes: int) -> list:
@@ -584,6 +557,8 @@ def DistributedOptimizer(
     step() (to clip them, say); step() then does not average again. `named_parameters` (e.g.
     model.named_parameters()) must name every parameter; errors then name them.
     """
+    if isinstance(named_parameters, Communicator):  # comm passed where it used to go, second
+        comm, named_parameters = named_parameters, None
     names = {}
     if named_parameters is not None:
         named = list(named_parameters)

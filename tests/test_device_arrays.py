@@ -790,14 +790,16 @@ def test_torch_optimizer_issues_each_bucket_once_when_hooks_race(comm, monkeypat
     params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(12)]
     opt = pt.DistributedOptimizer(torch.optim.SGD(params, lr=0.1), comm=comm, bucket_mb=1e-9)
     assert len(opt._buckets) == len(params)  # one parameter each
-    issued, start = [], comm.allreduce_async
+    grads = opt._pycomm  # the optimizer's own communicator, a dup() of comm
+    assert grads is not comm and grads.size == comm.size
+    issued, start = [], grads.allreduce_async
 
     def slow_start(buffer, **kwargs):
         issued.append(next(i for i, b in enumerate(opt._buckets) if b.buffer is buffer))
         time.sleep(0.002)
         return start(buffer, **kwargs)
 
-    monkeypatch.setattr(comm, "allreduce_async", slow_start)
+    monkeypatch.setattr(grads, "allreduce_async", slow_start)
     order = [p for b in opt._buckets for p in b.params]
     for p in params:
         p.grad = torch.ones_like(p)

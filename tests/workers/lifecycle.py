@@ -57,7 +57,21 @@ def communicators_on_sub_communicators(failures):
     failures.check(z[0] == P and w[0] == 2 * P, f"dup {z} world {w}")
     # The application's own MPI traffic on the parent communicator is not disturbed by pycomm's.
     failures.check(world.allreduce(RANK) == P * (P - 1) // 2, "application MPI traffic")
-    for c in (world_comm, sub, dup):
+    # Communicator.dup(): same ranks and settings, and its calls pair only among themselves:
+    # rank 0 has one on world_comm in flight while the others first call on the twin.
+    twin = pycomm.Communicator(timeout=60, algorithm="ring").dup()
+    failures.check((twin.size, twin.rank, twin.timeout, twin.algorithm) == (P, RANK, 60, "ring"), f"dup: {twin}")
+    a, b = np.full(3, RANK + 1.0), np.full(5, 10.0 * (RANK + 1))
+    if RANK == 0:
+        work = world_comm.allreduce_async(a)
+        got_b = twin.allreduce(b)
+        got_a = work.wait()
+    else:
+        got_b = twin.allreduce(b)
+        got_a = world_comm.allreduce(a)
+    want = P * (P + 1) / 2
+    failures.check(np.all(got_a == want) and np.all(got_b == 10 * want), f"dup pairs apart: {got_a} {got_b}")
+    for c in (world_comm, sub, dup, twin):
         c.close()
 
 

@@ -216,16 +216,47 @@ try:
 except RuntimeError as e:
     f.check("call optimizer.synchronize() first" in str(e), f"zero_grad between: {e}")
 
-# A second optimizer over the same model (the first one dropped) trains; sparse gradients are
-# averaged as dense ones.
+# A second optimizer over the same model trains, whether the first is gone or still held (its
+# hooks go either way); sparse gradients are averaged as dense ones.
 model = model_with_seed(12)
-for lr in (0.1, 0.01):
-    opt = pt.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=lr), bucket_mb=bucket_mb)
+held = []
+for lr in (0.1, 0.01, 0.001):
+    opt = pt.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=lr), comm, bucket_mb=bucket_mb)
+    held += [opt] if lr == 0.01 else []
     for _ in range(2):
         opt.zero_grad()
         backward(model, gen)
         opt.step()
 f.check(same_on_all_ranks(flat(model.parameters())), "a second DistributedOptimizer over one model")
+
+# One optimizer over two models whose losses go through backward() separately (actor and
+# critic), and a model with reentrant checkpointing: each parameter's gradient arrives once.
+actor, critic = model_with_seed(13), model_with_seed(14)
+opt = pt.DistributedOptimizer(torch.optim.SGD([*actor.parameters(), *critic.parameters()], lr=0.1))
+for _ in range(2):
+    opt.zero_grad()
+    backward(actor, gen)
+    backward(critic, gen)
+    local = [p.grad.detach().clone() for p in [*actor.parameters(), *critic.parameters()]]
+    opt.synchronize()
+    f.check(averaged_over_ranks(torch.nn.ModuleList([actor, critic]), local), "two backward() calls per step")
+    opt.step()
+first, last = torch.nn.Linear(7, 7), torch.nn.Linear(7, 5)
+opt = pt.DistributedOptimizer(torch.optim.SGD([*first.parameters(), *last.parameters()], lr=0.1))
+x = torch.randn(4, 7, generator=gen)
+torch.utils.checkpoint.checkpoint(last, first(x), use_reentrant=True).sum().backward()
+local = [p.grad.detach().clone() for p in [*first.parameters(), *last.parameters()]]
+opt.step()
+f.check(averaged_over_ranks(torch.nn.ModuleList([first, last]), local), "reentrant checkpoint")
+
+# A parameter frozen at wrapping that keeps a zero gradient (zero_grad(set_to_none=False)) is fine.
+a, frozen = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+frozen.grad = torch.zeros(2)
+opt = pt.DistributedOptimizer(torch.optim.SGD([a, frozen], lr=1.0))
+opt.zero_grad(set_to_none=False)
+(a * (rank + 1)).sum().backward()
+opt.step()
+f.check(torch.equal(a.grad, torch.full((2,), (size + 1) / 2)), f"a frozen parameter with a zero gradient: {a.grad}")
 emb = torch.nn.Embedding(6, 2, sparse=True)
 opt = pt.DistributedOptimizer(torch.optim.SGD(emb.parameters(), lr=1.0))
 emb(torch.tensor([rank % 6])).sum().backward()
@@ -322,11 +353,16 @@ y = pt.allgather(x * 1.0)
 start = rank * (rank + 1) // 2
 want = size * (size + 1) / 2 * torch.arange(start + 1.0, start + rank + 2).unsqueeze(1).expand(-1, 2)
 f.check(y.shape == (size * (size + 1) // 2, 2) and torch.allclose(x.grad, want), f"allgather grad: {x.grad}")
-try:
-    pt.allreduce(torch.ones(2, requires_grad=True), op=pt.Max).sum().backward()
-    f.check(False, "max has no gradient")
-except RuntimeError as e:
-    f.check("has no gradient" in str(e), f"max backward: {e}")
+x = torch.full((2,), float(rank + 1), requires_grad=True)
+(x / pt.allreduce(x.detach().max(), op=pt.Max)).sum().backward()  # max: a constant
+f.check(torch.allclose(x.grad, torch.full((2,), 1.0 / size)), f"through a max: {x.grad}")
+x = torch.ones(2, requires_grad=True)
+(g,) = torch.autograd.grad(pt.allreduce(x * x, op=pt.Sum).sum(), x, create_graph=True)
+g.sum().backward()
+f.check(
+    torch.equal(g.detach(), torch.full((2,), 2.0 * size)) and torch.equal(x.grad, torch.full((2,), 2.0 * size)),
+    "double",
+)
 
 # broadcast_optimizer_state: the root has stepped (Adam's moments and step counts exist) and
 # changed its learning rate; the others are fresh. Afterwards every rank holds the root's state,
