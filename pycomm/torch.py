@@ -88,13 +88,15 @@ def allreduce(tensor: torch.Tensor, op=Average, comm=None, name=None) -> torch.T
     """A new tensor: `tensor` reduced over the ranks (average by default, as in Horovod).
     Differentiable for Sum and Average (see _Allreduce); with the others the result is a constant."""
     comm = _comm(comm)
-    if _tracks_gradient(tensor) and parse_op(op) in (ReduceOp.SUM, ReduceOp.AVG):
+    if _tracks_gradient(tensor, op):
         return _Allreduce.apply(tensor, op, comm)
     return comm.allreduce(tensor.detach().contiguous(), op=op)
 
 
-def _tracks_gradient(tensor: torch.Tensor) -> bool:
-    return tensor.requires_grad and torch.is_grad_enabled()
+def _tracks_gradient(tensor: torch.Tensor, op=Sum) -> bool:
+    """Whether the collective joins autograd's graph: only sum and avg have a gradient; with the
+    other ops the result is a constant."""
+    return tensor.requires_grad and torch.is_grad_enabled() and parse_op(op) in (ReduceOp.SUM, ReduceOp.AVG)
 
 
 # Gradients flow back as for the sum of every rank's loss (as through torch.distributed.nn's
@@ -167,8 +169,7 @@ def allreduce_async(tensor: torch.Tensor, op=Average, comm=None, name=None) -> H
 def allreduce_async_(tensor: torch.Tensor, op=Average, comm=None, name=None) -> Handle:
     """Starts reducing `tensor` in place; synchronize(handle) returns it. Leave `tensor` alone
     until then."""
-    t = tensor.detach()
-    staged = t if t.is_contiguous() else t.contiguous()
+    staged = _contiguous(tensor.detach())
     return Handle(_comm(comm).allreduce_async(staged, op=op, out=staged), tensor, staged)
 
 
@@ -226,7 +227,7 @@ def reducescatter(tensor: torch.Tensor, op=Average, comm=None, name=None) -> tor
     the rows split as evenly as they can: where they do not divide, the first ranks get one more.
     Differentiable for Sum and Average (see _Allreduce); with the others the result is a constant."""
     comm = _comm(comm)
-    if _tracks_gradient(tensor) and parse_op(op) in (ReduceOp.SUM, ReduceOp.AVG):
+    if _tracks_gradient(tensor, op):
         return _Reducescatter.apply(tensor, op, comm)
     return _scatter_rows(comm, tensor.detach().contiguous(), op)
 
@@ -265,11 +266,16 @@ def _in_place(tensor: torch.Tensor, collective) -> torch.Tensor:
     non-contiguous tensor goes through a contiguous copy and gets the result back."""
     with torch.no_grad():
         t = tensor.detach()
-        staged = t if t.is_contiguous() else t.contiguous()
+        staged = _contiguous(t)
         collective(staged)
         if staged is not t:
             t.copy_(staged)
     return tensor
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t itself where it is contiguous, else a contiguous copy (which callers copy back)."""
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def broadcast_parameters(params, root_rank: int = 0, comm=None) -> None:
@@ -298,13 +304,9 @@ def broadcast_object(obj, root_rank: int = 0, comm=None, name=None):
 
 def allgather_object(obj, comm=None, name=None) -> list:
     """Every rank's `obj`, in rank order (pickled; the sizes may differ)."""
-    comm = _comm(comm)
-    payload = np.frombuffer(bytearray(pickle.dumps(obj)), np.uint8)
-    lengths = comm.allgather(np.array([payload.size], np.int64))
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[: payload.size] = payload
-    blocks = comm.allgather(padded).reshape(comm.size, -1)
-    return [pickle.loads(block[:n].tobytes()) for block, n in zip(blocks, lengths.tolist())]
+    payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    gathered, lengths = _gather(_comm(comm), payload)
+    return [pickle.loads(piece.numpy().tobytes()) for piece in gathered.split(lengths)]
 
 
 def barrier(comm=None) -> None:
