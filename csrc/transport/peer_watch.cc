@@ -55,11 +55,11 @@ PeerWatch::PeerWatch(int rank, const std::vector<ProcessIdentity>& ranks, const 
   }
 }
 
-void PeerWatch::Check() const {
+void PeerWatch::Check(bool now) const {
   if (watched_.empty()) return;
-  const auto now = std::chrono::steady_clock::now();
-  if (now < next_) return;
-  next_ = now + kInterval;
+  const auto time = std::chrono::steady_clock::now();
+  if (time < next_ && !now) return;
+  next_ = time + kInterval;
   std::string dead;
   int first = -1;
   for (size_t i = 0; i < watched_.size(); ++i) {

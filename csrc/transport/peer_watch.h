@@ -32,8 +32,9 @@ class PeerWatch {
   PeerWatch(int rank, const std::vector<ProcessIdentity>& ranks, const std::vector<int>& names = {});
 
   // Throws PeerError naming the lowest rank known to have died, if any. Looks at /proc at most
-  // every kInterval however often it is called, so waiting loops may call it freely.
-  void Check() const;
+  // every kInterval however often it is called, so waiting loops may call it freely; `now`:
+  // looks at once (a peer has left, perhaps because another one died: name the dead one).
+  void Check(bool now = false) const;
 
   static constexpr std::chrono::milliseconds kInterval{100};
   // Requests ask the watch once every (kPollMask + 1) failed polls: the clock stays out of the

@@ -131,6 +131,8 @@ class FlagRequest : public Request {
   void CheckNotLeft() const {
     if (left_->load(std::memory_order_acquire) == 0) return;
     if (flag_->load(std::memory_order_acquire) >= seq_) return;  // posted before it left
+    // A rank leaves after its own error, often a peer's death: the dead rank is the news.
+    if (watch_) watch_->Check(true);
     throw PeerError("pycomm: rank " + std::to_string(peer_) +
                         " has left the communicator (closed it, failed in it, or is exiting) without taking part "
                         "in the call this rank waits in",
