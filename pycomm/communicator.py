@@ -110,7 +110,12 @@ class Communicator:
         # For dup(): the same MPI communicator and settings (the environment's still apply).
         self._mpi_comm = comm
         self._asked = dict(
-            timeout=timeout, chunk_bytes=chunk_bytes, algorithm=algorithm, inter_node=inter_node, debug=debug
+            timeout=timeout,
+            chunk_bytes=chunk_bytes,
+            algorithm=algorithm,
+            inter_node=inter_node,
+            debug=debug,
+            timeline=timeline,
         )
         # Async work holds its arrays until it has run, even if the caller drops the Work. The
         # lock keeps threads that issue calls at once from dropping each other's unfinished work.

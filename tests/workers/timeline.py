@@ -83,11 +83,15 @@ if RANK < 2:  # the lowest world rank of each group reads its file
     f.check(pids == {r for r in range(P) if r % 2 == color}, f"group {color}'s file: {pids}")
 
 # `{rank}` in the path: a file per rank, each started by its rank (the form for several nodes).
-with pycomm.Communicator(timeline=path + ".{rank}") as own:
+# A dup() traces into its original's file.
+with pycomm.Communicator(timeline=path + ".{rank}") as own, own.dup() as twin:
     own.barrier()
+    twin.allgather(np.ones(1))
 mine = open(f"{path}.{RANK}").read()
 events = json.loads(mine.rstrip().rstrip(",") + "]") if mine.startswith("[\n") else None
 f.check(events is not None and {e["pid"] for e in events} == {RANK}, f"rank {RANK}'s own file: {mine[:200]}")
+names = [e["name"] for e in events or [] if e["ph"] == "X"]
+f.check(names == ["barrier", "allgather"], f"rank {RANK}'s own file, the dup's call traced: {names}")
 
 # Paths that differ between ranks, set on some ranks only, or a file that no rank can open: every
 # rank raises at creation, before any collective that could leave the others waiting.
