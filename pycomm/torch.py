@@ -121,9 +121,9 @@ class _Allgather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        every = allreduce(grad.contiguous(), Sum, ctx.comm)
-        start = sum(ctx.rows[: ctx.comm.rank])
-        return every[start : start + ctx.rows[ctx.comm.rank]].reshape(ctx.shape), None
+        # Each rank's rows of the summed gradient: a reduce-scatter, which moves half the bytes
+        # of an allreduce of the whole.
+        return _scatter_rows(ctx.comm, grad.contiguous(), Sum, ctx.rows).reshape(ctx.shape), None
 
 
 class _Reducescatter(torch.autograd.Function):
@@ -232,22 +232,24 @@ def reducescatter(tensor: torch.Tensor, op=Average, comm=None, name=None) -> tor
     return _scatter_rows(comm, tensor.detach().contiguous(), op)
 
 
-def _scatter_rows(comm, t: torch.Tensor, op) -> torch.Tensor:
+def _scatter_rows(comm, t: torch.Tensor, op, rows=None) -> torch.Tensor:
+    """This rank's rows of `t` reduced over the ranks, rank r getting rows[r] of them in rank
+    order; by default Horovod's split: as even as they can be, the first ranks one more."""
     if t.dim() == 0:
         raise ValueError("pycomm: reducescatter needs a tensor of at least one dimension")
-    rows, size = t.shape[0], comm.size
-    if rows % size == 0:
+    if rows is None:
+        even, extra = divmod(t.shape[0], comm.size)
+        rows = [even + (r < extra) for r in range(comm.size)]
+    longest = max(rows)
+    if min(rows) == longest:
         return comm.reduce_scatter(t, op=op)
     # Pad each rank's share to the longest one's, so that the engine's equal blocks line up.
-    longest, extra = -(-rows // size), rows % size
-    padded = t.new_zeros((longest * size, *t.shape[1:]))
+    padded = t.new_zeros((longest * comm.size, *t.shape[1:]))
     start = 0
-    for r in range(size):
-        n = longest if r < extra else longest - 1
+    for r, n in enumerate(rows):
         padded[r * longest : r * longest + n] = t[start : start + n]
         start += n
-    mine = longest if comm.rank < extra else longest - 1
-    return comm.reduce_scatter(padded, op=op)[:mine].clone()
+    return comm.reduce_scatter(padded, op=op)[: rows[comm.rank]].clone()
 
 
 def broadcast(tensor: torch.Tensor, root_rank: int = 0, comm=None, name=None) -> torch.Tensor:

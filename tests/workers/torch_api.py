@@ -347,12 +347,16 @@ for op, scale in ((pt.Sum, 1.0), (pt.Average, 1.0 / size)):
     counts = torch.tensor([rows // size + (r < rows % size) for r in range(size)])
     want = (torch.repeat_interleave(torch.arange(size), counts) + 1.0).unsqueeze(1).expand(-1, 2) * scale
     f.check(torch.allclose(x.grad, want), f"reducescatter {op} grad: {x.grad}")
-x = torch.ones(rank + 1, 2, requires_grad=True)
-y = pt.allgather(x * 1.0)
-(y * (rank + 1) * torch.arange(1.0, y.shape[0] + 1).unsqueeze(1)).sum().backward()
-start = rank * (rank + 1) // 2
-want = size * (size + 1) / 2 * torch.arange(start + 1.0, start + rank + 2).unsqueeze(1).expand(-1, 2)
-f.check(y.shape == (size * (size + 1) // 2, 2) and torch.allclose(x.grad, want), f"allgather grad: {x.grad}")
+# allgather: uneven rows, equal rows, scalars; row j of the result weighs j + 1 in each loss.
+for name, rows in (("uneven", [r + 1 for r in range(size)]), ("equal", [2] * size), ("scalar", [1] * size)):
+    x = torch.ones(() if name == "scalar" else (rows[rank], 2), requires_grad=True)
+    y = pt.allgather(x * 1.0)
+    weights = torch.arange(1.0, y.shape[0] + 1)
+    (y * (rank + 1) * (weights if name == "scalar" else weights.unsqueeze(1))).sum().backward()
+    start = sum(rows[:rank])
+    want = size * (size + 1) / 2 * weights[start : start + rows[rank]]
+    want = want.reshape(()) if name == "scalar" else want.unsqueeze(1).expand(-1, 2)
+    f.check(y.shape[0] == sum(rows) and torch.allclose(x.grad, want), f"allgather grad, {name} rows: {x.grad}")
 x = torch.full((2,), float(rank + 1), requires_grad=True)
 (x / pt.allreduce(x.detach().max(), op=pt.Max)).sum().backward()  # max: a constant
 f.check(torch.allclose(x.grad, torch.full((2,), 1.0 / size)), f"through a max: {x.grad}")
