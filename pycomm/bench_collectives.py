@@ -5,11 +5,11 @@ gives, its bus factor, what its result must be, and MPI's call for the same work
 A size is the larger buffer's (the reduce-scatter's input, the allgather's output), as in
 nccl-tests; the other is 1/P of it. Expected values are periodic along the buffer (PERIOD) and
 depend on the rank that contributed them, so a block at a wrong offset or from a wrong rank
-shows as wrong elements; a reduce-scatter's blocks differ only by where their period starts, so
-one of another rank passes unseen where the blocks are a multiple of PERIOD long (P = 3 or 7 at
-some sizes), and the other sizes of a sweep catch it. In place means NCCL's forms, those pycomm
-accepts: the reduce-scatter's output is this rank's block of its input, the allgather's input
-this rank's block of its output.
+shows as wrong elements; a reduce-scatter's blocks differ by where their period starts, which
+moves on one element at each block, so that another rank's block shows whatever the blocks'
+length (for P <= PERIOD). In place means NCCL's forms, those pycomm accepts: the
+reduce-scatter's output is this rank's block of its input, the allgather's input this rank's
+block of its output.
 """
 
 import numpy as np
@@ -142,9 +142,19 @@ class ReduceScatter(_BlockPerRank):
         block = len(whole) // self.size
         return whole, whole[self.rank * block : (self.rank + 1) * block]
 
+    def input_parts(self, count: int):
+        block = count // self.size
+        return [(q * block, (q + 1) * block, rotated(self.tables[0], self._phase(q, block))) for q in range(self.size)]
+
     def result_parts(self, count: int):
         block = count // self.size
-        return [(0, block, rotated(self.tables[1], self.rank * block))]
+        return [(0, block, rotated(self.tables[1], self._phase(self.rank, block)))]
+
+    @staticmethod
+    def _phase(q: int, block: int) -> int:
+        """Where block q's period starts: one more than where it falls, so that blocks whose
+        length is a multiple of PERIOD still differ."""
+        return q * block + q
 
     def call(self, comm, x, y, op):
         comm.reduce_scatter(x, op=op, out=y)

@@ -66,7 +66,10 @@ def test_checks_pass_the_true_result_and_catch_misplaced_data(name, P, dtype, op
         swapped = np.concatenate([swapped, results[0][2 * COUNT_PER_RANK :]])
         assert wrong(group[0], count, swapped) > 0  # two ranks' blocks exchanged
     if name == "reduce_scatter" and P > 1:
-        assert wrong(group[0], count, results[1]) > 0  # another rank's block
+        for block in (COUNT_PER_RANK, 7, 28):  # another rank's block shows, whatever the length
+            results_of = numpy_results(name, [filled_input(c, block * P) for c in group], op)
+            assert wrong(group[0], block * P, results_of[0]) == 0
+            assert wrong(group[0], block * P, results_of[1]) > 0
 
 
 @pytest.mark.parametrize("name", list(COLLECTIVES))
