@@ -47,11 +47,12 @@ void AllreduceOneShot(const CollectiveContext& ctx, const void* send, void* recv
   const ReduceFn reduce = GetReduceFn(dtype, op);
   const char* in = static_cast<const char*>(send);
   char* out = static_cast<char*>(recv);
-  for (size_t begin = 0; begin < count; begin += piece) {
+  // An empty call still takes one round: the ranks must agree on it like any other.
+  for (size_t begin = 0; begin == 0 || begin < count; begin += piece) {
     const size_t n = std::min(piece, count - begin);
     const uint64_t seq = ++*ctx.arena_seq;
     // The input is copied before the output is written, so send == recv is fine.
-    std::memcpy(arena.slot(r, seq), in + begin * es, n * es);
+    if (n > 0) std::memcpy(arena.slot(r, seq), in + begin * es, n * es);
     SharedArena::CallInfo mine{
         count, static_cast<int32_t>(dtype), static_cast<int32_t>(op), 0, 0, SharedArena::kOneShot, 0};
     mine.call_kind = static_cast<int32_t>(CallKind::kAllreduce);

@@ -145,6 +145,9 @@ def mismatched_calls(failures):
         ("root, large", lambda c: c.broadcast(np.ones(100_000), root=RANK % 2), "broadcast(float64, 100000, root 0)"),
         ("bcast path", lambda c: c.broadcast(np.ones(3 if RANK == 0 else 100_000)), "broadcast(float64, 3, root 0)"),
         ("op", lambda c: c.reduce_scatter(np.ones(P), op="max" if RANK else "sum"), "reduce_scatter(float64, 1, sum)"),
+        # An empty allreduce is a call like any other: it must meet its partners' calls.
+        ("empty", lambda c: c.allreduce(np.ones(0 if RANK == 0 else 1)), "allreduce(float64, 0, sum)"),
+        ("empty, op", lambda c: c.allreduce(np.ones(0), op="max" if RANK else "sum"), "allreduce(float64, 0, sum)"),
     ]
     for name, call, expected in cases:
         comm = pycomm.Communicator(timeout=20)
