@@ -4,7 +4,7 @@ import os
 
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_CHUNK_BYTES = 1 << 20
-MIN_CHUNK_BYTES = 8
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 8, 256 << 20  # as pycomm::kMinChunkBytes, kMaxChunkBytes
 
 
 def _env(name: str):
@@ -32,8 +32,8 @@ def chunk_bytes(value=None) -> int:
     if raw is None:
         return DEFAULT_CHUNK_BYTES
     size = parse_size(raw)
-    if size < MIN_CHUNK_BYTES:
-        raise ValueError(f"pycomm: chunk_bytes must be at least {MIN_CHUNK_BYTES}, got {raw!r}")
+    if not MIN_CHUNK_BYTES <= size <= MAX_CHUNK_BYTES:
+        raise ValueError(f"pycomm: chunk_bytes must be from {MIN_CHUNK_BYTES} bytes to 256M, got {raw!r}")
     return size
 
 

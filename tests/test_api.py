@@ -205,7 +205,8 @@ def test_settings_from_keywords_and_environment(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "name,value", [("PYCOMM_TIMEOUT", "soon"), ("PYCOMM_TIMEOUT", "-1"), ("PYCOMM_CHUNK_BYTES", "4")]
+    "name,value",
+    [("PYCOMM_TIMEOUT", "soon"), ("PYCOMM_TIMEOUT", "-1"), ("PYCOMM_CHUNK_BYTES", "4"), ("PYCOMM_CHUNK_BYTES", "4G")],
 )
 def test_bad_settings(monkeypatch, name, value):
     monkeypatch.setenv(name, value)

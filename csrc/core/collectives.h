@@ -24,8 +24,6 @@ struct CollectiveContext {
 
 // Chunks in flight at once in each direction: enough to overlap receiving, reducing and sending.
 constexpr size_t kPipelineDepth = 4;
-// The smallest chunk holds one element of the widest dtype.
-constexpr size_t kMinChunkBytes = 8;
 
 // Ring allreduce: reduce-scatter then allgather, each of size-1 steps, chunked and pipelined.
 void AllreduceRing(const CollectiveContext& ctx, const void* send, void* recv, size_t count, DataType dtype,

@@ -35,11 +35,14 @@ class CommunicatorImpl : public Communicator {
         size_(transport_->size()),
         local_rank_(transport_->local_rank()),
         local_size_(transport_->local_size()) {
-    if (options_.chunk_bytes < kMinChunkBytes) {
-      throw std::invalid_argument("pycomm: chunk_bytes must be at least " + std::to_string(kMinChunkBytes));
+    if (options_.chunk_bytes < kMinChunkBytes || options_.chunk_bytes > kMaxChunkBytes) {
+      throw std::invalid_argument("pycomm: chunk_bytes must be from " + std::to_string(kMinChunkBytes) + " to " +
+                                  std::to_string(kMaxChunkBytes) + " (256 MiB), got " +
+                                  std::to_string(options_.chunk_bytes));
     }
     if (!(options_.timeout_s > 0)) throw std::invalid_argument("pycomm: timeout must be positive");
-    scratch_.resize(kPipelineDepth * options_.chunk_bytes);
+    // Not zeroed: its pages take memory only once an algorithm uses them.
+    scratch_.reset(new char[kPipelineDepth * options_.chunk_bytes]);
     executor_ = std::make_unique<Executor>(!options_.blocking_only);
     if (static_cast<int>(options_.algorithm) < 0 || static_cast<int>(options_.algorithm) >= kNumAlgorithms) {
       throw std::invalid_argument("pycomm: unknown algorithm code " +
@@ -413,7 +416,7 @@ class CommunicatorImpl : public Communicator {
   }
 
   CollectiveContext Context(uint64_t call = 0) {
-    return CollectiveContext{*transport_, options_.chunk_bytes, options_.timeout_s, scratch_.data(), &arena_seq_, call};
+    return CollectiveContext{*transport_, options_.chunk_bytes, options_.timeout_s, scratch_.get(), &arena_seq_, call};
   }
 
   // Numbers each call in issue order (the number PYCOMM_FAULT and the debug lines use; equal to
@@ -436,7 +439,7 @@ class CommunicatorImpl : public Communicator {
   std::unique_ptr<Transport> transport_;
   Options options_;
   const int rank_, size_, local_rank_, local_size_;
-  std::vector<char> scratch_;
+  std::unique_ptr<char[]> scratch_;  // kPipelineDepth chunks
   std::unique_ptr<Executor> executor_;
   std::unique_ptr<DeviceCollectives> device_;
   bool multi_node_ = false;               // the ranks span several nodes (fixed at creation)

@@ -86,7 +86,7 @@ Options OptionsFromEnvironment() {
   }
   if (const char* raw = Env("PYCOMM_CHUNK_BYTES")) {
     size_t bytes = 0;
-    if (ParseSize(raw, &bytes) && bytes >= 8) {
+    if (ParseSize(raw, &bytes) && bytes >= kMinChunkBytes && bytes <= kMaxChunkBytes) {
       options.chunk_bytes = bytes;
     } else {
       Warn("PYCOMM_CHUNK_BYTES", raw);

@@ -466,6 +466,24 @@ void TestLiveStartTicks() {
   Expect(LiveStartTicks(child) == -1, "a reaped child has no start time");
 }
 
+// Options::chunk_bytes outside kMinChunkBytes .. kMaxChunkBytes: refused at creation; the bounds
+// themselves are taken (the largest without touching its scratch).
+void TestChunkBounds() {
+  auto refused = [](size_t chunk_bytes) {
+    pycomm::Options options;
+    options.chunk_bytes = chunk_bytes;
+    try {
+      Communicator::FromTransport(std::move(pycomm::CreateLoopbackTransports(1)[0]), options);
+      return false;
+    } catch (const std::invalid_argument& e) {
+      return std::string(e.what()).find("chunk_bytes must be from 8 to") != std::string::npos;
+    }
+  };
+  Expect(!refused(pycomm::kMinChunkBytes) && !refused(pycomm::kMaxChunkBytes), "chunk_bytes at its bounds taken");
+  Expect(refused(pycomm::kMinChunkBytes - 1), "chunk_bytes below its least refused");
+  Expect(refused(pycomm::kMaxChunkBytes + 1), "chunk_bytes above its most refused");
+}
+
 // PYCOMM_FAULT, split at its commas: every item read, a last comma allowed, an empty item or a
 // bad number refused.
 void TestFaultPlanParsing() {
@@ -530,6 +548,7 @@ void TestPhaseClock() {
 int main() {
   TestPhaseClock();
   TestFaultPlanParsing();
+  TestChunkBounds();
   TestLiveStartTicks();
   TestExecutor();
   const size_t chunks[] = {8, 24, 4096, size_t{1} << 20};

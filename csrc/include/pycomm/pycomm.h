@@ -110,9 +110,15 @@ enum class InterNode : int {
 };
 constexpr int kNumInterNode = 3;
 
+// Options::chunk_bytes' bounds: one element of the widest dtype; and a size past which larger
+// chunks gain nothing, while each communicator holds a few of them.
+constexpr size_t kMinChunkBytes = 8;
+constexpr size_t kMaxChunkBytes = size_t{256} << 20;
+
 struct Options {
   // Collectives move data in chunks of this many bytes so that sending, receiving and reducing
-  // overlap. Small values let tests reach multi-chunk paths with small arrays.
+  // overlap. Small values let tests reach multi-chunk paths with small arrays. From
+  // kMinChunkBytes to kMaxChunkBytes.
   size_t chunk_bytes = size_t{1} << 20;
   // A wait on a peer that lasts longer than this raises PeerError.
   double timeout_s = 300.0;
