@@ -140,6 +140,17 @@ def test_engines_close_at_comm_free_and_finalize(library, check_program):
         assert f"r{rank} | preload: MPI_Finalize: closing 2 engine(s)" in ours.stdout
 
 
+def test_erroneous_calls_get_mpis_own_errors(library, check_program):
+    """A null buffer or aliased send and receive buffers: MPI's error class through
+    MPI_ERRORS_RETURN, as without the interposer (not a crash or a silent success)."""
+    plain = run_mpi_program(2, [check_program, "erroneous"], timeout=120)
+    ours = run_mpi_program(2, [check_program, "erroneous"], timeout=120, mpi_args=preloaded(library))
+    errors = re.findall(r"erroneous ([\w-]+) class=(\d+)", plain.stdout)
+    assert [name for name, _ in errors] == ["null-send", "null-recv", "aliased"], plain.stdout
+    assert all(int(error_class) != 0 for _, error_class in errors), plain.stdout
+    assert re.findall(r"erroneous ([\w-]+) class=(\d+)", ours.stdout) == errors, ours.stdout
+
+
 @pytest.mark.parametrize("nprocs", [2, 3])
 def test_engine_error_reaches_the_error_handler(nprocs, library, check_program):
     """Ranks that disagree on the count (erroneous MPI) get, through MPI_ERRORS_RETURN, an error of

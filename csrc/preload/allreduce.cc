@@ -38,8 +38,8 @@ constexpr char kUnsupportedOp[] = "op";
 // Why this call cannot run on the engine; null when it can. The decision reads only what MPI
 // requires to be the same on every rank (count, datatype, op, the communicator and MPI's state),
 // so every rank decides alike and no rank waits in the engine for a peer that went to MPI.
-const char* PassThroughReason(const void* recv, MPI_Count count, MPI_Datatype datatype, MPI_Op op, MPI_Comm comm,
-                              DataType* dtype, ReduceOp* reduce_op) {
+const char* PassThroughReason(const void* send, const void* recv, MPI_Count count, MPI_Datatype datatype, MPI_Op op,
+                              MPI_Comm comm, DataType* dtype, ReduceOp* reduce_op) {
   int initialized = 0, finalized = 0;
   PMPI_Initialized(&initialized);
   PMPI_Finalized(&finalized);
@@ -49,6 +49,8 @@ const char* PassThroughReason(const void* recv, MPI_Count count, MPI_Datatype da
   if (comm == MPI_COMM_NULL) return "MPI_COMM_NULL";
   if (count < 0) return "a negative count";
   if (recv == MPI_IN_PLACE) return "MPI_IN_PLACE as the receive buffer";
+  if (count > 0 && (send == nullptr || recv == nullptr)) return "a null buffer";
+  if (count > 0 && send == recv) return "the same buffer to send and receive (not MPI_IN_PLACE)";
   if (!EngineDataType(datatype, dtype)) return kUnsupportedType;
   if (!EngineReduceOp(op, reduce_op)) return kUnsupportedOp;
   int inter = 0;
@@ -73,7 +75,7 @@ bool RunOnEngine(const char* call, const void* send, void* recv, MPI_Count count
   CheckSameMpi();
   DataType dtype;
   ReduceOp reduce_op;
-  if (const char* reason = PassThroughReason(recv, count, datatype, op, comm, &dtype, &reduce_op)) {
+  if (const char* reason = PassThroughReason(send, recv, count, datatype, op, comm, &dtype, &reduce_op)) {
     g_passed_through.fetch_add(1, std::memory_order_relaxed);
     if (DebugEnabled()) Debug("%s passes through to PMPI: %s", call, Explain(reason, datatype, op).c_str());
     return false;

@@ -38,8 +38,9 @@ const TypeEntry kTypes[] = {
     {MPI_INT64_T, DataType::kInt64},
     {MPI_UINT64_T, DataType::kUInt64},
 #ifdef MPIX_C_FLOAT16
-    // The engine sums half precision in float32 and rounds once per step: at 2 ranks the same
-    // bits as MPI's, at more ranks possibly closer to the exact sum than MPI's per-add rounding.
+    // The engine sums half precision in float32 and rounds once per step: for float16 at 2 ranks
+    // the same bits as MPICH's, at more ranks possibly closer to the exact sum than MPI's per-add
+    // rounding. (For bfloat16 MPICH rounds ties away from even, so even 2 ranks can differ.)
     {MPIX_C_FLOAT16, DataType::kFloat16},
 #endif
 #ifdef MPIX_BFLOAT16

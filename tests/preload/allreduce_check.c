@@ -7,6 +7,8 @@
  *                                intercommunicator
  *   allreduce_check mismatch     ranks disagree on the count (erroneous MPI): expects an error code
  *                                through MPI_ERRORS_RETURN (run only under the interposer)
+ *   allreduce_check erroneous    every rank makes the same erroneous call (a null buffer, aliased
+ *                                buffers): prints the error class MPI_ERRORS_RETURN gives
  *
  * Every result is checked against values computed here, the ranks of a communicator must get the
  * same bits, and rank 0 prints one "case <name> @<group> <hash>" line per call and communicator
@@ -354,6 +356,27 @@ static void MismatchCase(void) {
   MPI_Comm_free(&comm);
 }
 
+/* Calls MPI refuses before any communication, made alike on every rank: the interposer must leave
+ * them to MPI, so that the program gets MPI's own error (not a crash, not a silent success). */
+static void ErroneousCases(void) {
+  MPI_Comm comm;
+  MPI_Comm_dup(MPI_COMM_WORLD, &comm);
+  MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
+  int in[4] = {1, 2, 3, 4}, out[4];
+  struct {
+    const char* name;
+    const void* send;
+    void* recv;
+  } calls[] = {{"null-send", NULL, out}, {"null-recv", in, NULL}, {"aliased", in, in}};
+  for (size_t i = 0; i < sizeof calls / sizeof calls[0]; ++i) {
+    int rc = MPI_Allreduce(calls[i].send, calls[i].recv, 4, MPI_INT, MPI_SUM, comm);
+    int error_class = MPI_SUCCESS;
+    if (rc != MPI_SUCCESS) MPI_Error_class(rc, &error_class);
+    if (g_rank == 0) printf("erroneous %s class=%d\n", calls[i].name, error_class);
+  }
+  MPI_Comm_free(&comm);
+}
+
 int main(int argc, char** argv) {
   /* One write per line: mpirun -prepend-rank prefixes each chunk it reads. */
   setvbuf(stdout, NULL, _IOLBF, 0);
@@ -367,6 +390,8 @@ int main(int argc, char** argv) {
     PassThroughCases();
   } else if (strcmp(mode, "mismatch") == 0) {
     MismatchCase();
+  } else if (strcmp(mode, "erroneous") == 0) {
+    ErroneousCases();
   } else {
     if (g_rank == 0) fprintf(stderr, "unknown mode %s\n", mode);
     MPI_Abort(MPI_COMM_WORLD, 2);
