@@ -747,6 +747,16 @@ def main(argv=None) -> int:
     args.in_place = args.in_place or kind.in_place_only
     tables = input_tables(op, dtype, world.size, world.rank) if kind.reduces else None
     collective = kind(world.size, world.rank, dtype, tables, args.root)
+    counts = sizes_in_elements(args, dtype.itemsize, collective.count_multiple())
+    if not counts:
+        parser.error(
+            f"no size from {args.min_bytes} to {args.max_bytes} bytes holds a whole {args.dtype} element"
+            + (f" per rank ({world.size} ranks)" if collective.count_multiple() > 1 else "")
+        )
+    # Rank 0 writes the outputs at the end: a path it cannot write fails now, not after the sweep.
+    unwritable = world.bcast(_unwritable(args.json, args.plot) if world.rank == 0 else None)
+    if unwritable:
+        parser.error(unwritable)
 
     lead = world.rank == 0
     with pycomm.Communicator() as comm:
@@ -778,10 +788,7 @@ def main(argv=None) -> int:
         also = {name: pycomm.Communicator(algorithm=name) for name in args.also}
         node = world.Split_type(MPI.COMM_TYPE_SHARED) if args.floor else None
         try:
-            rows = [
-                run_size(count, args, collective, op, comm, world, mpi_ok, also, node, buffers)
-                for count in sizes_in_elements(args, dtype.itemsize, collective.count_multiple())
-            ]
+            rows = [run_size(count, args, collective, op, comm, world, mpi_ok, also, node, buffers) for count in counts]
         finally:
             for other in also.values():
                 other.close()
@@ -792,6 +799,19 @@ def main(argv=None) -> int:
     if lead:
         summarize(rows, args, meta, total_wrong)
     return 1 if total_wrong else 0
+
+
+def _unwritable(*paths):
+    """Why the first of `paths` (None: not asked for) cannot be written, or None."""
+    for path in paths:
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            return f"cannot write {path}: no folder {folder}"
+        if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            return f"cannot write {path}: permission denied"
+    return None
 
 
 def device_buffers(args, dtype, comm, world, parser) -> DeviceBuffers:

@@ -138,6 +138,8 @@ def test_gpu_set_up_failing_on_one_rank_stops_every_rank():
         ["--collective", "allreduce", "--root", "0"],
         ["-c", "broadcast", "--root", "1"],  # one rank: no rank 1
         ["--collective", "alltoall"],
+        ["-b", "1", "-e", "3"],  # no whole float32 in any size: an empty sweep is no success
+        ["-b", "8", "-e", "8", "--json", "/nonexistent/folder/x.json"],  # refused before the sweep
     ],
 )
 def test_bad_options_exit_2_with_a_message(bad):
