@@ -103,6 +103,7 @@ class Communicator:
             settings.ALGORITHMS.index(settings.algorithm(algorithm)),
             settings.INTER_NODE.index(settings.inter_node(inter_node)),
         )
+        settings.check_core_switches()
         timeline_of_calls = timeline_for(settings.timeline(timeline), comm)  # collective
         # mpi4py may hand out MPICH's int handles sign-extended; the core takes the 64 bits as they are.
         self._native = _core.Communicator(comm.handle & 0xFFFFFFFFFFFFFFFF, *chosen)

@@ -64,10 +64,23 @@ def inter_node(value=None) -> str:
 
 
 def debug(value=None) -> bool:
-    """Rank-prefixed debug lines on stderr (PYCOMM_DEBUG=1)."""
-    if value is not None:
-        return bool(value)
-    return (_env("PYCOMM_DEBUG") or "0").lower() not in ("0", "false", "no", "off")
+    """Rank-prefixed debug lines on stderr (PYCOMM_DEBUG=1); a string reads as the variable does."""
+    raw = value if value is not None else _env("PYCOMM_DEBUG")
+    if raw is None or not isinstance(raw, str):
+        return bool(raw)
+    return raw.strip().lower() not in ("", "0", "false", "no", "off")
+
+
+# Switches the core reads from the environment itself, and the values it understands.
+_CORE_SWITCHES = {"PYCOMM_SHM": ("0", "1"), "PYCOMM_CMA": ("0", "1"), "PYCOMM_KERNELS": ("auto", "generic")}
+
+
+def check_core_switches() -> None:
+    """Refuses a value of PYCOMM_SHM, PYCOMM_CMA or PYCOMM_KERNELS that the core would ignore."""
+    for name, values in _CORE_SWITCHES.items():
+        raw = _env(name)
+        if raw is not None and raw not in values:
+            raise ValueError(f"pycomm: {name} must be {' or '.join(values)}, got {raw!r}")
 
 
 def timeline(value=None):

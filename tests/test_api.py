@@ -206,7 +206,15 @@ def test_settings_from_keywords_and_environment(monkeypatch):
 
 @pytest.mark.parametrize(
     "name,value",
-    [("PYCOMM_TIMEOUT", "soon"), ("PYCOMM_TIMEOUT", "-1"), ("PYCOMM_CHUNK_BYTES", "4"), ("PYCOMM_CHUNK_BYTES", "4G")],
+    [
+        ("PYCOMM_TIMEOUT", "soon"),
+        ("PYCOMM_TIMEOUT", "-1"),
+        ("PYCOMM_CHUNK_BYTES", "4"),
+        ("PYCOMM_CHUNK_BYTES", "4G"),
+        ("PYCOMM_SHM", "false"),  # the core reads only 0 and 1: refused, not ignored
+        ("PYCOMM_CMA", "off"),
+        ("PYCOMM_KERNELS", "avx512"),
+    ],
 )
 def test_bad_settings(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
@@ -229,6 +237,11 @@ def test_parse_size():
 def test_parse_size_rejects(bad):
     with pytest.raises(ValueError, match="pycomm"):
         settings.parse_size(bad)
+
+
+@pytest.mark.parametrize("value,on", [("0", False), ("off", False), ("1", True), (0, False), (True, True)])
+def test_debug_setting_reads_strings_as_the_variable(value, on):
+    assert settings.debug(value) is on
 
 
 def test_debug_lines_are_rank_prefixed(capfd):
