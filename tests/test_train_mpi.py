@@ -64,6 +64,20 @@ def test_batch_must_split_evenly():
     assert "must divide evenly over 3 ranks" in result.stdout
 
 
+@pytest.mark.parametrize("flag, value", [("--batch", "0"), ("--width", "0"), ("--every", "0"), ("--steps", "-5")])
+def test_bad_flags_are_usage_errors(flag, value):
+    result = train(1, flag, value, check=False)
+    assert result.returncode == 2 and f"argument {flag}: must be at least" in result.stdout, result.stdout
+
+
+def test_resuming_a_finished_run_with_check_passes(tmp_path):
+    """Nothing is left to train, so nothing is compared: not a check failure."""
+    path = tmp_path / "ckpt.npz"
+    train(2, "--steps", "4", "--checkpoint", path)
+    result = train(2, "--steps", "4", "--checkpoint", path, "--resume", "--check", check=False)
+    assert result.returncode == 0 and "FAILED" not in result.stdout, result.stdout
+
+
 def _params(path):
     with np.load(path) as f:
         return int(f["step"]), f["params"].copy(), f["velocity"].copy()

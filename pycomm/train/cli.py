@@ -10,6 +10,21 @@ import numpy as np
 from .loop import CheckFailed, Config, Trainer
 
 
+def _at_least(least: int):
+    """An argparse type: a whole number not below `least`."""
+
+    def read(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    return read
+
+
 def parse(argv=None) -> tuple:
     p = argparse.ArgumentParser(
         prog="python -m pycomm.train",
@@ -22,13 +37,13 @@ def parse(argv=None) -> tuple:
         default=d.model,
         help="mlp: classifier on scikit-learn's digits; linear: regression on its diabetes set",
     )
-    p.add_argument("--width", type=int, default=d.width, help="hidden units per layer (mlp)")
-    p.add_argument("--layers", type=int, default=d.layers, help="hidden layers (mlp)")
-    p.add_argument("--batch", type=int, default=d.batch, help="global batch, split evenly over the ranks")
+    p.add_argument("--width", type=_at_least(1), default=d.width, help="hidden units per layer (mlp)")
+    p.add_argument("--layers", type=_at_least(0), default=d.layers, help="hidden layers (mlp)")
+    p.add_argument("--batch", type=_at_least(1), default=d.batch, help="global batch, split evenly over the ranks")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--steps", type=int, default=d.steps, help="train this many steps (overrides --epochs)")
+    p.add_argument("--epochs", type=_at_least(1), default=d.epochs)
+    p.add_argument("--steps", type=_at_least(0), default=d.steps, help="train this many steps (overrides --epochs)")
     p.add_argument("--bucket-mb", type=float, default=d.bucket_bytes / 2**20, help="gradient bucket size, MiB")
     p.add_argument("--no-overlap", action="store_true", help="start the allreduces only after backward ends")
     p.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype)
@@ -42,14 +57,16 @@ def parse(argv=None) -> tuple:
     )
     p.add_argument("--check-tol", type=float, default=d.check_tol)
     p.add_argument("--checkpoint", default=d.checkpoint, metavar="PATH", help="rank 0 saves here (atomically)")
-    p.add_argument("--every", type=int, default=d.every, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--every", type=_at_least(1), default=d.every, help="checkpoint every N steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     p.add_argument(
         "--kill-at-step", type=int, default=d.kill_at_step, help="testing aid: SIGKILL every rank after N steps"
     )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", metavar="PATH", help="rank 0 writes the summary here as JSON")
-    p.add_argument("--threads", type=int, default=0, help="BLAS threads per rank (default: cores / ranks on the node)")
+    p.add_argument(
+        "--threads", type=_at_least(0), default=0, help="BLAS threads per rank (default: cores / ranks on the node)"
+    )
     p.add_argument("--timeout", type=float, default=None, help="pycomm timeout (seconds)")
     a = p.parse_args(argv)
     if a.resume and not a.checkpoint:
@@ -160,7 +177,8 @@ def main(argv=None) -> int:
             if progress is not None:
                 progress.close()
         summary = summarise(trainer, stats, trainer.evaluate(), comm)
-        failed = cfg.check and not stats.max_reference_diff <= cfg.check_tol
+        # No step run (a resumed run that had finished): nothing to compare.
+        failed = cfg.check and stats.steps > 0 and not stats.max_reference_diff <= cfg.check_tol
         if comm.rank == 0:
             print(report(summary), flush=True)
             if args.json:
