@@ -46,7 +46,7 @@ char LeaderExchange::Hand(const void* message, size_t bytes, void* reply, size_t
     std::unique_ptr<Request> r = transport_.Irecv(kLeader, answer.data(), answer.size());
     std::unique_ptr<Request> s = transport_.Isend(kLeader, message, bytes);
     Wait(*s, timeout_s_);
-    Wait(*r, timeout_s_);
+    Wait(*r, kAnswerTimeouts * timeout_s_);
     if (reply_bytes) std::memcpy(reply, answer.data() + 1, reply_bytes);
     return answer[0];
   }
@@ -69,7 +69,7 @@ char LeaderExchange::Hand(const void* message, size_t bytes, void* reply, size_t
   // The answer's info stays until round + 3, which the leader posts only after this rank's
   // round + 2.
   std::unique_ptr<Request> answered = arena_->Arrival(kLeader, round + 1);
-  Wait(*answered, timeout_s_);
+  Wait(*answered, kAnswerTimeouts * timeout_s_);
   const SharedArena::CallInfo answer = arena_->info(kLeader, round + 1);
   if (answer.kind != SharedArena::kDeviceHandoff) throw another_call();
   if (reply_bytes) std::memcpy(reply, arena_->slot(kLeader, round + 1), reply_bytes);

@@ -43,6 +43,11 @@ class LeaderExchange {
   // Whether an exchange of these sizes goes through the arena (the same on every rank).
   bool ThroughArena(size_t bytes, size_t reply_bytes) const;
 
+  // Between Collect and Answer the leader waits in turn for the other nodes' leaders and for the
+  // work between nodes, each wait within the time-out: ranks late by less than one time-out can
+  // add up past it there. A peer whose leader is in the call allows the answer this many
+  // time-outs, so that it does not give up (and raise) while its leader goes on to succeed.
+  static constexpr double kAnswerTimeouts = 4;
   uint64_t answer_seq_ = 0;  // the leader's: the round its answer goes out in
   size_t reply_bytes_ = 0;   // the leader's: Collect's, for Answer
 };

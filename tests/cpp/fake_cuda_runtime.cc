@@ -240,6 +240,7 @@ int g_freed_while_open = 0;
 struct Mapped {
   size_t size;
   unsigned long long id;
+  int refs = 0;
 };
 thread_local std::map<char*, Mapped> g_mapped_here;
 
@@ -523,9 +524,20 @@ cudaError_t cudaIpcOpenMemHandle(void** ptr, cudaIpcMemHandle_t handle, unsigned
   std::memcpy(&base, bytes, sizeof base);
   std::memcpy(&m.id, bytes + 8, sizeof m.id);
   std::memcpy(&m.size, bytes + 16, sizeof m.size);
+  // As CUDA (cuda_runtime_api.h): a handle already opened by this context is reference counted
+  // and the existing pointer returned.
+  auto same = g_mapped_here.find(base);
+  if (same != g_mapped_here.end() && same->second.id == m.id && same->second.size == m.size) {
+    ++same->second.refs;
+    *ptr = base;
+    std::lock_guard<std::mutex> lock(g_mutex);
+    ++g_ipc_opens[*ptr];
+    return cudaSuccess;
+  }
   for (const auto& [at, other] : g_mapped_here) {
     if (at < base + m.size && base < at + other.size) return Failed(cudaErrorAlreadyMapped);
   }
+  m.refs = 1;
   g_mapped_here[base] = m;
   *ptr = base;
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -534,7 +546,10 @@ cudaError_t cudaIpcOpenMemHandle(void** ptr, cudaIpcMemHandle_t handle, unsigned
 }
 cudaError_t cudaIpcCloseMemHandle(void* ptr) {
   CountIfNoContext();
-  g_mapped_here.erase(static_cast<char*>(ptr));
+  {
+    auto here = g_mapped_here.find(static_cast<char*>(ptr));
+    if (here != g_mapped_here.end() && --here->second.refs <= 0) g_mapped_here.erase(here);
+  }
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = g_ipc_opens.find(ptr);
   if (it == g_ipc_opens.end()) return Failed(cudaErrorInvalidValue);

@@ -576,6 +576,38 @@ void TestReusedAddresses(const std::vector<int>& node_of) {
   });
 }
 
+// A node's leader answers its peers only after agreeing with the other nodes, each of its waits
+// within the time-out: a peer on time, whose leader waits for a node where one rank comes late
+// (by 0.95 of the time-out) and then moves 32 MiB between nodes, must not time out before that
+// answer (it did, raising while its leader
+// went on to write into its buffer and succeeded: the ranks disagreed on the outcome, and the
+// buffer the caller reused after the error was overwritten).
+void TestPeerOutwaitsASlowLeader() {
+  const std::vector<int> node_of = {0, 0, 1, 1};
+  const int P = 4;
+  const size_t n = size_t{1} << 22;
+  std::vector<std::string> errors(P);
+  std::vector<int64_t> first(P, 0);
+  const double timeout = g_errors_timeout;
+  g_errors_timeout = 2;
+  RunPlaced(
+      node_of,
+      [&](int r, pycomm::DeviceCollectives& c) {
+        int64_t* a = DeviceArray(std::vector<int64_t>(n, r + 1));
+        if (r == 3) std::this_thread::sleep_for(std::chrono::milliseconds(1900));
+        c.Allreduce(a, a, n, DataType::kInt64, ReduceOp::kSum, nullptr);
+        Sync();
+        first[r] = a[n - 1];
+        cudaFree(a);
+      },
+      &errors);
+  g_errors_timeout = timeout;
+  for (int r = 0; r < P; ++r) {
+    Expect(errors[r].empty() && first[r] == 10,
+           "rank 3 late, by less than the time-out: rank " + std::to_string(r) + " " + errors[r]);
+  }
+}
+
 // A rank whose GPU work never finishes, as a rank's that died after close()'s first meeting:
 // close fails on every other rank within the time-out, none waits for its GPU forever. (The
 // stuck rank itself waits for its own GPU, as any program would.)
@@ -1575,6 +1607,7 @@ int main() {
     TestBuffersInsideOneAllocation(layout);
     if (layout.size() > 1) TestPoolMemory(layout);
   }
+  TestPeerOutwaitsASlowLeader();
   TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kEvents, 3);
   TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kEvents, 0);
   TestFailuresReachEveryRank({0, 0, 0}, fake_cuda::kEvents, 1);
