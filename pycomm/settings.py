@@ -33,7 +33,9 @@ def chunk_bytes(value=None) -> int:
         return DEFAULT_CHUNK_BYTES
     size = parse_size(raw)
     if not MIN_CHUNK_BYTES <= size <= MAX_CHUNK_BYTES:
-        raise ValueError(f"pycomm: chunk_bytes must be from {MIN_CHUNK_BYTES} bytes to 256M, got {raw!r}")
+        raise ValueError(
+            f"pycomm: chunk_bytes must be from {MIN_CHUNK_BYTES} bytes to {MAX_CHUNK_BYTES >> 20}M, got {raw!r}"
+        )
     return size
 
 

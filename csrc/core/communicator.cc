@@ -37,8 +37,8 @@ class CommunicatorImpl : public Communicator {
         local_size_(transport_->local_size()) {
     if (options_.chunk_bytes < kMinChunkBytes || options_.chunk_bytes > kMaxChunkBytes) {
       throw std::invalid_argument("pycomm: chunk_bytes must be from " + std::to_string(kMinChunkBytes) + " to " +
-                                  std::to_string(kMaxChunkBytes) + " (256 MiB), got " +
-                                  std::to_string(options_.chunk_bytes));
+                                  std::to_string(kMaxChunkBytes) + " (" + std::to_string(kMaxChunkBytes >> 20) +
+                                  " MiB), got " + std::to_string(options_.chunk_bytes));
     }
     if (!(options_.timeout_s > 0)) throw std::invalid_argument("pycomm: timeout must be positive");
     // Not zeroed: its pages take memory only once an algorithm uses them.

@@ -35,9 +35,10 @@ std::string TypeName(MPI_Datatype datatype) {
 constexpr char kUnsupportedType[] = "datatype";
 constexpr char kUnsupportedOp[] = "op";
 
-// Why this call cannot run on the engine; null when it can. The decision reads only what MPI
-// requires to be the same on every rank (count, datatype, op, the communicator and MPI's state),
-// so every rank decides alike and no rank waits in the engine for a peer that went to MPI.
+// Why this call cannot run on the engine; null when it can. Erroneous buffers aside (null, or the
+// same to send and receive: MPI refuses those on the calling rank), the decision reads only what
+// MPI requires to be the same on every rank (count, datatype, op, the communicator and MPI's
+// state), so every rank decides alike and no rank waits in the engine for a peer that went to MPI.
 const char* PassThroughReason(const void* send, const void* recv, MPI_Count count, MPI_Datatype datatype, MPI_Op op,
                               MPI_Comm comm, DataType* dtype, ReduceOp* reduce_op) {
   int initialized = 0, finalized = 0;
