@@ -2,6 +2,7 @@
 
 import atexit
 import collections
+import itertools
 import sys
 import threading
 import time
@@ -28,14 +29,22 @@ from .timeline import timeline_for
 # The collectives a timeline records (PYCOMM_TIMELINE).
 TRACED_CALLS = ("allreduce", "allreduce_async", "reduce_scatter", "allgather", "broadcast", "barrier")
 
-# Communicators still open at interpreter exit are closed before mpi4py finalises MPI.
-_open_communicators = weakref.WeakSet()
+# Communicators still open at interpreter exit are closed before mpi4py finalises MPI, newest
+# first. Closing one that ran device work meets the node's other ranks, so every rank must close
+# them in the same order; creating one is collective, so creation numbers order them alike on
+# every rank. Held weakly, by creation number: one that nobody holds still goes.
+_open_communicators = weakref.WeakValueDictionary()
+_creation_numbers = itertools.count()
+# Communicators whose owner has gone but whose close must wait for the exit hook (see
+# Communicator._close_now_or_at_exit).
+_kept_until_exit = []
 
 
 @atexit.register
 def _close_all() -> None:
-    for comm in list(_open_communicators):
+    for _, comm in sorted(_open_communicators.items(), reverse=True):
         comm.close()
+    _kept_until_exit.clear()
     if _core.any_peer_failed() and MPI.Is_initialized() and not MPI.Is_finalized():
         # MPI_Finalize would wait forever for a dead or stuck rank: end the job instead, as a
         # failure, so that mpirun returns and reports it.
@@ -122,7 +131,10 @@ class Communicator:
         # lock keeps threads that issue calls at once from dropping each other's unfinished work.
         self._in_flight = collections.deque()
         self._in_flight_lock = threading.Lock()
-        _open_communicators.add(self)
+        # Set before the first device call is issued: closing then meets the node's other ranks.
+        self._ran_on_device = False
+        self._creation_number = next(_creation_numbers)
+        _open_communicators[self._creation_number] = self
         self._timeline = timeline_of_calls
         if self._timeline is not None:
             # Instance attributes shadow the methods: with no timeline, calls pay nothing.
@@ -268,6 +280,7 @@ class Communicator:
             o = self._device_output(d, out, shape, on, out_in_x_at=self._own_block_at(shape, d.dtype))
             code = dtype_code(d.dtype)
             self._before_work(stream, on, d, o)
+            self._ran_on_device = True
             self._native.reduce_scatter_device(d.ptr, o.ptr, _count(shape), code, int(op), d.device, on)
             device_arrays.mark_written(o)
             return o.obj
@@ -301,6 +314,7 @@ class Communicator:
             on = device_arrays.stream_handle(d, stream)
             o = self._device_output(d, out, shape, on, x_in_out_at=self._own_block_at(d.shape, d.dtype))
             self._before_work(stream, on, d, o)
+            self._ran_on_device = True
             self._native.allgather_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), d.device, on)
             device_arrays.mark_written(o)
             return o.obj
@@ -326,6 +340,7 @@ class Communicator:
             device_arrays.check_writable(d, "x")
             on = device_arrays.stream_handle(d, stream)
             self._before_work(stream, on, d)
+            self._ran_on_device = True
             self._native.broadcast_device(d.ptr, _count(d.shape), dtype_code(d.dtype), int(root), d.device, on)
             device_arrays.mark_written(d)
             return x
@@ -377,10 +392,21 @@ class Communicator:
         """Finishes queued operations and releases the communicator's resources. Idempotent."""
         if not self._closed:
             self._closed = True
-            _open_communicators.discard(self)
+            _open_communicators.pop(self._creation_number, None)
             self._native.close()  # runs every queued operation first
             with self._in_flight_lock:
                 self._in_flight.clear()
+
+    def _close_now_or_at_exit(self) -> None:
+        """For an owner done with this communicator at a moment that may differ between ranks (an
+        optimizer the garbage collector takes): closes it now where closing is local, else keeps
+        it open for the exit hook, which closes it in the same order on every rank. Closing after
+        device work meets the node's other ranks: at different moments, each rank would wait out
+        the timeout there and leak the GPU resources."""
+        if self._ran_on_device:
+            _kept_until_exit.append(self)
+        else:
+            self.close()
 
     def __enter__(self):
         return self
@@ -453,6 +479,7 @@ class Communicator:
         library, ptr, count, dtype, device, on = plain
         if code is None or (code == ReduceOp.AVG and dtype not in FLOATING_CODES):
             return False
+        self._ran_on_device = True
         self._native.allreduce_device(ptr, ptr, count, dtype, code, device, on)
         device_arrays.bump_version(library, x)
         return True
@@ -483,6 +510,7 @@ class Communicator:
             device_arrays.check_writable(d, "x")
         o = d if out is x else self._device_output(d, out, d.shape, on)
         self._before_work(stream, on, d, o)
+        self._ran_on_device = True
         self._native.allreduce_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), int(op), d.device, on)
         device_arrays.mark_written(o)
         return o.obj

@@ -366,8 +366,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         # bucket starts during backward on some ranks and in synchronize() on others, and on a
         # shared communicator it would pair with the caller's own collectives in between (or
         # with those of a differentiable collective's backward).
+        # Its finalizer runs at different moments on different ranks (the garbage collector's,
+        # or at exit before pycomm's exit hook): it closes the dup only where closing is local,
+        # and leaves one that ran device work to the exit hook, which closes in order everywhere.
         self._pycomm = comm.dup()
-        weakref.finalize(self, self._pycomm.close)
+        weakref.finalize(self, self._pycomm._close_now_or_at_exit)
         self._op = op
         self._names = names
         self._bucket_bytes = bucket_bytes

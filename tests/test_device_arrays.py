@@ -813,6 +813,37 @@ def test_torch_optimizer_issues_each_bucket_once_when_hooks_race(comm, monkeypat
     assert all(torch.equal(p.grad, torch.ones(2)) for p in params)
 
 
+def test_device_calls_mark_the_communicator_before_they_are_issued(recorded, monkeypatch):
+    """Closing a communicator after device work meets the node's other ranks, so a GC'd
+    optimizer's dup is then left to the exit hook (Communicator._close_now_or_at_exit): every
+    device collective says so before it is issued, the in-place fast path too; host calls do not."""
+    x = FakeDeviceArray((3,))
+    for call in (
+        lambda: recorded.allreduce(np.ones(3)),
+        lambda: recorded.allreduce_async(np.ones(3)).wait(),
+        lambda: recorded.reduce_scatter(np.ones(2 * recorded.size)),
+        lambda: recorded.allgather(np.ones(3)),
+        lambda: recorded.broadcast(np.ones(3)),
+    ):
+        call()
+    assert not recorded._ran_on_device
+    plain = ("cai", 4096, 3, dtype_code(np.dtype(np.float32)), 0, 0)  # as for a torch CUDA tensor
+    monkeypatch.setattr(device_arrays, "plain_in_place", lambda a: plain if a is x else None)
+    device_calls = (
+        lambda: recorded.allreduce(x, out=x),  # the fast path
+        lambda: recorded.allreduce(x, out=FakeDeviceArray((3,), ptr=4096)),
+        lambda: recorded.allreduce_async(x, out=FakeDeviceArray((3,), ptr=4096)),
+        lambda: recorded.reduce_scatter(FakeDeviceArray((2 * recorded.size,)), out=FakeDeviceArray((2,), ptr=1 << 40)),
+        lambda: recorded.allgather(x, out=FakeDeviceArray((3 * recorded.size,), ptr=1 << 40)),
+        lambda: recorded.broadcast(x),
+    )
+    for call in device_calls:
+        recorded._ran_on_device = False
+        call()
+        assert recorded._ran_on_device
+    assert len(recorded._native.calls) == len(device_calls)
+
+
 def test_arrays_naming_another_stream_are_waited_for_on_the_gpu(recorded):
     """__cuda_array_interface__ leaves ordering to the consumer: where x (with stream=) or out
     names a stream other than the work's, the work stream first waits for it (no host wait);

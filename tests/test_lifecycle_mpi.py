@@ -1,7 +1,9 @@
 """Bad input on one rank, exiting with work in flight, sub-communicators, mismatched calls, dead
-and stuck peers (injected with PYCOMM_FAULT), and what a job killed mid-call leaves behind."""
+and stuck peers (injected with PYCOMM_FAULT), what a job killed mid-call leaves behind, and the
+order communicators close in at exit."""
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -197,3 +199,26 @@ def test_killed_rank_ends_the_job():
     )  # fmt: skip
     assert result.returncode != 0
     assert "PYCOMM_FAULT: rank 1 at call #3: kill" in result.stdout
+
+
+def _closes(output: str, nprocs: int) -> list:
+    """Each rank's closes, in order, as the workers' print_each_close prints them."""
+    return [re.findall(rf"rank {r} closes (\w+)", output) for r in range(nprocs)]
+
+
+@pytest.mark.parametrize("nprocs", [2, 3])
+def test_exit_closes_communicators_newest_first_on_every_rank(nprocs):
+    """Closing a communicator that ran device work meets the node's other ranks: at exit every
+    rank must close them in the same order, or each waits out the timeout in crossed meetings."""
+    result = run_mpi(nprocs, "lifecycle.py", "exit-order", timeout=60)
+    newest_first = [f"c{i}" for i in reversed(range(7))]
+    assert _closes(result.stdout, nprocs) == [newest_first] * nprocs, result.stdout
+
+
+def test_optimizer_dups_that_ran_device_work_close_at_exit():
+    """The optimizer's dup closes with the optimizer only where closing is local (no device work);
+    otherwise at exit, with the others, newest first, on every rank alike."""
+    pytest.importorskip("torch")
+    result = run_mpi(2, "lifecycle.py", "optimizer-dups", timeout=60)
+    expected = ["host_dup", "newer", "held_dup", "device_dup", "comm"]
+    assert _closes(result.stdout, 2) == [expected] * 2, result.stdout

@@ -1,9 +1,11 @@
-"""Bad input on one rank, exit without close, several communicators; run under mpirun by the tests.
+"""Bad input on one rank, exit without close, several communicators, the order of closes at exit;
+run under mpirun by the tests.
 
 usage: lifecycle.py MODE
 """
 
 import sys
+import weakref
 
 import numpy as np
 from common import run_mode
@@ -313,6 +315,70 @@ def killed_in_a_large_allreduce(failures):
         comm.allreduce(plain)
 
 
+# Kept until exit, so that pycomm's exit hook is what closes them.
+left_open = []
+
+
+def print_each_close():
+    """Makes every close of a communicator print "rank R closes NAME", for the test to read."""
+    close = pycomm.Communicator.close
+
+    def printing_close(self):
+        if not self._closed:
+            print(f"rank {RANK} closes {self.name}", flush=True)
+        close(self)
+
+    pycomm.Communicator.close = printing_close
+
+
+def exit_order(failures):
+    """Communicators left open at exit are closed newest first, in the same order on every rank:
+    closing one that ran device work meets the node's other ranks, and ranks that closed them in
+    different orders would each wait out the timeout. Creation order is the same on every rank
+    (creating one is collective). Dups and communicators over MPI duplicates alike."""
+    print_each_close()
+    for i in range(7):
+        c = left_open[-1].dup() if i % 2 else pycomm.Communicator(world.Dup() if i else world)
+        c.name = f"c{i}"
+        left_open.append(c)
+    # The registry of open communicators holds them weakly: one nobody holds still goes.
+    dropped = weakref.ref(pycomm.Communicator())
+    failures.check(dropped() is None, "an unreferenced communicator was kept")
+
+
+def optimizer_dups(failures):
+    """A DistributedOptimizer's own communicator (a dup) closes when the garbage collector takes
+    the optimizer only where closing is local; one that ran device work (closing meets the node's
+    other ranks) is kept for the exit hook, as is that of an optimizer still alive at exit, whose
+    finalizer runs before the hook: the hook closes them newest first on every rank."""
+    import gc
+
+    import torch
+
+    import pycomm.torch as pt
+
+    print_each_close()
+    comm = pycomm.Communicator()
+    comm.name = "comm"
+    left_open.append(comm)
+
+    def optimizer(name, ran_on_device):
+        opt = pt.DistributedOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1), comm=comm)
+        opt._pycomm.name = name
+        opt._pycomm._ran_on_device = ran_on_device  # stands for a device call: there is no GPU here
+        return opt
+
+    host_dup = weakref.ref(optimizer("host_dup", False)._pycomm)
+    device_dup = weakref.ref(optimizer("device_dup", True)._pycomm)
+    gc.collect()
+    failures.check(host_dup() is None, "the dup of a collected optimizer stayed open")
+    failures.check(device_dup() is not None and not device_dup()._closed, "a dup that ran device work was closed")
+    left_open.append(optimizer("held_dup", True))
+    newer = comm.dup()
+    newer.name = "newer"
+    left_open.append(newer)
+
+
 def main():
     run_mode(
         {
@@ -326,6 +392,8 @@ def main():
             "exit-mid-call": peer_exits_mid_call,
             "leave": peer_leaves,
             "killed": killed_in_a_large_allreduce,
+            "exit-order": exit_order,
+            "optimizer-dups": optimizer_dups,
         }
     )
 
