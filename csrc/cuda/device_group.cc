@@ -133,6 +133,7 @@ DeviceGroup::DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, 
   std::optional<DeviceGuard> guard;
   try {
     guard.emplace(device_);
+    importer_ = IpcImporter::OfCurrentContext();
     Check(cudaDeviceGetPCIBusId(mine.gpu, sizeof mine.gpu, device_), "cudaDeviceGetPCIBusId");
     constexpr unsigned kFlags = cudaEventDisableTiming | cudaEventInterprocess;
     Check(cudaEventCreateWithFlags(&ready_, kFlags), "cudaEventCreateWithFlags");
@@ -205,7 +206,7 @@ DeviceGroup::DeviceGroup(Transport& transport, uint64_t* arena_seq, int device, 
   if (failure) {
     // While `guard` still holds the GPU: the members' destructors run after it has gone.
     ReleaseEvents();
-    importer_.CloseAll();
+    if (importer_) importer_->Release(this);
     staging_.Release();
     std::rethrow_exception(failure);
   }
@@ -219,7 +220,7 @@ bool DeviceGroup::OpenFrom(int peer, const cudaIpcEventHandle_t& ready, const cu
   try {
     if (reads) {
       Check(cudaIpcOpenEventHandle(&peer_ready_[peer], ready), "cudaIpcOpenEventHandle");
-      importer_.Open(probe, peer);  // mapped until close, like any buffer of the peer's
+      importer_->Open(probe, this);  // mapped like any buffer of the peer's
     }
     if (waits_done) Check(cudaIpcOpenEventHandle(&peer_done_[peer], done), "cudaIpcOpenEventHandle");
   } catch (const CommError&) {
@@ -236,6 +237,9 @@ DeviceGroup::~DeviceGroup() {
   DeviceGuard guard(device_, &unused);
   ReleaseEvents();
   for (const RetiredStaging& old : retired_staging_) cudaFree(old.ptr);
+  // Where this was the importer's last group, its mappings close now, on this GPU.
+  if (importer_) importer_->Release(this);
+  importer_.reset();
 }
 
 void DeviceGroup::LeaveWorkToLeader() {
@@ -251,7 +255,7 @@ void DeviceGroup::LeaveWorkToLeader() {
       if (event) *event = nullptr;
     }
   }
-  if (rank != kLeader) importer_.CloseAll();
+  if (rank != kLeader) importer_->Release(this);
 }
 
 void DeviceGroup::ReleasePeerEvents() {
@@ -436,14 +440,14 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
   PhaseClock clock;
   std::exception_ptr unready;
   DeviceGuard guard(device_, &unready);
-  importer_.NextCall();
+  IpcImporter::Imports imports(*importer_, this);
   staged_this_call_ = false;
   clock.Lap("all: make the GPU current");
   try {
     if (work_ == DeviceWork::kSplit) {
-      RunSplit(call, buffers, stream, work, agree, unready, clock);
+      RunSplit(call, buffers, stream, work, agree, unready, imports, clock);
     } else {
-      RunLeader(call, buffers, stream, work, agree, unready, clock);
+      RunLeader(call, buffers, stream, work, agree, unready, imports, clock);
     }
   } catch (...) {
     // What the failed call queued into staging (its stage-in, others' work, waited for above)
@@ -458,7 +462,7 @@ void DeviceGroup::Run(const DeviceCall& call, const std::vector<BufferRef>& buff
 void DeviceGroup::CloseRetired(const char* message) {
   Header header;
   std::memcpy(&header, message, sizeof header);
-  importer_.Close(header.retired, std::clamp(header.retired_count, 0, kRetiredPerCall));
+  importer_->Close(header.retired, std::clamp(header.retired_count, 0, kRetiredPerCall));
 }
 
 void DeviceGroup::SettleRetired(bool delivered) {
@@ -487,7 +491,7 @@ void DeviceGroup::SettleRetired(bool delivered) {
 
 void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
                             const GroupWork& work, const CrossNodeAgreement& agree, const std::exception_ptr& unready,
-                            PhaseClock& clock) {
+                            IpcImporter::Imports& imports, PhaseClock& clock) {
   const int rank = transport_.rank(), size = transport_.size();
   const size_t message_bytes = kHeaderBytes + buffers.size() * sizeof(IpcBuffer);
 
@@ -539,7 +543,7 @@ void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>
       for (size_t i = 0; i < buffers.size(); ++i) {
         IpcBuffer record;
         std::memcpy(&record, records + i, sizeof record);
-        mapped[peer][i] = buffers[i].bytes ? importer_.Open(record, peer) : nullptr;
+        mapped[peer][i] = buffers[i].bytes ? imports.Open(record) : nullptr;
       }
     }
     if (agree) agree.prepare(WorkPart{});
@@ -627,7 +631,7 @@ char DeviceGroup::ExchangeAll(const std::vector<char>& message, std::vector<char
 
 void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
                            const GroupWork& work, const CrossNodeAgreement& agree, const std::exception_ptr& unready,
-                           PhaseClock& clock) {
+                           IpcImporter::Imports& imports, PhaseClock& clock) {
   const int rank = transport_.rank(), size = transport_.size();
   const size_t message_bytes = kHeaderBytes + buffers.size() * sizeof(IpcBuffer);
   // 1. Every rank's buffers (and that its inputs are ready) to every rank, the calls checked.
@@ -675,7 +679,7 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
         }
         IpcBuffer record;
         std::memcpy(&record, records + i, sizeof record);
-        mapped[q][i] = buffers[i].bytes ? importer_.Open(record, q) : nullptr;
+        mapped[q][i] = buffers[i].bytes ? imports.Open(record) : nullptr;
       }
     }
   } catch (...) {
@@ -787,7 +791,7 @@ void DeviceGroup::Quiesce() {
   }
   Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   quiesced_ = true;
-  importer_.CloseAll();
+  importer_->Release(this);
   ReleasePeerEvents();
   // Then nobody destroys events or frees buffers that a peer's queued work may still use, or
   // that a peer still has open.

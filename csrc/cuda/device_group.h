@@ -157,6 +157,8 @@ class DeviceGroup {
   // Collective, the group's last call: waits until no rank's queued GPU work can still use the
   // group's events or another rank's buffers, and closes what this rank opened of others' before
   // any rank goes on to free its own (CUDA leaves freeing what a peer still has open undefined).
+  // Mappings that another group of this process also uses stay theirs: the group's own staging
+  // buffers are exported to this group alone.
   void Quiesce();
 
  private:
@@ -164,13 +166,14 @@ class DeviceGroup {
 
   // `unready`: this rank's failure before the call began (making its GPU current): it still
   // takes part, so that the call fails on every rank instead of the others waiting for it.
-  // `clock`: this call's phases (PhaseClock), lapped as it goes.
+  // `imports`: this call's mappings of other ranks' buffers. `clock`: this call's phases
+  // (PhaseClock), lapped as it goes.
   void RunLeader(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
                  const GroupWork& work, const CrossNodeAgreement& agree, const std::exception_ptr& unready,
-                 PhaseClock& clock);
+                 IpcImporter::Imports& imports, PhaseClock& clock);
   void RunSplit(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream,
                 const GroupWork& work, const CrossNodeAgreement& agree, const std::exception_ptr& unready,
-                PhaseClock& clock);
+                IpcImporter::Imports& imports, PhaseClock& clock);
   // Returns where other ranks can reach buffers[i], staging buffers that cannot be exported
   // (staged_at[i]: where in staging_; SIZE_MAX: not staged).
   void Describe(const std::vector<BufferRef>& buffers, cudaStream_t stream, std::vector<IpcBuffer>* out,
@@ -234,9 +237,9 @@ class DeviceGroup {
   // split, every rank for every other's.
   std::vector<cudaEvent_t> peer_ready_, peer_done_;
   IpcExporter exporter_;
-  IpcImporter importer_;
-  Scratch staging_{Memory::kDevice};  // exportable memory for buffers from stream-ordered pools
-  bool staged_this_call_ = false;     // whether the call in progress queued work on staging_
+  std::shared_ptr<IpcImporter> importer_;  // this process's, on this GPU (shared with other groups)
+  Scratch staging_{Memory::kDevice};       // exportable memory for buffers from stream-ordered pools
+  bool staged_this_call_ = false;          // whether the call in progress queued work on staging_
   // Staging buffers outgrown but maybe still open on peers: freed once they have closed them.
   struct RetiredStaging {
     char* ptr;

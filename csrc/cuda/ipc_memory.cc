@@ -1,5 +1,6 @@
 #include "cuda/ipc_memory.h"
 
+#include <algorithm>
 #include <cstring>
 #include <iterator>
 
@@ -114,6 +115,82 @@ void IpcExporter::Requeue(const std::vector<cudaIpcMemHandle_t>& handles) {
   retired_.insert(retired_.begin(), handles.begin(), handles.end());
 }
 
+std::shared_ptr<IpcImporter> IpcImporter::OfCurrentContext() {
+  // Keyed by the context where the driver says which is current, else by the device (the
+  // runtime then uses its primary context).
+  CUcontext context = nullptr;
+  const Driver& driver = Driver::Get();
+  if (!driver.get_current_context || driver.get_current_context(&context) != CUDA_SUCCESS) context = nullptr;
+  int device = -1;
+  if (!context) Check(cudaGetDevice(&device), "cudaGetDevice");
+  static std::mutex registry_mutex;
+  static std::map<std::pair<CUcontext, int>, std::weak_ptr<IpcImporter>> registry;
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  for (auto it = registry.begin(); it != registry.end();) {  // contexts no group uses any more
+    it = it->second.expired() ? registry.erase(it) : std::next(it);
+  }
+  std::weak_ptr<IpcImporter>& entry = registry[{context, device}];
+  std::shared_ptr<IpcImporter> importer = entry.lock();
+  if (!importer) {
+    importer.reset(new IpcImporter());  // the constructor is private
+    entry = importer;
+  }
+  return importer;
+}
+
+IpcImporter::Imports::~Imports() {
+  std::lock_guard<std::mutex> lock(importer_.mutex_);
+  for (const std::string& key : pinned_) {
+    auto it = importer_.mapped_.find(key);
+    if (it != importer_.mapped_.end()) --it->second.pins;
+  }
+}
+
+void* IpcImporter::Imports::Open(const IpcBuffer& buffer) {
+  std::lock_guard<std::mutex> lock(importer_.mutex_);
+  void* at = importer_.OpenLocked(buffer, user_, true);
+  pinned_.push_back(Key(buffer.handle));
+  return at;
+}
+
+void IpcImporter::Open(const IpcBuffer& buffer, const void* user) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  OpenLocked(buffer, user, false);
+}
+
+void* IpcImporter::OpenLocked(const IpcBuffer& buffer, const void* user, bool pin) {
+  const std::string key = Key(buffer.handle);
+  auto it = mapped_.find(key);
+  if (it == mapped_.end()) {
+    if (mapped_.size() >= kMaxMappings) {
+      for (const std::string& oldest : order_) {
+        auto old = mapped_.find(oldest);
+        if (old->second.pins > 0) continue;
+        Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+        Unmap(old);
+        break;
+      }
+    }
+    void* base = nullptr;
+    cudaError_t err = cudaIpcOpenMemHandle(&base, buffer.handle, cudaIpcMemLazyEnablePeerAccess);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      if (CloseUnpinned()) err = cudaIpcOpenMemHandle(&base, buffer.handle, cudaIpcMemLazyEnablePeerAccess);
+    }
+    Check(err, "cudaIpcOpenMemHandle");
+    order_.push_back(key);
+    it = mapped_.emplace(key, Mapping{base, std::prev(order_.end()), {}, 0}).first;
+  } else {
+    order_.splice(order_.end(), order_, it->second.use);
+  }
+  Mapping& mapping = it->second;
+  if (std::find(mapping.users.begin(), mapping.users.end(), user) == mapping.users.end()) {
+    mapping.users.push_back(user);
+  }
+  if (pin) ++mapping.pins;
+  return static_cast<char*>(mapping.base) + buffer.offset;
+}
+
 void IpcImporter::Unmap(std::map<std::string, Mapping>::iterator it) {
   cudaIpcCloseMemHandle(it->second.base);
   order_.erase(it->second.use);
@@ -121,55 +198,43 @@ void IpcImporter::Unmap(std::map<std::string, Mapping>::iterator it) {
 }
 
 void IpcImporter::Close(const cudaIpcMemHandle_t* handles, int count) {
+  std::lock_guard<std::mutex> lock(mutex_);
   bool synced = false;
   for (int i = 0; i < count; ++i) {
     auto it = mapped_.find(Key(handles[i]));
-    if (it == mapped_.end()) continue;
+    if (it == mapped_.end() || it->second.pins > 0) continue;
     if (!synced) Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
     synced = true;
     Unmap(it);
   }
 }
 
-bool IpcImporter::CloseStale(int peer) {
-  std::vector<std::map<std::string, Mapping>::iterator> stale;
+bool IpcImporter::CloseUnpinned() {
+  std::vector<std::map<std::string, Mapping>::iterator> unpinned;
   for (auto it = mapped_.begin(); it != mapped_.end(); ++it) {
-    if (it->second.peer == peer && it->second.call != call_) stale.push_back(it);
+    if (it->second.pins == 0) unpinned.push_back(it);
   }
-  if (stale.empty()) return false;
+  if (unpinned.empty()) return false;
   Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-  for (auto it : stale) Unmap(it);
+  for (auto it : unpinned) Unmap(it);
   return true;
+}
+
+void IpcImporter::Release(const void* user) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto it = mapped_.begin(); it != mapped_.end();) {
+    auto& users = it->second.users;
+    users.erase(std::remove(users.begin(), users.end(), user), users.end());
+    auto next = std::next(it);
+    if (users.empty() && it->second.pins == 0) Unmap(it);
+    it = next;
+  }
 }
 
 void IpcImporter::CloseAll() {
   for (auto& entry : mapped_) cudaIpcCloseMemHandle(entry.second.base);
   mapped_.clear();
   order_.clear();
-}
-
-void* IpcImporter::Open(const IpcBuffer& buffer, int peer) {
-  const std::string key = Key(buffer.handle);
-  auto it = mapped_.find(key);
-  if (it != mapped_.end()) {
-    order_.splice(order_.end(), order_, it->second.use);
-    it->second.call = call_;
-    return static_cast<char*>(it->second.base) + buffer.offset;
-  }
-  if (mapped_.size() >= kMaxMappings) {
-    Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-    Unmap(mapped_.find(order_.front()));
-  }
-  void* base = nullptr;
-  cudaError_t err = cudaIpcOpenMemHandle(&base, buffer.handle, cudaIpcMemLazyEnablePeerAccess);
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    if (CloseStale(peer)) err = cudaIpcOpenMemHandle(&base, buffer.handle, cudaIpcMemLazyEnablePeerAccess);
-  }
-  Check(err, "cudaIpcOpenMemHandle");
-  order_.push_back(key);
-  mapped_.emplace(key, Mapping{base, std::prev(order_.end()), peer, call_});
-  return static_cast<char*>(base) + buffer.offset;
 }
 
 }  // namespace pycomm::cuda

@@ -12,6 +12,8 @@
 #include <deque>
 #include <list>
 #include <map>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <unordered_set>
 #include <vector>
@@ -63,26 +65,57 @@ class IpcExporter {
   uintptr_t sweep_from_ = 0;  // the base Sweep checks next (the first at or above it)
 };
 
-// Maps peers' allocations into this process; keeps at most kMaxMappings, closing the least
-// recently used (after waiting for the device: queued work may still read it). A call maps far
-// fewer buffers than that, so it never closes one it has just opened or looked up.
+// Maps peers' allocations into this process, once per CUDA context: every group (communicator)
+// of the process on that GPU shares one importer. CUDA maps an allocation once per context and
+// refuses a mapping over the addresses of one still mapped, so a stale mapping that one
+// communicator keeps (its owner freed the allocation; the retirement goes to that communicator's
+// next call) would otherwise block another communicator's mapping of the new allocation for good.
+// Groups run their calls on threads of their own: everything here is under one lock.
+//
+// Keeps at most kMaxMappings, closing the least recently used first (after waiting for the
+// device: queued work may still read it). A mapping that a call in progress (Imports) opened or
+// looked up is never closed under it: a call maps far fewer buffers than that.
 class IpcImporter {
  public:
+  // The importer of the context current on this thread (made where there is none yet).
+  static std::shared_ptr<IpcImporter> OfCurrentContext();
   ~IpcImporter() { CloseAll(); }
-  // A new collective begins: mappings opened or used from now on are this call's.
-  void NextCall() { ++call_; }
-  // The address of `peer`'s buffer in this process. Where CUDA refuses to map it (most likely
-  // because a mapping of a freed allocation of the peer's, whose retirement has not arrived yet,
-  // overlaps it), the peer's mappings that this call has not used are closed, after waiting for
-  // the device, and the mapping is tried once more.
-  void* Open(const IpcBuffer& buffer, int peer);
+  IpcImporter(const IpcImporter&) = delete;
+  IpcImporter& operator=(const IpcImporter&) = delete;
+
+  // One call's mappings, by one group (`user`): pinned until it ends, that is until the work
+  // that reads them is queued (closing waits for the device first).
+  class Imports {
+   public:
+    Imports(IpcImporter& importer, const void* user) : importer_(importer), user_(user) {}
+    ~Imports();
+    Imports(const Imports&) = delete;
+    Imports& operator=(const Imports&) = delete;
+    // The address of a peer's buffer in this process. Where CUDA refuses to map it (most likely
+    // because a mapping of a freed allocation of the peer's, whose retirement has not arrived,
+    // overlaps it), every mapping that no call in progress uses is closed, after waiting for the
+    // device, and the mapping is tried once more.
+    void* Open(const IpcBuffer& buffer);
+
+   private:
+    IpcImporter& importer_;
+    const void* user_;
+    std::vector<std::string> pinned_;  // keys
+  };
+
+  // Maps `buffer` for `user` outside any call (set-up's probe): mapped like any other.
+  void Open(const IpcBuffer& buffer, const void* user);
   // Unmaps the retired allocations among `handles` that are mapped, after waiting for the device
   // (once, and only where one is): queued work may still read them after a call failed midway.
+  // One that a call in progress uses stays (only a peer that freed a buffer under a call could
+  // make that), for the usual ways of closing.
   void Close(const cudaIpcMemHandle_t* handles, int count);
-  // Unmaps every buffer (no queued work may read them any more).
-  void CloseAll();
+  // `user` maps nothing from now on: unmaps what no other group maps. Its own queued work must
+  // no longer read them (it does not wait for the device).
+  void Release(const void* user);
 
  private:
+  IpcImporter() = default;
   static constexpr size_t kMaxMappings = 512;
   static std::string Key(const cudaIpcMemHandle_t& handle) {
     return std::string(reinterpret_cast<const char*>(&handle), sizeof handle);
@@ -90,16 +123,19 @@ class IpcImporter {
   struct Mapping {
     void* base;
     std::list<std::string>::iterator use;  // its place in order_
-    int peer;
-    uint64_t call;  // the last call that used it
+    std::vector<const void*> users;        // the groups that opened it
+    int pins = 0;                          // calls in progress that use it
   };
+  // Under mutex_. `pin`: for a call in progress.
+  void* OpenLocked(const IpcBuffer& buffer, const void* user, bool pin);
   void Unmap(std::map<std::string, Mapping>::iterator it);
-  // Closes `peer`'s mappings that this call has not used; false where there are none.
-  bool CloseStale(int peer);
+  // Closes every mapping that no call in progress uses; false where there is none.
+  bool CloseUnpinned();
+  void CloseAll();
 
+  std::mutex mutex_;
   std::map<std::string, Mapping> mapped_;  // key: the handle's bytes
   std::list<std::string> order_;           // least recently used first
-  uint64_t call_ = 0;
 };
 
 }  // namespace pycomm::cuda

@@ -287,14 +287,17 @@ void MakeCurrent(int device) {
   g_contexts_made |= 1u << device;
 }
 
-// A context is the device's number + 1, so that none is null.
+// A context is its "process's" number and the device's + 1 (so that none is null): as on a GPU,
+// two processes' contexts differ.
 CUresult FakeCtxGetCurrent(CUcontext* context) {
-  *context = g_current_device < 0 ? nullptr : reinterpret_cast<CUcontext>(static_cast<uintptr_t>(g_current_device) + 1);
+  *context = g_current_device < 0
+                 ? nullptr
+                 : reinterpret_cast<CUcontext>(ThisProcess() << 8 | static_cast<uintptr_t>(g_current_device + 1));
   return CUDA_SUCCESS;
 }
 
 CUresult FakeCtxSetCurrent(CUcontext context) {
-  g_current_device = context ? static_cast<int>(reinterpret_cast<uintptr_t>(context)) - 1 : -1;
+  g_current_device = context ? static_cast<int>(reinterpret_cast<uintptr_t>(context) & 0xff) - 1 : -1;
   return CUDA_SUCCESS;
 }
 

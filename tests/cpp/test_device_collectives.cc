@@ -576,6 +576,128 @@ void TestReusedAddresses(const std::vector<int>& node_of) {
   });
 }
 
+// Two communicators over the same ranks (comm and comm.dup()): a rank frees allocations it used
+// through the first, makes one over their addresses and uses it through the second. The first's
+// mappings of the freed ones (it hears of the frees at its next call only) must not make CUDA
+// refuse the second's mapping for good: the process's communicators share their mappings. The
+// first then still works over the new allocation.
+void TestReusedAddressesAcrossCommunicators(int P) {
+  constexpr size_t kBlock = 512, kOld = 3;
+  const size_t n = kBlock * kOld;
+  std::vector<std::vector<int64_t>> regions(P, std::vector<int64_t>(kBlock * (kOld + 1)));
+  auto first = pycomm::CreateLoopbackTransports(P), second = pycomm::CreateLoopbackTransports(P);
+  const std::vector<int> node_of(P, 0);
+  const std::string what = "reused addresses across communicators, " + std::to_string(P) + " ranks" +
+                           (g_own_gpus ? ", a GPU each" : ", one GPU");
+  std::vector<std::thread> threads;
+  for (int r = 0; r < P; ++r) {
+    threads.emplace_back([&, r] {
+      fake_cuda::UseGpu(g_own_gpus ? r : 0);
+      PlacedTransport placed_a(std::move(first[r]), node_of), placed_b(std::move(second[r]), node_of);
+      uint64_t seq_a = 0, seq_b = 0;
+      pycomm::Options options;
+      options.chunk_bytes = 4096;
+      options.timeout_s = 30;
+      int64_t* region = regions[r].data();
+      try {
+        auto a = pycomm::CreateDeviceCollectives(placed_a, &seq_a, nullptr, g_device, options);
+        auto b = pycomm::CreateDeviceCollectives(placed_b, &seq_b, nullptr, g_device, options);
+        for (size_t i = 0; i < kOld; ++i) {
+          int64_t* old = region + i * kBlock;
+          fake_cuda::PlaceAllocation(old, kBlock * 8);
+          std::fill(old, old + kBlock, r + 1);
+          a->Allreduce(old, old, kBlock, DataType::kInt64, ReduceOp::kSum, nullptr);
+        }
+        Sync();
+        for (size_t i = 0; i < kOld; ++i) cudaFree(region + i * kBlock);
+        int64_t* reused = region + kBlock / 4;
+        fake_cuda::PlaceAllocation(reused, n * 8);
+        std::fill(reused, reused + n, r + 1);
+        b->Allreduce(reused, reused, n, DataType::kInt64, ReduceOp::kSum, nullptr);
+        Sync();
+        bool ok = true;
+        for (size_t i = 0; i < n; ++i) ok = ok && reused[i] == P * (P + 1) / 2;
+        Expect(ok, what + ": the second communicator's sum");
+        a->Allreduce(reused, reused, n, DataType::kInt64, ReduceOp::kSum, nullptr);
+        Sync();
+        for (size_t i = 0; i < n; ++i) ok = ok && reused[i] == P * P * (P + 1) / 2;
+        Expect(ok, what + ": the first communicator's sum");
+        b->Quiesce();
+        a->Quiesce();
+        cudaFree(reused);
+      } catch (const std::exception& e) {
+        Expect(false, what + ": rank " + std::to_string(r) + " threw: " + e.what());
+      }
+      fake_cuda::ThreadExit();
+    });
+  }
+  for (auto& t : threads) t.join();
+  Expect(fake_cuda::LiveEvents() == 0, what + ": events left");
+}
+
+// The importer that a process's communicators share on one GPU: one per context; a mapping stays
+// while some communicator maps it; and a mapping that a call in progress uses (on another thread,
+// in a process) is not closed when another call's mapping is refused and the rest are closed.
+void TestSharedImporter() {
+  using pycomm::cuda::IpcBuffer;
+  using pycomm::cuda::IpcImporter;
+  constexpr size_t kBytes = 4096;
+  std::vector<char> memory(4 * kBytes);
+  char* in_use = memory.data();
+  char* stale = memory.data() + 2 * kBytes;
+  std::thread([&] {
+    cudaSetDevice(0);
+    auto handle_of = [](void* base) {
+      IpcBuffer buffer{};
+      cudaIpcGetMemHandle(&buffer.handle, base);
+      return buffer;
+    };
+    fake_cuda::PlaceAllocation(in_use, kBytes);
+    fake_cuda::PlaceAllocation(stale, kBytes);
+    const IpcBuffer in_use_buffer = handle_of(in_use), stale_buffer = handle_of(stale);
+    const int open_at_start = fake_cuda::OpenIpcMappings();
+    auto open = [&] { return fake_cuda::OpenIpcMappings() - open_at_start; };
+    auto importer = IpcImporter::OfCurrentContext();
+    Expect(IpcImporter::OfCurrentContext() == importer, "one importer per context");
+    std::shared_ptr<IpcImporter> elsewhere;
+    std::thread([&] {
+      cudaSetDevice(0);
+      elsewhere = IpcImporter::OfCurrentContext();
+      fake_cuda::ThreadExit();
+    }).join();
+    Expect(elsewhere != importer, "another process's context has an importer of its own");
+    elsewhere.reset();
+    int users[2];
+    importer->Open(stale_buffer, &users[0]);
+    importer->Open(stale_buffer, &users[1]);  // the same allocation, through another communicator
+    Expect(open() == 1, "an allocation opened by two communicators is mapped once");
+    importer->Release(&users[0]);
+    Expect(open() == 1, "a mapping stays while another communicator maps it");
+    char* reused = memory.data() + kBytes;
+    {
+      IpcImporter::Imports call_in_progress(*importer, &users[0]);
+      call_in_progress.Open(in_use_buffer);
+      // The owner frees `stale` and makes an allocation over it, which another call maps.
+      cudaFree(stale);
+      fake_cuda::PlaceAllocation(reused, 2 * kBytes);
+      IpcImporter::Imports other_call(*importer, &users[1]);
+      try {
+        other_call.Open(handle_of(reused));
+        Expect(open() == 2, "the call in progress keeps its mapping; the stale one is closed");
+      } catch (const std::exception& e) {
+        Expect(false, std::string("mapping over a stale mapping threw: ") + e.what());
+      }
+    }
+    importer->Release(&users[0]);
+    importer->Release(&users[1]);
+    Expect(open() == 0, "nothing mapped once every communicator released its mappings");
+    importer.reset();
+    cudaFree(reused);
+    cudaFree(in_use);
+    fake_cuda::ThreadExit();
+  }).join();
+}
+
 // A node's leader answers its peers only after agreeing with the other nodes, each of its waits
 // within the time-out: a peer on time, whose leader waits for a node where one rank comes late
 // (by 0.95 of the time-out) and then moves 32 MiB between nodes, must not time out before that
@@ -1607,6 +1729,8 @@ int main() {
     TestBuffersInsideOneAllocation(layout);
     if (layout.size() > 1) TestPoolMemory(layout);
   }
+  TestSharedImporter();
+  for (int P : {2, 3}) TestReusedAddressesAcrossCommunicators(P);
   TestPeerOutwaitsASlowLeader();
   TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kEvents, 3);
   TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kEvents, 0);
@@ -1672,6 +1796,7 @@ int main() {
       TestFreedMemoryUnmapped(layout);
       TestReusedAddresses(layout);
       TestBuffersInsideOneAllocation(layout);
+      if (layout.size() == 3) TestReusedAddressesAcrossCommunicators(3);
       TestManyCalls(layout, 10007);
     }
     TestSplitLaunchFailure({0, 0, 0}, 1);
