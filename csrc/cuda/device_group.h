@@ -144,8 +144,10 @@ class DeviceGroup {
 
   // Runs one collective: every rank passes the same number of buffers, in the same roles.
   // `work` runs on the leader (WorkPart{0, 1}), or with kSplit on every rank (its own part).
-  // A failure on any rank fails the call on every rank; a rank whose `call` differs from the
-  // leader's gets MismatchError, as does the leader. `agree` (if any) runs before any work, even
+  // A failure on any rank fails the call on every rank, except one after the last hand-off
+  // (waiting for the others' work, the stage-out), which is that rank's alone: the others'
+  // outputs are complete (another hand-off per call would be the price). A rank whose `call`
+  // differs from the leader's gets MismatchError, as does the leader. `agree` (if any) runs before any work, even
   // after a failure, so that other nodes hear of it: on the leader, or with kSplit on every rank.
   void Run(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream, const GroupWork& work,
            const CrossNodeAgreement& agree = {});
