@@ -130,10 +130,18 @@ def test_c_program_pass_through(nprocs, library, check_program):
 
 def test_engines_close_at_comm_free_and_finalize(library, check_program):
     """The duplicate and the split are freed by the program (their engines close then); the world's
-    and the reversed split's engines close at MPI_Finalize."""
+    and the reversed split's engines close at MPI_Finalize. Core switches with values the core does
+    not know (it would keep its defaults without a word) are reported, and the defaults kept."""
+    unknown = {"PYCOMM_SHM": "off", "PYCOMM_CMA": "no", "PYCOMM_KERNELS": "avx512"}
     ours = run_mpi_program(
-        2, [check_program, "engine", "quick"], timeout=300, mpi_args=preloaded(library), env={"PYCOMM_DEBUG": "1"}
+        2,
+        [check_program, "engine", "quick"],
+        timeout=300,
+        mpi_args=preloaded(library),
+        env={"PYCOMM_DEBUG": "1", **unknown},
     )
+    for name, value in unknown.items():
+        assert f"pycomm preload: ignoring {name}={value} (cannot read it); using the default" in ours.stdout
     for rank in range(2):
         assert ours.stdout.count(f"r{rank} | preload: engine created for a communicator") == 4, ours.stdout[-3000:]
         assert ours.stdout.count(f"r{rank} | preload: a communicator was freed: closing its engine") == 2

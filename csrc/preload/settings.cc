@@ -43,6 +43,17 @@ void ReadChoice(const char* variable, std::initializer_list<const char*> names, 
   Warn(variable, raw);
 }
 
+// Switches the core reads itself (PYCOMM_SHM, PYCOMM_CMA, PYCOMM_KERNELS) and that take only
+// `values`: any other is reported, since the core keeps its default without a word.
+void CheckSwitch(const char* variable, std::initializer_list<const char*> values) {
+  const char* raw = Env(variable);
+  if (!raw) return;
+  for (const char* value : values) {
+    if (std::string(raw) == value) return;
+  }
+  Warn(variable, raw);
+}
+
 // "8", "64K", "1M", "2G" (powers of 1024), as pycomm.settings.parse_size reads them.
 bool ParseSize(const char* text, size_t* out) {
   std::string s = Lower(text);
@@ -94,6 +105,10 @@ Options OptionsFromEnvironment() {
   }
   ReadChoice("PYCOMM_ALGO", {"auto", "ring", "oneshot", "hierarchical", "singlecopy"}, &options.algorithm);
   ReadChoice("PYCOMM_INTER_NODE", {"auto", "mpi", "ring"}, &options.inter_node);
+  // As pycomm.settings.check_core_switches, which refuses them in Python.
+  CheckSwitch("PYCOMM_SHM", {"0", "1"});
+  CheckSwitch("PYCOMM_CMA", {"0", "1"});
+  CheckSwitch("PYCOMM_KERNELS", {"auto", "generic"});
   return options;
 }
 
