@@ -43,6 +43,9 @@ class Torch:
     def sync(self):
         self.torch.cuda.synchronize()
 
+    def free_cached(self):
+        self.torch.cuda.empty_cache()
+
 
 class Cupy:
     def __init__(self):
@@ -62,6 +65,9 @@ class Cupy:
 
     def sync(self):
         self.cupy.cuda.runtime.deviceSynchronize()
+
+    def free_cached(self):
+        self.cupy.get_default_memory_pool().free_all_blocks()
 
 
 def supported(lib, name) -> bool:
@@ -222,6 +228,30 @@ def check_unsupported_dtype(comm, lib, failures):
         failures.check(True, "")
 
 
+def check_dup_over_freed_memory(comm, lib, failures):
+    """A rank frees buffers it reduced through `comm` and allocates one likely over their addresses,
+    which it reduces through a dup: the process's communicators share their IPC mappings, so the
+    dup's mapping is not refused for comm's mappings of the freed buffers (it was, call after
+    call, while each communicator had its own)."""
+    n = 1 << 20  # 4 MiB of float32 each: segments of their own in torch's and cupy's pools
+    with comm.dup() as dup:
+        old = [lib.to_device(np.full(n, RANK + 1.0, np.float32)) for _ in range(3)]
+        for x in old:
+            comm.allreduce(x, out=x)
+        lib.sync()
+        del old, x
+        lib.free_cached()  # back to the driver: the next allocation may reuse the addresses
+        new = lib.to_device(np.full(3 * n, RANK + 1.0, np.float32))
+        for c, total in ((dup, P * (P + 1) / 2), (comm, P * P * (P + 1) / 2)):
+            try:
+                c.allreduce(new, out=new)
+                got = lib.to_host(new)
+                failures.check(bool(np.all(got == total)), f"allreduce over freed memory: {got[:3]}")
+            except pycomm.CommError as error:
+                failures.check(False, f"allreduce over freed memory: {error}")
+                return
+
+
 def check_torch_optimizer(comm, failures):
     """pycomm.torch's DistributedOptimizer on CUDA parameters: buckets on the GPU, gradients
     averaged there, and a parameter without a gradient this step gets zeros on its GPU."""
@@ -252,6 +282,7 @@ def main():
         check_pool_memory(comm, lib, failures)
         check_interface_only(comm, lib, failures)
         check_unsupported_dtype(comm, lib, failures)
+        check_dup_over_freed_memory(comm, lib, failures)
         if LIBRARY == "torch":
             check_torch_optimizer(comm, failures)
         # Closing right after queuing work: close() waits for every rank's GPU work before it
