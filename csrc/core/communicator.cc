@@ -19,6 +19,7 @@
 #include "pycomm/pycomm.h"
 #include "transport/shared_arena.h"
 #include "transport/transport.h"
+#include "transport/wait.h"
 
 namespace pycomm {
 
@@ -302,17 +303,25 @@ class CommunicatorImpl : public Communicator {
     current_call_ = ++calls_run_;
     try {
       fn();
-    } catch (const std::exception& e) {
-      broken_reason_ = e.what();
-      broken_ = true;
+    } catch (const std::exception&) {
+      std::exception_ptr error = std::current_exception();
       // This rank posts nothing more: peers that wait for it hear so at once, not at their timeout.
       if (SharedArena* arena = transport_->arena()) arena->Leave();
       if (hierarchy_ && hierarchy_->node && hierarchy_->node->arena()) hierarchy_->node->arena()->Leave();
       // MPI forbids cancelling an abandoned MPI_Iallreduce, which may still write into the
       // staging segment: that memory (and the groups' communicators) stays for the process's life.
       if (hierarchy_) hierarchy_.release();
-      if (dynamic_cast<const PeerError*>(&e)) any_peer_failed = true;
-      throw;
+      // A dead peer seen as MPI's or a memory read's failure is named as such, and makes the
+      // process end with MPI_Abort (MPI_Finalize would wait for the dead rank forever).
+      error = BlameDeadPeer(error, *transport_);
+      try {
+        std::rethrow_exception(error);
+      } catch (const std::exception& e) {
+        broken_reason_ = e.what();
+        if (dynamic_cast<const PeerError*>(&e)) any_peer_failed = true;
+      }
+      broken_ = true;
+      std::rethrow_exception(error);
     }
   }
 

@@ -183,6 +183,9 @@ class MpiTransport : public Transport {
   int local_rank() const override { return local_rank_; }
   int local_size() const override { return local_size_; }
   const char* name() const override { return arena_ ? "mpi+shm" : "mpi"; }
+  void CheckPeersAlive() override {
+    if (watch_) watch_->Check(true);
+  }
   SharedArena* arena() override { return arena_.get(); }
 
   std::unique_ptr<Request> Isend(int peer, const void* buf, size_t bytes) override {

@@ -43,6 +43,9 @@ class Transport {
   virtual std::unique_ptr<Request> Irecv(int peer, void* buf, size_t bytes) = 0;
   // Human-readable name for debug output ("mpi", "loopback").
   virtual const char* name() const = 0;
+  // Throws PeerError naming a rank whose process is known to have died; nothing where none is,
+  // or where the transport does not watch its ranks' processes.
+  virtual void CheckPeersAlive() {}
   // Memory shared by all ranks, for the intra-node algorithms; null when the ranks do not share
   // a node (or the memory could not be set up).
   virtual SharedArena* arena() { return nullptr; }

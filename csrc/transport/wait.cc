@@ -34,6 +34,32 @@ inline void CpuRelax() {
 }
 }  // namespace
 
+std::exception_ptr BlameDeadPeer(const std::exception_ptr& error, Transport& transport) {
+  constexpr int kLooks = 3;
+  constexpr auto kBetweenLooks = std::chrono::milliseconds(100);
+  try {
+    std::rethrow_exception(error);
+  } catch (const PeerError&) {
+    return error;
+  } catch (const MismatchError&) {
+    return error;
+  } catch (const CommError& failure) {
+    for (int look = 0; look < kLooks; ++look) {
+      if (look > 0) std::this_thread::sleep_for(kBetweenLooks);
+      try {
+        transport.CheckPeersAlive();
+      } catch (const PeerError& dead) {
+        return std::make_exception_ptr(
+            PeerError(std::string(dead.what()) + " (here it showed as: " + failure.what() + ")", dead.peer()));
+      } catch (...) {
+        return error;
+      }
+    }
+  } catch (...) {
+  }
+  return error;
+}
+
 TightTimerSlack::TightTimerSlack() : saved_(prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0)) {
   prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);  // nanoseconds
 }

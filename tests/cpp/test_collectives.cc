@@ -28,6 +28,7 @@
 #include "transport/loopback.h"
 #include "transport/peer_watch.h"
 #include "transport/shared_arena.h"
+#include "transport/wait.h"
 
 namespace {
 
@@ -468,6 +469,54 @@ void TestLiveStartTicks() {
 
 // Options::chunk_bytes outside kMinChunkBytes .. kMaxChunkBytes: refused at creation; the bounds
 // themselves are taken (the largest without touching its scratch).
+// A plain CommError (MPI or a memory read failing) is blamed on a rank found dead within the
+// grace, as a PeerError naming it with the original text; other errors, and a CommError where
+// every rank lives, stay as they were.
+void TestBlameDeadPeer() {
+  class Watched : public pycomm::Transport {
+   public:
+    explicit Watched(int dies_at_look) : dies_at_look_(dies_at_look) {}
+    int rank() const override { return 0; }
+    int size() const override { return 3; }
+    std::unique_ptr<pycomm::Request> Isend(int, const void*, size_t) override { return nullptr; }
+    std::unique_ptr<pycomm::Request> Irecv(int, void*, size_t) override { return nullptr; }
+    const char* name() const override { return "watched"; }
+    void CheckPeersAlive() override {
+      if (++looks == dies_at_look_) throw pycomm::PeerError("pycomm: rank 2 has died", 2);
+    }
+    int looks = 0;
+
+   private:
+    int dies_at_look_;
+  };
+  auto blamed = [](const std::exception_ptr& error, Watched& transport) -> std::string {
+    try {
+      std::rethrow_exception(pycomm::BlameDeadPeer(error, transport));
+    } catch (const pycomm::PeerError& e) {
+      return "PeerError " + std::to_string(e.peer()) + ": " + e.what();
+    } catch (const pycomm::MismatchError& e) {
+      return std::string("MismatchError: ") + e.what();
+    } catch (const pycomm::CommError& e) {
+      return std::string("CommError: ") + e.what();
+    }
+  };
+  const auto mpi_failed = std::make_exception_ptr(pycomm::CommError("pycomm: MPI_Test(recv) failed: Other MPI error"));
+  Watched dead_at_once(1), dead_a_moment_later(2), alive(-1), untouched(1);
+  const std::string at_once = blamed(mpi_failed, dead_at_once);
+  Expect(at_once ==
+             "PeerError 2: pycomm: rank 2 has died (here it showed as: pycomm: MPI_Test(recv) failed: Other MPI error)",
+         "a dead rank is blamed for an MPI failure: " + at_once);
+  Expect(blamed(mpi_failed, dead_a_moment_later).rfind("PeerError 2", 0) == 0,
+         "a rank that shows as dead only a moment later is blamed too");
+  Expect(blamed(mpi_failed, alive) == "CommError: pycomm: MPI_Test(recv) failed: Other MPI error" && alive.looks == 3,
+         "with every rank alive the error stays, after 3 looks");
+  const auto mismatch = std::make_exception_ptr(pycomm::MismatchError("pycomm: the ranks made different calls"));
+  const auto left = std::make_exception_ptr(pycomm::PeerError("pycomm: rank 1 has left", 1));
+  Expect(blamed(mismatch, untouched).rfind("MismatchError", 0) == 0 &&
+             blamed(left, untouched) == "PeerError 1: pycomm: rank 1 has left" && untouched.looks == 0,
+         "mismatches and peer errors are not blamed on anyone else");
+}
+
 void TestChunkBounds() {
   auto refused = [](size_t chunk_bytes) {
     pycomm::Options options;
@@ -549,6 +598,7 @@ int main() {
   TestPhaseClock();
   TestFaultPlanParsing();
   TestChunkBounds();
+  TestBlameDeadPeer();
   TestLiveStartTicks();
   TestExecutor();
   const size_t chunks[] = {8, 24, 4096, size_t{1} << 20};
