@@ -22,7 +22,7 @@ from .buffers import (
     read_only_hint,
 )
 from .dtypes import FLOATING_CODES, dtype_code, is_floating
-from .errors import CommError
+from .errors import CommError, PeerError
 from .ops import ReduceOp, parse_op
 from .timeline import timeline_for
 
@@ -38,6 +38,9 @@ _creation_numbers = itertools.count()
 # Communicators whose owner has gone but whose close must wait for the exit hook (see
 # Communicator._close_now_or_at_exit).
 _kept_until_exit = []
+# The creation barriers given up on (_arrive_together): MPI must not free them, and MPI_Finalize
+# would wait for the rank that never came.
+_abandoned_arrivals = []
 
 
 @atexit.register
@@ -45,13 +48,33 @@ def _close_all() -> None:
     for _, comm in sorted(_open_communicators.items(), reverse=True):
         comm.close()
     _kept_until_exit.clear()
-    if _core.any_peer_failed() and MPI.Is_initialized() and not MPI.Is_finalized():
+    if (_core.any_peer_failed() or _abandoned_arrivals) and MPI.Is_initialized() and not MPI.Is_finalized():
         # MPI_Finalize would wait forever for a dead or stuck rank: end the job instead, as a
         # failure, so that mpirun returns and reports it.
         sys.stderr.write("pycomm: a peer died or stopped answering; calling MPI_Abort instead of MPI_Finalize\n")
         sys.stderr.flush()
         time.sleep(0.2)  # lets mpirun forward the line before the abort takes the job down
         MPI.COMM_WORLD.Abort(1)
+
+
+def _arrive_together(comm, timeout_s: float) -> None:
+    """Creating a communicator is collective, and MPI's collectives wait forever: the ranks first
+    meet in a barrier polled against the time-out, so that a rank that died, is stuck or made
+    another call (its own collective, say) is a PeerError here instead of a hang in MPI."""
+    if comm.Get_size() == 1:
+        return
+    arrival = comm.Ibarrier()
+    deadline = time.monotonic() + timeout_s
+    pause = 1e-5
+    while not arrival.Test():
+        if time.monotonic() > deadline:
+            _abandoned_arrivals.append(arrival)
+            raise PeerError(
+                f"pycomm: creating a communicator: not every rank came within the time-out ({timeout_s:g} s); "
+                "a rank died, is stuck, or made another call (creation is collective: every rank creates it)"
+            )
+        time.sleep(pause)
+        pause = min(2 * pause, 1e-3)
 
 
 class Work:
@@ -113,6 +136,7 @@ class Communicator:
             settings.INTER_NODE.index(settings.inter_node(inter_node)),
         )
         settings.check_core_switches()
+        _arrive_together(comm, chosen[1])
         timeline_of_calls = timeline_for(settings.timeline(timeline), comm)  # collective
         # mpi4py may hand out MPICH's int handles sign-extended; the core takes the 64 bits as they are.
         self._native = _core.Communicator(comm.handle & 0xFFFFFFFFFFFFFFFF, *chosen)

@@ -151,6 +151,17 @@ def test_exit_after_a_dead_peer_does_not_hang():
     assert "FAIL" not in result.stdout, result.stdout
 
 
+@pytest.mark.parametrize("how", ["stuck", "diverged"])
+def test_creation_without_a_rank_is_a_peer_error(how):
+    """Creating a communicator (or a dup) while a rank is stuck or makes another call: PeerError
+    within the time-out, not a hang in MPI's collectives, and mpirun returns."""
+    result = run_mpi(2, "lifecycle.py", "creation-without-a-rank", how, check=False, timeout=60)
+    assert result.returncode != 0
+    assert "rank 0: PeerError after" in result.stdout, result.stdout
+    assert "calling MPI_Abort instead of MPI_Finalize" in result.stdout, result.stdout
+    assert "FAIL" not in result.stdout, result.stdout
+
+
 def test_malformed_fault_spec_is_an_error():
     result = run_mpi(1, "-c", "import pycomm; pycomm.Communicator()", env={"PYCOMM_FAULT": "rank=1"}, check=False)
     assert result.returncode != 0 and "PYCOMM_FAULT" in result.stdout

@@ -379,6 +379,36 @@ def optimizer_dups(failures):
     left_open.append(newer)
 
 
+def creation_without_a_rank(failures):
+    """Rank 1 never creates the communicator: it sleeps ("stuck"), or makes another collective
+    ("diverged": a dup against an allreduce). Creation is collective and MPI's own collectives
+    wait forever: rank 0 gets PeerError within the time-out instead (so does rank 1's allreduce),
+    and the job ends through MPI_Abort at exit."""
+    import time
+
+    how = sys.argv[2]
+    comm = pycomm.Communicator(timeout=2) if how == "diverged" else None
+    start = time.monotonic()
+    try:
+        if RANK == 1 and how == "stuck":
+            time.sleep(30)
+        elif RANK == 1:
+            comm.allreduce(np.ones(4, np.float32))
+        elif comm is None:
+            pycomm.Communicator(timeout=2)
+        else:
+            comm.dup()
+        failures.check(False, f"rank {RANK}: no error")
+    except pycomm.PeerError as error:
+        elapsed = time.monotonic() - start
+        print(f"rank {RANK}: PeerError after {elapsed:.2f} s: {error}", flush=True)
+        failures.check(elapsed < 20, f"rank {RANK}: PeerError only after {elapsed:.1f} s")
+        failures.check(RANK == 1 or "creating a communicator" in str(error), f"message: {error}")
+    for item in failures.items:
+        print(f"FAIL rank {RANK}: {item}", flush=True)
+    sys.exit(0)  # no agreement through MPI: pycomm's exit hook ends the job with MPI_Abort
+
+
 def main():
     run_mode(
         {
@@ -394,6 +424,7 @@ def main():
             "killed": killed_in_a_large_allreduce,
             "exit-order": exit_order,
             "optimizer-dups": optimizer_dups,
+            "creation-without-a-rank": creation_without_a_rank,
         }
     )
 
