@@ -77,6 +77,24 @@ def _arrive_together(comm, timeout_s: float) -> None:
         pause = min(2 * pause, 1e-3)
 
 
+def _agree_on_settings(comm, chosen: dict) -> None:
+    """The settings that decide what ranks send each other must be alike on every rank (as with
+    NCCL's environment). Compared once, at creation (collective): a difference is a ValueError
+    on every rank, naming it, instead of a truncated message, a time-out or a MismatchError
+    between calls that look alike in the first call."""
+    said = comm.allgather(chosen)
+    differ = []
+    for name in chosen:
+        ranks_of = collections.defaultdict(list)
+        for rank, theirs in enumerate(said):
+            ranks_of[theirs[name]].append(rank)
+        if len(ranks_of) > 1:
+            held = [f"{value!r} on rank(s) {', '.join(map(str, ranks[:8]))}" for value, ranks in ranks_of.items()]
+            differ.append(f"{name}: {'; '.join(held)}")
+    if differ:
+        raise ValueError(f"pycomm: settings differ between ranks (set them alike everywhere): {' | '.join(differ)}")
+
+
 class Work:
     """An asynchronous allreduce in flight. Keeps host arrays alive until it is done. Device work
     is queued on its stream at once (done from the start): as with any stream-ordered work (and
@@ -137,6 +155,15 @@ class Communicator:
         )
         settings.check_core_switches()
         _arrive_together(comm, chosen[1])
+        _agree_on_settings(
+            comm,
+            dict(
+                chunk_bytes=chosen[0],
+                algorithm=settings.ALGORITHMS[chosen[3]],
+                inter_node=settings.INTER_NODE[chosen[4]],
+                PYCOMM_SHM=settings.shm_switch(),
+            ),
+        )
         timeline_of_calls = timeline_for(settings.timeline(timeline), comm)  # collective
         # mpi4py may hand out MPICH's int handles sign-extended; the core takes the 64 bits as they are.
         self._native = _core.Communicator(comm.handle & 0xFFFFFFFFFFFFFFFF, *chosen)

@@ -85,6 +85,12 @@ def check_core_switches() -> None:
             raise ValueError(f"pycomm: {name} must be {' or '.join(values)}, got {raw!r}")
 
 
+def shm_switch() -> str:
+    """PYCOMM_SHM as the core reads it (unset: on). Whether ranks share memory must be alike on
+    every rank (PYCOMM_CMA need not be: ranks agree per call whether all can read each other)."""
+    return _env("PYCOMM_SHM") or "1"
+
+
 def timeline(value=None):
     """Where to write the Chrome trace of every call (PYCOMM_TIMELINE): a file path, or None."""
     raw = value if value is not None else _env("PYCOMM_TIMELINE")

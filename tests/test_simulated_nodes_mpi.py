@@ -45,17 +45,18 @@ def test_mismatched_calls_across_nodes(nprocs, per_node):
 
 def test_ranks_that_cross_nodes_differently_disagree():
     """Slices crossing by MPI on some ranks and by pycomm's ring on another would never meet: a
-    MismatchError on every rank, not a time-out."""
+    ValueError on every rank at creation, naming the setting, not a time-out."""
     result = run_mpi(4, "node_settings.py", "inter", timeout=120, env={"PYCOMM_RANKS_PER_NODE": "2", **NOLOCAL})
+    said = "settings differ between ranks (set them alike everywhere): inter_node: 'mpi' on rank(s) 0, 1, 2; 'ring' on"
     for rank in range(4):
-        assert f"rank {rank}: MismatchError" in result.stdout, result.stdout
-    assert "[hierarchical, mpi]" in result.stdout and "rank 3 called allreduce" in result.stdout
+        assert f"rank {rank}: ValueError: pycomm: {said} rank(s) 3" in result.stdout, result.stdout
 
 
 def test_different_chunk_sizes_fail_at_creation_on_every_rank():
-    """The staging segment is sized from chunk_bytes: ranks that differ get a CommError saying so."""
+    """Ring messages and the staging segment are sized from chunk_bytes: ranks that differ get a
+    ValueError at creation saying so (not a truncated message or a time-out in the first call)."""
     result = run_mpi(4, "node_settings.py", "chunk", timeout=120, env={"PYCOMM_RANKS_PER_NODE": "2", **NOLOCAL})
-    assert result.stdout.count("chunk_bytes differs between ranks (4096 to 65536)") == 4, result.stdout
+    assert result.stdout.count("chunk_bytes: 4096 on rank(s) 0; 65536 on rank(s) 1, 2, 3") == 4, result.stdout
 
 
 def test_hierarchical_on_uneven_nodes_of_three_and_two():

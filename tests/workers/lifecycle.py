@@ -126,17 +126,19 @@ def mismatched_calls(failures):
     except pycomm.MismatchError as error:
         failures.check("empty(1000 bytes)" in str(error), f"message: {error}")
     comm.close()
-    # Ranks configured with different algorithms: a mismatch, not one rank reading stale data.
-    comm = pycomm.Communicator(algorithm="oneshot" if RANK == 0 else "auto")
+    # Ranks configured with different algorithms: refused at creation on every rank, not one rank
+    # reading stale data (or a MismatchError between calls that print alike).
     try:
-        comm.allreduce(np.ones(50_000, np.float32))  # 200 KB: above auto's one-shot range
-        failures.check(P > 2, "different algorithms were not detected")
-    except pycomm.MismatchError as error:
-        # Above the one-shot's range auto reads peers' memory (single-copy) or, where it cannot, the
-        # ranks first agree through the arena ([agreement]); either way a mismatch.
-        text = str(error)
-        failures.check("[one-shot]" in text and ("[single-copy]" in text or "[large]" in text), f"message: {text}")
-    comm.close()
+        pycomm.Communicator(algorithm="oneshot" if RANK == 0 else "auto").close()
+        failures.check(P == 1, "different algorithms were not refused")
+    except ValueError as error:
+        failures.check("algorithm: 'oneshot' on rank(s) 0; 'auto' on rank(s) 1" in str(error), f"message: {error}")
+    # Different chunk sizes: the ring's messages would not match (MPI: message truncated).
+    try:
+        pycomm.Communicator(chunk_bytes=4096 if RANK == 0 else "64K").close()
+        failures.check(P == 1, "different chunk sizes were not refused")
+    except ValueError as error:
+        failures.check("chunk_bytes: 4096 on rank(s) 0; 65536 on rank(s) 1" in str(error), f"message: {error}")
     # The other collectives' small calls take their one-shot too (auto): a different call, count or
     # root, or a count that sends one rank down another path, is a mismatch on every rank.
     cases = [
