@@ -573,6 +573,7 @@ void DeviceGroup::RunLeader(const DeviceCall& call, const std::vector<BufferRef>
       work(mapped, WorkPart{}, stream);
       clock.Lap("leader: queue the work");
       Check(cudaEventRecord(done_, stream), "cudaEventRecord(done)");
+      imports.Done();  // before the answer: peers may free their buffers once they have it
       clock.Lap("leader: record done");
     } catch (...) {
       fail(kFailed);
@@ -724,6 +725,7 @@ void DeviceGroup::RunSplit(const DeviceCall& call, const std::vector<BufferRef>&
       }
       work(mapped, part, stream);
       Check(cudaEventRecord(done_, stream), "cudaEventRecord(done)");
+      imports.Done();  // before the last hand-off: peers may free their buffers after it
       queued = 1;
       clock.Lap("split: queue the part");
     } catch (...) {

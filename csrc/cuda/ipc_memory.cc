@@ -138,36 +138,39 @@ std::shared_ptr<IpcImporter> IpcImporter::OfCurrentContext() {
   return importer;
 }
 
-IpcImporter::Imports::~Imports() {
+IpcImporter::~IpcImporter() {
+  for (auto& entry : mapped_) {
+    if (cudaIpcCloseMemHandle(entry.second.base) != cudaSuccess) cudaGetLastError();
+  }
+}
+
+void IpcImporter::Imports::Done() {
   std::lock_guard<std::mutex> lock(importer_.mutex_);
   for (const std::string& key : pinned_) {
     auto it = importer_.mapped_.find(key);
     if (it != importer_.mapped_.end()) --it->second.pins;
   }
+  pinned_.clear();
 }
 
 void* IpcImporter::Imports::Open(const IpcBuffer& buffer) {
-  std::lock_guard<std::mutex> lock(importer_.mutex_);
-  void* at = importer_.OpenLocked(buffer, user_, true);
+  void* at = importer_.Open(buffer, user_, true);
   pinned_.push_back(Key(buffer.handle));
   return at;
 }
 
-void IpcImporter::Open(const IpcBuffer& buffer, const void* user) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  OpenLocked(buffer, user, false);
-}
+void IpcImporter::Open(const IpcBuffer& buffer, const void* user) { Open(buffer, user, false); }
 
-void* IpcImporter::OpenLocked(const IpcBuffer& buffer, const void* user, bool pin) {
+void* IpcImporter::Open(const IpcBuffer& buffer, const void* user, bool pin) {
   const std::string key = Key(buffer.handle);
+  std::unique_lock<std::mutex> lock(mutex_);
   auto it = mapped_.find(key);
   if (it == mapped_.end()) {
     if (mapped_.size() >= kMaxMappings) {
       for (const std::string& oldest : order_) {
         auto old = mapped_.find(oldest);
         if (old->second.pins > 0) continue;
-        Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-        Unmap(old);
+        Unmap(lock, {Take(old)}, true);
         break;
       }
     }
@@ -175,14 +178,24 @@ void* IpcImporter::OpenLocked(const IpcBuffer& buffer, const void* user, bool pi
     cudaError_t err = cudaIpcOpenMemHandle(&base, buffer.handle, cudaIpcMemLazyEnablePeerAccess);
     if (err != cudaSuccess) {
       cudaGetLastError();
-      if (CloseUnpinned()) err = cudaIpcOpenMemHandle(&base, buffer.handle, cudaIpcMemLazyEnablePeerAccess);
+      const std::vector<void*> unpinned = TakeUnpinned();
+      const bool others_unmapping = unmapping_ > 0;
+      Unmap(lock, unpinned, true);
+      unmapped_.wait(lock, [this] { return unmapping_ == 0; });  // what other threads took out is closed
+      if (!unpinned.empty() || others_unmapping) {
+        err = cudaIpcOpenMemHandle(&base, buffer.handle, cudaIpcMemLazyEnablePeerAccess);
+      }
     }
     Check(err, "cudaIpcOpenMemHandle");
-    order_.push_back(key);
-    it = mapped_.emplace(key, Mapping{base, std::prev(order_.end()), {}, 0}).first;
-  } else {
-    order_.splice(order_.end(), order_, it->second.use);
+    it = mapped_.find(key);  // another group may have mapped it while the lock was released
+    if (it != mapped_.end()) {
+      if (cudaIpcCloseMemHandle(base) != cudaSuccess) cudaGetLastError();  // CUDA counted both opens
+    } else {
+      order_.push_back(key);
+      it = mapped_.emplace(key, Mapping{base, std::prev(order_.end()), {}, 0}).first;
+    }
   }
+  order_.splice(order_.end(), order_, it->second.use);
   Mapping& mapping = it->second;
   if (std::find(mapping.users.begin(), mapping.users.end(), user) == mapping.users.end()) {
     mapping.users.push_back(user);
@@ -191,50 +204,58 @@ void* IpcImporter::OpenLocked(const IpcBuffer& buffer, const void* user, bool pi
   return static_cast<char*>(mapping.base) + buffer.offset;
 }
 
-void IpcImporter::Unmap(std::map<std::string, Mapping>::iterator it) {
-  cudaIpcCloseMemHandle(it->second.base);
+void* IpcImporter::Take(Entry it) {
+  void* base = it->second.base;
   order_.erase(it->second.use);
   mapped_.erase(it);
+  return base;
+}
+
+std::vector<void*> IpcImporter::TakeUnpinned() {
+  std::vector<void*> bases;
+  for (auto it = mapped_.begin(); it != mapped_.end();) {
+    auto next = std::next(it);
+    if (it->second.pins == 0) bases.push_back(Take(it));
+    it = next;
+  }
+  return bases;
+}
+
+void IpcImporter::Unmap(std::unique_lock<std::mutex>& lock, const std::vector<void*>& bases, bool wait_for_device) {
+  if (bases.empty()) return;
+  ++unmapping_;
+  lock.unlock();
+  cudaError_t waited = wait_for_device ? cudaDeviceSynchronize() : cudaSuccess;
+  for (void* base : bases) {
+    if (waited == cudaSuccess && cudaIpcCloseMemHandle(base) != cudaSuccess) cudaGetLastError();  // not the caller's
+  }
+  lock.lock();
+  --unmapping_;
+  unmapped_.notify_all();
+  Check(waited, "cudaDeviceSynchronize");
 }
 
 void IpcImporter::Close(const cudaIpcMemHandle_t* handles, int count) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  bool synced = false;
+  std::unique_lock<std::mutex> lock(mutex_);
+  std::vector<void*> retired;
   for (int i = 0; i < count; ++i) {
     auto it = mapped_.find(Key(handles[i]));
-    if (it == mapped_.end() || it->second.pins > 0) continue;
-    if (!synced) Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-    synced = true;
-    Unmap(it);
+    if (it != mapped_.end() && it->second.pins == 0) retired.push_back(Take(it));
   }
-}
-
-bool IpcImporter::CloseUnpinned() {
-  std::vector<std::map<std::string, Mapping>::iterator> unpinned;
-  for (auto it = mapped_.begin(); it != mapped_.end(); ++it) {
-    if (it->second.pins == 0) unpinned.push_back(it);
-  }
-  if (unpinned.empty()) return false;
-  Check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-  for (auto it : unpinned) Unmap(it);
-  return true;
+  Unmap(lock, retired, true);
 }
 
 void IpcImporter::Release(const void* user) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::unique_lock<std::mutex> lock(mutex_);
+  std::vector<void*> unused;
   for (auto it = mapped_.begin(); it != mapped_.end();) {
+    auto next = std::next(it);
     auto& users = it->second.users;
     users.erase(std::remove(users.begin(), users.end(), user), users.end());
-    auto next = std::next(it);
-    if (users.empty() && it->second.pins == 0) Unmap(it);
+    if (users.empty() && it->second.pins == 0) unused.push_back(Take(it));
     it = next;
   }
-}
-
-void IpcImporter::CloseAll() {
-  for (auto& entry : mapped_) cudaIpcCloseMemHandle(entry.second.base);
-  mapped_.clear();
-  order_.clear();
+  Unmap(lock, unused, false);
 }
 
 }  // namespace pycomm::cuda

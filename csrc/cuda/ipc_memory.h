@@ -7,6 +7,7 @@
 
 #include <cuda_runtime.h>
 
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -70,32 +71,37 @@ class IpcExporter {
 // refuses a mapping over the addresses of one still mapped, so a stale mapping that one
 // communicator keeps (its owner freed the allocation; the retirement goes to that communicator's
 // next call) would otherwise block another communicator's mapping of the new allocation for good.
-// Groups run their calls on threads of their own: everything here is under one lock.
+// Groups run their calls on threads of their own: the importer's state is under one lock, which
+// is never held while waiting for the device (one group's wait would hold up every group's calls).
 //
-// Keeps at most kMaxMappings, closing the least recently used first (after waiting for the
-// device: queued work may still read it). A mapping that a call in progress (Imports) opened or
-// looked up is never closed under it: a call maps far fewer buffers than that.
+// Keeps at most kMaxMappings, closing the least recently used first. Closing takes mappings out
+// of the cache first, then waits for the device (queued work may still read them), then unmaps:
+// a group that maps the same allocation meanwhile gets a mapping of its own (CUDA counts the
+// opens). A mapping that a call in progress (Imports) opened or looked up is never closed under it.
 class IpcImporter {
  public:
   // The importer of the context current on this thread (made where there is none yet).
   static std::shared_ptr<IpcImporter> OfCurrentContext();
-  ~IpcImporter() { CloseAll(); }
+  ~IpcImporter();
   IpcImporter(const IpcImporter&) = delete;
   IpcImporter& operator=(const IpcImporter&) = delete;
 
-  // One call's mappings, by one group (`user`): pinned until it ends, that is until the work
-  // that reads them is queued (closing waits for the device first).
+  // One call's mappings, by one group (`user`): pinned until Done (or the end of the scope),
+  // which the call reaches once the work that reads them is queued.
   class Imports {
    public:
     Imports(IpcImporter& importer, const void* user) : importer_(importer), user_(user) {}
-    ~Imports();
+    ~Imports() { Done(); }
     Imports(const Imports&) = delete;
     Imports& operator=(const Imports&) = delete;
     // The address of a peer's buffer in this process. Where CUDA refuses to map it (most likely
     // because a mapping of a freed allocation of the peer's, whose retirement has not arrived,
-    // overlaps it), every mapping that no call in progress uses is closed, after waiting for the
-    // device, and the mapping is tried once more.
+    // overlaps it), every mapping that no call in progress uses is closed and the mapping is
+    // tried once more.
     void* Open(const IpcBuffer& buffer);
+    // The call's work is queued: its mappings may be closed from now on (after a wait for the
+    // device, as any).
+    void Done();
 
    private:
     IpcImporter& importer_;
@@ -126,14 +132,21 @@ class IpcImporter {
     std::vector<const void*> users;        // the groups that opened it
     int pins = 0;                          // calls in progress that use it
   };
-  // Under mutex_. `pin`: for a call in progress.
-  void* OpenLocked(const IpcBuffer& buffer, const void* user, bool pin);
-  void Unmap(std::map<std::string, Mapping>::iterator it);
-  // Closes every mapping that no call in progress uses; false where there is none.
-  bool CloseUnpinned();
-  void CloseAll();
+  using Entry = std::map<std::string, Mapping>::iterator;
+  // `pin`: for a call in progress.
+  void* Open(const IpcBuffer& buffer, const void* user, bool pin);
+  // Takes a mapping out of the cache (under mutex_): returns its base, for Unmap.
+  void* Take(Entry it);
+  // Takes out every mapping that no call in progress uses.
+  std::vector<void*> TakeUnpinned();
+  // Waits for the device, then unmaps `bases`, with `lock` (on mutex_) released meanwhile.
+  void Unmap(std::unique_lock<std::mutex>& lock, const std::vector<void*>& bases, bool wait_for_device);
 
   std::mutex mutex_;
+  // Unmaps in progress (taken out of the cache, not yet closed), and their ends: a refused
+  // mapping may be another thread's to close.
+  int unmapping_ = 0;
+  std::condition_variable unmapped_;
   std::map<std::string, Mapping> mapped_;  // key: the handle's bytes
   std::list<std::string> order_;           // least recently used first
 };

@@ -109,11 +109,13 @@ struct Stream {
   Op running;
 };
 
-// Each thread ("process") by a number of its own: thread ids are reused once a thread ends.
+// Each thread ("process") by a number of its own: thread ids are reused once a thread ends. A
+// thread may join another's process instead (fake_cuda::JoinProcess), as an executor thread.
+thread_local uint64_t g_joined_process = 0;
 uint64_t ThisProcess() {
   static std::atomic<uint64_t> next{1};
   thread_local const uint64_t mine = next++;
-  return mine;
+  return g_joined_process ? g_joined_process : mine;
 }
 
 // Streams by (owning process, handle): the null handle is each process's own default stream.
@@ -234,7 +236,7 @@ int g_live_events = 0;
 // how many were freed while some importer still had them open (CUDA: undefined behaviour).
 std::map<void*, int> g_ipc_opens;
 int g_freed_while_open = 0;
-// What this thread ("process") has mapped through IPC: base -> (size, allocation id). CUDA
+// What each "process" has mapped through IPC: base -> (size, allocation id), under g_mutex. CUDA
 // refuses to map an allocation over one still mapped (one freed since, whose addresses the new
 // one reuses).
 struct Mapped {
@@ -242,7 +244,7 @@ struct Mapped {
   unsigned long long id;
   int refs = 0;
 };
-thread_local std::map<char*, Mapped> g_mapped_here;
+std::map<uint64_t, std::map<char*, Mapped>> g_mapped;
 
 cudaEvent_t NewEvent(std::shared_ptr<EventState> state) {
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -328,6 +330,11 @@ void StallStream() {
       nullptr, 0, true);
 }
 void ReleaseStalls() { g_stalls_released = true; }
+// This thread's "process" (its number), for another thread to join.
+uint64_t Process() { return ThisProcess(); }
+// From now on this thread belongs to `process` (as an executor thread of a rank): its streams,
+// its IPC mappings and its CUDA context are that process's.
+void JoinProcess(uint64_t process) { g_joined_process = process; }
 // Strided copies take pitches up to `bytes` (read as cudaDevAttrMaxPitch) on every thread; 0
 // restores the default.
 void SetMaxPitch(size_t bytes) { g_max_pitch = bytes ? bytes : (size_t{1} << 31) - 1; }
@@ -527,33 +534,30 @@ cudaError_t cudaIpcOpenMemHandle(void** ptr, cudaIpcMemHandle_t handle, unsigned
   std::memcpy(&base, bytes, sizeof base);
   std::memcpy(&m.id, bytes + 8, sizeof m.id);
   std::memcpy(&m.size, bytes + 16, sizeof m.size);
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto& mapped_here = g_mapped[ThisProcess()];
   // As CUDA (cuda_runtime_api.h): a handle already opened by this context is reference counted
   // and the existing pointer returned.
-  auto same = g_mapped_here.find(base);
-  if (same != g_mapped_here.end() && same->second.id == m.id && same->second.size == m.size) {
+  auto same = mapped_here.find(base);
+  if (same != mapped_here.end() && same->second.id == m.id && same->second.size == m.size) {
     ++same->second.refs;
-    *ptr = base;
-    std::lock_guard<std::mutex> lock(g_mutex);
-    ++g_ipc_opens[*ptr];
-    return cudaSuccess;
+  } else {
+    for (const auto& [at, other] : mapped_here) {
+      if (at < base + m.size && base < at + other.size) return Failed(cudaErrorAlreadyMapped);
+    }
+    m.refs = 1;
+    mapped_here[base] = m;
   }
-  for (const auto& [at, other] : g_mapped_here) {
-    if (at < base + m.size && base < at + other.size) return Failed(cudaErrorAlreadyMapped);
-  }
-  m.refs = 1;
-  g_mapped_here[base] = m;
   *ptr = base;
-  std::lock_guard<std::mutex> lock(g_mutex);
   ++g_ipc_opens[*ptr];
   return cudaSuccess;
 }
 cudaError_t cudaIpcCloseMemHandle(void* ptr) {
   CountIfNoContext();
-  {
-    auto here = g_mapped_here.find(static_cast<char*>(ptr));
-    if (here != g_mapped_here.end() && --here->second.refs <= 0) g_mapped_here.erase(here);
-  }
   std::lock_guard<std::mutex> lock(g_mutex);
+  auto& mapped_here = g_mapped[ThisProcess()];
+  auto here = mapped_here.find(static_cast<char*>(ptr));
+  if (here != mapped_here.end() && --here->second.refs <= 0) mapped_here.erase(here);
   auto it = g_ipc_opens.find(ptr);
   if (it == g_ipc_opens.end()) return Failed(cudaErrorInvalidValue);
   if (--it->second == 0) g_ipc_opens.erase(it);

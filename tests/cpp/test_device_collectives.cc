@@ -52,6 +52,8 @@ int DeviceSyncs();
 int CallsWithoutContext();
 void StallStream();
 void ReleaseStalls();
+uint64_t Process();
+void JoinProcess(uint64_t process);
 void PlaceAllocation(void* at, size_t size);
 void SetMaxPitch(size_t bytes);
 int AddressRangeQueries();
@@ -694,6 +696,133 @@ void TestSharedImporter() {
     importer.reset();
     cudaFree(reused);
     cudaFree(in_use);
+    fake_cuda::ThreadExit();
+  }).join();
+}
+
+// Two communicators of each rank run their calls at once, each on an executor thread of the
+// rank's process (as the library's executors do), each freeing and reusing its own addresses so
+// that retirements, refused mappings and the closing of unpinned mappings in the shared importer
+// happen while the other communicator's call is in flight.
+void TestConcurrentCommunicators(int P, int iterations) {
+  constexpr size_t kBlock = 256, kOld = 6;
+  const size_t n = kBlock * kOld;
+  std::vector<std::vector<int64_t>> regions(2 * P, std::vector<int64_t>(kBlock * (kOld + 1)));
+  auto first = pycomm::CreateLoopbackTransports(P), second = pycomm::CreateLoopbackTransports(P);
+  const std::vector<int> node_of(P, 0);
+  const std::string what =
+      "concurrent communicators, " + std::to_string(P) + " ranks" + (g_own_gpus ? ", a GPU each" : ", one GPU");
+  std::atomic<int> failures{0}, wrong{0};
+  std::vector<std::thread> ranks;
+  for (int r = 0; r < P; ++r) {
+    ranks.emplace_back([&, r] {
+      fake_cuda::UseGpu(g_own_gpus ? r : 0);
+      const uint64_t process = fake_cuda::Process();
+      PlacedTransport placed_a(std::move(first[r]), node_of), placed_b(std::move(second[r]), node_of);
+      uint64_t seq_a = 0, seq_b = 0;
+      pycomm::Options options;
+      options.chunk_bytes = 4096;
+      options.timeout_s = 30;
+      auto calls = [&](pycomm::DeviceCollectives* c, int64_t* region) {
+        fake_cuda::JoinProcess(process);
+        fake_cuda::UseGpu(g_own_gpus ? r : 0);
+        auto check = [&](const int64_t* at, size_t count) {
+          for (size_t k = 0; k < count; ++k) {
+            if (at[k] != P * (P + 1) / 2) return ++wrong, void();
+          }
+        };
+        try {
+          for (int it = 0; it < iterations; ++it) {
+            for (size_t i = 0; i < kOld; ++i) {
+              int64_t* old = region + i * kBlock;
+              fake_cuda::PlaceAllocation(old, kBlock * 8);
+              std::fill(old, old + kBlock, r + 1);
+              c->Allreduce(old, old, kBlock, DataType::kInt64, ReduceOp::kSum, nullptr);
+            }
+            Sync();
+            for (size_t i = 0; i < kOld; ++i) check(region + i * kBlock, kBlock);
+            c->Allreduce(region, region, 1, DataType::kInt64, ReduceOp::kMax, nullptr);  // all read before frees
+            Sync();
+            for (size_t i = 0; i < kOld; ++i) cudaFree(region + i * kBlock);
+            int64_t* reused = region + kBlock / 4 + it % 3;  // over the freed ones, at another base each time
+            fake_cuda::PlaceAllocation(reused, n * 8);
+            std::fill(reused, reused + n, r + 1);
+            c->Allreduce(reused, reused, n, DataType::kInt64, ReduceOp::kSum, nullptr);
+            Sync();
+            check(reused, n);
+            c->Allreduce(reused, reused, 1, DataType::kInt64, ReduceOp::kMax, nullptr);
+            Sync();
+            cudaFree(reused);
+          }
+        } catch (const std::exception& e) {
+          ++failures;
+          Expect(false, what + ": rank " + std::to_string(r) + " threw: " + e.what());
+        }
+      };
+      try {
+        auto a = pycomm::CreateDeviceCollectives(placed_a, &seq_a, nullptr, g_device, options);
+        auto b = pycomm::CreateDeviceCollectives(placed_b, &seq_b, nullptr, g_device, options);
+        std::thread on_a(calls, a.get(), regions[2 * r].data()), on_b(calls, b.get(), regions[2 * r + 1].data());
+        on_a.join();
+        on_b.join();
+        b->Quiesce();
+        a->Quiesce();
+      } catch (const std::exception& e) {
+        Expect(false, what + ": rank " + std::to_string(r) + " threw: " + e.what());
+      }
+      fake_cuda::ThreadExit();
+    });
+  }
+  for (auto& t : ranks) t.join();
+  Expect(failures == 0 && wrong == 0, what + ": " + std::to_string(wrong.load()) + " wrong results");
+  Expect(fake_cuda::LiveEvents() == 0, what + ": events left");
+}
+
+// The shared importer waits for the device with its lock released: one communicator closing
+// mappings behind a long GPU wait (a kernel of the caller's, here a stalled stream) does not hold
+// up another communicator's call that only looks up a mapping it has.
+void TestImporterWaitsOutsideItsLock() {
+  using pycomm::cuda::IpcBuffer;
+  using pycomm::cuda::IpcImporter;
+  constexpr size_t kBytes = 4096;
+  std::vector<char> memory(2 * kBytes);
+  std::thread([&] {
+    cudaSetDevice(0);
+    const uint64_t process = fake_cuda::Process();
+    IpcBuffer cached{}, retired{};
+    fake_cuda::PlaceAllocation(memory.data(), kBytes);
+    fake_cuda::PlaceAllocation(memory.data() + kBytes, kBytes);
+    cudaIpcGetMemHandle(&cached.handle, memory.data());
+    cudaIpcGetMemHandle(&retired.handle, memory.data() + kBytes);
+    auto importer = IpcImporter::OfCurrentContext();
+    int users[2];
+    importer->Open(cached, &users[0]);
+    importer->Open(retired, &users[1]);
+    fake_cuda::StallStream();  // the device is busy until ReleaseStalls
+    std::atomic<bool> closed{false};
+    std::thread closing([&] {
+      fake_cuda::JoinProcess(process);
+      cudaSetDevice(0);
+      importer->Close(&retired.handle, 1);  // waits for the device
+      closed = true;
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the closing thread is waiting now
+    const auto start = std::chrono::steady_clock::now();
+    {
+      IpcImporter::Imports call(*importer, &users[0]);
+      call.Open(cached);
+    }
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    Expect(!closed && seconds < 0.5,
+           "a cached lookup waited " + std::to_string(seconds) + " s for another communicator's device wait");
+    fake_cuda::ReleaseStalls();
+    closing.join();
+    Expect(closed, "the retired mapping was closed once the device was done");
+    importer->Release(&users[0]);
+    importer->Release(&users[1]);
+    importer.reset();
+    cudaFree(memory.data());
+    cudaFree(memory.data() + kBytes);
     fake_cuda::ThreadExit();
   }).join();
 }
@@ -1730,7 +1859,9 @@ int main() {
     if (layout.size() > 1) TestPoolMemory(layout);
   }
   TestSharedImporter();
+  TestImporterWaitsOutsideItsLock();
   for (int P : {2, 3}) TestReusedAddressesAcrossCommunicators(P);
+  TestConcurrentCommunicators(2, 10);
   TestPeerOutwaitsASlowLeader();
   TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kEvents, 3);
   TestFailuresReachEveryRank({0, 0, 1, 1}, fake_cuda::kEvents, 0);
@@ -1796,7 +1927,7 @@ int main() {
       TestFreedMemoryUnmapped(layout);
       TestReusedAddresses(layout);
       TestBuffersInsideOneAllocation(layout);
-      if (layout.size() == 3) TestReusedAddressesAcrossCommunicators(3);
+      if (layout.size() == 3) TestReusedAddressesAcrossCommunicators(3), TestConcurrentCommunicators(3, 10);
       TestManyCalls(layout, 10007);
     }
     TestSplitLaunchFailure({0, 0, 0}, 1);
