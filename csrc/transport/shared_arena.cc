@@ -71,8 +71,35 @@ std::atomic<uint32_t>* SharedArena::left(int rank) const {
   return reinterpret_cast<std::atomic<uint32_t>*>(base_ + static_cast<size_t>(rank) * kLine + kLeftOffset);
 }
 
+namespace {
+
+// A call info moves between ranks word by word with relaxed atomic accesses: a reader may read a
+// slot while its owner rewrites it for a later round, and then discards what it read (it checks
+// the owner's flag afterwards, as a seqlock does; LeaderExchange::Hand). Plain copies would make
+// that a data race.
+constexpr size_t kInfoWords = sizeof(SharedArena::CallInfo) / sizeof(uint64_t);
+static_assert(sizeof(SharedArena::CallInfo) % sizeof(uint64_t) == 0, "CallInfo moves as whole words");
+
+void StoreInfo(SharedArena::CallInfo* slot, const SharedArena::CallInfo& info) {
+  uint64_t words[kInfoWords];
+  std::memcpy(words, &info, sizeof info);
+  auto* to = reinterpret_cast<uint64_t*>(slot);
+  for (size_t i = 0; i < kInfoWords; ++i) __atomic_store_n(&to[i], words[i], __ATOMIC_RELAXED);
+}
+
+SharedArena::CallInfo LoadInfo(const SharedArena::CallInfo* slot) {
+  uint64_t words[kInfoWords];
+  const auto* from = reinterpret_cast<const uint64_t*>(slot);
+  for (size_t i = 0; i < kInfoWords; ++i) words[i] = __atomic_load_n(&from[i], __ATOMIC_RELAXED);
+  SharedArena::CallInfo info;
+  std::memcpy(&info, words, sizeof info);
+  return info;
+}
+
+}  // namespace
+
 void SharedArena::Post(uint64_t seq, const CallInfo& info) {
-  *info_slot(rank_, seq) = info;
+  StoreInfo(info_slot(rank_, seq), info);
   flag(rank_)->store(seq, std::memory_order_release);
   WakeSleepers();
 }
@@ -91,7 +118,7 @@ void SharedArena::WakeSleepers() {
   if (sleepers(rank_)->load(std::memory_order_relaxed) > 0) Futex(FutexWord(flag(rank_)), FUTEX_WAKE, INT_MAX, nullptr);
 }
 
-SharedArena::CallInfo SharedArena::info(int rank, uint64_t seq) const { return *info_slot(rank, seq); }
+SharedArena::CallInfo SharedArena::info(int rank, uint64_t seq) const { return LoadInfo(info_slot(rank, seq)); }
 
 uint64_t SharedArena::posted(int rank) const {
   std::atomic_thread_fence(std::memory_order_acquire);  // earlier reads of infos stay before this
