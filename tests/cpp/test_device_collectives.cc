@@ -578,19 +578,14 @@ void TestReusedAddresses(const std::vector<int>& node_of) {
   });
 }
 
-// Two communicators over the same ranks (comm and comm.dup()): a rank frees allocations it used
-// through the first, makes one over their addresses and uses it through the second. The first's
-// mappings of the freed ones (it hears of the frees at its next call only) must not make CUDA
-// refuse the second's mapping for good: the process's communicators share their mappings. The
-// first then still works over the new allocation.
-void TestReusedAddressesAcrossCommunicators(int P) {
-  constexpr size_t kBlock = 512, kOld = 3;
-  const size_t n = kBlock * kOld;
-  std::vector<std::vector<int64_t>> regions(P, std::vector<int64_t>(kBlock * (kOld + 1)));
+// Each of P ranks on one node (threads) with two communicators over the same ranks (comm and
+// comm.dup()): body(rank, first, second), then both close, the second first, on every rank, then
+// after(rank). `what` names the run in failures.
+void RunTwoCommunicators(int P, const std::string& what,
+                         const std::function<void(int, pycomm::DeviceCollectives&, pycomm::DeviceCollectives&)>& body,
+                         const std::function<void(int)>& after = nullptr) {
   auto first = pycomm::CreateLoopbackTransports(P), second = pycomm::CreateLoopbackTransports(P);
   const std::vector<int> node_of(P, 0);
-  const std::string what = "reused addresses across communicators, " + std::to_string(P) + " ranks" +
-                           (g_own_gpus ? ", a GPU each" : ", one GPU");
   std::vector<std::thread> threads;
   for (int r = 0; r < P; ++r) {
     threads.emplace_back([&, r] {
@@ -600,41 +595,60 @@ void TestReusedAddressesAcrossCommunicators(int P) {
       pycomm::Options options;
       options.chunk_bytes = 4096;
       options.timeout_s = 30;
-      int64_t* region = regions[r].data();
       try {
         auto a = pycomm::CreateDeviceCollectives(placed_a, &seq_a, nullptr, g_device, options);
         auto b = pycomm::CreateDeviceCollectives(placed_b, &seq_b, nullptr, g_device, options);
+        body(r, *a, *b);
+        b->Quiesce();
+        a->Quiesce();
+      } catch (const std::exception& e) {
+        Expect(false, what + ": rank " + std::to_string(r) + " threw: " + e.what());
+      }
+      if (after) after(r);
+      fake_cuda::ThreadExit();
+    });
+  }
+  for (auto& t : threads) t.join();
+  Expect(fake_cuda::LiveEvents() == 0, what + ": events left");
+}
+
+// Two communicators over the same ranks (comm and comm.dup()): a rank frees allocations it used
+// through the first, makes one over their addresses and uses it through the second. The first's
+// mappings of the freed ones (it hears of the frees at its next call only) must not make CUDA
+// refuse the second's mapping for good: the process's communicators share their mappings. The
+// first then still works over the new allocation.
+void TestReusedAddressesAcrossCommunicators(int P) {
+  constexpr size_t kBlock = 512, kOld = 3;
+  const size_t n = kBlock * kOld;
+  std::vector<std::vector<int64_t>> regions(P, std::vector<int64_t>(kBlock * (kOld + 1)));
+  const std::string what = "reused addresses across communicators, " + std::to_string(P) + " ranks" +
+                           (g_own_gpus ? ", a GPU each" : ", one GPU");
+  RunTwoCommunicators(
+      P, what,
+      [&](int r, pycomm::DeviceCollectives& a, pycomm::DeviceCollectives& b) {
+        int64_t* region = regions[r].data();
         for (size_t i = 0; i < kOld; ++i) {
           int64_t* old = region + i * kBlock;
           fake_cuda::PlaceAllocation(old, kBlock * 8);
           std::fill(old, old + kBlock, r + 1);
-          a->Allreduce(old, old, kBlock, DataType::kInt64, ReduceOp::kSum, nullptr);
+          a.Allreduce(old, old, kBlock, DataType::kInt64, ReduceOp::kSum, nullptr);
         }
         Sync();
         for (size_t i = 0; i < kOld; ++i) cudaFree(region + i * kBlock);
         int64_t* reused = region + kBlock / 4;
         fake_cuda::PlaceAllocation(reused, n * 8);
         std::fill(reused, reused + n, r + 1);
-        b->Allreduce(reused, reused, n, DataType::kInt64, ReduceOp::kSum, nullptr);
+        b.Allreduce(reused, reused, n, DataType::kInt64, ReduceOp::kSum, nullptr);
         Sync();
         bool ok = true;
         for (size_t i = 0; i < n; ++i) ok = ok && reused[i] == P * (P + 1) / 2;
         Expect(ok, what + ": the second communicator's sum");
-        a->Allreduce(reused, reused, n, DataType::kInt64, ReduceOp::kSum, nullptr);
+        a.Allreduce(reused, reused, n, DataType::kInt64, ReduceOp::kSum, nullptr);
         Sync();
         for (size_t i = 0; i < n; ++i) ok = ok && reused[i] == P * P * (P + 1) / 2;
         Expect(ok, what + ": the first communicator's sum");
-        b->Quiesce();
-        a->Quiesce();
-        cudaFree(reused);
-      } catch (const std::exception& e) {
-        Expect(false, what + ": rank " + std::to_string(r) + " threw: " + e.what());
-      }
-      fake_cuda::ThreadExit();
-    });
-  }
-  for (auto& t : threads) t.join();
-  Expect(fake_cuda::LiveEvents() == 0, what + ": events left");
+      },
+      [&](int r) { cudaFree(regions[r].data() + kBlock / 4); });  // once every rank has closed
 }
 
 // The importer that a process's communicators share on one GPU: one per context; a mapping stays
@@ -708,74 +722,51 @@ void TestConcurrentCommunicators(int P, int iterations) {
   constexpr size_t kBlock = 256, kOld = 6;
   const size_t n = kBlock * kOld;
   std::vector<std::vector<int64_t>> regions(2 * P, std::vector<int64_t>(kBlock * (kOld + 1)));
-  auto first = pycomm::CreateLoopbackTransports(P), second = pycomm::CreateLoopbackTransports(P);
-  const std::vector<int> node_of(P, 0);
   const std::string what =
       "concurrent communicators, " + std::to_string(P) + " ranks" + (g_own_gpus ? ", a GPU each" : ", one GPU");
-  std::atomic<int> failures{0}, wrong{0};
-  std::vector<std::thread> ranks;
-  for (int r = 0; r < P; ++r) {
-    ranks.emplace_back([&, r] {
+  std::atomic<int> wrong{0};
+  RunTwoCommunicators(P, what, [&](int r, pycomm::DeviceCollectives& a, pycomm::DeviceCollectives& b) {
+    const uint64_t process = fake_cuda::Process();
+    auto calls = [&](pycomm::DeviceCollectives* c, int64_t* region) {
+      fake_cuda::JoinProcess(process);
       fake_cuda::UseGpu(g_own_gpus ? r : 0);
-      const uint64_t process = fake_cuda::Process();
-      PlacedTransport placed_a(std::move(first[r]), node_of), placed_b(std::move(second[r]), node_of);
-      uint64_t seq_a = 0, seq_b = 0;
-      pycomm::Options options;
-      options.chunk_bytes = 4096;
-      options.timeout_s = 30;
-      auto calls = [&](pycomm::DeviceCollectives* c, int64_t* region) {
-        fake_cuda::JoinProcess(process);
-        fake_cuda::UseGpu(g_own_gpus ? r : 0);
-        auto check = [&](const int64_t* at, size_t count) {
-          for (size_t k = 0; k < count; ++k) {
-            if (at[k] != P * (P + 1) / 2) return ++wrong, void();
-          }
-        };
-        try {
-          for (int it = 0; it < iterations; ++it) {
-            for (size_t i = 0; i < kOld; ++i) {
-              int64_t* old = region + i * kBlock;
-              fake_cuda::PlaceAllocation(old, kBlock * 8);
-              std::fill(old, old + kBlock, r + 1);
-              c->Allreduce(old, old, kBlock, DataType::kInt64, ReduceOp::kSum, nullptr);
-            }
-            Sync();
-            for (size_t i = 0; i < kOld; ++i) check(region + i * kBlock, kBlock);
-            c->Allreduce(region, region, 1, DataType::kInt64, ReduceOp::kMax, nullptr);  // all read before frees
-            Sync();
-            for (size_t i = 0; i < kOld; ++i) cudaFree(region + i * kBlock);
-            int64_t* reused = region + kBlock / 4 + it % 3;  // over the freed ones, at another base each time
-            fake_cuda::PlaceAllocation(reused, n * 8);
-            std::fill(reused, reused + n, r + 1);
-            c->Allreduce(reused, reused, n, DataType::kInt64, ReduceOp::kSum, nullptr);
-            Sync();
-            check(reused, n);
-            c->Allreduce(reused, reused, 1, DataType::kInt64, ReduceOp::kMax, nullptr);
-            Sync();
-            cudaFree(reused);
-          }
-        } catch (const std::exception& e) {
-          ++failures;
-          Expect(false, what + ": rank " + std::to_string(r) + " threw: " + e.what());
+      auto check = [&](const int64_t* at, size_t count) {
+        for (size_t k = 0; k < count; ++k) {
+          if (at[k] != P * (P + 1) / 2) return ++wrong, void();
         }
       };
       try {
-        auto a = pycomm::CreateDeviceCollectives(placed_a, &seq_a, nullptr, g_device, options);
-        auto b = pycomm::CreateDeviceCollectives(placed_b, &seq_b, nullptr, g_device, options);
-        std::thread on_a(calls, a.get(), regions[2 * r].data()), on_b(calls, b.get(), regions[2 * r + 1].data());
-        on_a.join();
-        on_b.join();
-        b->Quiesce();
-        a->Quiesce();
+        for (int it = 0; it < iterations; ++it) {
+          for (size_t i = 0; i < kOld; ++i) {
+            int64_t* old = region + i * kBlock;
+            fake_cuda::PlaceAllocation(old, kBlock * 8);
+            std::fill(old, old + kBlock, r + 1);
+            c->Allreduce(old, old, kBlock, DataType::kInt64, ReduceOp::kSum, nullptr);
+          }
+          Sync();
+          for (size_t i = 0; i < kOld; ++i) check(region + i * kBlock, kBlock);
+          c->Allreduce(region, region, 1, DataType::kInt64, ReduceOp::kMax, nullptr);  // all read before frees
+          Sync();
+          for (size_t i = 0; i < kOld; ++i) cudaFree(region + i * kBlock);
+          int64_t* reused = region + kBlock / 4 + it % 3;  // over the freed ones, at another base each time
+          fake_cuda::PlaceAllocation(reused, n * 8);
+          std::fill(reused, reused + n, r + 1);
+          c->Allreduce(reused, reused, n, DataType::kInt64, ReduceOp::kSum, nullptr);
+          Sync();
+          check(reused, n);
+          c->Allreduce(reused, reused, 1, DataType::kInt64, ReduceOp::kMax, nullptr);
+          Sync();
+          cudaFree(reused);
+        }
       } catch (const std::exception& e) {
         Expect(false, what + ": rank " + std::to_string(r) + " threw: " + e.what());
       }
-      fake_cuda::ThreadExit();
-    });
-  }
-  for (auto& t : ranks) t.join();
-  Expect(failures == 0 && wrong == 0, what + ": " + std::to_string(wrong.load()) + " wrong results");
-  Expect(fake_cuda::LiveEvents() == 0, what + ": events left");
+    };
+    std::thread on_a(calls, &a, regions[2 * r].data()), on_b(calls, &b, regions[2 * r + 1].data());
+    on_a.join();
+    on_b.join();
+  });
+  Expect(wrong == 0, what + ": " + std::to_string(wrong.load()) + " wrong results");
 }
 
 // The shared importer waits for the device with its lock released: one communicator closing
