@@ -331,7 +331,6 @@ class Communicator:
             o = self._device_output(d, out, shape, on, out_in_x_at=self._own_block_at(shape, d.dtype))
             code = dtype_code(d.dtype)
             self._before_work(stream, on, d, o)
-            self._ran_on_device = True
             self._native.reduce_scatter_device(d.ptr, o.ptr, _count(shape), code, int(op), d.device, on)
             device_arrays.mark_written(o)
             return o.obj
@@ -365,7 +364,6 @@ class Communicator:
             on = device_arrays.stream_handle(d, stream)
             o = self._device_output(d, out, shape, on, x_in_out_at=self._own_block_at(d.shape, d.dtype))
             self._before_work(stream, on, d, o)
-            self._ran_on_device = True
             self._native.allgather_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), d.device, on)
             device_arrays.mark_written(o)
             return o.obj
@@ -391,7 +389,6 @@ class Communicator:
             device_arrays.check_writable(d, "x")
             on = device_arrays.stream_handle(d, stream)
             self._before_work(stream, on, d)
-            self._ran_on_device = True
             self._native.broadcast_device(d.ptr, _count(d.shape), dtype_code(d.dtype), int(root), d.device, on)
             device_arrays.mark_written(d)
             return x
@@ -561,7 +558,6 @@ class Communicator:
             device_arrays.check_writable(d, "x")
         o = d if out is x else self._device_output(d, out, d.shape, on)
         self._before_work(stream, on, d, o)
-        self._ran_on_device = True
         self._native.allreduce_device(d.ptr, o.ptr, _count(d.shape), dtype_code(d.dtype), int(op), d.device, on)
         device_arrays.mark_written(o)
         return o.obj
@@ -572,7 +568,9 @@ class Communicator:
         a stream other than the work's, the work waits for that stream's queued work, on the
         GPU. Where the caller named the stream (`asked`, stream=), torch tensors are held for it
         (even should the call fail after queuing part of its work). The common case (no stream
-        named anywhere) costs one comparison per array."""
+        named anywhere) costs one comparison per array. From here on the communicator has run
+        device work (its close meets the node's other ranks)."""
+        self._ran_on_device = True
         arrays = (d,) if o is None or o is d else (d, o)
         for a in arrays:
             theirs = a.producer_stream  # only __cuda_array_interface__ arrays have one

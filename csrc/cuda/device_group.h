@@ -147,8 +147,9 @@ class DeviceGroup {
   // A failure on any rank fails the call on every rank, except one after the last hand-off
   // (waiting for the others' work, the stage-out), which is that rank's alone: the others'
   // outputs are complete (another hand-off per call would be the price). A rank whose `call`
-  // differs from the leader's gets MismatchError, as does the leader. `agree` (if any) runs before any work, even
-  // after a failure, so that other nodes hear of it: on the leader, or with kSplit on every rank.
+  // differs from the leader's gets MismatchError, as does the leader. `agree` (if any) runs
+  // before any work, even after a failure, so that other nodes hear of it: on the leader, or with
+  // kSplit on every rank.
   void Run(const DeviceCall& call, const std::vector<BufferRef>& buffers, cudaStream_t stream, const GroupWork& work,
            const CrossNodeAgreement& agree = {});
   // Collective, between calls: the leader's protocol from now on (where other nodes' groups

@@ -56,23 +56,6 @@ uint32_t* FutexWord(const std::atomic<uint64_t>* flag) {
   return __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? word : word + 1;
 }
 
-// Not FUTEX_PRIVATE_FLAG: the word lives in memory that other processes map.
-long Futex(uint32_t* word, int op, uint32_t value, const timespec* timeout) {
-  return syscall(SYS_futex, word, op, value, timeout, nullptr, 0);
-}
-
-}  // namespace
-
-std::atomic<uint32_t>* SharedArena::sleepers(int rank) const {
-  return reinterpret_cast<std::atomic<uint32_t>*>(base_ + static_cast<size_t>(rank) * kLine + kSleepersOffset);
-}
-
-std::atomic<uint32_t>* SharedArena::left(int rank) const {
-  return reinterpret_cast<std::atomic<uint32_t>*>(base_ + static_cast<size_t>(rank) * kLine + kLeftOffset);
-}
-
-namespace {
-
 // A call info moves between ranks word by word with relaxed atomic accesses: a reader may read a
 // slot while its owner rewrites it for a later round, and then discards what it read (it checks
 // the owner's flag afterwards, as a seqlock does; LeaderExchange::Hand). Plain copies would make
@@ -96,7 +79,20 @@ SharedArena::CallInfo LoadInfo(const SharedArena::CallInfo* slot) {
   return info;
 }
 
+// Not FUTEX_PRIVATE_FLAG: the word lives in memory that other processes map.
+long Futex(uint32_t* word, int op, uint32_t value, const timespec* timeout) {
+  return syscall(SYS_futex, word, op, value, timeout, nullptr, 0);
+}
+
 }  // namespace
+
+std::atomic<uint32_t>* SharedArena::sleepers(int rank) const {
+  return reinterpret_cast<std::atomic<uint32_t>*>(base_ + static_cast<size_t>(rank) * kLine + kSleepersOffset);
+}
+
+std::atomic<uint32_t>* SharedArena::left(int rank) const {
+  return reinterpret_cast<std::atomic<uint32_t>*>(base_ + static_cast<size_t>(rank) * kLine + kLeftOffset);
+}
 
 void SharedArena::Post(uint64_t seq, const CallInfo& info) {
   StoreInfo(info_slot(rank_, seq), info);
